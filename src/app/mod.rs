@@ -1,0 +1,356 @@
+//! Application commands and queries: the one code path every edge (HTTP today, AMQP
+//! commands next) goes through. A command loads its aggregate's stream, lets the pure
+//! domain decide the events, appends them with the expected version and updates the
+//! projections in the same transaction; a version conflict retries the whole command.
+//! Access rules are checked here, against the session read model.
+
+use std::sync::Arc;
+
+use deadpool_postgres::{GenericClient, Pool, Transaction};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::auth::{Authenticator, TokenError};
+use crate::blobs::BlobStore;
+use crate::domain::asset::{Asset, AssetEvent, AssetUploaded, DeletionReason};
+use crate::domain::names::{FileName, SessionId};
+use crate::domain::principal::{Actor, Principal};
+use crate::domain::session::{Session, SessionEvent, UpsertSession};
+use crate::domain::{DomainError, DomainEvent};
+use crate::eventstore::{self, EventStoreError, ExpectedVersion, NewEvent, RecordedEvent};
+use crate::projections::read::{self, AssetInfo, ListingCursor, SessionInfo};
+use crate::projections::{self, ProjectionError};
+
+/// How often a command is retried when another writer got to its stream first.
+const MAX_ATTEMPTS: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    AccessTokenExpired(String),
+    #[error("event store: {0}")]
+    EventStore(#[from] EventStoreError),
+    #[error("projection: {0}")]
+    Projection(#[from] ProjectionError),
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("event {0} has an unreadable payload")]
+    CorruptEvent(Uuid),
+}
+
+impl AppError {
+    fn is_retryable_conflict(&self) -> bool {
+        matches!(self, Self::EventStore(e) if e.is_conflict())
+    }
+}
+
+/// Who asked, and the ids that tie the resulting events to the request.
+#[derive(Debug, Clone)]
+pub struct CommandContext {
+    pub actor: Actor,
+    pub request_id: String,
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+}
+
+impl CommandContext {
+    pub fn for_request(principal: &Principal, request_id: &str) -> Self {
+        Self {
+            actor: principal.actor(),
+            request_id: request_id.to_owned(),
+            correlation_id: request_id.to_owned(),
+            causation_id: None,
+        }
+    }
+
+    fn metadata(&self) -> serde_json::Value {
+        json!({
+            "actor": self.actor,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "request_id": self.request_id,
+            "service_version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+}
+
+/// An aggregate folded from its stream.
+trait Aggregate: Default {
+    type Event: DomainEvent;
+    fn apply(&mut self, event: &Self::Event);
+}
+impl Aggregate for Session {
+    type Event = SessionEvent;
+    fn apply(&mut self, event: &SessionEvent) {
+        Session::apply(self, event)
+    }
+}
+impl Aggregate for Asset {
+    type Event = AssetEvent;
+    fn apply(&mut self, event: &AssetEvent) {
+        Asset::apply(self, event)
+    }
+}
+
+pub fn asset_stream(uuid: Uuid) -> String {
+    format!("asset-{uuid}")
+}
+
+/// Loads `stream` in `tx`, lets `decide` turn the state into events, appends them with
+/// the expected version and projects them. Returns the state after the new events.
+async fn stage<A: Aggregate>(
+    tx: &Transaction<'_>,
+    ctx: &CommandContext,
+    stream: &str,
+    decide: impl FnOnce(&A) -> Result<Vec<A::Event>, DomainError>,
+) -> Result<(A, Vec<RecordedEvent>), AppError> {
+    let history = eventstore::read_stream(tx, stream, 0).await?;
+    let mut state = A::default();
+    for recorded in &history {
+        if let Some(event) = A::Event::from_parts(&recorded.event_type, &recorded.data) {
+            state.apply(&event.map_err(|_| AppError::CorruptEvent(recorded.id))?);
+        }
+    }
+    let expected = match history.last() {
+        None => ExpectedVersion::NoStream,
+        Some(last) => ExpectedVersion::Exact(last.version),
+    };
+    let events = decide(&state)?;
+    let metadata = ctx.metadata();
+    let new_events: Vec<NewEvent> = events
+        .iter()
+        .map(|event| NewEvent {
+            id: Uuid::new_v4(),
+            event_type: event.event_type().to_owned(),
+            data: event.to_data(),
+            metadata: metadata.clone(),
+        })
+        .collect();
+    let recorded = eventstore::append(tx, stream, expected, &new_events).await?;
+    for event in &recorded {
+        projections::apply(tx, event).await?;
+    }
+    events.iter().for_each(|event| state.apply(event));
+    Ok((state, recorded))
+}
+
+/// Runs `body` in a transaction, committing on success and retrying it whole on a
+/// version conflict.
+macro_rules! in_transaction {
+    ($app:expr, |$tx:ident| $body:expr) => {{
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut client = $app.pool.get().await?;
+            let $tx = client.transaction().await?;
+            let result: Result<_, AppError> = async { $body }.await;
+            match result {
+                Ok(value) => {
+                    $tx.commit().await?;
+                    break Ok::<_, AppError>(value);
+                }
+                Err(error) if error.is_retryable_conflict() && attempt < MAX_ATTEMPTS => continue,
+                Err(error) => break Err(error),
+            }
+        }
+    }};
+}
+
+/// The application: shared by every request handler and consumer.
+#[derive(Clone)]
+pub struct App {
+    pub pool: Pool,
+    pub blobs: BlobStore,
+    pub auth: Arc<Authenticator>,
+    pub asset_token_ttl: i64,
+}
+
+impl App {
+    pub fn new(pool: Pool, blobs: BlobStore, auth: Authenticator, asset_token_ttl: i64) -> Self {
+        Self { pool, blobs, auth: Arc::new(auth), asset_token_ttl }
+    }
+
+    // ----- sessions -----
+
+    /// Registers or updates a session (services and superadmins).
+    pub async fn upsert_session(&self, principal: &Principal, ctx: &CommandContext, command: UpsertSession) -> Result<SessionInfo, AppError> {
+        if !principal.is_privileged() {
+            return Err(AppError::Forbidden("only services may register sessions".into()));
+        }
+        let id = command.id_session;
+        in_transaction!(self, |tx| {
+            stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_upsert(command.clone(), Uuid::new_v4())).await?;
+            read::session(&tx, id).await?.ok_or(AppError::Domain(DomainError::NotFound("session")))
+        })
+    }
+
+    /// Deletes a session and every live asset of it, in one transaction; then removes
+    /// their bytes (a failure there leaves orphans for the cleanup job, never a visible
+    /// asset without bytes).
+    pub async fn delete_session(&self, principal: &Principal, ctx: &CommandContext, id: SessionId) -> Result<Vec<Uuid>, AppError> {
+        if !principal.is_privileged() {
+            return Err(AppError::Forbidden("only services may delete sessions".into()));
+        }
+        let deleted = in_transaction!(self, |tx| {
+            stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_delete()).await?;
+            let uuids = read::live_asset_uuids(&tx, id).await?;
+            for uuid in &uuids {
+                stage::<Asset>(&tx, ctx, &asset_stream(*uuid), |a| a.handle_delete(DeletionReason::SessionDeleted)).await?;
+            }
+            Ok(uuids)
+        })?;
+        for uuid in &deleted {
+            self.remove_blob(*uuid).await;
+        }
+        Ok(deleted)
+    }
+
+    /// The session, if `principal` may see it.
+    pub async fn session_for(&self, principal: &Principal, id: SessionId) -> Result<SessionInfo, AppError> {
+        let client = self.pool.get().await?;
+        let session = read::session(&client, id).await?.ok_or(DomainError::NotFound("session"))?;
+        if !session.details().is_some_and(|d| d.grants(principal)) {
+            return Err(AppError::Forbidden(format!("no access to session {id}")));
+        }
+        Ok(session)
+    }
+
+    pub async fn session_assets(
+        &self,
+        principal: &Principal,
+        id: SessionId,
+        directory: Option<&str>,
+        cursor: Option<ListingCursor>,
+        limit: i64,
+    ) -> Result<Vec<AssetInfo>, AppError> {
+        self.session_for(principal, id).await?;
+        let client = self.pool.get().await?;
+        Ok(read::session_assets(&client, id, directory, cursor, limit).await?)
+    }
+
+    // ----- assets -----
+
+    /// Records an asset whose bytes are already durable in the blob store under its uuid.
+    pub async fn record_upload(&self, ctx: &CommandContext, uploaded: AssetUploaded) -> Result<AssetInfo, AppError> {
+        let uuid = uploaded.asset_uuid;
+        in_transaction!(self, |tx| {
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_upload(uploaded.clone())).await?;
+            read::asset(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
+        })
+    }
+
+    /// The asset, if `principal` may reach it through its session or `access_token`.
+    /// Deleted assets are found too (their info says so); callers that need the bytes
+    /// check [`AssetInfo::is_available`].
+    pub async fn asset_for(&self, principal: &Principal, uuid: Uuid, access_token: Option<&str>) -> Result<AssetInfo, AppError> {
+        let client = self.pool.get().await?;
+        let asset = read::asset(&client, uuid).await?.ok_or(DomainError::NotFound("asset"))?;
+        self.check_asset_access(&client, principal, &asset, access_token).await?;
+        Ok(asset)
+    }
+
+    /// Several assets at once; every one must exist and be reachable.
+    pub async fn assets_for(&self, principal: &Principal, requested: &[(Uuid, Option<String>)]) -> Result<Vec<AssetInfo>, AppError> {
+        let client = self.pool.get().await?;
+        let uuids: Vec<Uuid> = requested.iter().map(|(uuid, _)| *uuid).collect();
+        let found = read::assets(&client, &uuids).await?;
+        let mut infos = Vec::with_capacity(requested.len());
+        for (uuid, token) in requested {
+            let asset = found.iter().find(|a| a.asset_uuid == *uuid).ok_or(DomainError::NotFound("asset"))?;
+            self.check_asset_access(&client, principal, asset, token.as_deref()).await?;
+            infos.push(asset.clone());
+        }
+        Ok(infos)
+    }
+
+    async fn check_asset_access(
+        &self,
+        client: &impl GenericClient,
+        principal: &Principal,
+        asset: &AssetInfo,
+        access_token: Option<&str>,
+    ) -> Result<(), AppError> {
+        let mut token_problem = None;
+        if let Some(token) = access_token.filter(|t| !t.is_empty()) {
+            match self.auth.asset_token_grants(token, asset.asset_uuid) {
+                Ok(true) => return Ok(()),
+                Ok(false) => token_problem = Some("the access_token does not name this asset"),
+                Err(TokenError::Expired) => token_problem = Some("the access_token has expired"),
+                Err(TokenError::Invalid) => token_problem = Some("the access_token is invalid"),
+            }
+        }
+        if principal.is_privileged() {
+            return Ok(());
+        }
+        let session = match SessionId::new(asset.id_session) {
+            Ok(id) => read::session(client, id).await?,
+            Err(_) => None,
+        };
+        if session.and_then(|s| s.details()).is_some_and(|d| d.grants(principal)) {
+            return Ok(());
+        }
+        Err(match token_problem {
+            Some(problem) if problem.contains("expired") => AppError::AccessTokenExpired(problem.into()),
+            Some(problem) => AppError::Forbidden(problem.into()),
+            None => AppError::Forbidden(format!("no access to asset {}", asset.asset_uuid)),
+        })
+    }
+
+    pub async fn rename_asset(
+        &self,
+        principal: &Principal,
+        ctx: &CommandContext,
+        uuid: Uuid,
+        access_token: Option<&str>,
+        new_name: FileName,
+    ) -> Result<AssetInfo, AppError> {
+        self.asset_for(principal, uuid, access_token).await?;
+        in_transaction!(self, |tx| {
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_rename(new_name.clone())).await?;
+            read::asset(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
+        })
+    }
+
+    /// Appends `AssetDeleted`, then removes the bytes.
+    pub async fn delete_asset(&self, principal: &Principal, ctx: &CommandContext, uuid: Uuid, access_token: Option<&str>) -> Result<(), AppError> {
+        self.asset_for(principal, uuid, access_token).await?;
+        in_transaction!(self, |tx| {
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_delete(DeletionReason::Requested)).await?;
+            Ok(())
+        })?;
+        self.remove_blob(uuid).await;
+        Ok(())
+    }
+
+    /// The asset's events, oldest first (the audit trail).
+    pub async fn asset_history(&self, principal: &Principal, uuid: Uuid, access_token: Option<&str>) -> Result<Vec<RecordedEvent>, AppError> {
+        self.asset_for(principal, uuid, access_token).await?;
+        let client = self.pool.get().await?;
+        Ok(eventstore::read_stream(&client, &asset_stream(uuid), 0).await?)
+    }
+
+    pub fn asset_token(&self, uuid: Uuid) -> String {
+        self.auth.mint_asset_token(&[uuid], self.asset_token_ttl)
+    }
+
+    async fn remove_blob(&self, uuid: Uuid) {
+        if let Err(error) = self.blobs.remove(uuid).await {
+            tracing::warn!(%uuid, %error, "could not remove a deleted asset's bytes; the cleanup job will retry");
+        }
+    }
+
+    /// Whether the database answers (for `/ready`).
+    pub async fn database_ready(&self) -> bool {
+        let check = async {
+            let client = self.pool.get().await.ok()?;
+            client.simple_query("SELECT 1").await.ok()
+        };
+        matches!(tokio::time::timeout(std::time::Duration::from_secs(2), check).await, Ok(Some(_)))
+    }
+}

@@ -1,0 +1,182 @@
+//! The blob store: an asset's bytes on the local file system, addressed by uuid.
+//!
+//! Layout `<data_dir>/blobs/<2 hex>/<2 hex>/<uuid>`. A write goes to `<data_dir>/tmp/`,
+//! is hashed while it streams, fsynced, renamed into place and its directory fsynced,
+//! so a blob that exists is complete and durable. A [`TempBlob`] that is dropped before
+//! [`TempBlob::persist`] (error, client gone, task cancelled) removes its file.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokio::fs;
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+use crate::domain::names::Sha256Hex;
+
+/// Bytes gathered before each write to disk: large writes keep the blocking-pool hops of
+/// `tokio::fs` rare without holding much memory per upload.
+const WRITE_BUFFER: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    blobs: PathBuf,
+    tmp: PathBuf,
+}
+
+/// What a completed write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub size: u64,
+    pub sha256: Sha256Hex,
+}
+
+impl BlobStore {
+    /// Opens (creating if needed) the store under `data_dir`.
+    pub async fn open(data_dir: &Path) -> io::Result<Self> {
+        let store = Self { blobs: data_dir.join("blobs"), tmp: data_dir.join("tmp") };
+        fs::create_dir_all(&store.blobs).await?;
+        fs::create_dir_all(&store.tmp).await?;
+        Ok(store)
+    }
+
+    /// Where the blob `id` lives, whether or not it exists.
+    pub fn path(&self, id: Uuid) -> PathBuf {
+        self.blobs.join(Self::relative_path(id))
+    }
+
+    /// The blob's path below the `blobs` directory (`ab/cd/<uuid>`), as nginx's
+    /// X-Accel-Redirect location sees it.
+    pub fn relative_path(id: Uuid) -> String {
+        let hex = id.simple().to_string();
+        format!("{}/{}/{}", &hex[0..2], &hex[2..4], id)
+    }
+
+    /// Starts a streaming write into a temporary file.
+    pub async fn create_temp(&self) -> io::Result<TempBlob> {
+        let path = self.tmp.join(format!("{}.part", Uuid::new_v4()));
+        let file = fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
+        Ok(TempBlob {
+            path: Some(path),
+            file: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+            hasher: Sha256::new(),
+            size: 0,
+            blobs: self.blobs.clone(),
+        })
+    }
+
+    pub async fn open_read(&self, id: Uuid) -> io::Result<fs::File> {
+        fs::File::open(self.path(id)).await
+    }
+
+    /// Removes a blob; a blob already gone is not an error.
+    pub async fn remove(&self, id: Uuid) -> io::Result<()> {
+        match fs::remove_file(self.path(id)).await {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    /// Files in the temporary directory (tests check that failed uploads leave none).
+    pub async fn temp_file_count(&self) -> io::Result<usize> {
+        let mut entries = fs::read_dir(&self.tmp).await?;
+        let mut count = 0;
+        while entries.next_entry().await?.is_some() {
+            count += 1;
+        }
+        Ok(count)
+    }
+}
+
+/// A blob being written. Dropping it unpersisted deletes the temporary file.
+pub struct TempBlob {
+    path: Option<PathBuf>,
+    file: tokio::io::BufWriter<fs::File>,
+    hasher: Sha256,
+    size: u64,
+    blobs: PathBuf,
+}
+
+impl TempBlob {
+    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+        self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
+        self.file.write_all(chunk).await
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Makes the bytes durable under `id`: flush, fsync, rename into place, fsync the
+    /// directories that changed.
+    pub async fn persist(mut self, id: Uuid) -> io::Result<StoredBlob> {
+        self.file.flush().await?;
+        self.file.get_ref().sync_all().await?;
+        let target = self.blobs.join(BlobStore::relative_path(id));
+        let shard = target.parent().expect("blob paths have two shard directories");
+        let created_shard = fs::metadata(shard).await.is_err();
+        fs::create_dir_all(shard).await?;
+        let temp_path = self.path.take().expect("a temp blob is persisted once");
+        if let Err(error) = fs::rename(&temp_path, &target).await {
+            self.path = Some(temp_path);
+            return Err(error);
+        }
+        sync_dir(shard).await?;
+        if created_shard {
+            // The new shard directories must survive a crash too.
+            if let Some(outer) = shard.parent() {
+                sync_dir(outer).await?;
+                sync_dir(&self.blobs).await?;
+            }
+        }
+        Ok(StoredBlob { size: self.size, sha256: Sha256Hex::from_digest(&self.hasher.clone().finalize()) })
+    }
+}
+
+impl Drop for TempBlob {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            // Best effort and synchronous: drop can't await, and unlink is quick.
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+async fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+        .await
+        .map_err(io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn persisted_blobs_are_hashed_and_temp_files_never_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let mut blob = store.create_temp().await.unwrap();
+        blob.write(b"hello ").await.unwrap();
+        blob.write(b"world").await.unwrap();
+        let id = Uuid::new_v4();
+        let stored = blob.persist(id).await.unwrap();
+        assert_eq!(stored.size, 11);
+        assert_eq!(stored.sha256.as_str(), "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9");
+        assert_eq!(std::fs::read(store.path(id)).unwrap(), b"hello world");
+        assert_eq!(store.temp_file_count().await.unwrap(), 0);
+
+        let mut abandoned = store.create_temp().await.unwrap();
+        abandoned.write(b"partial").await.unwrap();
+        assert_eq!(store.temp_file_count().await.unwrap(), 1);
+        drop(abandoned);
+        assert_eq!(store.temp_file_count().await.unwrap(), 0);
+
+        store.remove(id).await.unwrap();
+        store.remove(id).await.unwrap();
+        assert!(!store.path(id).exists());
+    }
+}

@@ -1,0 +1,88 @@
+//! Configuration, read once into typed structs: `ASSETD_*` environment variables, also
+//! accepted as command-line flags, with working defaults for local use. Secrets have no
+//! defaults; `scripts/up` generates them into a local env file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Where the database is.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DatabaseConfig {
+    /// Postgres URL of assetd's database.
+    #[arg(long, env = "ASSETD_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/assetd")]
+    pub database_url: String,
+    /// Largest number of pooled database connections.
+    #[arg(long, env = "ASSETD_DATABASE_POOL_SIZE", default_value_t = 32)]
+    pub database_pool_size: usize,
+}
+
+/// Everything `assetd serve` needs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeConfig {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    /// Address to listen on (OpenTera's port for this service by default).
+    #[arg(long, env = "ASSETD_LISTEN", default_value = "127.0.0.1:4042")]
+    pub listen: SocketAddr,
+    /// Path prefix of every route, as seen through nginx too.
+    #[arg(long, env = "ASSETD_BASE_PATH", default_value = "/file", value_parser = parse_base_path)]
+    pub base_path: String,
+    /// Directory for blobs and temporary files.
+    #[arg(long, env = "ASSETD_DATA_DIR", default_value = "./var/data")]
+    pub data_dir: PathBuf,
+    /// Largest accepted upload, in bytes.
+    #[arg(long, env = "ASSETD_MAX_UPLOAD_SIZE", default_value_t = 10 * 1024 * 1024 * 1024)]
+    pub max_upload_size: u64,
+    /// HS256 secret that signs principal tokens (and, derived, asset access tokens).
+    #[arg(long, env = "ASSETD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: String,
+    /// HMAC key for signed URLs.
+    #[arg(long, env = "ASSETD_URL_SIGNING_KEY", hide_env_values = true)]
+    pub url_signing_key: String,
+    /// When set, downloads answer with `X-Accel-Redirect: <prefix><ab>/<cd>/<uuid>` and
+    /// nginx sends the bytes (its internal location aliases `<data_dir>/blobs/`).
+    #[arg(long, env = "ASSETD_ACCEL_REDIRECT_PREFIX")]
+    pub accel_redirect_prefix: Option<String>,
+    /// Lifetime of the asset access tokens handed out, in seconds.
+    #[arg(long, env = "ASSETD_ASSET_TOKEN_TTL", default_value_t = 3600)]
+    pub asset_token_ttl: i64,
+    /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, env = "ASSETD_SHUTDOWN_GRACE", default_value_t = 30)]
+    pub shutdown_grace_seconds: u64,
+}
+
+fn parse_base_path(value: &str) -> Result<String, String> {
+    let trimmed = value.trim_matches('/');
+    if trimmed.split('/').any(|s| s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))) {
+        return Err("a path like /file (letters, digits, '-', '_', '.')".into());
+    }
+    Ok(format!("/{trimmed}"))
+}
+
+impl DatabaseConfig {
+    pub fn pool(&self) -> anyhow::Result<deadpool_postgres::Pool> {
+        let pg: tokio_postgres::Config = self.database_url.parse()?;
+        let manager = deadpool_postgres::Manager::from_config(
+            pg,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+        );
+        Ok(deadpool_postgres::Pool::builder(manager)
+            .max_size(self.database_pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(std::time::Duration::from_secs(10)))
+            .create_timeout(Some(std::time::Duration::from_secs(5)))
+            .build()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base_paths_are_normalised() {
+        assert_eq!(super::parse_base_path("file").unwrap(), "/file");
+        assert_eq!(super::parse_base_path("/api/file/").unwrap(), "/api/file");
+        assert!(super::parse_base_path("/").is_err());
+        assert!(super::parse_base_path("/a b").is_err());
+    }
+}

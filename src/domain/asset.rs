@@ -1,0 +1,196 @@
+//! The asset aggregate (`asset-<uuid>` streams): one stored file of a session. Created by
+//! an upload once its bytes are durable, renamed, deleted. A deleted asset stays
+//! deleted; its history remains readable.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::names::{AssetName, Directory, FileName, MediaType, SessionId, Sha256Hex, Tags};
+use super::principal::Actor;
+use super::{domain_events, DomainError};
+
+/// Where an asset's bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AssetSource {
+    Upload,
+    Import,
+    SignedUpload,
+}
+
+/// The payload of `AssetUploaded`: all a consumer needs to know about the new asset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssetUploaded {
+    pub asset_uuid: Uuid,
+    pub id_session: SessionId,
+    pub asset_name: AssetName,
+    pub asset_original_filename: FileName,
+    pub asset_type: MediaType,
+    pub asset_file_size: u64,
+    pub asset_sha256: Sha256Hex,
+    pub asset_datetime: Option<DateTime<Utc>>,
+    pub directory: Directory,
+    pub tags: Tags,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub asset_creator: Actor,
+    pub asset_source: AssetSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssetRenamed {
+    pub asset_uuid: Uuid,
+    pub id_session: SessionId,
+    pub previous_filename: FileName,
+    pub asset_original_filename: FileName,
+}
+
+/// Why an asset was deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletionReason {
+    Requested,
+    SessionDeleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssetDeleted {
+    pub asset_uuid: Uuid,
+    pub id_session: SessionId,
+    pub asset_sha256: Sha256Hex,
+    pub asset_file_size: u64,
+    pub reason: DeletionReason,
+}
+
+domain_events!(AssetEvent {
+    AssetUploaded(AssetUploaded),
+    AssetRenamed(AssetRenamed),
+    AssetDeleted(AssetDeleted),
+});
+
+/// An asset's state folded from its stream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Asset {
+    pub uploaded: Option<AssetUploaded>,
+    pub deleted: bool,
+}
+
+impl Asset {
+    pub fn apply(&mut self, event: &AssetEvent) {
+        match event {
+            AssetEvent::AssetUploaded(uploaded) => self.uploaded = Some(uploaded.clone()),
+            AssetEvent::AssetRenamed(renamed) => {
+                if let Some(uploaded) = &mut self.uploaded {
+                    uploaded.asset_original_filename = renamed.asset_original_filename.clone();
+                }
+            }
+            AssetEvent::AssetDeleted(_) => self.deleted = true,
+        }
+    }
+
+    fn live(&self) -> Result<&AssetUploaded, DomainError> {
+        match &self.uploaded {
+            Some(uploaded) if !self.deleted => Ok(uploaded),
+            _ => Err(DomainError::NotFound("asset")),
+        }
+    }
+
+    /// Record a new asset whose bytes are already durable.
+    pub fn handle_upload(&self, uploaded: AssetUploaded) -> Result<Vec<AssetEvent>, DomainError> {
+        if self.uploaded.is_some() {
+            return Err(DomainError::Conflict(format!("asset {} already exists", uploaded.asset_uuid)));
+        }
+        Ok(vec![AssetEvent::AssetUploaded(uploaded)])
+    }
+
+    /// Rename (OpenTera renames `asset_original_filename`). The same name again is a no-op.
+    pub fn handle_rename(&self, new_name: FileName) -> Result<Vec<AssetEvent>, DomainError> {
+        let live = self.live()?;
+        if live.asset_original_filename == new_name {
+            return Ok(vec![]);
+        }
+        Ok(vec![AssetEvent::AssetRenamed(AssetRenamed {
+            asset_uuid: live.asset_uuid,
+            id_session: live.id_session,
+            previous_filename: live.asset_original_filename.clone(),
+            asset_original_filename: new_name,
+        })])
+    }
+
+    pub fn handle_delete(&self, reason: DeletionReason) -> Result<Vec<AssetEvent>, DomainError> {
+        let live = self.live()?;
+        Ok(vec![AssetEvent::AssetDeleted(AssetDeleted {
+            asset_uuid: live.asset_uuid,
+            id_session: live.id_session,
+            asset_sha256: live.asset_sha256.clone(),
+            asset_file_size: live.asset_file_size,
+            reason,
+        })])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::principal::PrincipalKind;
+    use crate::domain::DomainEvent;
+
+    fn uploaded() -> AssetUploaded {
+        AssetUploaded {
+            asset_uuid: Uuid::new_v4(),
+            id_session: SessionId::new(1).unwrap(),
+            asset_name: AssetName::parse("Asset Name").unwrap(),
+            asset_original_filename: FileName::parse("name.zip").unwrap(),
+            asset_type: MediaType::parse("application/zip").unwrap(),
+            asset_file_size: 3,
+            asset_sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
+            asset_datetime: None,
+            directory: Directory::root(),
+            tags: Tags::default(),
+            metadata: Default::default(),
+            asset_creator: Actor { kind: PrincipalKind::User, uuid: Uuid::new_v4() },
+            asset_source: AssetSource::Upload,
+        }
+    }
+
+    fn given(events: &[AssetEvent]) -> Asset {
+        let mut asset = Asset::default();
+        events.iter().for_each(|e| asset.apply(e));
+        asset
+    }
+
+    #[test]
+    fn upload_creates_once() {
+        let events = Asset::default().handle_upload(uploaded()).unwrap();
+        assert_eq!(events.len(), 1);
+        assert!(matches!(given(&events).handle_upload(uploaded()), Err(DomainError::Conflict(_))));
+    }
+
+    #[test]
+    fn rename_changes_the_original_filename_and_same_name_is_a_no_op() {
+        let asset = given(&[AssetEvent::AssetUploaded(uploaded())]);
+        assert_eq!(asset.handle_rename(FileName::parse("name.zip").unwrap()).unwrap(), vec![]);
+        let renamed = asset.handle_rename(FileName::parse("new.zip").unwrap()).unwrap();
+        let mut after = asset.clone();
+        renamed.iter().for_each(|e| after.apply(e));
+        assert_eq!(after.uploaded.unwrap().asset_original_filename.as_str(), "new.zip");
+    }
+
+    #[test]
+    fn deleted_assets_cannot_be_renamed_or_deleted_again() {
+        let asset = given(&[AssetEvent::AssetUploaded(uploaded())]);
+        let deleted = asset.handle_delete(DeletionReason::Requested).unwrap();
+        let mut after = asset.clone();
+        deleted.iter().for_each(|e| after.apply(e));
+        assert_eq!(after.handle_delete(DeletionReason::Requested), Err(DomainError::NotFound("asset")));
+        assert_eq!(after.handle_rename(FileName::parse("x").unwrap()), Err(DomainError::NotFound("asset")));
+        assert_eq!(Asset::default().handle_delete(DeletionReason::Requested), Err(DomainError::NotFound("asset")));
+    }
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let event = AssetEvent::AssetUploaded(uploaded());
+        assert_eq!(AssetEvent::from_parts(event.event_type(), &event.to_data()).unwrap().unwrap(), event);
+        assert!(AssetEvent::from_parts("SomethingElse", &serde_json::json!({})).is_none());
+    }
+}

@@ -1,0 +1,60 @@
+//! The domain: sessions and assets as event-sourced aggregates, plus the value types
+//! (names, ids, principals) whose constructors are the only way to get a valid one.
+//!
+//! Pure code: nothing here knows about warp, Postgres or the file system. Each aggregate
+//! folds its state from its own events (`apply`) and turns a command into new events
+//! (`handle_*`), so the rules are unit-tested with given-events / when / then-events.
+
+pub mod asset;
+pub mod names;
+pub mod principal;
+pub mod session;
+
+/// Why a command was refused by an aggregate. The HTTP and AMQP edges map these to
+/// their own error shapes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DomainError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// An event as the domain sees it: a type name and a JSON payload. The event store
+/// adds position, version, id, metadata.
+pub trait DomainEvent: Sized {
+    fn event_type(&self) -> &'static str;
+    fn to_data(&self) -> serde_json::Value;
+    /// `None` for a type this aggregate does not know (ignored when folding).
+    fn from_parts(event_type: &str, data: &serde_json::Value) -> Option<Result<Self, serde_json::Error>>;
+}
+
+/// Implements [`DomainEvent`] for an enum whose variants each wrap one payload struct,
+/// with the variant name as the event type.
+macro_rules! domain_events {
+    ($enum:ident { $($variant:ident($payload:ty)),+ $(,)? }) => {
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum $enum { $($variant($payload)),+ }
+
+        impl $crate::domain::DomainEvent for $enum {
+            fn event_type(&self) -> &'static str {
+                match self { $(Self::$variant(_) => stringify!($variant)),+ }
+            }
+            fn to_data(&self) -> serde_json::Value {
+                match self {
+                    $(Self::$variant(payload) => serde_json::to_value(payload)
+                        .expect("event payloads are plain data and always serialise")),+
+                }
+            }
+            fn from_parts(event_type: &str, data: &serde_json::Value) -> Option<Result<Self, serde_json::Error>> {
+                match event_type {
+                    $(stringify!($variant) => Some(<$payload as serde::Deserialize>::deserialize(data).map(Self::$variant)),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+pub(crate) use domain_events;

@@ -1,0 +1,375 @@
+//! Value types that can only be built valid ("parse, don't validate"). Filenames and
+//! asset names are data shown to people and put in `Content-Disposition`, never paths:
+//! stored bytes are addressed by uuid. Still, we refuse names that would be dangerous or
+//! useless anywhere a client might save them.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest file or asset name we accept, in characters (most file systems allow 255 bytes).
+pub const MAX_NAME_CHARS: usize = 255;
+/// Longest virtual directory path, in characters.
+pub const MAX_DIRECTORY_CHARS: usize = 1024;
+pub const MAX_TAGS: usize = 64;
+pub const MAX_TAG_CHARS: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidValue {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidValue {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self { field, reason: reason.into() }
+    }
+}
+
+/// OpenTera's integer session id; strictly positive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
+pub struct SessionId(i64);
+
+impl SessionId {
+    pub fn new(id: i64) -> Result<Self, InvalidValue> {
+        if id > 0 {
+            Ok(Self(id))
+        } else {
+            Err(InvalidValue::new("id_session", "must be a positive integer"))
+        }
+    }
+    pub fn get(self) -> i64 {
+        self.0
+    }
+    pub fn stream(self) -> String {
+        format!("session-{}", self.0)
+    }
+}
+impl TryFrom<i64> for SessionId {
+    type Error = InvalidValue;
+    fn try_from(id: i64) -> Result<Self, InvalidValue> {
+        Self::new(id)
+    }
+}
+impl From<SessionId> for i64 {
+    fn from(id: SessionId) -> i64 {
+        id.0
+    }
+}
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Checks shared by every human-visible name: not blank, bounded, no control characters
+/// (NUL, newlines, escapes) and no invisible bidi overrides that disguise extensions.
+fn check_display_name(field: &'static str, value: &str) -> Result<(), InvalidValue> {
+    if value.trim().is_empty() {
+        return Err(InvalidValue::new(field, "must not be empty"));
+    }
+    if value.chars().count() > MAX_NAME_CHARS {
+        return Err(InvalidValue::new(field, format!("must be at most {MAX_NAME_CHARS} characters")));
+    }
+    if value.chars().any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c)) {
+        return Err(InvalidValue::new(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A file's original name as uploaded (`asset_original_filename`): one path segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct FileName(String);
+
+impl FileName {
+    pub fn parse(value: &str) -> Result<Self, InvalidValue> {
+        Self::parse_field("filename", value)
+    }
+    pub fn parse_field(field: &'static str, value: &str) -> Result<Self, InvalidValue> {
+        check_display_name(field, value)?;
+        if value.contains('/') || value.contains('\\') {
+            return Err(InvalidValue::new(field, "must be a file name, not a path (no '/' or '\\')"));
+        }
+        if value == "." || value == ".." {
+            return Err(InvalidValue::new(field, "must not be '.' or '..'"));
+        }
+        Ok(Self(value.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl TryFrom<String> for FileName {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, InvalidValue> {
+        Self::parse(&value)
+    }
+}
+impl From<FileName> for String {
+    fn from(name: FileName) -> String {
+        name.0
+    }
+}
+
+/// The asset's display name (`asset_name`); free text within the display-name rules,
+/// except that path traversal sequences are refused so no client can be tricked into
+/// using it as a path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AssetName(String);
+
+impl AssetName {
+    pub fn parse(value: &str) -> Result<Self, InvalidValue> {
+        check_display_name("asset_name", value)?;
+        if value.split(['/', '\\']).any(|segment| segment == "..") {
+            return Err(InvalidValue::new("asset_name", "must not contain '..' path segments"));
+        }
+        Ok(Self(value.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl TryFrom<String> for AssetName {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, InvalidValue> {
+        Self::parse(&value)
+    }
+}
+impl From<AssetName> for String {
+    fn from(name: AssetName) -> String {
+        name.0
+    }
+}
+
+/// A virtual folder inside a session: `/`, `/videos`, `/videos/day 1`. Normalised to a
+/// leading slash and no trailing one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Directory(String);
+
+impl Directory {
+    pub fn root() -> Self {
+        Self("/".to_owned())
+    }
+    pub fn parse(value: &str) -> Result<Self, InvalidValue> {
+        const FIELD: &str = "directory";
+        if value.chars().count() > MAX_DIRECTORY_CHARS {
+            return Err(InvalidValue::new(FIELD, format!("must be at most {MAX_DIRECTORY_CHARS} characters")));
+        }
+        if value.chars().any(char::is_control) || value.contains('\\') {
+            return Err(InvalidValue::new(FIELD, "must not contain control characters or '\\'"));
+        }
+        let segments: Vec<&str> = value.split('/').filter(|s| !s.is_empty()).collect();
+        for segment in &segments {
+            if *segment == "." || *segment == ".." {
+                return Err(InvalidValue::new(FIELD, "must not contain '.' or '..' segments"));
+            }
+            if segment.trim().is_empty() {
+                return Err(InvalidValue::new(FIELD, "must not contain blank segments"));
+            }
+        }
+        Ok(Self(format!("/{}", segments.join("/"))))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl TryFrom<String> for Directory {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, InvalidValue> {
+        Self::parse(&value)
+    }
+}
+impl From<Directory> for String {
+    fn from(dir: Directory) -> String {
+        dir.0
+    }
+}
+
+/// A MIME type such as `application/zip`, as given by a client or guessed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MediaType(String);
+
+impl MediaType {
+    pub fn parse(value: &str) -> Result<Self, InvalidValue> {
+        let parsed: mime_guess::mime::Mime = value
+            .parse()
+            .map_err(|_| InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'"))?;
+        if value.len() > 255 || value.chars().any(char::is_control) {
+            return Err(InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'"));
+        }
+        Ok(Self(parsed.essence_str().to_owned()).with_params_of(&parsed))
+    }
+    fn with_params_of(self, parsed: &mime_guess::mime::Mime) -> Self {
+        if parsed.params().next().is_some() {
+            Self(parsed.to_string())
+        } else {
+            self
+        }
+    }
+    /// The type for a file name, from its extension; `application/octet-stream` otherwise.
+    pub fn guess_from_filename(name: &FileName) -> Self {
+        Self(mime_guess::from_path(name.as_str()).first_or_octet_stream().essence_str().to_owned())
+    }
+    pub fn octet_stream() -> Self {
+        Self("application/octet-stream".to_owned())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl TryFrom<String> for MediaType {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, InvalidValue> {
+        Self::parse(&value)
+    }
+}
+impl From<MediaType> for String {
+    fn from(t: MediaType) -> String {
+        t.0
+    }
+}
+
+/// Free-form labels on an asset: bounded in number and length, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub struct Tags(Vec<String>);
+
+impl Tags {
+    pub fn parse(tags: Vec<String>) -> Result<Self, InvalidValue> {
+        if tags.len() > MAX_TAGS {
+            return Err(InvalidValue::new("tags", format!("at most {MAX_TAGS} tags")));
+        }
+        for tag in &tags {
+            if tag.is_empty() || tag.chars().count() > MAX_TAG_CHARS || tag.chars().any(char::is_control) {
+                return Err(InvalidValue::new(
+                    "tags",
+                    format!("each tag must be 1 to {MAX_TAG_CHARS} characters without control characters"),
+                ));
+            }
+        }
+        Ok(Self(tags))
+    }
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+}
+impl TryFrom<Vec<String>> for Tags {
+    type Error = InvalidValue;
+    fn try_from(tags: Vec<String>) -> Result<Self, InvalidValue> {
+        Self::parse(tags)
+    }
+}
+impl From<Tags> for Vec<String> {
+    fn from(tags: Tags) -> Vec<String> {
+        tags.0
+    }
+}
+
+/// The SHA-256 of an asset's bytes, as 64 lower-case hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Sha256Hex(String);
+
+impl Sha256Hex {
+    pub fn from_digest(digest: &[u8]) -> Self {
+        Self(hex::encode(digest))
+    }
+    pub fn parse(value: &str) -> Result<Self, InvalidValue> {
+        if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(Self(value.to_ascii_lowercase()))
+        } else {
+            Err(InvalidValue::new("sha256", "must be 64 hexadecimal digits"))
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+impl TryFrom<String> for Sha256Hex {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, InvalidValue> {
+        Self::parse(&value)
+    }
+}
+impl From<Sha256Hex> for String {
+    fn from(h: Sha256Hex) -> String {
+        h.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn file_names_refuse_paths_nul_and_overlong() {
+        assert!(FileName::parse("report.pdf").is_ok());
+        assert!(FileName::parse("données été.csv").is_ok());
+        for bad in ["../etc/passwd", "a/b", "a\\b", "..", ".", "", "  ", "a\0b", "line\nbreak", "evil\u{202e}fdp.exe"] {
+            assert!(FileName::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(FileName::parse(&"x".repeat(255)).is_ok());
+        assert!(FileName::parse(&"x".repeat(1000)).is_err());
+    }
+
+    #[test]
+    fn asset_names_refuse_traversal_but_allow_free_text() {
+        assert!(AssetName::parse("Asset Name").is_ok());
+        assert!(AssetName::parse("left/right view").is_ok());
+        assert!(AssetName::parse("../secret").is_err());
+        assert!(AssetName::parse("a/../b").is_err());
+        assert!(AssetName::parse("nul\0").is_err());
+    }
+
+    #[test]
+    fn directories_are_normalised_and_traversal_refused() {
+        assert_eq!(Directory::parse("").unwrap().as_str(), "/");
+        assert_eq!(Directory::parse("videos/day 1/").unwrap().as_str(), "/videos/day 1");
+        assert_eq!(Directory::parse("//a//b").unwrap().as_str(), "/a/b");
+        assert!(Directory::parse("/a/../b").is_err());
+        assert!(Directory::parse("/a/./b").is_err());
+        assert!(Directory::parse("/a\0").is_err());
+    }
+
+    #[test]
+    fn media_types_are_parsed() {
+        assert_eq!(MediaType::parse("application/zip").unwrap().as_str(), "application/zip");
+        assert_eq!(MediaType::parse("text/plain; charset=utf-8").unwrap().as_str(), "text/plain; charset=utf-8");
+        assert!(MediaType::parse("not a type").is_err());
+        let guessed = MediaType::guess_from_filename(&FileName::parse("clip.mp4").unwrap());
+        assert_eq!(guessed.as_str(), "video/mp4");
+        let unknown = MediaType::guess_from_filename(&FileName::parse("blob.zzqq").unwrap());
+        assert_eq!(unknown.as_str(), "application/octet-stream");
+    }
+
+    #[test]
+    fn session_ids_are_positive() {
+        assert!(SessionId::new(1).is_ok());
+        assert!(SessionId::new(0).is_err());
+        assert!(SessionId::new(-5).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn accepted_file_names_are_single_safe_segments(name in "\\PC{0,300}") {
+            if let Ok(parsed) = FileName::parse(&name) {
+                let s = parsed.as_str();
+                prop_assert!(!s.contains('/') && !s.contains('\\') && !s.contains('\0'));
+                prop_assert!(s != ".." && s.chars().count() <= MAX_NAME_CHARS);
+            }
+        }
+
+        #[test]
+        fn accepted_directories_never_climb(dir in "[a-z./\\\\ ]{0,40}") {
+            if let Ok(parsed) = Directory::parse(&dir) {
+                prop_assert!(parsed.as_str().starts_with('/'));
+                prop_assert!(!parsed.as_str().split('/').any(|s| s == ".." || s == "."));
+            }
+        }
+    }
+}

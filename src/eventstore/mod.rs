@@ -1,0 +1,250 @@
+//! The event store on Postgres: append to a stream with an expected version, read a
+//! stream, read the global log in commit order.
+//!
+//! Appends take a caller's transaction so projections are updated atomically with the
+//! events (see `app`). The global log is read in `(tx, position)` order and only for
+//! transactions older than every running one: identity positions are handed out before
+//! commit, so "position > last seen" would skip an event whose transaction commits late.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{GenericClient, Pool};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// What the writer believes the stream's version to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// Append whatever the current version.
+    Any,
+    /// The stream must have no events yet.
+    NoStream,
+    /// The stream's last event must have exactly this version (versions start at 1).
+    Exact(i64),
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: Uuid,
+    pub event_type: String,
+    pub data: serde_json::Value,
+    pub metadata: serde_json::Value,
+}
+
+/// A position in the global log: the writing transaction, then the row position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
+pub struct GlobalPosition {
+    pub tx: u64,
+    pub position: i64,
+}
+
+impl GlobalPosition {
+    pub const START: GlobalPosition = GlobalPosition { tx: 0, position: 0 };
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    pub position: i64,
+    pub tx: u64,
+    pub stream: String,
+    pub version: i64,
+    pub id: Uuid,
+    pub event_type: String,
+    pub data: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl RecordedEvent {
+    pub fn global_position(&self) -> GlobalPosition {
+        GlobalPosition { tx: self.tx, position: self.position }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventStoreError {
+    #[error("stream {stream}: expected version {expected:?}, found {actual}")]
+    Conflict { stream: String, expected: ExpectedVersion, actual: i64 },
+    #[error("event id {0} was already appended")]
+    DuplicateEventId(Uuid),
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("stored value out of range: {0}")]
+    Corrupt(String),
+}
+
+impl EventStoreError {
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Conflict { .. })
+    }
+}
+
+const SELECT_COLUMNS: &str = "position, tx::text, stream, version, id, type, data, metadata, recorded_at";
+
+fn recorded_from_row(row: &tokio_postgres::Row) -> Result<RecordedEvent, EventStoreError> {
+    let tx: String = row.get(1);
+    Ok(RecordedEvent {
+        position: row.get(0),
+        tx: tx.parse().map_err(|_| EventStoreError::Corrupt(format!("tx {tx}")))?,
+        stream: row.get(2),
+        version: row.get(3),
+        id: row.get(4),
+        event_type: row.get(5),
+        data: row.get(6),
+        metadata: row.get(7),
+        recorded_at: row.get(8),
+    })
+}
+
+/// Appends `events` to `stream` inside the caller's transaction (or any client).
+/// Concurrent writers to one stream are detected by the `(stream, version)` key: the
+/// loser gets [`EventStoreError::Conflict`] and its transaction must be retried.
+pub async fn append(
+    client: &impl GenericClient,
+    stream: &str,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    let conflict = |actual| EventStoreError::Conflict { stream: stream.to_owned(), expected, actual };
+    let current: i64 = if expected == ExpectedVersion::NoStream {
+        // A new stream (every upload) needs no look-up: the unique key catches a race.
+        0
+    } else {
+        // The last event, and whether its transaction id is above ours. Readers order the
+        // global log by (tx, position); appending after an event with a larger tx would put
+        // our event before it in that order, so we refuse and the caller retries in a new
+        // (larger) transaction. This keeps the global order consistent with stream order.
+        let statement = client
+            .prepare_cached(
+                "SELECT version, tx > pg_current_xact_id() FROM events WHERE stream = $1 ORDER BY version DESC LIMIT 1",
+            )
+            .await?;
+        match client.query_opt(&statement, &[&stream]).await? {
+            None => 0,
+            Some(row) if row.get::<_, bool>(1) => return Err(conflict(row.get(0))),
+            Some(row) => row.get(0),
+        }
+    };
+    match expected {
+        ExpectedVersion::Exact(v) if v != current => return Err(conflict(current)),
+        ExpectedVersion::NoStream if current != 0 => return Err(conflict(current)),
+        _ => {}
+    }
+    if events.is_empty() {
+        return Ok(vec![]);
+    }
+    let versions: Vec<i64> = (1..=events.len() as i64).map(|i| current + i).collect();
+    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
+    let metadata: Vec<&serde_json::Value> = events.iter().map(|e| &e.metadata).collect();
+    let statement = format!(
+        "INSERT INTO events (stream, version, id, type, data, metadata)
+         SELECT $1, v, i, t, d, m FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[]) AS x(v, i, t, d, m)
+         RETURNING {SELECT_COLUMNS}"
+    );
+    let statement = client.prepare_cached(&statement).await?;
+    let rows = client
+        .query(&statement, &[&stream, &versions, &ids, &types, &data, &metadata])
+        .await
+        .map_err(|error| match error.as_db_error().and_then(|db| db.constraint()) {
+            Some("events_stream_version_key") => conflict(current + 1),
+            Some("events_id_key") => EventStoreError::DuplicateEventId(ids[0]),
+            _ => EventStoreError::Database(error),
+        })?;
+    let mut recorded = rows.iter().map(recorded_from_row).collect::<Result<Vec<_>, _>>()?;
+    recorded.sort_by_key(|e| e.version);
+    Ok(recorded)
+}
+
+/// A stream's events with `version > after_version`, in order.
+pub async fn read_stream(
+    client: &impl GenericClient,
+    stream: &str,
+    after_version: i64,
+) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    let statement = format!("SELECT {SELECT_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version");
+    let statement = client.prepare_cached(&statement).await?;
+    client.query(&statement, &[&stream, &after_version]).await?.iter().map(recorded_from_row).collect()
+}
+
+/// Up to `limit` events after `after` in commit order. Only transactions that finished
+/// before every transaction still running are returned, so a later call from the last
+/// returned position never misses an event that commits late.
+pub async fn read_all(
+    client: &impl GenericClient,
+    after: GlobalPosition,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    let statement = format!(
+        "SELECT {SELECT_COLUMNS} FROM events
+         WHERE (tx, position) > ($1::text::xid8, $2)
+           AND tx < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY tx, position
+         LIMIT $3"
+    );
+    let statement = client.prepare_cached(&statement).await?;
+    client
+        .query(&statement, &[&after.tx.to_string(), &after.position, &limit])
+        .await?
+        .iter()
+        .map(recorded_from_row)
+        .collect()
+}
+
+/// Up to `limit` events after `after` in `(tx, position)` order, as the caller's snapshot
+/// sees them, with no wait for running transactions. For a reader inside one
+/// REPEATABLE READ transaction that sees a fixed set of commits (replay).
+pub async fn read_all_in_snapshot(
+    client: &impl GenericClient,
+    after: GlobalPosition,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    let statement = format!(
+        "SELECT {SELECT_COLUMNS} FROM events WHERE (tx, position) > ($1::text::xid8, $2) ORDER BY tx, position LIMIT $3"
+    );
+    let statement = client.prepare_cached(&statement).await?;
+    client
+        .query(&statement, &[&after.tx.to_string(), &after.position, &limit])
+        .await?
+        .iter()
+        .map(recorded_from_row)
+        .collect()
+}
+
+/// The event store over a connection pool, for callers that do not need their own
+/// transaction (tests, tools, readers).
+#[derive(Clone)]
+pub struct EventStore {
+    pool: Pool,
+}
+
+impl EventStore {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    pub async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let recorded = append(&tx, stream, expected, events).await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    pub async fn read_stream(&self, stream: &str, after_version: i64) -> Result<Vec<RecordedEvent>, EventStoreError> {
+        read_stream(&self.pool.get().await?, stream, after_version).await
+    }
+
+    pub async fn read_all(&self, after: GlobalPosition, limit: i64) -> Result<Vec<RecordedEvent>, EventStoreError> {
+        read_all(&self.pool.get().await?, after, limit).await
+    }
+}

@@ -1,0 +1,219 @@
+//! Sending an asset's bytes: conditional requests (`If-None-Match`), single byte ranges
+//! (206/416), `Content-Disposition` with non-ASCII names, and either streaming the file
+//! ourselves or handing it to nginx with `X-Accel-Redirect`.
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use warp::http::{HeaderMap, HeaderValue, Response, StatusCode};
+use warp::hyper::Body;
+
+use super::error::ApiError;
+use crate::blobs::BlobStore;
+use crate::projections::read::AssetInfo;
+
+/// Bytes read from disk per chunk of a streamed download.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// What a `Range` header asks of a representation of `size` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// No range, or one we ignore (several ranges, malformed): send everything.
+    Full,
+    /// Bytes `start..=end`.
+    Partial { start: u64, end: u64 },
+    /// A well-formed range that selects nothing: 416.
+    Unsatisfiable,
+}
+
+/// Parses a `Range` header per RFC 9110 §14: only a single `bytes` range is served;
+/// anything else is ignored (the whole representation is sent), as the RFC allows.
+pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return ByteRange::Full;
+    };
+    if spec.contains(',') {
+        return ByteRange::Full;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return ByteRange::Full;
+    };
+    let number = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+    };
+    match (first.trim().is_empty(), number(first), number(last)) {
+        // bytes=-N: the last N bytes.
+        (true, _, Some(suffix)) => {
+            if suffix == 0 || size == 0 {
+                ByteRange::Unsatisfiable
+            } else {
+                ByteRange::Partial { start: size.saturating_sub(suffix), end: size - 1 }
+            }
+        }
+        // bytes=A- : from A to the end.
+        (false, Some(start), None) if last.trim().is_empty() => {
+            if start >= size {
+                ByteRange::Unsatisfiable
+            } else {
+                ByteRange::Partial { start, end: size - 1 }
+            }
+        }
+        // bytes=A-B
+        (false, Some(start), Some(end)) if start <= end => {
+            if start >= size {
+                ByteRange::Unsatisfiable
+            } else {
+                ByteRange::Partial { start, end: end.min(size - 1) }
+            }
+        }
+        _ => ByteRange::Full,
+    }
+}
+
+/// RFC 5987 `attr-char`: what may stand unencoded in `filename*`.
+const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'#')
+    .remove(b'$')
+    .remove(b'&')
+    .remove(b'+')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'^')
+    .remove(b'_')
+    .remove(b'`')
+    .remove(b'|')
+    .remove(b'~');
+
+/// `attachment; filename="<ASCII fallback>"; filename*=UTF-8''<encoded>` (RFC 6266).
+pub fn content_disposition(filename: &str) -> String {
+    let fallback: String = filename
+        .chars()
+        .map(|c| if c.is_ascii() && !c.is_ascii_control() && c != '"' && c != '\\' { c } else { '_' })
+        .collect();
+    format!("attachment; filename=\"{fallback}\"; filename*=UTF-8''{}", utf8_percent_encode(filename, ATTR_CHAR))
+}
+
+pub fn etag(asset: &AssetInfo) -> String {
+    format!("\"sha256:{}\"", asset.asset_sha256)
+}
+
+/// Whether an `If-None-Match` header matches `etag` (weak comparison, `*` included).
+fn none_match(header: Option<&str>, etag: &str) -> bool {
+    header.is_some_and(|h| h.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag))
+}
+
+/// How the bytes leave the process.
+pub enum Delivery<'a> {
+    /// Stream the file from the blob store.
+    Direct(&'a BlobStore),
+    /// Let nginx send it: `X-Accel-Redirect: <prefix><ab>/<cd>/<uuid>`.
+    AccelRedirect(&'a str),
+}
+
+/// The full answer to a download of `asset`.
+pub async fn respond(asset: &AssetInfo, request: &HeaderMap, delivery: Delivery<'_>) -> Result<Response<Body>, ApiError> {
+    let header = |name: &str| request.get(name).and_then(|v| v.to_str().ok());
+    let etag = etag(asset);
+    let size = asset.asset_file_size.max(0) as u64;
+    let mut builder = Response::builder()
+        .header("etag", &etag)
+        .header("accept-ranges", "bytes")
+        .header("cache-control", "private, no-cache")
+        .header("last-modified", asset.asset_created_at.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+        .header("x-content-type-options", "nosniff");
+    if none_match(header("if-none-match"), &etag) {
+        return builder.status(StatusCode::NOT_MODIFIED).body(Body::empty()).map_err(ApiError::internal);
+    }
+    builder = builder
+        .header("content-type", HeaderValue::from_str(&asset.asset_type).unwrap_or(HeaderValue::from_static("application/octet-stream")))
+        .header("content-disposition", content_disposition(&asset.asset_original_filename));
+
+    if let Delivery::AccelRedirect(prefix) = delivery {
+        // nginx serves the bytes and applies Range itself.
+        let location = format!("{prefix}{}", BlobStore::relative_path(asset.asset_uuid));
+        return builder.header("x-accel-redirect", location).body(Body::empty()).map_err(ApiError::internal);
+    }
+    let Delivery::Direct(blobs) = delivery else { unreachable!("handled above") };
+
+    // If-Range: a range is only honoured while the representation is the one named.
+    let range_header = match header("if-range") {
+        Some(validator) if validator.trim() != etag => None,
+        _ => header("range"),
+    };
+    let (status, start, length) = match parse_range(range_header, size) {
+        ByteRange::Full => (StatusCode::OK, 0, size),
+        ByteRange::Partial { start, end } => {
+            builder = builder.header("content-range", format!("bytes {start}-{end}/{size}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        ByteRange::Unsatisfiable => {
+            return Err(ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "range_not_satisfiable", format!("the asset has {size} bytes"))
+                .with_header("content-range", format!("bytes */{size}")));
+        }
+    };
+    let mut file = blobs.open_read(asset.asset_uuid).await.map_err(|error| {
+        ApiError::internal(format!("asset {} is available but its bytes cannot be opened: {error}", asset.asset_uuid))
+    })?;
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start)).await.map_err(ApiError::internal)?;
+    }
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(length), READ_CHUNK);
+    builder
+        .status(status)
+        .header("content-length", length)
+        .body(Body::wrap_stream(stream))
+        .map_err(ApiError::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn single_ranges_are_served_and_others_ignored() {
+        assert_eq!(parse_range(None, 10), ByteRange::Full);
+        assert_eq!(parse_range(Some("bytes=0-4"), 10), ByteRange::Partial { start: 0, end: 4 });
+        assert_eq!(parse_range(Some("bytes=5-"), 10), ByteRange::Partial { start: 5, end: 9 });
+        assert_eq!(parse_range(Some("bytes=-3"), 10), ByteRange::Partial { start: 7, end: 9 });
+        assert_eq!(parse_range(Some("bytes=-30"), 10), ByteRange::Partial { start: 0, end: 9 });
+        assert_eq!(parse_range(Some("bytes=8-100"), 10), ByteRange::Partial { start: 8, end: 9 });
+        assert_eq!(parse_range(Some("bytes=10-"), 10), ByteRange::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=10-20"), 10), ByteRange::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=-0"), 10), ByteRange::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=0-"), 0), ByteRange::Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), ByteRange::Full);
+        assert_eq!(parse_range(Some("bytes=4-2"), 10), ByteRange::Full);
+        assert_eq!(parse_range(Some("items=0-1"), 10), ByteRange::Full);
+        assert_eq!(parse_range(Some("bytes=a-b"), 10), ByteRange::Full);
+        assert_eq!(parse_range(Some("bytes=+1-2"), 10), ByteRange::Full);
+    }
+
+    #[test]
+    fn content_disposition_keeps_non_ascii_names() {
+        assert_eq!(
+            content_disposition("résumé \"final\".pdf"),
+            "attachment; filename=\"r_sum_ _final_.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22.pdf"
+        );
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        assert!(none_match(Some("\"sha256:ab\""), "\"sha256:ab\""));
+        assert!(none_match(Some("W/\"sha256:ab\", \"x\""), "\"sha256:ab\""));
+        assert!(none_match(Some("*"), "\"sha256:ab\""));
+        assert!(!none_match(Some("\"other\""), "\"sha256:ab\""));
+        assert!(!none_match(None, "\"sha256:ab\""));
+    }
+
+    proptest! {
+        #[test]
+        fn served_ranges_stay_inside_the_file(header in "bytes=[0-9]{0,4}-[0-9]{0,4}", size in 0u64..5000) {
+            match parse_range(Some(&header), size) {
+                ByteRange::Partial { start, end } => prop_assert!(start <= end && end < size),
+                ByteRange::Full | ByteRange::Unsatisfiable => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The OpenAPI document (generated from the handlers' annotations; `assetd openapi`
+//! prints it and `openapi/openapi.json` is its checked-in copy) and the Swagger UI at
+//! `<base>/doc`, served from files vendored into the binary.
+
+use std::sync::Arc;
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::server::Server;
+use utoipa::{Modify, OpenApi};
+use warp::filters::BoxedFilter;
+use warp::http::{StatusCode, Uri};
+use warp::{Filter, Reply};
+
+use super::error::{ErrorBody, ErrorDetail};
+use super::{assets, ops, sessions, upload};
+use crate::domain::principal::{Actor, PrincipalKind};
+use crate::projections::read::{AssetInfo, SessionInfo};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "assetd",
+        description = "Stores the files (assets) of sessions. OpenTera FileTransferService compatible. \
+            Authenticate with `Authorization: Bearer <jwt>` (or `OpenTera <jwt>`).",
+    ),
+    paths(
+        sessions::put_session,
+        sessions::get_session,
+        sessions::delete_session,
+        sessions::list_assets,
+        upload::upload,
+        assets::download_asset,
+        assets::delete_asset,
+        assets::get_infos,
+        assets::post_infos,
+        assets::asset_events,
+        ops::health,
+        ops::ready,
+    ),
+    components(schemas(
+        ErrorBody, ErrorDetail, SessionInfo, AssetInfo, Actor, PrincipalKind,
+        sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, sessions::SessionDeletedReply,
+        upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
+        assets::InfosRequest, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "sessions", description = "the registry of sessions"),
+        (name = "assets", description = "files of sessions (OpenTera compatible)"),
+        (name = "operations", description = "health and readiness"),
+    ),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("A JWT; `OpenTera <jwt>` is accepted as well"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The document for a server mounted at `base_path` (paths are relative to it).
+pub fn document(base_path: &str) -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc.servers = Some(vec![Server::new(base_path)]);
+    doc
+}
+
+/// `<base>/doc` (redirects to `<base>/doc/`), `<base>/doc/openapi.json`, and the UI files.
+pub fn routes(base_path: &str) -> BoxedFilter<(warp::reply::Response,)> {
+    let spec = Arc::new(document(base_path));
+    let spec_url = format!("{base_path}/doc/openapi.json");
+    let config = Arc::new(utoipa_swagger_ui::Config::from(spec_url).try_it_out_enabled(true));
+    let doc_root: Uri = format!("{base_path}/doc/").parse().expect("the base path is a valid URI path");
+
+    let json = warp::path!("doc" / "openapi.json")
+        .and(warp::get())
+        .map(move || warp::reply::json(&*spec).into_response());
+    let redirect = warp::path!("doc")
+        .and(warp::get())
+        .and(warp::path::full())
+        .and_then(move |full: warp::path::FullPath| {
+            let doc_root = doc_root.clone();
+            async move {
+                // Only the bare `/doc`; `/doc/` falls through to the UI.
+                if full.as_str().ends_with('/') {
+                    Err(warp::reject::not_found())
+                } else {
+                    Ok(warp::redirect::found(doc_root).into_response())
+                }
+            }
+        });
+    let ui = warp::path("doc").and(warp::get()).and(warp::path::tail()).map(move |tail: warp::path::Tail| {
+        match utoipa_swagger_ui::serve(tail.as_str(), config.clone()) {
+            Ok(Some(file)) => warp::http::Response::builder()
+                .header("content-type", file.content_type)
+                .body(file.bytes.into_owned().into())
+                .unwrap_or_default(),
+            Ok(None) => warp::reply::with_status("not found", StatusCode::NOT_FOUND).into_response(),
+            Err(error) => super::error::ApiError::internal(error).into_response(),
+        }
+    });
+    json.or(redirect).unify().or(ui).unify().boxed()
+}

@@ -1,0 +1,205 @@
+//! `/api/sessions`: the registry of sessions whose assets assetd keeps.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::Filter;
+
+use super::auth::authenticated;
+use super::error::{ApiError, ErrorBody};
+use super::{json_body, query_map, respond, with_context, Context};
+use crate::app::CommandContext;
+use crate::domain::names::{Directory, SessionId};
+use crate::domain::principal::Principal;
+use crate::domain::session::UpsertSession;
+use crate::projections::read::{AssetInfo, ListingCursor, SessionInfo};
+
+/// The body of `PUT /sessions/{id_session}`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SessionBody {
+    pub session_name: String,
+    pub session_uuid: Option<Uuid>,
+    pub id_creator_uuid: Option<Uuid>,
+    #[serde(default)]
+    pub session_users: Vec<Uuid>,
+    #[serde(default)]
+    pub session_participants: Vec<Uuid>,
+    #[serde(default)]
+    pub session_devices: Vec<Uuid>,
+}
+
+/// A page of a session's assets.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AssetPage {
+    pub assets: Vec<ListedAsset>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// An asset in a listing, with a fresh access token for it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ListedAsset {
+    #[serde(flatten)]
+    pub info: AssetInfo,
+    pub access_token: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct SessionDeletedReply {
+    pub id_session: i64,
+    /// The assets deleted with the session.
+    pub deleted_assets: Vec<Uuid>,
+}
+
+const DEFAULT_PAGE: i64 = 100;
+const MAX_PAGE: i64 = 1000;
+
+pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
+    let session_id = warp::path("sessions").and(warp::path::param::<String>());
+    let put = session_id
+        .and(warp::path::end())
+        .and(warp::put())
+        .and(authenticated(ctx.clone()))
+        .and(super::request_context())
+        .and(json_body::<SessionBody>())
+        .and(with_context(ctx.clone()))
+        .then(|id, principal, request_id, body, ctx| async move { respond(put_session(id, principal, request_id, body, ctx).await) });
+    let get = session_id
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(authenticated(ctx.clone()))
+        .and(with_context(ctx.clone()))
+        .then(|id, principal, ctx| async move { respond(get_session(id, principal, ctx).await) });
+    let delete = session_id
+        .and(warp::path::end())
+        .and(warp::delete())
+        .and(authenticated(ctx.clone()))
+        .and(super::request_context())
+        .and(with_context(ctx.clone()))
+        .then(|id, principal, request_id, ctx| async move { respond(delete_session(id, principal, request_id, ctx).await) });
+    let list = session_id
+        .and(warp::path!("assets"))
+        .and(warp::get())
+        .and(authenticated(ctx.clone()))
+        .and(query_map())
+        .and(with_context(ctx))
+        .then(|id, principal, query, ctx| async move { respond(list_assets(id, principal, query, ctx).await) });
+    put.or(get).unify().or(delete).unify().or(list).unify().boxed()
+}
+
+fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
+    let id: i64 = raw.parse().map_err(|_| ApiError::bad_request("invalid_parameter", "id_session must be an integer"))?;
+    SessionId::new(id).map_err(ApiError::invalid_field)
+}
+
+/// Register or update a session (services).
+#[utoipa::path(put, path = "/api/sessions/{id_session}", tag = "sessions",
+    params(("id_session" = i64, Path, description = "OpenTera session id")),
+    request_body = SessionBody,
+    responses(
+        (status = 200, description = "the session as registered", body = SessionInfo),
+        (status = 400, description = "malformed request", body = ErrorBody),
+        (status = 401, description = "no or bad token", body = ErrorBody),
+        (status = 403, description = "not a service", body = ErrorBody),
+        (status = 422, description = "invalid field", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn put_session(id: String, principal: Principal, request_id: String, body: SessionBody, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+    let id_session = parse_session_id(&id)?;
+    let command = UpsertSession {
+        id_session,
+        session_name: body.session_name,
+        session_uuid: body.session_uuid,
+        id_creator_uuid: body.id_creator_uuid,
+        session_users: body.session_users,
+        session_participants: body.session_participants,
+        session_devices: body.session_devices,
+    };
+    let session = ctx.app.upsert_session(&principal, &CommandContext::for_request(&principal, &request_id), command).await?;
+    Ok(warp::reply::json(&session))
+}
+
+/// A session (members and services).
+#[utoipa::path(get, path = "/api/sessions/{id_session}", tag = "sessions",
+    params(("id_session" = i64, Path, description = "OpenTera session id")),
+    responses(
+        (status = 200, description = "the session", body = SessionInfo),
+        (status = 401, description = "no or bad token", body = ErrorBody),
+        (status = 403, description = "not a member", body = ErrorBody),
+        (status = 404, description = "unknown session", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn get_session(id: String, principal: Principal, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+    let session = ctx.app.session_for(&principal, parse_session_id(&id)?).await?;
+    Ok(warp::reply::json(&session))
+}
+
+/// Delete a session and all its assets (services).
+#[utoipa::path(delete, path = "/api/sessions/{id_session}", tag = "sessions",
+    params(("id_session" = i64, Path, description = "OpenTera session id")),
+    responses(
+        (status = 200, description = "deleted, with the assets deleted with it", body = SessionDeletedReply),
+        (status = 401, description = "no or bad token", body = ErrorBody),
+        (status = 403, description = "not a service", body = ErrorBody),
+        (status = 404, description = "unknown session", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn delete_session(id: String, principal: Principal, request_id: String, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+    let id_session = parse_session_id(&id)?;
+    let deleted_assets = ctx.app.delete_session(&principal, &CommandContext::for_request(&principal, &request_id), id_session).await?;
+    Ok(warp::reply::json(&SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
+}
+
+/// A session's assets, newest first, keyset-paginated.
+#[utoipa::path(get, path = "/api/sessions/{id_session}/assets", tag = "sessions",
+    params(
+        ("id_session" = i64, Path, description = "OpenTera session id"),
+        ("limit" = Option<i64>, Query, description = "page size, 1 to 1000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+        ("directory" = Option<String>, Query, description = "only assets directly in this virtual folder"),
+    ),
+    responses(
+        (status = 200, description = "a page of assets", body = AssetPage),
+        (status = 400, description = "bad limit or cursor", body = ErrorBody),
+        (status = 401, description = "no or bad token", body = ErrorBody),
+        (status = 403, description = "not a member", body = ErrorBody),
+        (status = 404, description = "unknown session", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn list_assets(id: String, principal: Principal, query: HashMap<String, String>, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+    let id_session = parse_session_id(&id)?;
+    let limit = match query.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE).contains(l))
+            .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("limit must be an integer from 1 to {MAX_PAGE}")))?,
+    };
+    let cursor = match query.get("cursor").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(raw) => Some(ListingCursor::decode(raw).ok_or_else(|| ApiError::bad_request("invalid_parameter", "cursor is not one this server issued"))?),
+    };
+    let directory = match query.get("directory") {
+        None => None,
+        Some(raw) => Some(Directory::parse(raw).map_err(ApiError::invalid_field)?),
+    };
+    let assets = ctx
+        .app
+        .session_assets(&principal, id_session, directory.as_ref().map(Directory::as_str), cursor, limit + 1)
+        .await?;
+    let has_more = assets.len() as i64 > limit;
+    let page: Vec<AssetInfo> = assets.into_iter().take(limit as usize).collect();
+    let next_cursor = has_more
+        .then(|| page.last().map(|last| ListingCursor { created_at: last.asset_created_at, asset_uuid: last.asset_uuid }.encode()))
+        .flatten();
+    let assets = page
+        .into_iter()
+        .map(|info| ListedAsset { access_token: ctx.app.asset_token(info.asset_uuid), info })
+        .collect();
+    Ok(warp::reply::with_status(warp::reply::json(&AssetPage { assets, next_cursor }), StatusCode::OK))
+}

@@ -1,0 +1,316 @@
+//! `POST /api/assets`: OpenTera's multipart upload, streamed.
+//!
+//! The token is checked before the body is read. The body is parsed as it arrives:
+//! `file_asset` (JSON) is validated, and the session checked, as soon as it is seen, so a
+//! request for an unknown or forbidden session is refused before its file is read
+//! (clients send `file_asset` first; if `file` comes first it is streamed to a temporary
+//! file and checked after). The file's bytes go straight to the blob store, hashed on the
+//! way; nothing is buffered whole. Any failure drops the temporary blob, which deletes it,
+//! so a refused upload leaves no asset, no event and no file.
+
+use bytes::Buf;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use futures::{Stream, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+use warp::filters::BoxedFilter;
+use warp::http::{HeaderMap, StatusCode};
+use warp::Filter;
+
+use super::auth::authenticated;
+use super::error::{ApiError, ErrorBody};
+use super::{request_context, respond, with_context, Context};
+use crate::app::CommandContext;
+use crate::blobs::TempBlob;
+use crate::domain::asset::{AssetSource, AssetUploaded};
+use crate::domain::names::{AssetName, Directory, FileName, MediaType, SessionId, Tags};
+use crate::domain::principal::{Actor, Principal, PrincipalKind};
+use crate::projections::read::AssetInfo;
+
+/// Largest `file_asset` (and any other non-file field) accepted.
+const MAX_FORM_FIELD: u64 = 64 * 1024;
+/// Room for multipart boundaries, part headers and small fields around the file.
+const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
+
+/// The JSON in the `file_asset` field.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct FileAsset {
+    pub id_session: i64,
+    pub asset_name: String,
+    /// MIME type; guessed from the file name when absent.
+    pub asset_type: Option<String>,
+    /// RFC 3339 date-time (UTC assumed when no offset is given); the upload time if absent.
+    pub asset_datetime: Option<String>,
+    /// Virtual folder, `/` by default.
+    pub directory: Option<String>,
+    pub tags: Option<Vec<String>>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Services name the creator with exactly one of these.
+    pub id_user: Option<Uuid>,
+    pub id_participant: Option<Uuid>,
+    pub id_device: Option<Uuid>,
+    pub id_service: Option<Uuid>,
+}
+
+/// The multipart form, for the OpenAPI document.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// JSON text of a `FileAsset`.
+    file_asset: String,
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+}
+
+/// The answer to an upload.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UploadedAsset {
+    #[serde(flatten)]
+    pub info: AssetInfo,
+    /// Opens this asset to whoever holds it, until it expires.
+    pub access_token: String,
+    pub asset_url: String,
+    pub asset_infos_url: String,
+}
+
+pub fn route(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
+    warp::path!("assets")
+        .and(warp::post())
+        .and(authenticated(ctx.clone()))
+        .and(request_context())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(with_context(ctx))
+        .then(|principal, request_id, headers, body, ctx| async move {
+            respond(upload(principal, request_id, headers, body, ctx).await)
+        })
+        .boxed()
+}
+
+/// What a validated `file_asset` says, with the session checked.
+struct UploadPlan {
+    id_session: SessionId,
+    asset_name: AssetName,
+    asset_type: Option<MediaType>,
+    asset_datetime: Option<DateTime<Utc>>,
+    directory: Directory,
+    tags: Tags,
+    metadata: serde_json::Map<String, serde_json::Value>,
+    creator: Actor,
+}
+
+/// The file part once fully received.
+struct ReceivedFile {
+    blob: TempBlob,
+    filename: FileName,
+    part_type: Option<MediaType>,
+}
+
+/// Upload a file to a session (OpenTera compatible).
+#[utoipa::path(post, path = "/api/assets", tag = "assets",
+    request_body(content = UploadForm, content_type = "multipart/form-data",
+        description = "`file_asset`: JSON text (see FileAsset); `file`: the bytes"),
+    responses(
+        (status = 200, description = "the stored asset", body = UploadedAsset),
+        (status = 400, description = "malformed multipart, missing file_asset or file, file_asset not JSON", body = ErrorBody),
+        (status = 401, description = "no or bad token", body = ErrorBody),
+        (status = 403, description = "no access to the session", body = ErrorBody),
+        (status = 404, description = "unknown session", body = ErrorBody),
+        (status = 413, description = "larger than the upload limit", body = ErrorBody),
+        (status = 415, description = "not multipart/form-data", body = ErrorBody),
+        (status = 422, description = "invalid field (name, type, directory, creator…)", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+async fn upload(
+    principal: Principal,
+    request_id: String,
+    headers: HeaderMap,
+    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + 'static,
+    ctx: Context,
+) -> Result<impl warp::Reply, ApiError> {
+    let max = ctx.settings.max_upload_size;
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.trim_start().to_ascii_lowercase().starts_with("multipart/form-data") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "uploads must be multipart/form-data with the fields file_asset and file",
+        ));
+    }
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|_| ApiError::bad_request("invalid_multipart", "the multipart Content-Type has no valid boundary"))?;
+    let declared_length = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > max + MULTIPART_OVERHEAD) {
+        return Err(ApiError::too_large(max));
+    }
+
+    let body = body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining()));
+    let limits = multer::SizeLimit::new()
+        .whole_stream(max + MULTIPART_OVERHEAD)
+        .per_field(MAX_FORM_FIELD)
+        .for_field("file", max);
+    let mut multipart = multer::Multipart::with_constraints(body, boundary, multer::Constraints::new().size_limit(limits));
+
+    let mut plan: Option<UploadPlan> = None;
+    let mut file: Option<ReceivedFile> = None;
+    while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(e, max))? {
+        match field.name() {
+            Some("file_asset") if plan.is_none() => {
+                let text = field.text().await.map_err(|e| multipart_error(e, max))?;
+                plan = Some(check_file_asset(&text, &principal, &ctx).await?);
+            }
+            Some("file") if file.is_none() => {
+                let filename = match field.file_name() {
+                    Some(name) => FileName::parse(name).map_err(ApiError::invalid_field)?,
+                    None => match &plan {
+                        // OpenTera clients always send a filename; without one, the asset's name stands in.
+                        Some(plan) => FileName::parse(plan.asset_name.as_str()).map_err(ApiError::invalid_field)?,
+                        None => return Err(ApiError::bad_request("missing_filename", "the file part needs a filename")),
+                    },
+                };
+                let part_type = field
+                    .content_type()
+                    .filter(|m| m.essence_str() != "application/octet-stream")
+                    .and_then(|m| MediaType::parse(m.as_ref()).ok());
+                let mut blob = ctx.app.blobs.create_temp().await.map_err(ApiError::internal)?;
+                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
+                    blob.write(&chunk).await.map_err(storage_error)?;
+                }
+                file = Some(ReceivedFile { blob, filename, part_type });
+            }
+            Some(name @ ("file_asset" | "file")) => {
+                return Err(ApiError::bad_request("duplicate_field", format!("the field '{name}' was sent twice")));
+            }
+            _ => {
+                // Unknown fields are ignored (bounded by the per-field limit).
+                while field.chunk().await.map_err(|e| multipart_error(e, max))?.is_some() {}
+            }
+        }
+    }
+    let plan = plan.ok_or_else(|| ApiError::bad_request("missing_file_asset", "the multipart field 'file_asset' is required"))?;
+    let file = file.ok_or_else(|| ApiError::bad_request("missing_file", "the multipart field 'file' is required"))?;
+
+    let asset_uuid = Uuid::new_v4();
+    let asset_type = plan
+        .asset_type
+        .or(file.part_type)
+        .unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
+    let stored = file.blob.persist(asset_uuid).await.map_err(storage_error)?;
+    let uploaded = AssetUploaded {
+        asset_uuid,
+        id_session: plan.id_session,
+        asset_name: plan.asset_name,
+        asset_original_filename: file.filename,
+        asset_type,
+        asset_file_size: stored.size,
+        asset_sha256: stored.sha256,
+        asset_datetime: plan.asset_datetime,
+        directory: plan.directory,
+        tags: plan.tags,
+        metadata: plan.metadata,
+        asset_creator: plan.creator,
+        asset_source: AssetSource::Upload,
+    };
+    let info = match ctx.app.record_upload(&CommandContext::for_request(&principal, &request_id), uploaded).await {
+        Ok(info) => info,
+        Err(error) => {
+            // The bytes are durable but no event names them: remove them now.
+            let _ = ctx.app.blobs.remove(asset_uuid).await;
+            return Err(error.into());
+        }
+    };
+    let origin = super::origin(&headers);
+    let base = &ctx.settings.base_path;
+    Ok(warp::reply::json(&UploadedAsset {
+        access_token: ctx.app.asset_token(asset_uuid),
+        asset_url: format!("{origin}{base}/api/assets?asset_uuid={asset_uuid}"),
+        asset_infos_url: format!("{origin}{base}/api/assets/infos?asset_uuid={asset_uuid}"),
+        info,
+    }))
+}
+
+/// Parses and checks `file_asset`, including the session and the caller's access to it.
+async fn check_file_asset(text: &str, principal: &Principal, ctx: &Context) -> Result<UploadPlan, ApiError> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request("invalid_file_asset", format!("file_asset must be a JSON object: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("invalid_file_asset", "file_asset must be a JSON object"));
+    }
+    let form: FileAsset = serde_json::from_value(value).map_err(|e| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("file_asset: {e}"))
+    })?;
+    let id_session = SessionId::new(form.id_session).map_err(ApiError::invalid_field)?;
+    let asset_name = AssetName::parse(&form.asset_name).map_err(ApiError::invalid_field)?;
+    let asset_type = form.asset_type.as_deref().map(MediaType::parse).transpose().map_err(ApiError::invalid_field)?;
+    let asset_datetime = form.asset_datetime.as_deref().map(parse_datetime).transpose()?;
+    let directory = match form.directory.as_deref() {
+        Some(dir) => Directory::parse(dir).map_err(ApiError::invalid_field)?,
+        None => Directory::root(),
+    };
+    let tags = Tags::parse(form.tags.unwrap_or_default()).map_err(ApiError::invalid_field)?;
+    let creator = if principal.is_service() {
+        let named: Vec<Actor> = [
+            (PrincipalKind::User, form.id_user),
+            (PrincipalKind::Participant, form.id_participant),
+            (PrincipalKind::Device, form.id_device),
+            (PrincipalKind::Service, form.id_service),
+        ]
+        .into_iter()
+        .filter_map(|(kind, uuid)| uuid.map(|uuid| Actor { kind, uuid }))
+        .collect();
+        match named[..] {
+            [creator] => creator,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_field",
+                    "services must name the creator with exactly one of id_user, id_participant, id_device, id_service",
+                ))
+            }
+        }
+    } else {
+        principal.actor()
+    };
+    ctx.app.session_for(principal, id_session).await?;
+    Ok(UploadPlan {
+        id_session,
+        asset_name,
+        asset_type,
+        asset_datetime,
+        directory,
+        tags,
+        metadata: form.metadata.unwrap_or_default(),
+        creator,
+    })
+}
+
+fn parse_datetime(value: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|d| d.with_timezone(&Utc))
+        .or_else(|_| NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|n| n.and_utc()))
+        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "asset_datetime must be an RFC 3339 date-time"))
+}
+
+fn multipart_error(error: multer::Error, max: u64) -> ApiError {
+    match error {
+        multer::Error::FieldSizeExceeded { field_name, .. } if field_name.as_deref() == Some("file") => ApiError::too_large(max),
+        multer::Error::FieldSizeExceeded { field_name, limit } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the field '{}' exceeds {limit} bytes", field_name.unwrap_or_default()),
+        ),
+        multer::Error::StreamSizeExceeded { .. } => ApiError::too_large(max),
+        multer::Error::StreamReadFailed(e) => ApiError::bad_request("body_read_failed", format!("the request body could not be read: {e}")),
+        other => ApiError::bad_request("invalid_multipart", format!("malformed multipart body: {other}")),
+    }
+}
+
+fn storage_error(error: std::io::Error) -> ApiError {
+    // ENOSPC / EDQUOT: the disk is full, which is 507 in API.md.
+    if matches!(error.raw_os_error(), Some(28) | Some(122)) {
+        ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", "no space left to store the upload")
+    } else {
+        ApiError::internal(format!("storage: {error}"))
+    }
+}

@@ -1,0 +1,18 @@
+//! assetd: stores the files ("assets") of sessions, records every change as an event in
+//! a Postgres event store, and serves them over HTTP behind nginx.
+//!
+//! Layers, outermost first: `http` (warp filters, auth, errors, OpenAPI) calls `app`
+//! (load stream → domain `handle` → append + projections in one transaction), which uses
+//! the pure `domain`, the `eventstore`, the `projections` and the `blobs` store.
+//! `main.rs` only parses the command line and calls `cli::run`.
+
+pub mod app;
+pub mod auth;
+pub mod blobs;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod eventstore;
+pub mod http;
+pub mod migrations;
+pub mod projections;

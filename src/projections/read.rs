@@ -1,0 +1,193 @@
+//! Queries over the read models, returning the shapes the API shows.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::names::SessionId;
+use crate::domain::principal::{Actor, PrincipalKind};
+use crate::domain::session::SessionDetails;
+
+/// A registered session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionInfo {
+    pub id_session: i64,
+    pub session_uuid: Uuid,
+    pub session_name: String,
+    pub id_creator_uuid: Option<Uuid>,
+    pub session_users: Vec<Uuid>,
+    pub session_participants: Vec<Uuid>,
+    pub session_devices: Vec<Uuid>,
+    pub session_created_at: DateTime<Utc>,
+    pub session_updated_at: DateTime<Utc>,
+    /// The session stream's version.
+    pub session_version: i64,
+}
+
+impl SessionInfo {
+    pub fn details(&self) -> Option<SessionDetails> {
+        Some(SessionDetails {
+            id_session: SessionId::new(self.id_session).ok()?,
+            session_uuid: self.session_uuid,
+            session_name: self.session_name.clone(),
+            id_creator_uuid: self.id_creator_uuid,
+            session_users: self.session_users.clone(),
+            session_participants: self.session_participants.clone(),
+            session_devices: self.session_devices.clone(),
+        })
+    }
+}
+
+/// An asset's information (OpenTera's fields plus ours).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AssetInfo {
+    pub asset_uuid: Uuid,
+    pub id_session: i64,
+    pub asset_name: String,
+    pub asset_original_filename: String,
+    pub asset_type: String,
+    pub asset_file_size: i64,
+    /// SHA-256 of the bytes, 64 hex digits.
+    pub asset_sha256: String,
+    pub asset_datetime: DateTime<Utc>,
+    pub directory: String,
+    pub tags: Vec<String>,
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// `available` or `deleted`.
+    pub asset_status: String,
+    pub asset_created_at: DateTime<Utc>,
+    pub asset_creator: Actor,
+    /// `upload`, `import` or `signed_upload`.
+    pub asset_source: String,
+    /// The asset stream's version.
+    pub asset_version: i64,
+}
+
+impl AssetInfo {
+    pub fn is_available(&self) -> bool {
+        self.asset_status == "available"
+    }
+}
+
+const SESSION_COLUMNS: &str = "id_session, session_uuid, session_name, id_creator_uuid, session_users, \
+    session_participants, session_devices, created_at, updated_at, version";
+
+fn session_from_row(row: &tokio_postgres::Row) -> SessionInfo {
+    SessionInfo {
+        id_session: row.get(0),
+        session_uuid: row.get(1),
+        session_name: row.get(2),
+        id_creator_uuid: row.get(3),
+        session_users: row.get(4),
+        session_participants: row.get(5),
+        session_devices: row.get(6),
+        session_created_at: row.get(7),
+        session_updated_at: row.get(8),
+        session_version: row.get(9),
+    }
+}
+
+const ASSET_COLUMNS: &str = "asset_uuid, id_session, asset_name, asset_original_filename, asset_type, asset_file_size, \
+    asset_sha256, asset_datetime, directory, tags, metadata, asset_status, asset_created_at, creator_kind, creator_uuid, \
+    asset_source, asset_version";
+
+fn asset_from_row(row: &tokio_postgres::Row) -> AssetInfo {
+    let tags: serde_json::Value = row.get(9);
+    let metadata: serde_json::Value = row.get(10);
+    let creator_kind: &str = row.get(13);
+    AssetInfo {
+        asset_uuid: row.get(0),
+        id_session: row.get(1),
+        asset_name: row.get(2),
+        asset_original_filename: row.get(3),
+        asset_type: row.get(4),
+        asset_file_size: row.get(5),
+        asset_sha256: row.get(6),
+        asset_datetime: row.get(7),
+        directory: row.get(8),
+        tags: serde_json::from_value(tags).unwrap_or_default(),
+        metadata: match metadata {
+            serde_json::Value::Object(map) => map,
+            _ => Default::default(),
+        },
+        asset_status: row.get(11),
+        asset_created_at: row.get(12),
+        asset_creator: Actor { kind: PrincipalKind::parse(creator_kind).unwrap_or(PrincipalKind::Service), uuid: row.get(14) },
+        asset_source: row.get(15),
+        asset_version: row.get(16),
+    }
+}
+
+pub async fn session(client: &impl GenericClient, id: SessionId) -> Result<Option<SessionInfo>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = $1")).await?;
+    Ok(client.query_opt(&statement, &[&id.get()]).await?.as_ref().map(session_from_row))
+}
+
+pub async fn asset(client: &impl GenericClient, uuid: Uuid) -> Result<Option<AssetInfo>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE asset_uuid = $1")).await?;
+    Ok(client.query_opt(&statement, &[&uuid]).await?.as_ref().map(asset_from_row))
+}
+
+pub async fn assets(client: &impl GenericClient, uuids: &[Uuid]) -> Result<Vec<AssetInfo>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE asset_uuid = ANY($1)")).await?;
+    Ok(client.query(&statement, &[&uuids]).await?.iter().map(asset_from_row).collect())
+}
+
+/// Where a listing page starts: after this (created_at, uuid) in newest-first order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListingCursor {
+    pub created_at: DateTime<Utc>,
+    pub asset_uuid: Uuid,
+}
+
+impl ListingCursor {
+    pub fn encode(&self) -> String {
+        format!("{}_{}", self.created_at.timestamp_micros(), self.asset_uuid.simple())
+    }
+    pub fn decode(value: &str) -> Option<Self> {
+        let (micros, uuid) = value.split_once('_')?;
+        Some(Self {
+            created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            asset_uuid: Uuid::try_parse(uuid).ok()?,
+        })
+    }
+}
+
+/// Live assets of a session, newest first, at most `limit`, after `cursor`, optionally
+/// only those directly in `directory`.
+pub async fn session_assets(
+    client: &impl GenericClient,
+    id: SessionId,
+    directory: Option<&str>,
+    cursor: Option<ListingCursor>,
+    limit: i64,
+) -> Result<Vec<AssetInfo>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {ASSET_COLUMNS} FROM assets
+             WHERE id_session = $1 AND asset_status = 'available'
+               AND ($2::text IS NULL OR directory = $2)
+               AND ($3::timestamptz IS NULL OR (asset_created_at, asset_uuid) < ($3, $4))
+             ORDER BY asset_created_at DESC, asset_uuid DESC
+             LIMIT $5"
+        ))
+        .await?;
+    let created_at = cursor.map(|c| c.created_at);
+    let after_uuid = cursor.map_or(Uuid::nil(), |c| c.asset_uuid);
+    Ok(client
+        .query(&statement, &[&id.get(), &directory, &created_at, &after_uuid, &limit])
+        .await?
+        .iter()
+        .map(asset_from_row)
+        .collect())
+}
+
+/// Uuids of a session's live assets (for deleting them with the session).
+pub async fn live_asset_uuids(client: &impl GenericClient, id: SessionId) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached("SELECT asset_uuid FROM assets WHERE id_session = $1 AND asset_status = 'available' ORDER BY asset_uuid")
+        .await?;
+    Ok(client.query(&statement, &[&id.get()]).await?.iter().map(|row| row.get(0)).collect())
+}

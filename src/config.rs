@@ -9,7 +9,11 @@ use std::path::PathBuf;
 #[derive(clap::Args, Clone, Debug)]
 pub struct DatabaseConfig {
     /// Postgres URL of assetd's database.
-    #[arg(long, env = "ASSETD_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/assetd")]
+    #[arg(
+        long,
+        env = "ASSETD_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/assetd"
+    )]
     pub database_url: String,
     /// Largest number of pooled database connections.
     #[arg(long, env = "ASSETD_DATABASE_POOL_SIZE", default_value_t = 32)]
@@ -53,7 +57,12 @@ pub struct ServeConfig {
 
 fn parse_base_path(value: &str) -> Result<String, String> {
     let trimmed = value.trim_matches('/');
-    if trimmed.split('/').any(|s| s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))) {
+    if trimmed.split('/').any(|s| {
+        s.is_empty()
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    }) {
         return Err("a path like /file (letters, digits, '-', '_', '.')".into());
     }
     Ok(format!("/{trimmed}"))
@@ -65,7 +74,9 @@ impl DatabaseConfig {
         let manager = deadpool_postgres::Manager::from_config(
             pg,
             tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
         );
         Ok(deadpool_postgres::Pool::builder(manager)
             .max_size(self.database_pool_size)

@@ -2,11 +2,14 @@
 //! Idempotent and safe when several processes start at once: an advisory lock
 //! serialises them and `schema_migrations` records what is applied.
 
-
 /// (version, name, SQL). Append only: never edit a migration that has shipped.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "events", include_str!("migrations/0001_events.sql")),
-    (2, "projections", include_str!("migrations/0002_projections.sql")),
+    (
+        2,
+        "projections",
+        include_str!("migrations/0002_projections.sql"),
+    ),
 ];
 
 /// An arbitrary constant naming the migration lock.
@@ -15,7 +18,8 @@ const MIGRATION_LOCK_KEY: i64 = 0x6173_7365_7464_6d67;
 /// Applies every migration not yet applied; returns how many were.
 pub async fn run(client: &mut deadpool_postgres::Client) -> Result<usize, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    integer     PRIMARY KEY,
@@ -35,8 +39,11 @@ pub async fn run(client: &mut deadpool_postgres::Client) -> Result<usize, tokio_
             continue;
         }
         tx.batch_execute(sql).await?;
-        tx.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", &[version, name])
-            .await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
         count += 1;
     }
     tx.commit().await?;

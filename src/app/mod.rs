@@ -173,35 +173,62 @@ pub struct App {
 
 impl App {
     pub fn new(pool: Pool, blobs: BlobStore, auth: Authenticator, asset_token_ttl: i64) -> Self {
-        Self { pool, blobs, auth: Arc::new(auth), asset_token_ttl }
+        Self {
+            pool,
+            blobs,
+            auth: Arc::new(auth),
+            asset_token_ttl,
+        }
     }
 
     // ----- sessions -----
 
     /// Registers or updates a session (services and superadmins).
-    pub async fn upsert_session(&self, principal: &Principal, ctx: &CommandContext, command: UpsertSession) -> Result<SessionInfo, AppError> {
+    pub async fn upsert_session(
+        &self,
+        principal: &Principal,
+        ctx: &CommandContext,
+        command: UpsertSession,
+    ) -> Result<SessionInfo, AppError> {
         if !principal.is_privileged() {
-            return Err(AppError::Forbidden("only services may register sessions".into()));
+            return Err(AppError::Forbidden(
+                "only services may register sessions".into(),
+            ));
         }
         let id = command.id_session;
         in_transaction!(self, |tx| {
-            stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_upsert(command.clone(), Uuid::new_v4())).await?;
-            read::session(&tx, id).await?.ok_or(AppError::Domain(DomainError::NotFound("session")))
+            stage::<Session>(&tx, ctx, &id.stream(), |s| {
+                s.handle_upsert(command.clone(), Uuid::new_v4())
+            })
+            .await?;
+            read::session(&tx, id)
+                .await?
+                .ok_or(AppError::Domain(DomainError::NotFound("session")))
         })
     }
 
     /// Deletes a session and every live asset of it, in one transaction; then removes
     /// their bytes (a failure there leaves orphans for the cleanup job, never a visible
     /// asset without bytes).
-    pub async fn delete_session(&self, principal: &Principal, ctx: &CommandContext, id: SessionId) -> Result<Vec<Uuid>, AppError> {
+    pub async fn delete_session(
+        &self,
+        principal: &Principal,
+        ctx: &CommandContext,
+        id: SessionId,
+    ) -> Result<Vec<Uuid>, AppError> {
         if !principal.is_privileged() {
-            return Err(AppError::Forbidden("only services may delete sessions".into()));
+            return Err(AppError::Forbidden(
+                "only services may delete sessions".into(),
+            ));
         }
         let deleted = in_transaction!(self, |tx| {
             stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_delete()).await?;
             let uuids = read::live_asset_uuids(&tx, id).await?;
             for uuid in &uuids {
-                stage::<Asset>(&tx, ctx, &asset_stream(*uuid), |a| a.handle_delete(DeletionReason::SessionDeleted)).await?;
+                stage::<Asset>(&tx, ctx, &asset_stream(*uuid), |a| {
+                    a.handle_delete(DeletionReason::SessionDeleted)
+                })
+                .await?;
             }
             Ok(uuids)
         })?;
@@ -212,9 +239,15 @@ impl App {
     }
 
     /// The session, if `principal` may see it.
-    pub async fn session_for(&self, principal: &Principal, id: SessionId) -> Result<SessionInfo, AppError> {
+    pub async fn session_for(
+        &self,
+        principal: &Principal,
+        id: SessionId,
+    ) -> Result<SessionInfo, AppError> {
         let client = self.pool.get().await?;
-        let session = read::session(&client, id).await?.ok_or(DomainError::NotFound("session"))?;
+        let session = read::session(&client, id)
+            .await?
+            .ok_or(DomainError::NotFound("session"))?;
         if !session.details().is_some_and(|d| d.grants(principal)) {
             return Err(AppError::Forbidden(format!("no access to session {id}")));
         }
@@ -237,33 +270,58 @@ impl App {
     // ----- assets -----
 
     /// Records an asset whose bytes are already durable in the blob store under its uuid.
-    pub async fn record_upload(&self, ctx: &CommandContext, uploaded: AssetUploaded) -> Result<AssetInfo, AppError> {
+    pub async fn record_upload(
+        &self,
+        ctx: &CommandContext,
+        uploaded: AssetUploaded,
+    ) -> Result<AssetInfo, AppError> {
         let uuid = uploaded.asset_uuid;
         in_transaction!(self, |tx| {
-            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_upload(uploaded.clone())).await?;
-            read::asset(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| {
+                a.handle_upload(uploaded.clone())
+            })
+            .await?;
+            read::asset(&tx, uuid)
+                .await?
+                .ok_or(AppError::Domain(DomainError::NotFound("asset")))
         })
     }
 
     /// The asset, if `principal` may reach it through its session or `access_token`.
     /// Deleted assets are found too (their info says so); callers that need the bytes
     /// check [`AssetInfo::is_available`].
-    pub async fn asset_for(&self, principal: &Principal, uuid: Uuid, access_token: Option<&str>) -> Result<AssetInfo, AppError> {
+    pub async fn asset_for(
+        &self,
+        principal: &Principal,
+        uuid: Uuid,
+        access_token: Option<&str>,
+    ) -> Result<AssetInfo, AppError> {
         let client = self.pool.get().await?;
-        let asset = read::asset(&client, uuid).await?.ok_or(DomainError::NotFound("asset"))?;
-        self.check_asset_access(&client, principal, &asset, access_token).await?;
+        let asset = read::asset(&client, uuid)
+            .await?
+            .ok_or(DomainError::NotFound("asset"))?;
+        self.check_asset_access(&client, principal, &asset, access_token)
+            .await?;
         Ok(asset)
     }
 
     /// Several assets at once; every one must exist and be reachable.
-    pub async fn assets_for(&self, principal: &Principal, requested: &[(Uuid, Option<String>)]) -> Result<Vec<AssetInfo>, AppError> {
+    pub async fn assets_for(
+        &self,
+        principal: &Principal,
+        requested: &[(Uuid, Option<String>)],
+    ) -> Result<Vec<AssetInfo>, AppError> {
         let client = self.pool.get().await?;
         let uuids: Vec<Uuid> = requested.iter().map(|(uuid, _)| *uuid).collect();
         let found = read::assets(&client, &uuids).await?;
         let mut infos = Vec::with_capacity(requested.len());
         for (uuid, token) in requested {
-            let asset = found.iter().find(|a| a.asset_uuid == *uuid).ok_or(DomainError::NotFound("asset"))?;
-            self.check_asset_access(&client, principal, asset, token.as_deref()).await?;
+            let asset = found
+                .iter()
+                .find(|a| a.asset_uuid == *uuid)
+                .ok_or(DomainError::NotFound("asset"))?;
+            self.check_asset_access(&client, principal, asset, token.as_deref())
+                .await?;
             infos.push(asset.clone());
         }
         Ok(infos)
@@ -292,11 +350,16 @@ impl App {
             Ok(id) => read::session(client, id).await?,
             Err(_) => None,
         };
-        if session.and_then(|s| s.details()).is_some_and(|d| d.grants(principal)) {
+        if session
+            .and_then(|s| s.details())
+            .is_some_and(|d| d.grants(principal))
+        {
             return Ok(());
         }
         Err(match token_problem {
-            Some(problem) if problem.contains("expired") => AppError::AccessTokenExpired(problem.into()),
+            Some(problem) if problem.contains("expired") => {
+                AppError::AccessTokenExpired(problem.into())
+            }
             Some(problem) => AppError::Forbidden(problem.into()),
             None => AppError::Forbidden(format!("no access to asset {}", asset.asset_uuid)),
         })
@@ -312,16 +375,30 @@ impl App {
     ) -> Result<AssetInfo, AppError> {
         self.asset_for(principal, uuid, access_token).await?;
         in_transaction!(self, |tx| {
-            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_rename(new_name.clone())).await?;
-            read::asset(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| {
+                a.handle_rename(new_name.clone())
+            })
+            .await?;
+            read::asset(&tx, uuid)
+                .await?
+                .ok_or(AppError::Domain(DomainError::NotFound("asset")))
         })
     }
 
     /// Appends `AssetDeleted`, then removes the bytes.
-    pub async fn delete_asset(&self, principal: &Principal, ctx: &CommandContext, uuid: Uuid, access_token: Option<&str>) -> Result<(), AppError> {
+    pub async fn delete_asset(
+        &self,
+        principal: &Principal,
+        ctx: &CommandContext,
+        uuid: Uuid,
+        access_token: Option<&str>,
+    ) -> Result<(), AppError> {
         self.asset_for(principal, uuid, access_token).await?;
         in_transaction!(self, |tx| {
-            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_delete(DeletionReason::Requested)).await?;
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| {
+                a.handle_delete(DeletionReason::Requested)
+            })
+            .await?;
             Ok(())
         })?;
         self.remove_blob(uuid).await;
@@ -329,7 +406,12 @@ impl App {
     }
 
     /// The asset's events, oldest first (the audit trail).
-    pub async fn asset_history(&self, principal: &Principal, uuid: Uuid, access_token: Option<&str>) -> Result<Vec<RecordedEvent>, AppError> {
+    pub async fn asset_history(
+        &self,
+        principal: &Principal,
+        uuid: Uuid,
+        access_token: Option<&str>,
+    ) -> Result<Vec<RecordedEvent>, AppError> {
         self.asset_for(principal, uuid, access_token).await?;
         let client = self.pool.get().await?;
         Ok(eventstore::read_stream(&client, &asset_stream(uuid), 0).await?)
@@ -351,6 +433,9 @@ impl App {
             let client = self.pool.get().await.ok()?;
             client.simple_query("SELECT 1").await.ok()
         };
-        matches!(tokio::time::timeout(std::time::Duration::from_secs(2), check).await, Ok(Some(_)))
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(2), check).await,
+            Ok(Some(_))
+        )
     }
 }

@@ -21,7 +21,10 @@ pub struct InvalidValue {
 
 impl InvalidValue {
     pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self { field, reason: reason.into() }
+        Self {
+            field,
+            reason: reason.into(),
+        }
     }
 }
 
@@ -35,7 +38,10 @@ impl SessionId {
         if id > 0 {
             Ok(Self(id))
         } else {
-            Err(InvalidValue::new("id_session", "must be a positive integer"))
+            Err(InvalidValue::new(
+                "id_session",
+                "must be a positive integer",
+            ))
         }
     }
     pub fn get(self) -> i64 {
@@ -69,10 +75,20 @@ fn check_display_name(field: &'static str, value: &str) -> Result<(), InvalidVal
         return Err(InvalidValue::new(field, "must not be empty"));
     }
     if value.chars().count() > MAX_NAME_CHARS {
-        return Err(InvalidValue::new(field, format!("must be at most {MAX_NAME_CHARS} characters")));
+        return Err(InvalidValue::new(
+            field,
+            format!("must be at most {MAX_NAME_CHARS} characters"),
+        ));
     }
-    if value.chars().any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c)) {
-        return Err(InvalidValue::new(field, "must not contain control characters"));
+    if value.chars().any(|c| {
+        c.is_control()
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    }) {
+        return Err(InvalidValue::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -89,7 +105,10 @@ impl FileName {
     pub fn parse_field(field: &'static str, value: &str) -> Result<Self, InvalidValue> {
         check_display_name(field, value)?;
         if value.contains('/') || value.contains('\\') {
-            return Err(InvalidValue::new(field, "must be a file name, not a path (no '/' or '\\')"));
+            return Err(InvalidValue::new(
+                field,
+                "must be a file name, not a path (no '/' or '\\')",
+            ));
         }
         if value == "." || value == ".." {
             return Err(InvalidValue::new(field, "must not be '.' or '..'"));
@@ -123,7 +142,10 @@ impl AssetName {
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         check_display_name("asset_name", value)?;
         if value.split(['/', '\\']).any(|segment| segment == "..") {
-            return Err(InvalidValue::new("asset_name", "must not contain '..' path segments"));
+            return Err(InvalidValue::new(
+                "asset_name",
+                "must not contain '..' path segments",
+            ));
         }
         Ok(Self(value.to_owned()))
     }
@@ -156,15 +178,24 @@ impl Directory {
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         const FIELD: &str = "directory";
         if value.chars().count() > MAX_DIRECTORY_CHARS {
-            return Err(InvalidValue::new(FIELD, format!("must be at most {MAX_DIRECTORY_CHARS} characters")));
+            return Err(InvalidValue::new(
+                FIELD,
+                format!("must be at most {MAX_DIRECTORY_CHARS} characters"),
+            ));
         }
         if value.chars().any(char::is_control) || value.contains('\\') {
-            return Err(InvalidValue::new(FIELD, "must not contain control characters or '\\'"));
+            return Err(InvalidValue::new(
+                FIELD,
+                "must not contain control characters or '\\'",
+            ));
         }
         let segments: Vec<&str> = value.split('/').filter(|s| !s.is_empty()).collect();
         for segment in &segments {
             if *segment == "." || *segment == ".." {
-                return Err(InvalidValue::new(FIELD, "must not contain '.' or '..' segments"));
+                return Err(InvalidValue::new(
+                    FIELD,
+                    "must not contain '.' or '..' segments",
+                ));
             }
             if segment.trim().is_empty() {
                 return Err(InvalidValue::new(FIELD, "must not contain blank segments"));
@@ -195,11 +226,14 @@ pub struct MediaType(String);
 
 impl MediaType {
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
-        let parsed: mime_guess::mime::Mime = value
-            .parse()
-            .map_err(|_| InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'"))?;
+        let parsed: mime_guess::mime::Mime = value.parse().map_err(|_| {
+            InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'")
+        })?;
         if value.len() > 255 || value.chars().any(char::is_control) {
-            return Err(InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'"));
+            return Err(InvalidValue::new(
+                "asset_type",
+                "must be a MIME type like 'application/zip'",
+            ));
         }
         Ok(Self(parsed.essence_str().to_owned()).with_params_of(&parsed))
     }
@@ -212,7 +246,12 @@ impl MediaType {
     }
     /// The type for a file name, from its extension; `application/octet-stream` otherwise.
     pub fn guess_from_filename(name: &FileName) -> Self {
-        Self(mime_guess::from_path(name.as_str()).first_or_octet_stream().essence_str().to_owned())
+        Self(
+            mime_guess::from_path(name.as_str())
+                .first_or_octet_stream()
+                .essence_str()
+                .to_owned(),
+        )
     }
     pub fn octet_stream() -> Self {
         Self("application/octet-stream".to_owned())
@@ -241,10 +280,16 @@ pub struct Tags(Vec<String>);
 impl Tags {
     pub fn parse(tags: Vec<String>) -> Result<Self, InvalidValue> {
         if tags.len() > MAX_TAGS {
-            return Err(InvalidValue::new("tags", format!("at most {MAX_TAGS} tags")));
+            return Err(InvalidValue::new(
+                "tags",
+                format!("at most {MAX_TAGS} tags"),
+            ));
         }
         for tag in &tags {
-            if tag.is_empty() || tag.chars().count() > MAX_TAG_CHARS || tag.chars().any(char::is_control) {
+            if tag.is_empty()
+                || tag.chars().count() > MAX_TAG_CHARS
+                || tag.chars().any(char::is_control)
+            {
                 return Err(InvalidValue::new(
                     "tags",
                     format!("each tag must be 1 to {MAX_TAG_CHARS} characters without control characters"),
@@ -310,7 +355,18 @@ mod tests {
     fn file_names_refuse_paths_nul_and_overlong() {
         assert!(FileName::parse("report.pdf").is_ok());
         assert!(FileName::parse("données été.csv").is_ok());
-        for bad in ["../etc/passwd", "a/b", "a\\b", "..", ".", "", "  ", "a\0b", "line\nbreak", "evil\u{202e}fdp.exe"] {
+        for bad in [
+            "../etc/passwd",
+            "a/b",
+            "a\\b",
+            "..",
+            ".",
+            "",
+            "  ",
+            "a\0b",
+            "line\nbreak",
+            "evil\u{202e}fdp.exe",
+        ] {
             assert!(FileName::parse(bad).is_err(), "{bad:?} should be refused");
         }
         assert!(FileName::parse(&"x".repeat(255)).is_ok());
@@ -329,7 +385,10 @@ mod tests {
     #[test]
     fn directories_are_normalised_and_traversal_refused() {
         assert_eq!(Directory::parse("").unwrap().as_str(), "/");
-        assert_eq!(Directory::parse("videos/day 1/").unwrap().as_str(), "/videos/day 1");
+        assert_eq!(
+            Directory::parse("videos/day 1/").unwrap().as_str(),
+            "/videos/day 1"
+        );
         assert_eq!(Directory::parse("//a//b").unwrap().as_str(), "/a/b");
         assert!(Directory::parse("/a/../b").is_err());
         assert!(Directory::parse("/a/./b").is_err());
@@ -338,8 +397,16 @@ mod tests {
 
     #[test]
     fn media_types_are_parsed() {
-        assert_eq!(MediaType::parse("application/zip").unwrap().as_str(), "application/zip");
-        assert_eq!(MediaType::parse("text/plain; charset=utf-8").unwrap().as_str(), "text/plain; charset=utf-8");
+        assert_eq!(
+            MediaType::parse("application/zip").unwrap().as_str(),
+            "application/zip"
+        );
+        assert_eq!(
+            MediaType::parse("text/plain; charset=utf-8")
+                .unwrap()
+                .as_str(),
+            "text/plain; charset=utf-8"
+        );
         assert!(MediaType::parse("not a type").is_err());
         let guessed = MediaType::guess_from_filename(&FileName::parse("clip.mp4").unwrap());
         assert_eq!(guessed.as_str(), "video/mp4");

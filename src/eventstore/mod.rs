@@ -58,14 +58,21 @@ pub struct RecordedEvent {
 
 impl RecordedEvent {
     pub fn global_position(&self) -> GlobalPosition {
-        GlobalPosition { tx: self.tx, position: self.position }
+        GlobalPosition {
+            tx: self.tx,
+            position: self.position,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventStoreError {
     #[error("stream {stream}: expected version {expected:?}, found {actual}")]
-    Conflict { stream: String, expected: ExpectedVersion, actual: i64 },
+    Conflict {
+        stream: String,
+        expected: ExpectedVersion,
+        actual: i64,
+    },
     #[error("event id {0} was already appended")]
     DuplicateEventId(Uuid),
     #[error("database: {0}")]
@@ -82,13 +89,16 @@ impl EventStoreError {
     }
 }
 
-const SELECT_COLUMNS: &str = "position, tx::text, stream, version, id, type, data, metadata, recorded_at";
+const SELECT_COLUMNS: &str =
+    "position, tx::text, stream, version, id, type, data, metadata, recorded_at";
 
 fn recorded_from_row(row: &tokio_postgres::Row) -> Result<RecordedEvent, EventStoreError> {
     let tx: String = row.get(1);
     Ok(RecordedEvent {
         position: row.get(0),
-        tx: tx.parse().map_err(|_| EventStoreError::Corrupt(format!("tx {tx}")))?,
+        tx: tx
+            .parse()
+            .map_err(|_| EventStoreError::Corrupt(format!("tx {tx}")))?,
         stream: row.get(2),
         version: row.get(3),
         id: row.get(4),
@@ -108,7 +118,11 @@ pub async fn append(
     expected: ExpectedVersion,
     events: &[NewEvent],
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    let conflict = |actual| EventStoreError::Conflict { stream: stream.to_owned(), expected, actual };
+    let conflict = |actual| EventStoreError::Conflict {
+        stream: stream.to_owned(),
+        expected,
+        actual,
+    };
     let current: i64 = if expected == ExpectedVersion::NoStream {
         // A new stream (every upload) needs no look-up: the unique key catches a race.
         0
@@ -141,21 +155,39 @@ pub async fn append(
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
     let metadata: Vec<&serde_json::Value> = events.iter().map(|e| &e.metadata).collect();
+    // ON CONFLICT on the version key only: a concurrent writer that took one of our
+    // versions makes us insert fewer rows (the caller rolls back), and the transaction
+    // stays usable to report the stream's actual version. A reused event id still errors.
     let statement = format!(
         "INSERT INTO events (stream, version, id, type, data, metadata)
          SELECT $1, v, i, t, d, m FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[]) AS x(v, i, t, d, m)
+         ON CONFLICT (stream, version) DO NOTHING
          RETURNING {SELECT_COLUMNS}"
     );
     let statement = client.prepare_cached(&statement).await?;
     let rows = client
-        .query(&statement, &[&stream, &versions, &ids, &types, &data, &metadata])
+        .query(
+            &statement,
+            &[&stream, &versions, &ids, &types, &data, &metadata],
+        )
         .await
-        .map_err(|error| match error.as_db_error().and_then(|db| db.constraint()) {
-            Some("events_stream_version_key") => conflict(current + 1),
-            Some("events_id_key") => EventStoreError::DuplicateEventId(ids[0]),
-            _ => EventStoreError::Database(error),
-        })?;
-    let mut recorded = rows.iter().map(recorded_from_row).collect::<Result<Vec<_>, _>>()?;
+        .map_err(
+            |error| match error.as_db_error().and_then(|db| db.constraint()) {
+                Some("events_id_key") => EventStoreError::DuplicateEventId(ids[0]),
+                _ => EventStoreError::Database(error),
+            },
+        )?;
+    if rows.len() < events.len() {
+        let statement = client
+            .prepare_cached("SELECT coalesce(max(version), 0) FROM events WHERE stream = $1")
+            .await?;
+        let actual: i64 = client.query_one(&statement, &[&stream]).await?.get(0);
+        return Err(conflict(actual));
+    }
+    let mut recorded = rows
+        .iter()
+        .map(recorded_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
     recorded.sort_by_key(|e| e.version);
     Ok(recorded)
 }
@@ -166,9 +198,16 @@ pub async fn read_stream(
     stream: &str,
     after_version: i64,
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    let statement = format!("SELECT {SELECT_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version");
+    let statement = format!(
+        "SELECT {SELECT_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
+    );
     let statement = client.prepare_cached(&statement).await?;
-    client.query(&statement, &[&stream, &after_version]).await?.iter().map(recorded_from_row).collect()
+    client
+        .query(&statement, &[&stream, &after_version])
+        .await?
+        .iter()
+        .map(recorded_from_row)
+        .collect()
 }
 
 /// Up to `limit` events after `after` in commit order. Only transactions that finished
@@ -188,7 +227,10 @@ pub async fn read_all(
     );
     let statement = client.prepare_cached(&statement).await?;
     client
-        .query(&statement, &[&after.tx.to_string(), &after.position, &limit])
+        .query(
+            &statement,
+            &[&after.tx.to_string(), &after.position, &limit],
+        )
         .await?
         .iter()
         .map(recorded_from_row)
@@ -208,7 +250,10 @@ pub async fn read_all_in_snapshot(
     );
     let statement = client.prepare_cached(&statement).await?;
     client
-        .query(&statement, &[&after.tx.to_string(), &after.position, &limit])
+        .query(
+            &statement,
+            &[&after.tx.to_string(), &after.position, &limit],
+        )
         .await?
         .iter()
         .map(recorded_from_row)
@@ -240,11 +285,19 @@ impl EventStore {
         Ok(recorded)
     }
 
-    pub async fn read_stream(&self, stream: &str, after_version: i64) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    pub async fn read_stream(
+        &self,
+        stream: &str,
+        after_version: i64,
+    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
         read_stream(&self.pool.get().await?, stream, after_version).await
     }
 
-    pub async fn read_all(&self, after: GlobalPosition, limit: i64) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    pub async fn read_all(
+        &self,
+        after: GlobalPosition,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
         read_all(&self.pool.get().await?, after, limit).await
     }
 }

@@ -89,34 +89,53 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         .and(query_map())
         .and(warp::header::headers_cloned())
         .and(with_context(ctx.clone()))
-        .then(|principal, query, headers, ctx| async move { respond(download_asset(principal, query, headers, ctx).await) });
+        .then(|principal, query, headers, ctx| async move {
+            respond(download_asset(principal, query, headers, ctx).await)
+        });
     let delete = warp::path!("assets")
         .and(warp::delete())
         .and(authenticated(ctx.clone()))
         .and(request_context())
         .and(query_map())
         .and(with_context(ctx.clone()))
-        .then(|principal, request_id, query, ctx| async move { respond(delete_asset(principal, request_id, query, ctx).await) });
+        .then(|principal, request_id, query, ctx| async move {
+            respond(delete_asset(principal, request_id, query, ctx).await)
+        });
     let info = warp::path!("assets" / "infos")
         .and(warp::get())
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx.clone()))
-        .then(|principal, query, ctx| async move { respond(get_infos(principal, query, ctx).await) });
+        .then(
+            |principal, query, ctx| async move { respond(get_infos(principal, query, ctx).await) },
+        );
     let infos = warp::path!("assets" / "infos")
         .and(warp::post())
         .and(authenticated(ctx.clone()))
         .and(request_context())
         .and(json_body::<InfosRequest>())
         .and(with_context(ctx.clone()))
-        .then(|principal, request_id, body, ctx| async move { respond(post_infos(principal, request_id, body, ctx).await) });
+        .then(|principal, request_id, body, ctx| async move {
+            respond(post_infos(principal, request_id, body, ctx).await)
+        });
     let events = warp::path!("assets" / String / "events")
         .and(warp::get())
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx))
-        .then(|uuid, principal, query, ctx| async move { respond(asset_events(uuid, principal, query, ctx).await) });
-    download.or(delete).unify().or(info).unify().or(infos).unify().or(events).unify().boxed()
+        .then(|uuid, principal, query, ctx| async move {
+            respond(asset_events(uuid, principal, query, ctx).await)
+        });
+    download
+        .or(delete)
+        .unify()
+        .or(info)
+        .unify()
+        .or(infos)
+        .unify()
+        .or(events)
+        .unify()
+        .boxed()
 }
 
 /// Download an asset's bytes.
@@ -137,9 +156,21 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         (status = 416, description = "unsatisfiable range", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn download_asset(principal: Principal, query: HashMap<String, String>, headers: HeaderMap, ctx: Context) -> Result<warp::reply::Response, ApiError> {
+async fn download_asset(
+    principal: Principal,
+    query: HashMap<String, String>,
+    headers: HeaderMap,
+    ctx: Context,
+) -> Result<warp::reply::Response, ApiError> {
     let uuid = parse_uuid("asset_uuid", query.get("asset_uuid"))?;
-    let asset = ctx.app.asset_for(&principal, uuid, query.get("access_token").map(String::as_str)).await?;
+    let asset = ctx
+        .app
+        .asset_for(
+            &principal,
+            uuid,
+            query.get("access_token").map(String::as_str),
+        )
+        .await?;
     if !asset.is_available() {
         return Err(ApiError::not_found("asset"));
     }
@@ -163,11 +194,26 @@ async fn download_asset(principal: Principal, query: HashMap<String, String>, he
         (status = 404, description = "unknown or already deleted asset", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn delete_asset(principal: Principal, request_id: String, query: HashMap<String, String>, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+async fn delete_asset(
+    principal: Principal,
+    request_id: String,
+    query: HashMap<String, String>,
+    ctx: Context,
+) -> Result<impl warp::Reply, ApiError> {
     let uuid = parse_uuid("uuid", query.get("uuid").or(query.get("asset_uuid")))?;
     let ctx_command = CommandContext::for_request(&principal, &request_id);
-    ctx.app.delete_asset(&principal, &ctx_command, uuid, query.get("access_token").map(String::as_str)).await?;
-    Ok(warp::reply::json(&AssetDeletedReply { asset_uuid: uuid, asset_status: "deleted".into() }))
+    ctx.app
+        .delete_asset(
+            &principal,
+            &ctx_command,
+            uuid,
+            query.get("access_token").map(String::as_str),
+        )
+        .await?;
+    Ok(warp::reply::json(&AssetDeletedReply {
+        asset_uuid: uuid,
+        asset_status: "deleted".into(),
+    }))
 }
 
 /// An asset's information.
@@ -183,9 +229,20 @@ async fn delete_asset(principal: Principal, request_id: String, query: HashMap<S
         (status = 404, description = "unknown asset", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn get_infos(principal: Principal, query: HashMap<String, String>, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+async fn get_infos(
+    principal: Principal,
+    query: HashMap<String, String>,
+    ctx: Context,
+) -> Result<impl warp::Reply, ApiError> {
     let uuid = parse_uuid("asset_uuid", query.get("asset_uuid"))?;
-    let asset = ctx.app.asset_for(&principal, uuid, query.get("access_token").map(String::as_str)).await?;
+    let asset = ctx
+        .app
+        .asset_for(
+            &principal,
+            uuid,
+            query.get("access_token").map(String::as_str),
+        )
+        .await?;
     Ok(warp::reply::json(&asset))
 }
 
@@ -201,7 +258,12 @@ async fn get_infos(principal: Principal, query: HashMap<String, String>, ctx: Co
         (status = 422, description = "neither shape, too many assets, or an invalid file name", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn post_infos(principal: Principal, request_id: String, body: InfosRequest, ctx: Context) -> Result<warp::reply::Response, ApiError> {
+async fn post_infos(
+    principal: Principal,
+    request_id: String,
+    body: InfosRequest,
+    ctx: Context,
+) -> Result<warp::reply::Response, ApiError> {
     use warp::Reply;
     match body {
         InfosRequest::Batch { assets } => {
@@ -212,15 +274,31 @@ async fn post_infos(principal: Principal, request_id: String, body: InfosRequest
                     format!("at most {MAX_BATCH} assets per request"),
                 ));
             }
-            let requested: Vec<(Uuid, Option<String>)> = assets.into_iter().map(|a| (a.asset_uuid, a.access_token)).collect();
-            Ok(warp::reply::json(&ctx.app.assets_for(&principal, &requested).await?).into_response())
+            let requested: Vec<(Uuid, Option<String>)> = assets
+                .into_iter()
+                .map(|a| (a.asset_uuid, a.access_token))
+                .collect();
+            Ok(
+                warp::reply::json(&ctx.app.assets_for(&principal, &requested).await?)
+                    .into_response(),
+            )
         }
         InfosRequest::Rename { file_asset } => {
-            let name = FileName::parse_field("asset_original_filename", &file_asset.asset_original_filename).map_err(ApiError::invalid_field)?;
+            let name = FileName::parse_field(
+                "asset_original_filename",
+                &file_asset.asset_original_filename,
+            )
+            .map_err(ApiError::invalid_field)?;
             let ctx_command = CommandContext::for_request(&principal, &request_id);
             let info = ctx
                 .app
-                .rename_asset(&principal, &ctx_command, file_asset.asset_uuid, file_asset.access_token.as_deref(), name)
+                .rename_asset(
+                    &principal,
+                    &ctx_command,
+                    file_asset.asset_uuid,
+                    file_asset.access_token.as_deref(),
+                    name,
+                )
                 .await?;
             Ok(warp::reply::json(&info).into_response())
         }
@@ -240,8 +318,25 @@ async fn post_infos(principal: Principal, request_id: String, body: InfosRequest
         (status = 404, description = "unknown asset", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn asset_events(uuid: String, principal: Principal, query: HashMap<String, String>, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+async fn asset_events(
+    uuid: String,
+    principal: Principal,
+    query: HashMap<String, String>,
+    ctx: Context,
+) -> Result<impl warp::Reply, ApiError> {
     let uuid = parse_uuid("asset_uuid", Some(&uuid))?;
-    let events = ctx.app.asset_history(&principal, uuid, query.get("access_token").map(String::as_str)).await?;
-    Ok(warp::reply::json(&events.into_iter().map(AssetEventRecord::from).collect::<Vec<_>>()))
+    let events = ctx
+        .app
+        .asset_history(
+            &principal,
+            uuid,
+            query.get("access_token").map(String::as_str),
+        )
+        .await?;
+    Ok(warp::reply::json(
+        &events
+            .into_iter()
+            .map(AssetEventRecord::from)
+            .collect::<Vec<_>>(),
+    ))
 }

@@ -27,7 +27,12 @@ impl warp::reject::Reject for ApiError {}
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), headers: Vec::new() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
     }
     pub fn with_header(mut self, name: &'static str, value: String) -> Self {
         self.headers.push((name, value));
@@ -37,24 +42,44 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
     pub fn invalid_field(error: InvalidValue) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", error.to_string())
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            error.to_string(),
+        )
     }
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)
     }
     pub fn too_large(limit: u64) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("the upload exceeds the limit of {limit} bytes"))
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the upload exceeds the limit of {limit} bytes"),
+        )
     }
     pub fn internal(error: impl std::fmt::Debug) -> Self {
         tracing::error!(?error, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "an internal error occurred; the request id identifies it in the logs")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "an internal error occurred; the request id identifies it in the logs",
+        )
     }
     pub fn unavailable(error: impl std::fmt::Debug) -> Self {
         tracing::warn!(?error, "dependency unavailable");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; try again shortly")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "a dependency is unavailable; try again shortly",
+        )
     }
 }
 
@@ -75,18 +100,24 @@ pub struct ErrorDetail {
 impl Reply for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
-            error: ErrorDetail { code: self.code.to_owned(), message: self.message.clone(), request_id: request_id::current() },
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message.clone(),
+                request_id: request_id::current(),
+            },
         };
-        let mut response = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
         for (name, value) in &self.headers {
             if let Ok(value) = warp::http::HeaderValue::from_str(value) {
                 response.headers_mut().insert(*name, value);
             }
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert("www-authenticate", warp::http::HeaderValue::from_static("Bearer realm=\"assetd\""));
+            response.headers_mut().insert(
+                "www-authenticate",
+                warp::http::HeaderValue::from_static("Bearer realm=\"assetd\""),
+            );
         }
         response
     }
@@ -96,13 +127,23 @@ impl From<AppError> for ApiError {
     fn from(error: AppError) -> Self {
         match error {
             AppError::Domain(DomainError::NotFound(what)) => Self::not_found(what),
-            AppError::Domain(DomainError::Conflict(message)) => Self::new(StatusCode::CONFLICT, "conflict", message),
-            AppError::Domain(DomainError::Invalid(message)) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message),
+            AppError::Domain(DomainError::Conflict(message)) => {
+                Self::new(StatusCode::CONFLICT, "conflict", message)
+            }
+            AppError::Domain(DomainError::Invalid(message)) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+            }
             AppError::Forbidden(message) => Self::new(StatusCode::FORBIDDEN, "forbidden", message),
-            AppError::AccessTokenExpired(message) => Self::new(StatusCode::FORBIDDEN, "access_token_expired", message),
-            AppError::EventStore(e) if e.is_conflict() => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            AppError::AccessTokenExpired(message) => {
+                Self::new(StatusCode::FORBIDDEN, "access_token_expired", message)
+            }
+            AppError::EventStore(e) if e.is_conflict() => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             AppError::Pool(e) => Self::unavailable(e),
-            AppError::Database(e) if e.is_closed() || e.as_db_error().is_none() => Self::unavailable(e),
+            AppError::Database(e) if e.is_closed() || e.as_db_error().is_none() => {
+                Self::unavailable(e)
+            }
             other => Self::internal(other),
         }
     }
@@ -122,15 +163,31 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     } else if let Some(e) = rejection.find::<reject::MissingHeader>() {
         ApiError::bad_request("missing_header", e.to_string())
     } else if rejection.find::<reject::PayloadTooLarge>().is_some() {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is too large",
+        )
     } else if rejection.find::<reject::LengthRequired>().is_some() {
-        ApiError::new(StatusCode::LENGTH_REQUIRED, "length_required", "a Content-Length is required")
+        ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "a Content-Length is required",
+        )
     } else if let Some(e) = rejection.find::<reject::UnsupportedMediaType>() {
-        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", e.to_string())
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            e.to_string(),
+        )
     } else if let Some(e) = rejection.find::<warp::filters::body::BodyDeserializeError>() {
         ApiError::bad_request("invalid_json", e.to_string())
     } else if rejection.find::<reject::MethodNotAllowed>().is_some() {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this method is not allowed on this route")
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this method is not allowed on this route",
+        )
     } else {
         ApiError::internal(format!("unhandled rejection: {rejection:?}"))
     };

@@ -6,8 +6,8 @@ mod assets;
 mod auth;
 mod download;
 pub mod error;
-mod ops;
 pub mod openapi;
+mod ops;
 pub mod request_id;
 mod sessions;
 mod upload;
@@ -46,11 +46,13 @@ fn with_context(ctx: Context) -> impl Filter<Extract = (Context,), Error = Infal
 
 /// Matches the base path (`/file`), whose segments are only known at run time.
 fn base_path(base: &str) -> BoxedFilter<()> {
-    base.split('/').filter(|s| !s.is_empty()).fold(warp::any().boxed(), |filter, segment| {
-        // warp wants 'static segments; the base path is fixed for the process's life.
-        let segment: &'static str = Box::leak(segment.to_owned().into_boxed_str());
-        filter.and(warp::path(segment)).boxed()
-    })
+    base.split('/')
+        .filter(|s| !s.is_empty())
+        .fold(warp::any().boxed(), |filter, segment| {
+            // warp wants 'static segments; the base path is fixed for the process's life.
+            let segment: &'static str = Box::leak(segment.to_owned().into_boxed_str());
+            filter.and(warp::path(segment)).boxed()
+        })
 }
 
 /// Every route of the service under the base path, with errors turned into JSON.
@@ -64,7 +66,12 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
             .boxed(),
     );
     base_path(&ctx.settings.base_path)
-        .and(api.or(ops::routes(ctx.clone())).unify().or(openapi::routes(&ctx.settings.base_path)).unify())
+        .and(
+            api.or(ops::routes(ctx.clone()))
+                .unify()
+                .or(openapi::routes(&ctx.settings.base_path))
+                .unify(),
+        )
         .recover(error::recover)
         .unify()
         .boxed()
@@ -84,7 +91,9 @@ pub async fn serve(
         let remote = conn.remote_addr();
         let warp_service = warp_service.clone();
         async move {
-            Ok::<_, Infallible>(service_fn(move |request| handle(warp_service.clone(), remote, request)))
+            Ok::<_, Infallible>(service_fn(move |request| {
+                handle(warp_service.clone(), remote, request)
+            }))
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -110,24 +119,38 @@ pub async fn serve(
 }
 
 /// Wraps one request: request id, a tracing span, an access log line.
-async fn handle<S>(mut service: S, remote: SocketAddr, request: hyper::Request<hyper::Body>) -> Result<hyper::Response<hyper::Body>, Infallible>
+async fn handle<S>(
+    mut service: S,
+    remote: SocketAddr,
+    request: hyper::Request<hyper::Body>,
+) -> Result<hyper::Response<hyper::Body>, Infallible>
 where
     S: Service<hyper::Request<hyper::Body>, Response = warp::reply::Response, Error = Infallible>,
 {
-    let id = request_id::from_header(request.headers().get("x-request-id").and_then(|v| v.to_str().ok()));
+    let id = request_id::from_header(
+        request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+    );
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let started = Instant::now();
     let span = tracing::info_span!("request", request_id = %id, %method, %path, %remote);
     let future = service.call(request);
-    let mut response = tracing::Instrument::instrument(request_id::scope(id.clone(), future), span.clone())
-        .await
-        .unwrap_or_else(|never| match never {});
+    let mut response =
+        tracing::Instrument::instrument(request_id::scope(id.clone(), future), span.clone())
+            .await
+            .unwrap_or_else(|never| match never {});
     if let Ok(value) = warp::http::HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
     span.in_scope(|| {
-        tracing::info!(status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request")
+        tracing::info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "request"
+        )
     });
     Ok(response)
 }
@@ -145,7 +168,8 @@ const MAX_JSON_BODY: usize = 1 << 20;
 
 /// A JSON request body of at most [`MAX_JSON_BODY`] bytes (with or without a
 /// Content-Length): not JSON → 400 `invalid_json`; JSON of the wrong shape → 422.
-fn json_body<T: serde::de::DeserializeOwned + Send>() -> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
+fn json_body<T: serde::de::DeserializeOwned + Send>(
+) -> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
     warp::body::stream().and_then(read_json)
 }
 
@@ -158,11 +182,12 @@ where
     use futures::TryStreamExt;
     let mut body = std::pin::pin!(body);
     let mut collected = Vec::new();
-    while let Some(mut chunk) = body
-        .try_next()
-        .await
-        .map_err(|e| error::ApiError::bad_request("body_read_failed", format!("could not read the request body: {e}")))?
-    {
+    while let Some(mut chunk) = body.try_next().await.map_err(|e| {
+        error::ApiError::bad_request(
+            "body_read_failed",
+            format!("could not read the request body: {e}"),
+        )
+    })? {
         if collected.len() + chunk.remaining() > MAX_JSON_BODY {
             return Err(error::ApiError::new(
                 warp::http::StatusCode::PAYLOAD_TOO_LARGE,
@@ -182,27 +207,54 @@ where
 }
 
 /// Parses JSON in two steps so syntax errors (400) and shape errors (422) differ.
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, error::ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| error::ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, error::ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        error::ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
+    })?;
     serde_json::from_value(value).map_err(|e| {
-        error::ApiError::new(warp::http::StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("invalid JSON body: {e}"))
+        error::ApiError::new(
+            warp::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("invalid JSON body: {e}"),
+        )
     })
 }
 
 /// The query string as key → value (the last of repeated keys wins).
-fn query_map() -> impl Filter<Extract = (std::collections::HashMap<String, String>,), Error = warp::Rejection> + Clone {
-    warp::query::raw().or(warp::any().map(String::new)).unify().and_then(|raw: String| async move {
-        serde_urlencoded::from_str::<Vec<(String, String)>>(&raw)
-            .map(|pairs| pairs.into_iter().collect())
-            .map_err(|e| warp::Rejection::from(error::ApiError::bad_request("invalid_query", format!("malformed query string: {e}"))))
-    })
+fn query_map(
+) -> impl Filter<Extract = (std::collections::HashMap<String, String>,), Error = warp::Rejection> + Clone
+{
+    warp::query::raw()
+        .or(warp::any().map(String::new))
+        .unify()
+        .and_then(|raw: String| async move {
+            serde_urlencoded::from_str::<Vec<(String, String)>>(&raw)
+                .map(|pairs| pairs.into_iter().collect())
+                .map_err(|e| {
+                    warp::Rejection::from(error::ApiError::bad_request(
+                        "invalid_query",
+                        format!("malformed query string: {e}"),
+                    ))
+                })
+        })
 }
 
 /// Parses a uuid query or path parameter.
-pub(crate) fn parse_uuid(field: &'static str, value: Option<&String>) -> Result<uuid::Uuid, error::ApiError> {
-    let value = value.ok_or_else(|| error::ApiError::bad_request("missing_parameter", format!("the '{field}' parameter is required")))?;
-    uuid::Uuid::try_parse(value).map_err(|_| error::ApiError::bad_request("invalid_parameter", format!("'{field}' must be a uuid")))
+pub(crate) fn parse_uuid(
+    field: &'static str,
+    value: Option<&String>,
+) -> Result<uuid::Uuid, error::ApiError> {
+    let value = value.ok_or_else(|| {
+        error::ApiError::bad_request(
+            "missing_parameter",
+            format!("the '{field}' parameter is required"),
+        )
+    })?;
+    uuid::Uuid::try_parse(value).map_err(|_| {
+        error::ApiError::bad_request("invalid_parameter", format!("'{field}' must be a uuid"))
+    })
 }
 
 /// The current request id, for handlers that record it in events.
@@ -213,14 +265,26 @@ fn request_context() -> impl Filter<Extract = (String,), Error = Infallible> + C
 /// `scheme://host` as the client addressed us (through nginx: its forwarded headers),
 /// for the absolute URLs in answers; empty when unknown, which leaves them relative.
 fn origin(headers: &warp::http::HeaderMap) -> String {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
     let host = get("x-forwarded-host").or_else(|| get("host"));
     let scheme = match get("x-forwarded-proto") {
         Some("https") => "https",
         _ => "http",
     };
     match host {
-        Some(host) if host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) => format!("{scheme}://{host}"),
+        Some(host)
+            if host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) =>
+        {
+            format!("{scheme}://{host}")
+        }
         _ => String::new(),
     }
 }

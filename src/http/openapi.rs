@@ -83,7 +83,9 @@ pub fn routes(base_path: &str) -> BoxedFilter<(warp::reply::Response,)> {
     let spec = Arc::new(document(base_path));
     let spec_url = format!("{base_path}/doc/openapi.json");
     let config = Arc::new(utoipa_swagger_ui::Config::from(spec_url).try_it_out_enabled(true));
-    let doc_root: Uri = format!("{base_path}/doc/").parse().expect("the base path is a valid URI path");
+    let doc_root: Uri = format!("{base_path}/doc/")
+        .parse()
+        .expect("the base path is a valid URI path");
 
     let json = warp::path!("doc" / "openapi.json")
         .and(warp::get())
@@ -102,15 +104,20 @@ pub fn routes(base_path: &str) -> BoxedFilter<(warp::reply::Response,)> {
                 }
             }
         });
-    let ui = warp::path("doc").and(warp::get()).and(warp::path::tail()).map(move |tail: warp::path::Tail| {
-        match utoipa_swagger_ui::serve(tail.as_str(), config.clone()) {
-            Ok(Some(file)) => warp::http::Response::builder()
-                .header("content-type", file.content_type)
-                .body(file.bytes.into_owned().into())
-                .unwrap_or_default(),
-            Ok(None) => warp::reply::with_status("not found", StatusCode::NOT_FOUND).into_response(),
-            Err(error) => super::error::ApiError::internal(error).into_response(),
-        }
-    });
+    let ui = warp::path("doc")
+        .and(warp::get())
+        .and(warp::path::tail())
+        .map(move |tail: warp::path::Tail| {
+            match utoipa_swagger_ui::serve(tail.as_str(), config.clone()) {
+                Ok(Some(file)) => warp::http::Response::builder()
+                    .header("content-type", file.content_type)
+                    .body(file.bytes.into_owned().into())
+                    .unwrap_or_default(),
+                Ok(None) => {
+                    warp::reply::with_status("not found", StatusCode::NOT_FOUND).into_response()
+                }
+                Err(error) => super::error::ApiError::internal(error).into_response(),
+            }
+        });
     json.or(redirect).unify().or(ui).unify().boxed()
 }

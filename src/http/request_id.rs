@@ -19,7 +19,13 @@ pub async fn scope<F: std::future::Future>(id: String, future: F) -> F::Output {
 /// An incoming id is reused when it is short and plain; anything else is replaced.
 pub fn from_header(value: Option<&str>) -> String {
     match value {
-        Some(id) if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) => {
+        Some(id)
+            if !id.is_empty()
+                && id.len() <= 128
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) =>
+        {
             id.to_owned()
         }
         _ => uuid::Uuid::new_v4().to_string(),

@@ -67,7 +67,9 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         .and(super::request_context())
         .and(json_body::<SessionBody>())
         .and(with_context(ctx.clone()))
-        .then(|id, principal, request_id, body, ctx| async move { respond(put_session(id, principal, request_id, body, ctx).await) });
+        .then(|id, principal, request_id, body, ctx| async move {
+            respond(put_session(id, principal, request_id, body, ctx).await)
+        });
     let get = session_id
         .and(warp::path::end())
         .and(warp::get())
@@ -80,19 +82,31 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         .and(authenticated(ctx.clone()))
         .and(super::request_context())
         .and(with_context(ctx.clone()))
-        .then(|id, principal, request_id, ctx| async move { respond(delete_session(id, principal, request_id, ctx).await) });
+        .then(|id, principal, request_id, ctx| async move {
+            respond(delete_session(id, principal, request_id, ctx).await)
+        });
     let list = session_id
         .and(warp::path!("assets"))
         .and(warp::get())
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx))
-        .then(|id, principal, query, ctx| async move { respond(list_assets(id, principal, query, ctx).await) });
-    put.or(get).unify().or(delete).unify().or(list).unify().boxed()
+        .then(|id, principal, query, ctx| async move {
+            respond(list_assets(id, principal, query, ctx).await)
+        });
+    put.or(get)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(list)
+        .unify()
+        .boxed()
 }
 
 fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
-    let id: i64 = raw.parse().map_err(|_| ApiError::bad_request("invalid_parameter", "id_session must be an integer"))?;
+    let id: i64 = raw
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_parameter", "id_session must be an integer"))?;
     SessionId::new(id).map_err(ApiError::invalid_field)
 }
 
@@ -108,7 +122,13 @@ fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
         (status = 422, description = "invalid field", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn put_session(id: String, principal: Principal, request_id: String, body: SessionBody, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+async fn put_session(
+    id: String,
+    principal: Principal,
+    request_id: String,
+    body: SessionBody,
+    ctx: Context,
+) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
     let command = UpsertSession {
         id_session,
@@ -119,7 +139,14 @@ async fn put_session(id: String, principal: Principal, request_id: String, body:
         session_participants: body.session_participants,
         session_devices: body.session_devices,
     };
-    let session = ctx.app.upsert_session(&principal, &CommandContext::for_request(&principal, &request_id), command).await?;
+    let session = ctx
+        .app
+        .upsert_session(
+            &principal,
+            &CommandContext::for_request(&principal, &request_id),
+            command,
+        )
+        .await?;
     Ok(warp::reply::json(&session))
 }
 
@@ -133,8 +160,15 @@ async fn put_session(id: String, principal: Principal, request_id: String, body:
         (status = 404, description = "unknown session", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn get_session(id: String, principal: Principal, ctx: Context) -> Result<impl warp::Reply, ApiError> {
-    let session = ctx.app.session_for(&principal, parse_session_id(&id)?).await?;
+async fn get_session(
+    id: String,
+    principal: Principal,
+    ctx: Context,
+) -> Result<impl warp::Reply, ApiError> {
+    let session = ctx
+        .app
+        .session_for(&principal, parse_session_id(&id)?)
+        .await?;
     Ok(warp::reply::json(&session))
 }
 
@@ -148,10 +182,25 @@ async fn get_session(id: String, principal: Principal, ctx: Context) -> Result<i
         (status = 404, description = "unknown session", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn delete_session(id: String, principal: Principal, request_id: String, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+async fn delete_session(
+    id: String,
+    principal: Principal,
+    request_id: String,
+    ctx: Context,
+) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
-    let deleted_assets = ctx.app.delete_session(&principal, &CommandContext::for_request(&principal, &request_id), id_session).await?;
-    Ok(warp::reply::json(&SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
+    let deleted_assets = ctx
+        .app
+        .delete_session(
+            &principal,
+            &CommandContext::for_request(&principal, &request_id),
+            id_session,
+        )
+        .await?;
+    Ok(warp::reply::json(&SessionDeletedReply {
+        id_session: id_session.get(),
+        deleted_assets,
+    }))
 }
 
 /// A session's assets, newest first, keyset-paginated.
@@ -170,7 +219,12 @@ async fn delete_session(id: String, principal: Principal, request_id: String, ct
         (status = 404, description = "unknown session", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn list_assets(id: String, principal: Principal, query: HashMap<String, String>, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+async fn list_assets(
+    id: String,
+    principal: Principal,
+    query: HashMap<String, String>,
+    ctx: Context,
+) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
     let limit = match query.get("limit") {
         None => DEFAULT_PAGE,
@@ -178,11 +232,18 @@ async fn list_assets(id: String, principal: Principal, query: HashMap<String, St
             .parse::<i64>()
             .ok()
             .filter(|l| (1..=MAX_PAGE).contains(l))
-            .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("limit must be an integer from 1 to {MAX_PAGE}")))?,
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("limit must be an integer from 1 to {MAX_PAGE}"),
+                )
+            })?,
     };
     let cursor = match query.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
-        Some(raw) => Some(ListingCursor::decode(raw).ok_or_else(|| ApiError::bad_request("invalid_parameter", "cursor is not one this server issued"))?),
+        Some(raw) => Some(ListingCursor::decode(raw).ok_or_else(|| {
+            ApiError::bad_request("invalid_parameter", "cursor is not one this server issued")
+        })?),
     };
     let directory = match query.get("directory") {
         None => None,
@@ -190,16 +251,39 @@ async fn list_assets(id: String, principal: Principal, query: HashMap<String, St
     };
     let assets = ctx
         .app
-        .session_assets(&principal, id_session, directory.as_ref().map(Directory::as_str), cursor, limit + 1)
+        .session_assets(
+            &principal,
+            id_session,
+            directory.as_ref().map(Directory::as_str),
+            cursor,
+            limit + 1,
+        )
         .await?;
     let has_more = assets.len() as i64 > limit;
     let page: Vec<AssetInfo> = assets.into_iter().take(limit as usize).collect();
     let next_cursor = has_more
-        .then(|| page.last().map(|last| ListingCursor { created_at: last.asset_created_at, asset_uuid: last.asset_uuid }.encode()))
+        .then(|| {
+            page.last().map(|last| {
+                ListingCursor {
+                    created_at: last.asset_created_at,
+                    asset_uuid: last.asset_uuid,
+                }
+                .encode()
+            })
+        })
         .flatten();
     let assets = page
         .into_iter()
-        .map(|info| ListedAsset { access_token: ctx.app.asset_token(info.asset_uuid), info })
+        .map(|info| ListedAsset {
+            access_token: ctx.app.asset_token(info.asset_uuid),
+            info,
+        })
         .collect();
-    Ok(warp::reply::with_status(warp::reply::json(&AssetPage { assets, next_cursor }), StatusCode::OK))
+    Ok(warp::reply::with_status(
+        warp::reply::json(&AssetPage {
+            assets,
+            next_cursor,
+        }),
+        StatusCode::OK,
+    ))
 }

@@ -130,17 +130,31 @@ async fn upload(
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let max = ctx.settings.max_upload_size;
-    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !content_type.trim_start().to_ascii_lowercase().starts_with("multipart/form-data") {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "uploads must be multipart/form-data with the fields file_asset and file",
         ));
     }
-    let boundary = multer::parse_boundary(content_type)
-        .map_err(|_| ApiError::bad_request("invalid_multipart", "the multipart Content-Type has no valid boundary"))?;
-    let declared_length = headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let boundary = multer::parse_boundary(content_type).map_err(|_| {
+        ApiError::bad_request(
+            "invalid_multipart",
+            "the multipart Content-Type has no valid boundary",
+        )
+    })?;
+    let declared_length = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > max + MULTIPART_OVERHEAD) {
         return Err(ApiError::too_large(max));
     }
@@ -150,11 +164,19 @@ async fn upload(
         .whole_stream(max + MULTIPART_OVERHEAD)
         .per_field(MAX_FORM_FIELD)
         .for_field("file", max);
-    let mut multipart = multer::Multipart::with_constraints(body, boundary, multer::Constraints::new().size_limit(limits));
+    let mut multipart = multer::Multipart::with_constraints(
+        body,
+        boundary,
+        multer::Constraints::new().size_limit(limits),
+    );
 
     let mut plan: Option<UploadPlan> = None;
     let mut file: Option<ReceivedFile> = None;
-    while let Some(mut field) = multipart.next_field().await.map_err(|e| multipart_error(e, max))? {
+    while let Some(mut field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, max))?
+    {
         match field.name() {
             Some("file_asset") if plan.is_none() => {
                 let text = field.text().await.map_err(|e| multipart_error(e, max))?;
@@ -165,31 +187,61 @@ async fn upload(
                     Some(name) => FileName::parse(name).map_err(ApiError::invalid_field)?,
                     None => match &plan {
                         // OpenTera clients always send a filename; without one, the asset's name stands in.
-                        Some(plan) => FileName::parse(plan.asset_name.as_str()).map_err(ApiError::invalid_field)?,
-                        None => return Err(ApiError::bad_request("missing_filename", "the file part needs a filename")),
+                        Some(plan) => FileName::parse(plan.asset_name.as_str())
+                            .map_err(ApiError::invalid_field)?,
+                        None => {
+                            return Err(ApiError::bad_request(
+                                "missing_filename",
+                                "the file part needs a filename",
+                            ))
+                        }
                     },
                 };
                 let part_type = field
                     .content_type()
                     .filter(|m| m.essence_str() != "application/octet-stream")
                     .and_then(|m| MediaType::parse(m.as_ref()).ok());
-                let mut blob = ctx.app.blobs.create_temp().await.map_err(ApiError::internal)?;
+                let mut blob = ctx
+                    .app
+                    .blobs
+                    .create_temp()
+                    .await
+                    .map_err(ApiError::internal)?;
                 while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
                     blob.write(&chunk).await.map_err(storage_error)?;
                 }
-                file = Some(ReceivedFile { blob, filename, part_type });
+                file = Some(ReceivedFile {
+                    blob,
+                    filename,
+                    part_type,
+                });
             }
             Some(name @ ("file_asset" | "file")) => {
-                return Err(ApiError::bad_request("duplicate_field", format!("the field '{name}' was sent twice")));
+                return Err(ApiError::bad_request(
+                    "duplicate_field",
+                    format!("the field '{name}' was sent twice"),
+                ));
             }
             _ => {
                 // Unknown fields are ignored (bounded by the per-field limit).
-                while field.chunk().await.map_err(|e| multipart_error(e, max))?.is_some() {}
+                while field
+                    .chunk()
+                    .await
+                    .map_err(|e| multipart_error(e, max))?
+                    .is_some()
+                {}
             }
         }
     }
-    let plan = plan.ok_or_else(|| ApiError::bad_request("missing_file_asset", "the multipart field 'file_asset' is required"))?;
-    let file = file.ok_or_else(|| ApiError::bad_request("missing_file", "the multipart field 'file' is required"))?;
+    let plan = plan.ok_or_else(|| {
+        ApiError::bad_request(
+            "missing_file_asset",
+            "the multipart field 'file_asset' is required",
+        )
+    })?;
+    let file = file.ok_or_else(|| {
+        ApiError::bad_request("missing_file", "the multipart field 'file' is required")
+    })?;
 
     let asset_uuid = Uuid::new_v4();
     let asset_type = plan
@@ -212,7 +264,14 @@ async fn upload(
         asset_creator: plan.creator,
         asset_source: AssetSource::Upload,
     };
-    let info = match ctx.app.record_upload(&CommandContext::for_request(&principal, &request_id), uploaded).await {
+    let info = match ctx
+        .app
+        .record_upload(
+            &CommandContext::for_request(&principal, &request_id),
+            uploaded,
+        )
+        .await
+    {
         Ok(info) => info,
         Err(error) => {
             // The bytes are durable but no event names them: remove them now.
@@ -231,19 +290,43 @@ async fn upload(
 }
 
 /// Parses and checks `file_asset`, including the session and the caller's access to it.
-async fn check_file_asset(text: &str, principal: &Principal, ctx: &Context) -> Result<UploadPlan, ApiError> {
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::bad_request("invalid_file_asset", format!("file_asset must be a JSON object: {e}")))?;
+async fn check_file_asset(
+    text: &str,
+    principal: &Principal,
+    ctx: &Context,
+) -> Result<UploadPlan, ApiError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_file_asset",
+            format!("file_asset must be a JSON object: {e}"),
+        )
+    })?;
     if !value.is_object() {
-        return Err(ApiError::bad_request("invalid_file_asset", "file_asset must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "invalid_file_asset",
+            "file_asset must be a JSON object",
+        ));
     }
     let form: FileAsset = serde_json::from_value(value).map_err(|e| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("file_asset: {e}"))
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            format!("file_asset: {e}"),
+        )
     })?;
     let id_session = SessionId::new(form.id_session).map_err(ApiError::invalid_field)?;
     let asset_name = AssetName::parse(&form.asset_name).map_err(ApiError::invalid_field)?;
-    let asset_type = form.asset_type.as_deref().map(MediaType::parse).transpose().map_err(ApiError::invalid_field)?;
-    let asset_datetime = form.asset_datetime.as_deref().map(parse_datetime).transpose()?;
+    let asset_type = form
+        .asset_type
+        .as_deref()
+        .map(MediaType::parse)
+        .transpose()
+        .map_err(ApiError::invalid_field)?;
+    let asset_datetime = form
+        .asset_datetime
+        .as_deref()
+        .map(parse_datetime)
+        .transpose()?;
     let directory = match form.directory.as_deref() {
         Some(dir) => Directory::parse(dir).map_err(ApiError::invalid_field)?,
         None => Directory::root(),
@@ -288,28 +371,53 @@ async fn check_file_asset(text: &str, principal: &Principal, ctx: &Context) -> R
 fn parse_datetime(value: &str) -> Result<DateTime<Utc>, ApiError> {
     DateTime::parse_from_rfc3339(value)
         .map(|d| d.with_timezone(&Utc))
-        .or_else(|_| NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|n| n.and_utc()))
-        .map_err(|_| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "asset_datetime must be an RFC 3339 date-time"))
+        .or_else(|_| {
+            NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|n| n.and_utc())
+        })
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_field",
+                "asset_datetime must be an RFC 3339 date-time",
+            )
+        })
 }
 
 fn multipart_error(error: multer::Error, max: u64) -> ApiError {
     match error {
-        multer::Error::FieldSizeExceeded { field_name, .. } if field_name.as_deref() == Some("file") => ApiError::too_large(max),
+        multer::Error::FieldSizeExceeded { field_name, .. }
+            if field_name.as_deref() == Some("file") =>
+        {
+            ApiError::too_large(max)
+        }
         multer::Error::FieldSizeExceeded { field_name, limit } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("the field '{}' exceeds {limit} bytes", field_name.unwrap_or_default()),
+            format!(
+                "the field '{}' exceeds {limit} bytes",
+                field_name.unwrap_or_default()
+            ),
         ),
         multer::Error::StreamSizeExceeded { .. } => ApiError::too_large(max),
-        multer::Error::StreamReadFailed(e) => ApiError::bad_request("body_read_failed", format!("the request body could not be read: {e}")),
-        other => ApiError::bad_request("invalid_multipart", format!("malformed multipart body: {other}")),
+        multer::Error::StreamReadFailed(e) => ApiError::bad_request(
+            "body_read_failed",
+            format!("the request body could not be read: {e}"),
+        ),
+        other => ApiError::bad_request(
+            "invalid_multipart",
+            format!("malformed multipart body: {other}"),
+        ),
     }
 }
 
 fn storage_error(error: std::io::Error) -> ApiError {
     // ENOSPC / EDQUOT: the disk is full, which is 507 in API.md.
     if matches!(error.raw_os_error(), Some(28) | Some(122)) {
-        ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", "no space left to store the upload")
+        ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "storage_full",
+            "no space left to store the upload",
+        )
     } else {
         ApiError::internal(format!("storage: {error}"))
     }

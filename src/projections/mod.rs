@@ -20,22 +20,35 @@ pub enum ProjectionError {
     #[error("event store: {0}")]
     EventStore(#[from] EventStoreError),
     #[error("event {id} ({event_type}) has an unreadable payload: {source}")]
-    BadPayload { id: uuid::Uuid, event_type: String, source: serde_json::Error },
+    BadPayload {
+        id: uuid::Uuid,
+        event_type: String,
+        source: serde_json::Error,
+    },
 }
 
 /// Which aggregate's events a stream holds, from its `<category>-<id>` name.
 fn category(stream: &str) -> &str {
-    stream.split_once('-').map_or(stream, |(category, _)| category)
+    stream
+        .split_once('-')
+        .map_or(stream, |(category, _)| category)
 }
 
 fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ProjectionError> {
     E::from_parts(&event.event_type, &event.data)
         .transpose()
-        .map_err(|source| ProjectionError::BadPayload { id: event.id, event_type: event.event_type.clone(), source })
+        .map_err(|source| ProjectionError::BadPayload {
+            id: event.id,
+            event_type: event.event_type.clone(),
+            source,
+        })
 }
 
 /// Updates the read models for one recorded event.
-pub async fn apply(client: &impl GenericClient, event: &RecordedEvent) -> Result<(), ProjectionError> {
+pub async fn apply(
+    client: &impl GenericClient,
+    event: &RecordedEvent,
+) -> Result<(), ProjectionError> {
     match category(&event.stream) {
         "session" => {
             if let Some(session_event) = decode::<SessionEvent>(event)? {
@@ -52,7 +65,11 @@ pub async fn apply(client: &impl GenericClient, event: &RecordedEvent) -> Result
     Ok(())
 }
 
-async fn apply_session(client: &impl GenericClient, event: &RecordedEvent, session_event: &SessionEvent) -> Result<(), ProjectionError> {
+async fn apply_session(
+    client: &impl GenericClient,
+    event: &RecordedEvent,
+    session_event: &SessionEvent,
+) -> Result<(), ProjectionError> {
     match session_event {
         SessionEvent::SessionRegistered(d) | SessionEvent::SessionUpdated(d) => {
             let statement = client
@@ -82,14 +99,22 @@ async fn apply_session(client: &impl GenericClient, event: &RecordedEvent, sessi
                 .await?;
         }
         SessionEvent::SessionDeleted(deleted) => {
-            let statement = client.prepare_cached("DELETE FROM sessions WHERE id_session = $1").await?;
-            client.execute(&statement, &[&deleted.id_session.get()]).await?;
+            let statement = client
+                .prepare_cached("DELETE FROM sessions WHERE id_session = $1")
+                .await?;
+            client
+                .execute(&statement, &[&deleted.id_session.get()])
+                .await?;
         }
     }
     Ok(())
 }
 
-async fn apply_asset(client: &impl GenericClient, event: &RecordedEvent, asset_event: &AssetEvent) -> Result<(), ProjectionError> {
+async fn apply_asset(
+    client: &impl GenericClient,
+    event: &RecordedEvent,
+    asset_event: &AssetEvent,
+) -> Result<(), ProjectionError> {
     match asset_event {
         AssetEvent::AssetUploaded(a) => {
             let statement = client
@@ -100,7 +125,10 @@ async fn apply_asset(client: &impl GenericClient, event: &RecordedEvent, asset_e
                      VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8::timestamptz, $12::timestamptz), $9, $10, $11, 'available', $12, $13, $14, $15, $16)",
                 )
                 .await?;
-            let source = serde_json::to_value(a.asset_source).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let source = serde_json::to_value(a.asset_source)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
             client
                 .execute(
                     &statement,
@@ -130,14 +158,23 @@ async fn apply_asset(client: &impl GenericClient, event: &RecordedEvent, asset_e
                 .prepare_cached("UPDATE assets SET asset_original_filename = $2, asset_version = $3 WHERE asset_uuid = $1")
                 .await?;
             client
-                .execute(&statement, &[&renamed.asset_uuid, &renamed.asset_original_filename.as_str(), &event.version])
+                .execute(
+                    &statement,
+                    &[
+                        &renamed.asset_uuid,
+                        &renamed.asset_original_filename.as_str(),
+                        &event.version,
+                    ],
+                )
                 .await?;
         }
         AssetEvent::AssetDeleted(deleted) => {
             let statement = client
                 .prepare_cached("UPDATE assets SET asset_status = 'deleted', asset_version = $2 WHERE asset_uuid = $1")
                 .await?;
-            client.execute(&statement, &[&deleted.asset_uuid, &event.version]).await?;
+            client
+                .execute(&statement, &[&deleted.asset_uuid, &event.version])
+                .await?;
         }
     }
     Ok(())
@@ -158,7 +195,8 @@ pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, Proje
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .start()
         .await?;
-    tx.batch_execute("LOCK TABLE sessions, assets IN ACCESS EXCLUSIVE MODE").await?;
+    tx.batch_execute("LOCK TABLE sessions, assets IN ACCESS EXCLUSIVE MODE")
+        .await?;
     tx.batch_execute("TRUNCATE sessions, assets").await?;
     let mut after = GlobalPosition::START;
     let mut applied = 0;

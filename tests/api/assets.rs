@@ -1,0 +1,567 @@
+//! Assets end to end: upload, download (headers, ranges, conditional), infos, rename,
+//! delete, history, and who may do what.
+
+use assetd::domain::principal::PrincipalKind;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{assert_error, pseudo_random_bytes, sha256_hex, TestApp};
+
+#[tokio::test]
+async fn upload_download_rename_delete_round_trip_with_events() {
+    let app = TestApp::spawn().await;
+    let (user, token) = app.session_with_user(1).await;
+    let bytes = pseudo_random_bytes(1, 300_000);
+    let response = app
+        .upload(
+            &token,
+            &json!({"id_session": 1, "asset_name": "Asset Name", "directory": "/videos", "tags": ["a", "b"],
+                    "metadata": {"camera": 2}, "asset_datetime": "2026-01-02T03:04:05Z"}),
+            "name.zip",
+            bytes.clone(),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let info: Value = response.json().await.unwrap();
+    let uuid = info["asset_uuid"].as_str().unwrap().to_owned();
+    assert_eq!(info["id_session"], 1);
+    assert_eq!(info["asset_name"], "Asset Name");
+    assert_eq!(info["asset_original_filename"], "name.zip");
+    assert_eq!(
+        info["asset_type"], "application/zip",
+        "guessed from the file name"
+    );
+    assert_eq!(info["asset_file_size"], 300_000);
+    assert_eq!(info["asset_sha256"], sha256_hex(&bytes));
+    assert_eq!(info["directory"], "/videos");
+    assert_eq!(info["tags"], json!(["a", "b"]));
+    assert_eq!(info["metadata"], json!({"camera": 2}));
+    assert_eq!(info["asset_datetime"], "2026-01-02T03:04:05Z");
+    assert_eq!(info["asset_status"], "available");
+    assert_eq!(info["asset_source"], "upload");
+    assert_eq!(info["asset_version"], 1);
+    assert_eq!(info["asset_creator"], json!({"kind": "user", "uuid": user}));
+    assert!(info["access_token"].as_str().is_some_and(|t| t.len() > 20));
+    assert_eq!(
+        info["asset_url"],
+        format!("http://{}/file/api/assets?asset_uuid={uuid}", app.addr)
+    );
+    assert_eq!(
+        info["asset_infos_url"],
+        format!(
+            "http://{}/file/api/assets/infos?asset_uuid={uuid}",
+            app.addr
+        )
+    );
+
+    let download = app
+        .get(&token, &format!("/api/assets?asset_uuid={uuid}"))
+        .await;
+    assert_eq!(download.status(), 200);
+    let headers = download.headers().clone();
+    assert_eq!(headers["content-type"], "application/zip");
+    assert_eq!(headers["content-length"], "300000");
+    assert_eq!(headers["accept-ranges"], "bytes");
+    assert_eq!(
+        headers["etag"].to_str().unwrap(),
+        format!("\"sha256:{}\"", sha256_hex(&bytes))
+    );
+    assert_eq!(
+        headers["content-disposition"],
+        "attachment; filename=\"name.zip\"; filename*=UTF-8''name.zip"
+    );
+    assert_eq!(download.bytes().await.unwrap().as_ref(), &bytes[..]);
+
+    let infos: Value = app
+        .get(&token, &format!("/api/assets/infos?asset_uuid={uuid}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(infos["asset_sha256"], info["asset_sha256"]);
+
+    let renamed = app
+        .post_json(&token, "/api/assets/infos", &json!({"file_asset": {"asset_uuid": uuid, "asset_original_filename": "vidéo du jour.zip"}}))
+        .await;
+    assert_eq!(renamed.status(), 200);
+    let renamed: Value = renamed.json().await.unwrap();
+    assert_eq!(renamed["asset_original_filename"], "vidéo du jour.zip");
+    assert_eq!(renamed["asset_version"], 2);
+    let download = app
+        .get(&token, &format!("/api/assets?asset_uuid={uuid}"))
+        .await;
+    assert_eq!(
+        download.headers()["content-disposition"],
+        "attachment; filename=\"vid_o du jour.zip\"; filename*=UTF-8''vid%C3%A9o%20du%20jour.zip"
+    );
+
+    let deleted = app
+        .delete(&token, &format!("/api/assets?uuid={uuid}"))
+        .await;
+    assert_eq!(deleted.status(), 200);
+    assert_error(
+        app.get(&token, &format!("/api/assets?asset_uuid={uuid}"))
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        app.delete(&token, &format!("/api/assets?uuid={uuid}"))
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert!(
+        !app.ctx.app.blobs.path(uuid.parse().unwrap()).exists(),
+        "bytes removed after the event"
+    );
+    let infos: Value = app
+        .get(&token, &format!("/api/assets/infos?asset_uuid={uuid}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(infos["asset_status"], "deleted");
+
+    let history: Value = app
+        .get(&token, &format!("/api/assets/{uuid}/events"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let history = history.as_array().unwrap();
+    let types: Vec<&str> = history
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["AssetUploaded", "AssetRenamed", "AssetDeleted"]);
+    for event in history {
+        assert_eq!(
+            event["metadata"]["actor"],
+            json!({"kind": "user", "uuid": user})
+        );
+        assert!(event["metadata"]["request_id"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()));
+        assert!(event["metadata"]["service_version"].is_string());
+    }
+    assert_eq!(
+        history[0]["metadata"]["request_id"], request_id,
+        "the upload's request id is in its event"
+    );
+    assert_eq!(history[0]["data"]["asset_sha256"], sha256_hex(&bytes));
+    assert_eq!(history[1]["data"]["previous_filename"], "name.zip");
+}
+
+#[tokio::test]
+async fn ranges_and_conditional_requests() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let bytes = pseudo_random_bytes(2, 1000);
+    let info = app.upload_ok(&token, 1, "r.bin", &bytes).await;
+    let path = format!(
+        "/file/api/assets?asset_uuid={}",
+        info["asset_uuid"].as_str().unwrap()
+    );
+    let get = |headers: Vec<(&'static str, String)>| {
+        let mut request = app
+            .client
+            .get(format!("http://{}{path}", app.addr))
+            .header("Authorization", format!("Bearer {token}"));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+
+    let partial = get(vec![("Range", "bytes=10-19".into())]).await.unwrap();
+    assert_eq!(partial.status(), 206);
+    assert_eq!(partial.headers()["content-range"], "bytes 10-19/1000");
+    assert_eq!(partial.headers()["content-length"], "10");
+    assert_eq!(partial.bytes().await.unwrap().as_ref(), &bytes[10..20]);
+
+    let suffix = get(vec![("Range", "bytes=-5".into())]).await.unwrap();
+    assert_eq!(suffix.status(), 206);
+    assert_eq!(suffix.bytes().await.unwrap().as_ref(), &bytes[995..]);
+
+    let open_ended = get(vec![("Range", "bytes=990-".into())]).await.unwrap();
+    assert_eq!(open_ended.headers()["content-range"], "bytes 990-999/1000");
+
+    let unsatisfiable = get(vec![("Range", "bytes=1000-".into())]).await.unwrap();
+    assert_eq!(unsatisfiable.headers()["content-range"], "bytes */1000");
+    assert_error(unsatisfiable, 416, "range_not_satisfiable").await;
+
+    let multiple = get(vec![("Range", "bytes=0-1,5-6".into())]).await.unwrap();
+    assert_eq!(
+        multiple.status(),
+        200,
+        "several ranges are answered with the whole file"
+    );
+    assert_eq!(multiple.bytes().await.unwrap().len(), 1000);
+
+    let etag = format!("\"sha256:{}\"", sha256_hex(&bytes));
+    let cached = get(vec![("If-None-Match", etag.clone())]).await.unwrap();
+    assert_eq!(cached.status(), 304);
+    assert_eq!(cached.headers()["etag"].to_str().unwrap(), etag);
+    assert!(cached.bytes().await.unwrap().is_empty());
+    assert_eq!(
+        get(vec![("If-None-Match", "\"other\"".into())])
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let stale_if_range = get(vec![
+        ("Range", "bytes=0-1".into()),
+        ("If-Range", "\"old\"".into()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        stale_if_range.status(),
+        200,
+        "If-Range with another validator sends everything"
+    );
+    let fresh_if_range = get(vec![("Range", "bytes=0-1".into()), ("If-Range", etag)])
+        .await
+        .unwrap();
+    assert_eq!(fresh_if_range.status(), 206);
+}
+
+#[tokio::test]
+async fn access_tokens_open_one_asset_to_callers_without_session_access() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let info = app.upload_ok(&token, 1, "x.txt", b"secret").await;
+    let other = app.upload_ok(&token, 1, "y.txt", b"other").await;
+    let uuid = info["asset_uuid"].as_str().unwrap();
+    let access_token = info["access_token"].as_str().unwrap();
+    let stranger = app.user_token(Uuid::new_v4());
+
+    assert_error(
+        app.get(&stranger, &format!("/api/assets?asset_uuid={uuid}"))
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    let with_token = app
+        .get(
+            &stranger,
+            &format!("/api/assets?asset_uuid={uuid}&access_token={access_token}"),
+        )
+        .await;
+    assert_eq!(with_token.status(), 200);
+    assert_eq!(with_token.bytes().await.unwrap().as_ref(), b"secret");
+    let infos = app
+        .get(
+            &stranger,
+            &format!("/api/assets/infos?asset_uuid={uuid}&access_token={access_token}"),
+        )
+        .await;
+    assert_eq!(infos.status(), 200);
+
+    // The token names one asset only, and is no principal token.
+    let other_uuid = other["asset_uuid"].as_str().unwrap();
+    assert_error(
+        app.get(
+            &stranger,
+            &format!("/api/assets?asset_uuid={other_uuid}&access_token={access_token}"),
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_error(
+        app.get(access_token, &format!("/api/assets?asset_uuid={uuid}"))
+            .await,
+        401,
+        "invalid_token",
+    )
+    .await;
+    let expired = app
+        .ctx
+        .app
+        .auth
+        .mint_asset_token(&[uuid.parse().unwrap()], -60);
+    assert_error(
+        app.get(
+            &stranger,
+            &format!("/api/assets?asset_uuid={uuid}&access_token={expired}"),
+        )
+        .await,
+        403,
+        "access_token_expired",
+    )
+    .await;
+    assert_error(
+        app.get(
+            &stranger,
+            &format!("/api/assets?asset_uuid={uuid}&access_token=garbage"),
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+
+    // Batch infos: every asset must be reachable.
+    let batch = app
+        .post_json(
+            &stranger,
+            "/api/assets/infos",
+            &json!({"assets": [{"asset_uuid": uuid, "access_token": access_token}]}),
+        )
+        .await;
+    assert_eq!(batch.status(), 200);
+    let batch: Value = batch.json().await.unwrap();
+    assert_eq!(batch.as_array().unwrap().len(), 1);
+    let refused = app
+        .post_json(&stranger, "/api/assets/infos", &json!({"assets": [{"asset_uuid": uuid, "access_token": access_token}, {"asset_uuid": other_uuid}]}))
+        .await;
+    assert_error(refused, 403, "forbidden").await;
+    let members_batch: Value = app
+        .post_json(
+            &token,
+            "/api/assets/infos",
+            &json!({"assets": [{"asset_uuid": uuid}, {"asset_uuid": other_uuid}]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(members_batch.as_array().unwrap().len(), 2);
+    let unknown = app
+        .post_json(
+            &token,
+            "/api/assets/infos",
+            &json!({"assets": [{"asset_uuid": Uuid::new_v4()}]}),
+        )
+        .await;
+    assert_error(unknown, 404, "not_found").await;
+
+    // A stranger with the token can delete, as in OpenTera.
+    assert_eq!(
+        app.delete(
+            &stranger,
+            &format!("/api/assets?uuid={uuid}&access_token={access_token}")
+        )
+        .await
+        .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn services_upload_on_behalf_of_a_named_creator() {
+    let app = TestApp::spawn().await;
+    app.session_with_user(1).await;
+    let service = app.service_token();
+    let participant = Uuid::new_v4();
+    let response = app
+        .upload(
+            &service,
+            &json!({"id_session": 1, "asset_name": "n", "id_participant": participant}),
+            "n.txt",
+            b"x".to_vec(),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let info: Value = response.json().await.unwrap();
+    assert_eq!(
+        info["asset_creator"],
+        json!({"kind": "participant", "uuid": participant})
+    );
+
+    let anonymous = app
+        .upload(
+            &service,
+            &json!({"id_session": 1, "asset_name": "n"}),
+            "n.txt",
+            b"x".to_vec(),
+        )
+        .await;
+    assert_error(anonymous, 422, "invalid_field").await;
+    let two = app
+        .upload(&service, &json!({"id_session": 1, "asset_name": "n", "id_user": Uuid::new_v4(), "id_device": Uuid::new_v4()}), "n.txt", b"x".to_vec())
+        .await;
+    assert_error(two, 422, "invalid_field").await;
+}
+
+#[tokio::test]
+async fn non_members_cannot_reach_a_sessions_assets_but_superadmins_can() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let info = app.upload_ok(&token, 1, "a.txt", b"a").await;
+    let uuid = info["asset_uuid"].as_str().unwrap();
+    let stranger = app.user_token(Uuid::new_v4());
+    let before = app.footprint().await;
+    assert_error(
+        app.upload(
+            &stranger,
+            &json!({"id_session": 1, "asset_name": "n"}),
+            "n.txt",
+            b"x".to_vec(),
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_error(
+        app.delete(&stranger, &format!("/api/assets?uuid={uuid}"))
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    let rename = app
+        .post_json(
+            &stranger,
+            "/api/assets/infos",
+            &json!({"file_asset": {"asset_uuid": uuid, "asset_original_filename": "b"}}),
+        )
+        .await;
+    assert_error(rename, 403, "forbidden").await;
+    assert_error(
+        app.get(&stranger, &format!("/api/assets/{uuid}/events"))
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_error(
+        app.get(&stranger, &format!("/api/assets/infos?asset_uuid={uuid}"))
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(app.footprint().await, before);
+
+    let admin = app.token_for(PrincipalKind::Device, Uuid::new_v4(), true);
+    assert_eq!(
+        app.get(&admin, &format!("/api/assets?asset_uuid={uuid}"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.upload(
+            &admin,
+            &json!({"id_session": 1, "asset_name": "n"}),
+            "n.txt",
+            b"x".to_vec()
+        )
+        .await
+        .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn asset_types_come_from_file_asset_then_the_part_then_the_name() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let explicit = app
+        .upload(
+            &token,
+            &json!({"id_session": 1, "asset_name": "n", "asset_type": "video/webm"}),
+            "n.mp4",
+            b"x".to_vec(),
+        )
+        .await;
+    assert_eq!(
+        explicit.json::<Value>().await.unwrap()["asset_type"],
+        "video/webm"
+    );
+    let guessed = app
+        .upload(
+            &token,
+            &json!({"id_session": 1, "asset_name": "n"}),
+            "n.mp4",
+            b"x".to_vec(),
+        )
+        .await;
+    assert_eq!(
+        guessed.json::<Value>().await.unwrap()["asset_type"],
+        "video/mp4"
+    );
+    let form = reqwest::multipart::Form::new()
+        .text(
+            "file_asset",
+            json!({"id_session": 1, "asset_name": "n"}).to_string(),
+        )
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"x".to_vec())
+                .file_name("data")
+                .mime_str("application/zip")
+                .unwrap(),
+        );
+    let from_part: Value = app
+        .client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(from_part["asset_type"], "application/zip");
+    let unknown = app
+        .upload(
+            &token,
+            &json!({"id_session": 1, "asset_name": "n"}),
+            "n.zzqq",
+            b"x".to_vec(),
+        )
+        .await;
+    assert_eq!(
+        unknown.json::<Value>().await.unwrap()["asset_type"],
+        "application/octet-stream"
+    );
+}
+
+#[tokio::test]
+async fn empty_files_and_a_file_part_before_file_asset_are_accepted() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let empty = app.upload_ok(&token, 1, "empty.txt", b"").await;
+    assert_eq!(empty["asset_file_size"], 0);
+    let uuid = empty["asset_uuid"].as_str().unwrap();
+    let download = app
+        .get(&token, &format!("/api/assets?asset_uuid={uuid}"))
+        .await;
+    assert_eq!(download.status(), 200);
+    assert!(download.bytes().await.unwrap().is_empty());
+
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"late".to_vec()).file_name("late.txt"),
+        )
+        .text(
+            "file_asset",
+            json!({"id_session": 1, "asset_name": "late"}).to_string(),
+        );
+    let response = app
+        .client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

@@ -1,0 +1,530 @@
+//! Bad input never hurts: every malformed or hostile upload gets a 4xx JSON error and
+//! leaves nothing behind (no asset, no event, no temporary file, no blob).
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::{assert_error, TestApp, TestOptions};
+
+const BOUNDARY: &str = "----assetd-test-boundary";
+
+/// One multipart part: its header lines, then its content.
+type Part = (Vec<u8>, Vec<u8>);
+
+/// A multipart body from raw parts: (part headers, content).
+fn raw_multipart(parts: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (headers, content) in parts {
+        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
+        body.extend_from_slice(headers);
+        body.extend_from_slice(b"\r\n\r\n");
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+fn file_asset_part(json: &str) -> Part {
+    (
+        b"Content-Disposition: form-data; name=\"file_asset\"".to_vec(),
+        json.as_bytes().to_vec(),
+    )
+}
+
+fn file_part(filename: &[u8], content: &[u8]) -> Part {
+    let mut headers = b"Content-Disposition: form-data; name=\"file\"; filename=\"".to_vec();
+    headers.extend_from_slice(filename);
+    headers.extend_from_slice(b"\"\r\nContent-Type: application/octet-stream");
+    (headers, content.to_vec())
+}
+
+async fn post_raw(app: &TestApp, token: &str, parts: &[Part]) -> reqwest::Response {
+    let borrowed: Vec<(&[u8], &[u8])> = parts
+        .iter()
+        .map(|(h, c)| (h.as_slice(), c.as_slice()))
+        .collect();
+    app.client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header(
+            "Content-Type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(raw_multipart(&borrowed))
+        .send()
+        .await
+        .unwrap()
+}
+
+const GOOD_FILE_ASSET: &str = r#"{"id_session": 1, "asset_name": "Asset Name"}"#;
+
+#[tokio::test]
+async fn malformed_forms_are_refused_and_leave_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let before = app.footprint().await;
+    let content = vec![7u8; 200_000];
+
+    let cases: Vec<(&str, Vec<Part>, u16, &str)> = vec![
+        (
+            "missing file_asset",
+            vec![file_part(b"a.bin", &content)],
+            400,
+            "missing_file_asset",
+        ),
+        (
+            "missing file",
+            vec![file_asset_part(GOOD_FILE_ASSET)],
+            400,
+            "missing_file",
+        ),
+        (
+            "file_asset not JSON",
+            vec![
+                file_asset_part("{id_session: 1"),
+                file_part(b"a.bin", &content),
+            ],
+            400,
+            "invalid_file_asset",
+        ),
+        (
+            "file_asset not an object",
+            vec![file_asset_part("[1, 2]"), file_part(b"a.bin", &content)],
+            400,
+            "invalid_file_asset",
+        ),
+        (
+            "file_asset without id_session",
+            vec![
+                file_asset_part(r#"{"asset_name": "n"}"#),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "file_asset without asset_name",
+            vec![
+                file_asset_part(r#"{"id_session": 1}"#),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "id_session of the wrong type",
+            vec![
+                file_asset_part(r#"{"id_session": "one", "asset_name": "n"}"#),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "unknown session",
+            vec![
+                file_asset_part(r#"{"id_session": 999, "asset_name": "n"}"#),
+                file_part(b"a.bin", &content),
+            ],
+            404,
+            "not_found",
+        ),
+        (
+            "unknown session, file first",
+            vec![
+                file_part(b"a.bin", &content),
+                file_asset_part(r#"{"id_session": 999, "asset_name": "n"}"#),
+            ],
+            404,
+            "not_found",
+        ),
+        (
+            "invalid file_asset, file first",
+            vec![file_part(b"a.bin", &content), file_asset_part("nope")],
+            400,
+            "invalid_file_asset",
+        ),
+        (
+            "filename with ../",
+            vec![
+                file_asset_part(GOOD_FILE_ASSET),
+                file_part(b"../../etc/passwd", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "filename with a backslash path",
+            vec![
+                file_asset_part(GOOD_FILE_ASSET),
+                file_part(b"..\\..\\boot.ini", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "filename with NUL",
+            vec![
+                file_asset_part(GOOD_FILE_ASSET),
+                file_part(b"a\0b.txt", &content),
+            ],
+            400,
+            "invalid_multipart",
+        ),
+        (
+            "filename of 1,000 characters",
+            vec![
+                file_asset_part(GOOD_FILE_ASSET),
+                file_part("é".repeat(1000).as_bytes(), &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "asset_name with NUL",
+            vec![
+                file_asset_part(r#"{"id_session": 1, "asset_name": "a\u0000b"}"#),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "asset_name of 1,000 characters",
+            vec![
+                file_asset_part(&format!(
+                    r#"{{"id_session": 1, "asset_name": "{}"}}"#,
+                    "n".repeat(1000)
+                )),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "directory climbing out",
+            vec![
+                file_asset_part(
+                    r#"{"id_session": 1, "asset_name": "n", "directory": "/a/../../b"}"#,
+                ),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "bad asset_type",
+            vec![
+                file_asset_part(
+                    r#"{"id_session": 1, "asset_name": "n", "asset_type": "not a type"}"#,
+                ),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "bad asset_datetime",
+            vec![
+                file_asset_part(
+                    r#"{"id_session": 1, "asset_name": "n", "asset_datetime": "yesterday"}"#,
+                ),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "file sent twice",
+            vec![
+                file_asset_part(GOOD_FILE_ASSET),
+                file_part(b"a.bin", &content),
+                file_part(b"b.bin", &content),
+            ],
+            400,
+            "duplicate_field",
+        ),
+        (
+            "file_asset over its limit",
+            vec![
+                file_asset_part(&format!(
+                    r#"{{"id_session": 1, "asset_name": "n", "metadata": {{"x": "{}"}}}}"#,
+                    "x".repeat(70_000)
+                )),
+                file_part(b"a.bin", &content),
+            ],
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (case, parts, status, code) in cases {
+        let response = post_raw(&app, &token, &parts).await;
+        let body = assert_error(response, status, code).await;
+        assert_eq!(
+            app.footprint().await,
+            before,
+            "{case}: something was left behind ({body})"
+        );
+    }
+
+    let truncated = app
+        .client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
+        .body(format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\npartial"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(truncated, 400, "invalid_multipart").await;
+    assert_eq!(
+        app.footprint().await,
+        before,
+        "a truncated body leaves nothing"
+    );
+}
+
+#[tokio::test]
+async fn wrong_content_types_get_415() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let before = app.footprint().await;
+    for content_type in [
+        None,
+        Some("application/json"),
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut request = app
+            .client
+            .post(app.url("/api/assets"))
+            .header("Authorization", format!("OpenTera {token}"))
+            .body("{}");
+        if let Some(content_type) = content_type {
+            request = request.header("Content-Type", content_type);
+        }
+        assert_error(request.send().await.unwrap(), 415, "unsupported_media_type").await;
+    }
+    let no_boundary = app
+        .client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header("Content-Type", "multipart/form-data")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_error(no_boundary, 400, "invalid_multipart").await;
+    assert_eq!(app.footprint().await, before);
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
+    let app = TestApp::spawn_with(TestOptions {
+        max_upload_size: Some(1024 * 1024),
+        ..Default::default()
+    })
+    .await;
+    let (_, token) = app.session_with_user(1).await;
+    let before = app.footprint().await;
+
+    // Declared length over the limit: refused from the headers.
+    let big = app
+        .upload(
+            &token,
+            &json!({"id_session": 1, "asset_name": "big"}),
+            "big.bin",
+            vec![1u8; 3 * 1024 * 1024],
+        )
+        .await;
+    assert_error(big, 413, "payload_too_large").await;
+    assert_eq!(app.footprint().await, before);
+
+    // Chunked, no length: refused when the file part passes the limit.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = {
+        let head = format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\r\n"
+        );
+        let mut chunks = vec![Ok(head.into_bytes())];
+        chunks.extend((0..40).map(|_| Ok(vec![9u8; 64 * 1024])));
+        chunks.push(Ok(format!("\r\n--{BOUNDARY}--\r\n").into_bytes()));
+        chunks
+    };
+    let streamed = app
+        .client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header(
+            "Content-Type",
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_error(streamed, 413, "payload_too_large").await;
+    assert_eq!(app.footprint().await, before);
+
+    // Just under the limit still works.
+    let fits = app
+        .upload(
+            &token,
+            &json!({"id_session": 1, "asset_name": "fits"}),
+            "fits.bin",
+            vec![1u8; 1024 * 1024],
+        )
+        .await;
+    assert_eq!(fits.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_disconnecting_mid_upload_leaves_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let before = app.footprint().await;
+
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n"
+    );
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "POST /file/api/assets HTTP/1.1\r\nHost: {}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
+        app.addr,
+        50 * 1024 * 1024
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    for _ in 0..32 {
+        stream.write_all(&[5u8; 64 * 1024]).await.unwrap();
+    }
+    stream.flush().await.unwrap();
+    // Wait until the server has started writing the file, then vanish.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while TestApp::files_under(&app.tmp_dir()) == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        TestApp::files_under(&app.tmp_dir()),
+        1,
+        "the upload was being written"
+    );
+    drop(stream);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.footprint().await != before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        app.footprint().await,
+        before,
+        "the partial upload was cleaned up"
+    );
+    // The server is still fine.
+    assert_eq!(
+        app.upload(
+            &token,
+            &json!({"id_session": 1, "asset_name": "ok"}),
+            "ok.bin",
+            b"ok".to_vec()
+        )
+        .await
+        .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn garbage_requests_get_json_errors_not_500s() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    assert_error(
+        app.get(&token, "/api/assets").await,
+        400,
+        "missing_parameter",
+    )
+    .await;
+    assert_error(
+        app.get(&token, "/api/assets?asset_uuid=nope").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(
+        app.get(&token, "/api/assets?asset_uuid=%ZZ%00").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(
+        app.get(
+            &token,
+            &format!("/api/assets?asset_uuid={}", uuid::Uuid::new_v4()),
+        )
+        .await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        app.delete(&token, "/api/assets").await,
+        400,
+        "missing_parameter",
+    )
+    .await;
+    assert_error(
+        app.get(&token, "/api/assets/nope/events").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(app.get(&token, "/api/nowhere").await, 404, "not_found").await;
+    assert_error(
+        app.post_json(&token, "/api/assets/infos", &json!({"neither": 1}))
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    let rename_bad = json!({"file_asset": {"asset_uuid": uuid::Uuid::new_v4(), "asset_original_filename": "../x"}});
+    assert_error(
+        app.post_json(&token, "/api/assets/infos", &rename_bad)
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    let too_many: Vec<_> = (0..1001)
+        .map(|_| json!({"asset_uuid": uuid::Uuid::new_v4()}))
+        .collect();
+    assert_error(
+        app.post_json(&token, "/api/assets/infos", &json!({"assets": too_many}))
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    let wrong_method = app
+        .client
+        .patch(app.url("/api/assets"))
+        .header("Authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(wrong_method, 405, "method_not_allowed").await;
+
+    // A raw request with a broken request line or header gets an answer, not a hang.
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(b"GARBAGE\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+}

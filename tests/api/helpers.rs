@@ -1,0 +1,363 @@
+//! `TestApp`: each test gets its own freshly migrated database, data directory and
+//! server on a free port, plus helpers that read like the API contract.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use assetd::cli::build_context;
+use assetd::config::{DatabaseConfig, ServeConfig};
+use assetd::domain::principal::{Principal, PrincipalKind};
+use assetd::http::{self, Context};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
+
+/// The Postgres server the tests create their databases on.
+pub fn server_url() -> String {
+    std::env::var("ASSETD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A database of its own for one test, dropped with it.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let name = format!("assetd_test_{}", Uuid::new_v4().simple());
+        let (client, connection) =
+            tokio_postgres::connect(&format!("{}/postgres", server_url()), tokio_postgres::NoTls)
+                .await
+                .expect("the test Postgres server is reachable (ASSETD_TEST_DATABASE_URL)");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("creating a test database");
+        Self {
+            url: format!("{}/{name}", server_url()),
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop can't await; a short-lived runtime on its own thread does the job.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(
+                    &format!("{}/postgres", server_url()),
+                    tokio_postgres::NoTls,
+                )
+                .await
+                .ok()?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Knobs a test may turn.
+#[derive(Clone, Default)]
+pub struct TestOptions {
+    pub max_upload_size: Option<u64>,
+    pub accel_redirect_prefix: Option<String>,
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    /// `http://127.0.0.1:<port>/file`
+    pub base: String,
+    pub client: reqwest::Client,
+    pub ctx: Context,
+    pub data_dir: tempfile::TempDir,
+    pub db: TestDatabase,
+}
+
+pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) -> ServeConfig {
+    ServeConfig {
+        database: DatabaseConfig {
+            database_url: database_url.to_owned(),
+            database_pool_size: 16,
+        },
+        listen: "127.0.0.1:0".parse().unwrap(),
+        base_path: "/file".into(),
+        data_dir: data_dir.to_owned(),
+        max_upload_size: options.max_upload_size.unwrap_or(10 * 1024 * 1024 * 1024),
+        jwt_secret: JWT_SECRET.into(),
+        url_signing_key: "test-url-signing-key".into(),
+        accel_redirect_prefix: options.accel_redirect_prefix.clone(),
+        asset_token_ttl: 3600,
+        shutdown_grace_seconds: 5,
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(TestOptions::default()).await
+    }
+
+    pub async fn spawn_with(options: TestOptions) -> Self {
+        let db = TestDatabase::create().await;
+        let data_dir = tempfile::tempdir().unwrap();
+        // nginx workers (another user) read blobs for X-Accel-Redirect.
+        std::fs::set_permissions(
+            data_dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let config = serve_config(&db.url, data_dir.path(), &options);
+        let ctx = build_context(&config).await.expect("building the app");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(http::serve(
+            ctx.clone(),
+            listener,
+            std::future::pending(),
+            Duration::from_secs(5),
+        ));
+        Self {
+            addr,
+            base: format!("http://{addr}/file"),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            ctx,
+
+            data_dir,
+            db,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn token_for(&self, kind: PrincipalKind, uuid: Uuid, superadmin: bool) -> String {
+        self.ctx.app.auth.mint(
+            &Principal {
+                kind,
+                uuid,
+                name: "test".into(),
+                superadmin,
+            },
+            3600,
+        )
+    }
+
+    pub fn service_token(&self) -> String {
+        self.token_for(PrincipalKind::Service, Uuid::new_v4(), false)
+    }
+
+    pub fn user_token(&self, uuid: Uuid) -> String {
+        self.token_for(PrincipalKind::User, uuid, false)
+    }
+
+    pub async fn put_session(&self, token: &str, id: i64, body: &Value) -> reqwest::Response {
+        self.client
+            .put(self.url(&format!("/api/sessions/{id}")))
+            .header("Authorization", format!("Bearer {token}"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Registers session `id` with these users; returns a token of its first user.
+    pub async fn session_with_user(&self, id: i64) -> (Uuid, String) {
+        let user = Uuid::new_v4();
+        let response = self
+            .put_session(
+                &self.service_token(),
+                id,
+                &json!({"session_name": format!("session {id}"), "session_users": [user]}),
+            )
+            .await;
+        assert_eq!(response.status(), 200, "registering session {id}");
+        (user, self.user_token(user))
+    }
+
+    /// OpenTera's upload: multipart with `file_asset` JSON then `file`.
+    pub async fn upload(
+        &self,
+        token: &str,
+        file_asset: &Value,
+        filename: &str,
+        bytes: Vec<u8>,
+    ) -> reqwest::Response {
+        let form = reqwest::multipart::Form::new()
+            .text("file_asset", file_asset.to_string())
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(bytes).file_name(filename.to_owned()),
+            );
+        self.client
+            .post(self.url("/api/assets"))
+            .header("Authorization", format!("OpenTera {token}"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Uploads and returns the answer's JSON, asserting success.
+    pub async fn upload_ok(
+        &self,
+        token: &str,
+        id_session: i64,
+        filename: &str,
+        bytes: &[u8],
+    ) -> Value {
+        let response = self
+            .upload(
+                token,
+                &json!({"id_session": id_session, "asset_name": filename}),
+                filename,
+                bytes.to_vec(),
+            )
+            .await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "upload failed: {body}");
+        body
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .header("Authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, token: &str, path: &str) -> reqwest::Response {
+        self.client
+            .delete(self.url(path))
+            .header("Authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_json(&self, token: &str, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("Authorization", format!("Bearer {token}"))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let client = self.ctx.app.pool.get().await.unwrap();
+        client.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    pub async fn event_count(&self) -> i64 {
+        self.scalar("SELECT count(*) FROM events").await
+    }
+
+    /// Rows of a read model as JSON, in a stable order, for before/after comparisons.
+    pub async fn table_snapshot(&self, table: &str, order_by: &str) -> Value {
+        let client = self.ctx.app.pool.get().await.unwrap();
+        let sql =
+            format!("SELECT coalesce(json_agg(t ORDER BY {order_by}), '[]'::json) FROM {table} t");
+        client.query_one(&sql, &[]).await.unwrap().get(0)
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.data_dir.path().join("tmp")
+    }
+
+    pub fn files_under(dir: &Path) -> usize {
+        walk(dir).len()
+    }
+
+    /// What a refused request must leave unchanged: events, assets, temp files, blobs.
+    pub async fn footprint(&self) -> (i64, i64, usize, usize) {
+        (
+            self.event_count().await,
+            self.scalar("SELECT count(*) FROM assets").await,
+            Self::files_under(&self.tmp_dir()),
+            Self::files_under(&self.data_dir.path().join("blobs")),
+        )
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files.extend(walk(&path));
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// Asserts an error answer: status, JSON shape of API.md, code; returns the body.
+pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    let actual = response.status().as_u16();
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = response.text().await.unwrap();
+    let body: Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
+    assert_eq!(actual, status, "unexpected status, body {body}");
+    assert_eq!(body["error"]["code"], code, "unexpected code, body {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert_eq!(
+        body["error"]["request_id"].as_str(),
+        request_id.as_deref(),
+        "request id in body matches the header"
+    );
+    body
+}
+
+/// Deterministic pseudo-random bytes (xorshift), cheap to generate in bulk.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

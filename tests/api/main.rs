@@ -1,0 +1,14 @@
+//! Integration tests against real Postgres (and nginx, Chromium): one binary, one module
+//! per area of the contract. Every test builds its own `TestApp` (database, data dir,
+//! port), so they run in parallel and can run again.
+
+mod assets;
+mod auth;
+mod bad_input;
+mod contract;
+mod eventstore;
+mod helpers;
+mod nginx;
+mod ops;
+mod replay;
+mod sessions;

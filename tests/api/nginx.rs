@@ -1,0 +1,254 @@
+//! assetd behind nginx with `nginx/assetd.conf`: a 256 MiB file goes up and comes back
+//! through the proxy, streamed both ways, in both download modes (proxied and
+//! X-Accel-Redirect), and arrives intact.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::helpers::{pseudo_random_bytes, TestApp, TestOptions};
+
+/// An nginx of the test's own, on a free port, configured by `nginx/assetd.conf`.
+pub struct Nginx {
+    pub base: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub async fn start(upstream: std::net::SocketAddr, blob_dir: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let template = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx/assetd.conf"),
+        )
+        .unwrap();
+        let config = template
+            .replace("{{listen}}", &format!("127.0.0.1:{port}"))
+            .replace("{{upstream}}", &upstream.to_string())
+            .replace("{{blob_dir}}", &blob_dir.display().to_string());
+        assert!(!config.contains("{{"), "every placeholder is filled");
+        for sub in ["logs", "tmp"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let config_path = dir.path().join("nginx.conf");
+        std::fs::write(&config_path, config).unwrap();
+        let child = std::process::Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&config_path)
+            .args(["-e", "logs/error.log", "-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx is installed (scripts/test installs it)");
+        let base = format!("http://127.0.0.1:{port}/file");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while reqwest::get(format!("{base}/health"))
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nginx did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            base,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM is nginx's fast shutdown; wait so no worker outlives the test.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+const SIZE: u64 = 256 * 1024 * 1024;
+const CHUNK: usize = 1024 * 1024;
+
+/// Uploads SIZE pseudo-random bytes through nginx as a stream; returns the answer and
+/// the SHA-256 the client computed while sending.
+async fn upload_large(nginx: &Nginx, token: &str) -> (Value, String) {
+    let (hash_tx, hash_rx) = tokio::sync::oneshot::channel();
+    let mut hasher = Some((Sha256::new(), hash_tx));
+    let chunks = (SIZE as usize) / CHUNK;
+    let body = futures::stream::iter(0..chunks).map(move |i| {
+        let chunk = pseudo_random_bytes(i as u64 + 1, CHUNK);
+        if let Some((h, _)) = hasher.as_mut() {
+            h.update(&chunk);
+        }
+        if i + 1 == chunks {
+            if let Some((h, tx)) = hasher.take() {
+                let _ = tx.send(hex::encode(h.finalize()));
+            }
+        }
+        Ok::<_, std::io::Error>(chunk)
+    });
+    let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(body), SIZE)
+        .file_name("big.bin");
+    let form = reqwest::multipart::Form::new()
+        .text(
+            "file_asset",
+            json!({"id_session": 1, "asset_name": "big"}).to_string(),
+        )
+        .part("file", part);
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/assets", nginx.base))
+        .header("Authorization", format!("OpenTera {token}"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let info: Value = response.json().await.unwrap();
+    (info, hash_rx.await.unwrap())
+}
+
+/// Downloads through nginx, hashing as the bytes arrive; returns (headers, size, sha256).
+async fn download_hashed(
+    nginx: &Nginx,
+    token: &str,
+    uuid: &str,
+) -> (reqwest::header::HeaderMap, u64, String) {
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/assets?asset_uuid={uuid}", nginx.base))
+        .header("Authorization", format!("OpenTera {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    let mut stream = response.bytes_stream();
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    (headers, size, hex::encode(hasher.finalize()))
+}
+
+async fn round_trip(accel: bool) {
+    let options = TestOptions {
+        accel_redirect_prefix: accel.then(|| "/_assetd_blobs/".to_owned()),
+        ..Default::default()
+    };
+    let app = TestApp::spawn_with(options).await;
+    let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
+    let (_, token) = app.session_with_user(1).await;
+
+    let (info, sent_sha) = upload_large(&nginx, &token).await;
+    assert_eq!(info["asset_file_size"], SIZE);
+    assert_eq!(
+        info["asset_sha256"], sent_sha,
+        "assetd hashed what the client sent"
+    );
+    let port = nginx
+        .base
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        info["asset_url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("http://127.0.0.1:{port}/file/")),
+        "URLs name the proxy: {info}"
+    );
+
+    let uuid = info["asset_uuid"].as_str().unwrap();
+    let (headers, size, received_sha) = download_hashed(&nginx, &token, uuid).await;
+    assert_eq!(size, SIZE);
+    assert_eq!(received_sha, sent_sha);
+    assert_eq!(headers["content-length"], SIZE.to_string());
+    assert_eq!(
+        headers["content-disposition"],
+        "attachment; filename=\"big.bin\"; filename*=UTF-8''big.bin"
+    );
+    assert_eq!(
+        headers["etag"].to_str().unwrap(),
+        format!("\"sha256:{sent_sha}\"")
+    );
+    assert!(
+        headers.get("x-accel-redirect").is_none(),
+        "nginx consumes the redirect header"
+    );
+
+    // A range through the proxy.
+    let ranged = reqwest::Client::new()
+        .get(format!("{}/api/assets?asset_uuid={uuid}", nginx.base))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header("Range", "bytes=1048576-1048585")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(
+        ranged.bytes().await.unwrap().as_ref(),
+        &pseudo_random_bytes(2, 10)[..]
+    );
+
+    // The internal location is not reachable from outside.
+    let blob_path = assetd::blobs::BlobStore::relative_path(uuid.parse().unwrap());
+    let direct = reqwest::get(format!(
+        "{}/_assetd_blobs/{blob_path}",
+        nginx.base.trim_end_matches("/file")
+    ))
+    .await
+    .unwrap();
+    assert_eq!(direct.status(), 404);
+}
+
+#[tokio::test]
+async fn a_256_mib_file_round_trips_through_nginx_proxied() {
+    round_trip(false).await;
+}
+
+#[tokio::test]
+async fn a_256_mib_file_round_trips_through_nginx_with_x_accel_redirect() {
+    round_trip(true).await;
+}
+
+#[tokio::test]
+async fn errors_pass_through_nginx_unchanged() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
+    let response = reqwest::get(format!("{}/api/sessions/1", nginx.base))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_token");
+    let doc = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}/doc", nginx.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(doc.headers()["location"], "/file/doc/");
+}

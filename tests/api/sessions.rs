@@ -1,0 +1,372 @@
+//! Sessions: registration by services, access rules, deletion with assets, listings.
+
+use assetd::domain::principal::PrincipalKind;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{assert_error, TestApp};
+
+#[tokio::test]
+async fn services_register_update_and_members_read_sessions() {
+    let app = TestApp::spawn().await;
+    let service = app.service_token();
+    let (user, participant, device, creator) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let body = json!({
+        "session_name": "Visit 12", "id_creator_uuid": creator,
+        "session_users": [user], "session_participants": [participant], "session_devices": [device],
+    });
+    let response = app.put_session(&service, 12, &body).await;
+    assert_eq!(response.status(), 200);
+    let registered: Value = response.json().await.unwrap();
+    assert_eq!(registered["id_session"], 12);
+    assert_eq!(registered["session_name"], "Visit 12");
+    assert_eq!(registered["session_version"], 1);
+    let session_uuid = registered["session_uuid"].clone();
+    assert!(session_uuid.is_string());
+
+    // Idempotent: the same body again changes nothing, appends nothing.
+    let events_before = app.event_count().await;
+    let again: Value = app
+        .put_session(&service, 12, &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["session_version"], 1);
+    assert_eq!(app.event_count().await, events_before);
+
+    let mut renamed = body.clone();
+    renamed["session_name"] = json!("Visit 12b");
+    let updated: Value = app
+        .put_session(&service, 12, &renamed)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(updated["session_version"], 2);
+    assert_eq!(
+        updated["session_uuid"], session_uuid,
+        "the uuid is kept across updates"
+    );
+
+    for (kind, uuid) in [
+        (PrincipalKind::User, user),
+        (PrincipalKind::Participant, participant),
+        (PrincipalKind::Device, device),
+        (PrincipalKind::User, creator),
+    ] {
+        let response = app
+            .get(&app.token_for(kind, uuid, false), "/api/sessions/12")
+            .await;
+        assert_eq!(response.status(), 200, "{kind:?} {uuid} is a member");
+    }
+    assert_eq!(
+        app.get(
+            &app.token_for(PrincipalKind::User, Uuid::new_v4(), true),
+            "/api/sessions/12"
+        )
+        .await
+        .status(),
+        200
+    );
+    assert_error(
+        app.get(&app.user_token(Uuid::new_v4()), "/api/sessions/12")
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_error(
+        app.get(
+            &app.token_for(PrincipalKind::Participant, user, false),
+            "/api/sessions/12",
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_error(
+        app.get(&service, "/api/sessions/404").await,
+        404,
+        "not_found",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn only_services_and_superadmins_register_or_delete_sessions() {
+    let app = TestApp::spawn().await;
+    let body = json!({"session_name": "v"});
+    assert_error(
+        app.put_session(&app.user_token(Uuid::new_v4()), 1, &body)
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    let admin = app.token_for(PrincipalKind::User, Uuid::new_v4(), true);
+    assert_eq!(app.put_session(&admin, 1, &body).await.status(), 200);
+    assert_error(
+        app.delete(&app.user_token(Uuid::new_v4()), "/api/sessions/1")
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert_eq!(app.event_count().await, 1);
+}
+
+#[tokio::test]
+async fn session_bodies_and_ids_are_validated() {
+    let app = TestApp::spawn().await;
+    let service = app.service_token();
+    assert_error(
+        app.put_session(&service, 0, &json!({"session_name": "v"}))
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_error(
+        app.put_session(&service, 1, &json!({"session_name": "  "}))
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_error(
+        app.put_session(&service, 1, &json!({"session_users": []}))
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_error(
+        app.put_session(
+            &service,
+            1,
+            &json!({"session_name": "v", "session_users": ["not-a-uuid"]}),
+        )
+        .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_error(
+        app.put_session(&service, 1, &json!({"session_name": "v", "unexpected": 1}))
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    let not_json = app
+        .client
+        .put(app.url("/api/sessions/1"))
+        .header("Authorization", format!("Bearer {service}"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_error(not_json, 400, "invalid_json").await;
+    let huge = app
+        .client
+        .put(app.url("/api/sessions/1"))
+        .header("Authorization", format!("Bearer {service}"))
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_error(huge, 413, "payload_too_large").await;
+    assert_error(
+        app.get(&service, "/api/sessions/abc").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    assert_eq!(app.event_count().await, 0);
+}
+
+#[tokio::test]
+async fn deleting_a_session_deletes_its_assets_with_an_event_each() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(5).await;
+    let (_, other_token) = app.session_with_user(6).await;
+    let a = app.upload_ok(&token, 5, "a.txt", b"a").await;
+    let b = app.upload_ok(&token, 5, "b.txt", b"b").await;
+    let kept = app.upload_ok(&other_token, 6, "c.txt", b"c").await;
+
+    let response = app.delete(&app.service_token(), "/api/sessions/5").await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["deleted_assets"].as_array().unwrap().len(), 2);
+
+    for asset in [&a, &b] {
+        let uuid = asset["asset_uuid"].as_str().unwrap();
+        let history: Value = app
+            .get(&app.service_token(), &format!("/api/assets/{uuid}/events"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let types: Vec<&str> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event_type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["AssetUploaded", "AssetDeleted"]);
+        assert_eq!(history[1]["data"]["reason"], "session_deleted");
+        assert_error(
+            app.get(
+                &app.service_token(),
+                &format!("/api/assets?asset_uuid={uuid}"),
+            )
+            .await,
+            404,
+            "not_found",
+        )
+        .await;
+        assert!(
+            !app.ctx.app.blobs.path(uuid.parse().unwrap()).exists(),
+            "bytes removed"
+        );
+    }
+    let kept_uuid = kept["asset_uuid"].as_str().unwrap();
+    assert_eq!(
+        app.get(&other_token, &format!("/api/assets?asset_uuid={kept_uuid}"))
+            .await
+            .status(),
+        200
+    );
+    assert_error(
+        app.get(&app.service_token(), "/api/sessions/5").await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_error(
+        app.delete(&app.service_token(), "/api/sessions/5").await,
+        404,
+        "not_found",
+    )
+    .await;
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM events WHERE type = 'SessionDeleted'")
+            .await,
+        1
+    );
+
+    // A deleted session can be registered again, empty.
+    assert_eq!(
+        app.put_session(&app.service_token(), 5, &json!({"session_name": "again"}))
+            .await
+            .status(),
+        200
+    );
+    let listing: Value = app
+        .get(&app.service_token(), "/api/sessions/5/assets")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["assets"], json!([]));
+}
+
+#[tokio::test]
+async fn listings_are_newest_first_paginated_and_filtered_by_directory() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(3).await;
+    let mut uploaded = Vec::new();
+    for n in 0..7 {
+        let directory = if n % 2 == 0 { "/even" } else { "/odd" };
+        let response = app
+            .upload(
+                &token,
+                &json!({"id_session": 3, "asset_name": format!("n{n}"), "directory": directory}),
+                &format!("{n}.bin"),
+                vec![n as u8],
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        uploaded.push(body["asset_uuid"].as_str().unwrap().to_owned());
+    }
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/sessions/3/assets?limit=3&cursor={c}"),
+            None => "/api/sessions/3/assets?limit=3".to_owned(),
+        };
+        let page: Value = app.get(&token, &path).await.json().await.unwrap();
+        pages += 1;
+        for item in page["assets"].as_array().unwrap() {
+            assert!(
+                item["access_token"].as_str().is_some_and(|t| !t.is_empty()),
+                "each item carries an access token"
+            );
+            listed.push(item["asset_uuid"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let newest_first: Vec<String> = uploaded.iter().rev().cloned().collect();
+    assert_eq!(listed, newest_first);
+
+    let odd: Value = app
+        .get(&token, "/api/sessions/3/assets?directory=/odd")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(odd["assets"].as_array().unwrap().len(), 3);
+    assert!(odd["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["directory"] == "/odd"));
+
+    assert_error(
+        app.get(&token, "/api/sessions/3/assets?limit=0").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(
+        app.get(&token, "/api/sessions/3/assets?limit=x").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(
+        app.get(&token, "/api/sessions/3/assets?cursor=garbage")
+            .await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
+    assert_error(
+        app.get(&token, "/api/sessions/3/assets?directory=/a/../b")
+            .await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_error(
+        app.get(&app.user_token(Uuid::new_v4()), "/api/sessions/3/assets")
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+}

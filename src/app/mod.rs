@@ -270,6 +270,8 @@ impl App {
     // ----- assets -----
 
     /// Records an asset whose bytes are already durable in the blob store under its uuid.
+    /// The session must still be registered: it is checked again here, under a lock,
+    /// because it may have been deleted while the bytes were streaming.
     pub async fn record_upload(
         &self,
         ctx: &CommandContext,
@@ -277,6 +279,9 @@ impl App {
     ) -> Result<AssetInfo, AppError> {
         let uuid = uploaded.asset_uuid;
         in_transaction!(self, |tx| {
+            if !read::lock_session(&tx, uploaded.id_session).await? {
+                return Err(AppError::Domain(DomainError::NotFound("session")));
+            }
             stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| {
                 a.handle_upload(uploaded.clone())
             })

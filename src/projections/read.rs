@@ -244,3 +244,16 @@ pub async fn live_asset_uuids(
         .map(|row| row.get(0))
         .collect())
 }
+
+/// Whether the session is registered, holding a share lock on its row until the
+/// transaction ends so a concurrent deletion waits for (and then sees) what this
+/// transaction adds to the session.
+pub async fn lock_session(
+    client: &impl GenericClient,
+    id: SessionId,
+) -> Result<bool, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached("SELECT 1 FROM sessions WHERE id_session = $1 FOR SHARE")
+        .await?;
+    Ok(client.query_opt(&statement, &[&id.get()]).await?.is_some())
+}

@@ -370,3 +370,60 @@ async fn listings_are_newest_first_paginated_and_filtered_by_directory() {
     )
     .await;
 }
+
+/// An upload whose session is deleted while its bytes stream is not recorded.
+#[tokio::test]
+async fn an_upload_is_not_recorded_for_a_session_deleted_meanwhile() {
+    use assetd::app::CommandContext;
+    use assetd::domain::asset::{AssetSource, AssetUploaded};
+    use assetd::domain::names::{
+        AssetName, Directory, FileName, MediaType, SessionId, Sha256Hex, Tags,
+    };
+    use assetd::domain::principal::Actor;
+
+    let app = TestApp::spawn().await;
+    app.session_with_user(8).await;
+    assert_eq!(
+        app.delete(&app.service_token(), "/api/sessions/8")
+            .await
+            .status(),
+        200
+    );
+    let before = app.event_count().await;
+    let creator = Actor {
+        kind: PrincipalKind::User,
+        uuid: Uuid::new_v4(),
+    };
+    let uploaded = AssetUploaded {
+        asset_uuid: Uuid::new_v4(),
+        id_session: SessionId::new(8).unwrap(),
+        asset_name: AssetName::parse("n").unwrap(),
+        asset_original_filename: FileName::parse("n.bin").unwrap(),
+        asset_type: MediaType::octet_stream(),
+        asset_file_size: 0,
+        asset_sha256: Sha256Hex::parse(&"0".repeat(64)).unwrap(),
+        asset_datetime: None,
+        directory: Directory::root(),
+        tags: Tags::default(),
+        metadata: Default::default(),
+        asset_creator: creator,
+        asset_source: AssetSource::Upload,
+    };
+    let context = CommandContext {
+        actor: creator,
+        request_id: "r".into(),
+        correlation_id: "r".into(),
+        causation_id: None,
+    };
+    let result = app.ctx.app.record_upload(&context, uploaded).await;
+    assert!(
+        matches!(
+            result,
+            Err(assetd::app::AppError::Domain(
+                assetd::domain::DomainError::NotFound("session")
+            ))
+        ),
+        "{result:?}"
+    );
+    assert_eq!(app.event_count().await, before);
+}

@@ -339,15 +339,23 @@ impl App {
         asset: &AssetInfo,
         access_token: Option<&str>,
     ) -> Result<(), AppError> {
-        let mut token_problem = None;
-        if let Some(token) = access_token.filter(|t| !t.is_empty()) {
-            match self.auth.asset_token_grants(token, asset.asset_uuid) {
+        // A valid token naming the asset is enough; a bad one is reported only if
+        // session access does not let the caller in anyway.
+        let token_refusal = match access_token.filter(|t| !t.is_empty()) {
+            None => None,
+            Some(token) => match self.auth.asset_token_grants(token, asset.asset_uuid) {
                 Ok(true) => return Ok(()),
-                Ok(false) => token_problem = Some("the access_token does not name this asset"),
-                Err(TokenError::Expired) => token_problem = Some("the access_token has expired"),
-                Err(TokenError::Invalid) => token_problem = Some("the access_token is invalid"),
-            }
-        }
+                Ok(false) => Some(AppError::Forbidden(
+                    "the access_token does not name this asset".into(),
+                )),
+                Err(TokenError::Expired) => Some(AppError::AccessTokenExpired(
+                    "the access_token has expired".into(),
+                )),
+                Err(TokenError::Invalid) => {
+                    Some(AppError::Forbidden("the access_token is invalid".into()))
+                }
+            },
+        };
         if principal.is_privileged() {
             return Ok(());
         }
@@ -361,13 +369,9 @@ impl App {
         {
             return Ok(());
         }
-        Err(match token_problem {
-            Some(problem) if problem.contains("expired") => {
-                AppError::AccessTokenExpired(problem.into())
-            }
-            Some(problem) => AppError::Forbidden(problem.into()),
-            None => AppError::Forbidden(format!("no access to asset {}", asset.asset_uuid)),
-        })
+        Err(token_refusal.unwrap_or_else(|| {
+            AppError::Forbidden(format!("no access to asset {}", asset.asset_uuid))
+        }))
     }
 
     pub async fn rename_asset(

@@ -19,6 +19,16 @@ pub enum AssetSource {
     SignedUpload,
 }
 
+impl AssetSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Upload => "upload",
+            Self::Import => "import",
+            Self::SignedUpload => "signed_upload",
+        }
+    }
+}
+
 /// The payload of `AssetUploaded`: all a consumer needs to know about the new asset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssetUploaded {

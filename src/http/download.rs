@@ -173,16 +173,16 @@ pub async fn respond(
             content_disposition(&asset.asset_original_filename),
         );
 
-    if let Delivery::AccelRedirect(prefix) = delivery {
-        // nginx serves the bytes and applies Range itself.
-        let location = format!("{prefix}{}", BlobStore::relative_path(asset.asset_uuid));
-        return builder
-            .header("x-accel-redirect", location)
-            .body(Body::empty())
-            .map_err(ApiError::internal);
-    }
-    let Delivery::Direct(blobs) = delivery else {
-        unreachable!("handled above")
+    let blobs = match delivery {
+        Delivery::Direct(blobs) => blobs,
+        Delivery::AccelRedirect(prefix) => {
+            // nginx serves the bytes and applies Range itself.
+            let location = format!("{prefix}{}", BlobStore::relative_path(asset.asset_uuid));
+            return builder
+                .header("x-accel-redirect", location)
+                .body(Body::empty())
+                .map_err(ApiError::internal);
+        }
     };
 
     // If-Range: a range is only honoured while the representation is the one named.

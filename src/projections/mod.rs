@@ -125,10 +125,6 @@ async fn apply_asset(
                      VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8::timestamptz, $12::timestamptz), $9, $10, $11, 'available', $12, $13, $14, $15, $16)",
                 )
                 .await?;
-            let source = serde_json::to_value(a.asset_source)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
             client
                 .execute(
                     &statement,
@@ -147,7 +143,7 @@ async fn apply_asset(
                         &event.recorded_at,
                         &a.asset_creator.kind.as_str(),
                         &a.asset_creator.uuid,
-                        &source,
+                        &a.asset_source.as_str(),
                         &event.version,
                     ],
                 )

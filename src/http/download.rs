@@ -146,7 +146,6 @@ pub async fn respond(
     let size = asset.asset_file_size.max(0) as u64;
     let mut builder = Response::builder()
         .header("etag", &etag)
-        .header("accept-ranges", "bytes")
         .header("cache-control", "private, no-cache")
         .header(
             "last-modified",
@@ -174,7 +173,11 @@ pub async fn respond(
         );
 
     let blobs = match delivery {
-        Delivery::Direct(blobs) => blobs,
+        // nginx adds its own Accept-Ranges to what it sends.
+        Delivery::Direct(blobs) => {
+            builder = builder.header("accept-ranges", "bytes");
+            blobs
+        }
         Delivery::AccelRedirect(prefix) => {
             // nginx serves the bytes and applies Range itself.
             let location = format!("{prefix}{}", BlobStore::relative_path(asset.asset_uuid));

@@ -218,23 +218,13 @@ pub async fn read_all(
     after: GlobalPosition,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    let statement = format!(
-        "SELECT {SELECT_COLUMNS} FROM events
-         WHERE (tx, position) > ($1::text::xid8, $2)
-           AND tx < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY tx, position
-         LIMIT $3"
-    );
-    let statement = client.prepare_cached(&statement).await?;
-    client
-        .query(
-            &statement,
-            &[&after.tx.to_string(), &after.position, &limit],
-        )
-        .await?
-        .iter()
-        .map(recorded_from_row)
-        .collect()
+    read_global(
+        client,
+        after,
+        limit,
+        "AND tx < pg_snapshot_xmin(pg_current_snapshot())",
+    )
+    .await
 }
 
 /// Up to `limit` events after `after` in `(tx, position)` order, as the caller's snapshot
@@ -245,19 +235,29 @@ pub async fn read_all_in_snapshot(
     after: GlobalPosition,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    read_global(client, after, limit, "").await
+}
+
+async fn read_global(
+    client: &impl GenericClient,
+    after: GlobalPosition,
+    limit: i64,
+    horizon: &str,
+) -> Result<Vec<RecordedEvent>, EventStoreError> {
     let statement = format!(
-        "SELECT {SELECT_COLUMNS} FROM events WHERE (tx, position) > ($1::text::xid8, $2) ORDER BY tx, position LIMIT $3"
+        "SELECT {SELECT_COLUMNS} FROM events
+         WHERE (tx, position) > ($1::text::xid8, $2) {horizon}
+         ORDER BY tx, position
+         LIMIT $3"
     );
     let statement = client.prepare_cached(&statement).await?;
-    client
+    let rows = client
         .query(
             &statement,
             &[&after.tx.to_string(), &after.position, &limit],
         )
-        .await?
-        .iter()
-        .map(recorded_from_row)
-        .collect()
+        .await?;
+    rows.iter().map(recorded_from_row).collect()
 }
 
 /// The event store over a connection pool, for callers that do not need their own

@@ -14,11 +14,7 @@ use crate::domain::principal::{Principal, PrincipalKind};
 use crate::http::{self, Context, HttpSettings};
 
 #[derive(Parser)]
-#[command(
-    name = "assetd",
-    version,
-    about = "Stores the files of sessions; see README.md"
-)]
+#[command(name = "assetd", version, about = "Stores the files of sessions; see README.md")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,10 +62,7 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Serve(config) => serve(*config).await,
         Command::Migrate(db) => {
             let pool = db.pool()?;
-            let applied = crate::migrations::run(
-                &mut pool.get().await.context("connecting to the database")?,
-            )
-            .await?;
+            let applied = crate::migrations::run(&mut pool.get().await.context("connecting to the database")?).await?;
             println!("{applied} migration(s) applied");
             Ok(())
         }
@@ -80,97 +73,59 @@ pub async fn run() -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let events = crate::projections::replay(&mut client).await?;
             let seconds = started.elapsed().as_secs_f64();
-            println!(
-                "replayed {events} events in {seconds:.2} s ({:.0} events/s)",
-                events as f64 / seconds.max(1e-9)
-            );
+            println!("replayed {events} events in {seconds:.2} s ({:.0} events/s)", events as f64 / seconds.max(1e-9));
             Ok(())
         }
         Command::Openapi { base_path } => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&http::openapi::document(&base_path))?
-            );
+            println!("{}", serde_json::to_string_pretty(&http::openapi::document(&base_path))?);
             Ok(())
         }
         Command::Token(args) => {
-            let kind = PrincipalKind::parse(&args.kind)
-                .context("--kind must be user, participant, device or service")?;
+            let kind =
+                PrincipalKind::parse(&args.kind).context("--kind must be user, participant, device or service")?;
             let principal = Principal {
                 kind,
                 uuid: args.sub.unwrap_or_else(Uuid::new_v4),
                 name: args.name,
                 superadmin: args.superadmin,
             };
-            println!(
-                "{}",
-                Authenticator::new(&args.jwt_secret).mint(&principal, args.lifetime)
-            );
+            println!("{}", Authenticator::new(&args.jwt_secret).mint(&principal, args.lifetime));
             Ok(())
         }
     }
 }
 
 fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("ASSETD_LOG").unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ASSETD_LOG").unwrap_or_else(|_| "info".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 /// Builds the application from `config`: pool, migrations, blob store.
 pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
-    anyhow::ensure!(
-        !config.jwt_secret.is_empty(),
-        "ASSETD_JWT_SECRET must not be empty"
-    );
-    anyhow::ensure!(
-        !config.url_signing_key.is_empty(),
-        "ASSETD_URL_SIGNING_KEY must not be empty"
-    );
+    anyhow::ensure!(!config.jwt_secret.is_empty(), "ASSETD_JWT_SECRET must not be empty");
+    anyhow::ensure!(!config.url_signing_key.is_empty(), "ASSETD_URL_SIGNING_KEY must not be empty");
     let pool = config.database.pool()?;
     let mut client = pool.get().await.context("connecting to the database")?;
-    crate::migrations::run(&mut client)
-        .await
-        .context("migrating the database")?;
+    crate::migrations::run(&mut client).await.context("migrating the database")?;
     drop(client);
     let blobs = BlobStore::open(&config.data_dir)
         .await
         .with_context(|| format!("opening the data dir {}", config.data_dir.display()))?;
-    let app = App::new(
-        pool,
-        blobs,
-        Authenticator::new(&config.jwt_secret),
-        config.asset_token_ttl,
-    );
+    let app = App::new(pool, blobs, Authenticator::new(&config.jwt_secret), config.asset_token_ttl);
     let settings = HttpSettings {
         base_path: config.base_path.clone(),
         max_upload_size: config.max_upload_size,
-        accel_redirect_prefix: config
-            .accel_redirect_prefix
-            .clone()
-            .filter(|p| !p.is_empty()),
+        accel_redirect_prefix: config.accel_redirect_prefix.clone().filter(|p| !p.is_empty()),
+        body_idle_timeout: Duration::from_secs(config.body_idle_timeout_seconds.max(1)),
     };
-    Ok(Context {
-        app,
-        settings: std::sync::Arc::new(settings),
-    })
+    Ok(Context { app, settings: std::sync::Arc::new(settings) })
 }
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ctx = build_context(&config).await?;
-    let listener = std::net::TcpListener::bind(config.listen)
-        .with_context(|| format!("binding {}", config.listen))?;
+    let listener = std::net::TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, base_path = %config.base_path, "assetd serving");
-    http::serve(
-        ctx,
-        listener,
-        shutdown_signal(),
-        Duration::from_secs(config.shutdown_grace_seconds),
-    )
-    .await?;
+    http::serve(ctx, listener, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds)).await?;
     tracing::info!("assetd stopped");
     Ok(())
 }

@@ -9,11 +9,7 @@ use std::path::PathBuf;
 #[derive(clap::Args, Clone, Debug)]
 pub struct DatabaseConfig {
     /// Postgres URL of assetd's database.
-    #[arg(
-        long,
-        env = "ASSETD_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/assetd"
-    )]
+    #[arg(long, env = "ASSETD_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/assetd")]
     pub database_url: String,
     /// Largest number of pooled database connections.
     #[arg(long, env = "ASSETD_DATABASE_POOL_SIZE", default_value_t = 32)]
@@ -50,6 +46,9 @@ pub struct ServeConfig {
     /// Lifetime of the asset access tokens handed out, in seconds.
     #[arg(long, env = "ASSETD_ASSET_TOKEN_TTL", default_value_t = 3600)]
     pub asset_token_ttl: i64,
+    /// A request body that delivers nothing for this many seconds is abandoned (408).
+    #[arg(long, env = "ASSETD_BODY_IDLE_TIMEOUT", default_value_t = 60)]
+    pub body_idle_timeout_seconds: u64,
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     #[arg(long, env = "ASSETD_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
@@ -57,12 +56,7 @@ pub struct ServeConfig {
 
 fn parse_base_path(value: &str) -> Result<String, String> {
     let trimmed = value.trim_matches('/');
-    if trimmed.split('/').any(|s| {
-        s.is_empty()
-            || !s
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    }) {
+    if trimmed.split('/').any(|s| s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))) {
         return Err("a path like /file (letters, digits, '-', '_', '.')".into());
     }
     Ok(format!("/{trimmed}"))
@@ -74,9 +68,7 @@ impl DatabaseConfig {
         let manager = deadpool_postgres::Manager::from_config(
             pg,
             tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
+            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
         );
         Ok(deadpool_postgres::Pool::builder(manager)
             .max_size(self.database_pool_size)

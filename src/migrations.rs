@@ -5,11 +5,7 @@
 /// (version, name, SQL). Append only: never edit a migration that has shipped.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "events", include_str!("migrations/0001_events.sql")),
-    (
-        2,
-        "projections",
-        include_str!("migrations/0002_projections.sql"),
-    ),
+    (2, "projections", include_str!("migrations/0002_projections.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.
@@ -18,8 +14,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x6173_7365_7464_6d67;
 /// Applies every migration not yet applied; returns how many were.
 pub async fn run(client: &mut deadpool_postgres::Client) -> Result<usize, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    integer     PRIMARY KEY,
@@ -27,23 +22,15 @@ pub async fn run(client: &mut deadpool_postgres::Client) -> Result<usize, tokio_
              applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .await?;
-    let applied: Vec<i32> = tx
-        .query("SELECT version FROM schema_migrations", &[])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let applied: Vec<i32> =
+        tx.query("SELECT version FROM schema_migrations", &[]).await?.iter().map(|row| row.get(0)).collect();
     let mut count = 0;
     for (version, name, sql) in MIGRATIONS {
         if applied.contains(version) {
             continue;
         }
         tx.batch_execute(sql).await?;
-        tx.execute(
-            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-            &[version, name],
-        )
-        .await?;
+        tx.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", &[version, name]).await?;
         count += 1;
     }
     tx.commit().await?;

@@ -11,7 +11,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, TokenError};
-use crate::blobs::BlobStore;
+use crate::blobs::{BlobStore, StoredBlob, TempBlob};
 use crate::domain::asset::{Asset, AssetEvent, AssetUploaded, DeletionReason};
 use crate::domain::names::{FileName, SessionId};
 use crate::domain::principal::{Actor, Principal};
@@ -42,6 +42,21 @@ pub enum AppError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("event {0} has an unreadable payload")]
     CorruptEvent(Uuid),
+    #[error("the commit's outcome is unknown: {0}")]
+    CommitOutcomeUnknown(tokio_postgres::Error),
+    #[error("storage: {0}")]
+    Storage(#[from] std::io::Error),
+    #[error("a command task failed: {0}")]
+    TaskFailed(String),
+}
+
+/// Runs a command that has effects outside the database (blob writes and removals) in a
+/// task of its own and waits for it: a client that goes away drops the request's
+/// future, which must not stop such a command between its event and its bytes.
+pub async fn run_to_completion<T: Send + 'static>(
+    command: impl std::future::Future<Output = Result<T, AppError>> + Send + 'static,
+) -> Result<T, AppError> {
+    tokio::spawn(command).await.map_err(|error| AppError::TaskFailed(error.to_string()))?
 }
 
 impl AppError {
@@ -152,7 +167,9 @@ macro_rules! in_transaction {
             let result: Result<_, AppError> = async { $body }.await;
             match result {
                 Ok(value) => {
-                    $tx.commit().await?;
+                    // The commit may have happened even if we hear an error: callers must
+                    // not undo side effects (blobs) on this one.
+                    $tx.commit().await.map_err(AppError::CommitOutcomeUnknown)?;
                     break Ok::<_, AppError>(value);
                 }
                 Err(error) if error.is_retryable_conflict() && attempt < MAX_ATTEMPTS => continue,
@@ -173,12 +190,7 @@ pub struct App {
 
 impl App {
     pub fn new(pool: Pool, blobs: BlobStore, auth: Authenticator, asset_token_ttl: i64) -> Self {
-        Self {
-            pool,
-            blobs,
-            auth: Arc::new(auth),
-            asset_token_ttl,
-        }
+        Self { pool, blobs, auth: Arc::new(auth), asset_token_ttl }
     }
 
     // ----- sessions -----
@@ -191,19 +203,12 @@ impl App {
         command: UpsertSession,
     ) -> Result<SessionInfo, AppError> {
         if !principal.is_privileged() {
-            return Err(AppError::Forbidden(
-                "only services may register sessions".into(),
-            ));
+            return Err(AppError::Forbidden("only services may register sessions".into()));
         }
         let id = command.id_session;
         in_transaction!(self, |tx| {
-            stage::<Session>(&tx, ctx, &id.stream(), |s| {
-                s.handle_upsert(command.clone(), Uuid::new_v4())
-            })
-            .await?;
-            read::session(&tx, id)
-                .await?
-                .ok_or(AppError::Domain(DomainError::NotFound("session")))
+            stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_upsert(command.clone(), Uuid::new_v4())).await?;
+            read::session(&tx, id).await?.ok_or(AppError::Domain(DomainError::NotFound("session")))
         })
     }
 
@@ -217,18 +222,14 @@ impl App {
         id: SessionId,
     ) -> Result<Vec<Uuid>, AppError> {
         if !principal.is_privileged() {
-            return Err(AppError::Forbidden(
-                "only services may delete sessions".into(),
-            ));
+            return Err(AppError::Forbidden("only services may delete sessions".into()));
         }
         let deleted = in_transaction!(self, |tx| {
             stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_delete()).await?;
             let uuids = read::live_asset_uuids(&tx, id).await?;
             for uuid in &uuids {
-                stage::<Asset>(&tx, ctx, &asset_stream(*uuid), |a| {
-                    a.handle_delete(DeletionReason::SessionDeleted)
-                })
-                .await?;
+                stage::<Asset>(&tx, ctx, &asset_stream(*uuid), |a| a.handle_delete(DeletionReason::SessionDeleted))
+                    .await?;
             }
             Ok(uuids)
         })?;
@@ -239,15 +240,9 @@ impl App {
     }
 
     /// The session, if `principal` may see it.
-    pub async fn session_for(
-        &self,
-        principal: &Principal,
-        id: SessionId,
-    ) -> Result<SessionInfo, AppError> {
+    pub async fn session_for(&self, principal: &Principal, id: SessionId) -> Result<SessionInfo, AppError> {
         let client = self.pool.get().await?;
-        let session = read::session(&client, id)
-            .await?
-            .ok_or(DomainError::NotFound("session"))?;
+        let session = read::session(&client, id).await?.ok_or(DomainError::NotFound("session"))?;
         if !session.details().is_some_and(|d| d.grants(principal)) {
             return Err(AppError::Forbidden(format!("no access to session {id}")));
         }
@@ -269,27 +264,38 @@ impl App {
 
     // ----- assets -----
 
-    /// Records an asset whose bytes are already durable in the blob store under its uuid.
-    /// The session must still be registered: it is checked again here, under a lock,
-    /// because it may have been deleted while the bytes were streaming.
-    pub async fn record_upload(
+    /// Makes an uploaded file durable under `asset_uuid` and records the asset that
+    /// `describe` makes of it. The session must still exist and still admit `principal`:
+    /// both are checked again, under a lock on the session row, because either may have
+    /// changed while the bytes were streaming. If the asset is not recorded, its bytes
+    /// are removed (unless the commit's outcome is unknown: then the cleanup job decides).
+    pub async fn store_upload(
         &self,
+        principal: &Principal,
         ctx: &CommandContext,
-        uploaded: AssetUploaded,
+        blob: TempBlob,
+        asset_uuid: Uuid,
+        describe: impl FnOnce(StoredBlob) -> AssetUploaded,
     ) -> Result<AssetInfo, AppError> {
-        let uuid = uploaded.asset_uuid;
-        in_transaction!(self, |tx| {
-            if !read::lock_session(&tx, uploaded.id_session).await? {
-                return Err(AppError::Domain(DomainError::NotFound("session")));
+        let uploaded = describe(blob.persist(asset_uuid).await?);
+        let recorded = in_transaction!(self, |tx| {
+            let session = read::lock_session(&tx, uploaded.id_session).await?;
+            match session.and_then(|s| s.details()) {
+                None => return Err(AppError::Domain(DomainError::NotFound("session"))),
+                Some(details) if !details.grants(principal) => {
+                    return Err(AppError::Forbidden(format!("no access to session {}", details.id_session)))
+                }
+                Some(_) => {}
             }
-            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| {
-                a.handle_upload(uploaded.clone())
-            })
-            .await?;
-            read::asset(&tx, uuid)
-                .await?
-                .ok_or(AppError::Domain(DomainError::NotFound("asset")))
-        })
+            stage::<Asset>(&tx, ctx, &asset_stream(asset_uuid), |a| a.handle_upload(uploaded.clone())).await?;
+            read::asset(&tx, asset_uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
+        });
+        if let Err(error) = &recorded {
+            if !matches!(error, AppError::CommitOutcomeUnknown(_)) {
+                self.remove_blob(asset_uuid).await;
+            }
+        }
+        recorded
     }
 
     /// The asset, if `principal` may reach it through its session or `access_token`.
@@ -302,11 +308,8 @@ impl App {
         access_token: Option<&str>,
     ) -> Result<AssetInfo, AppError> {
         let client = self.pool.get().await?;
-        let asset = read::asset(&client, uuid)
-            .await?
-            .ok_or(DomainError::NotFound("asset"))?;
-        self.check_asset_access(&client, principal, &asset, access_token)
-            .await?;
+        let asset = read::asset(&client, uuid).await?.ok_or(DomainError::NotFound("asset"))?;
+        self.check_asset_access(&client, principal, &asset, access_token).await?;
         Ok(asset)
     }
 
@@ -321,12 +324,8 @@ impl App {
         let found = read::assets(&client, &uuids).await?;
         let mut infos = Vec::with_capacity(requested.len());
         for (uuid, token) in requested {
-            let asset = found
-                .iter()
-                .find(|a| a.asset_uuid == *uuid)
-                .ok_or(DomainError::NotFound("asset"))?;
-            self.check_asset_access(&client, principal, asset, token.as_deref())
-                .await?;
+            let asset = found.iter().find(|a| a.asset_uuid == *uuid).ok_or(DomainError::NotFound("asset"))?;
+            self.check_asset_access(&client, principal, asset, token.as_deref()).await?;
             infos.push(asset.clone());
         }
         Ok(infos)
@@ -345,15 +344,9 @@ impl App {
             None => None,
             Some(token) => match self.auth.asset_token_grants(token, asset.asset_uuid) {
                 Ok(true) => return Ok(()),
-                Ok(false) => Some(AppError::Forbidden(
-                    "the access_token does not name this asset".into(),
-                )),
-                Err(TokenError::Expired) => Some(AppError::AccessTokenExpired(
-                    "the access_token has expired".into(),
-                )),
-                Err(TokenError::Invalid) => {
-                    Some(AppError::Forbidden("the access_token is invalid".into()))
-                }
+                Ok(false) => Some(AppError::Forbidden("the access_token does not name this asset".into())),
+                Err(TokenError::Expired) => Some(AppError::AccessTokenExpired("the access_token has expired".into())),
+                Err(TokenError::Invalid) => Some(AppError::Forbidden("the access_token is invalid".into())),
             },
         };
         if principal.is_privileged() {
@@ -363,15 +356,10 @@ impl App {
             Ok(id) => read::session(client, id).await?,
             Err(_) => None,
         };
-        if session
-            .and_then(|s| s.details())
-            .is_some_and(|d| d.grants(principal))
-        {
+        if session.and_then(|s| s.details()).is_some_and(|d| d.grants(principal)) {
             return Ok(());
         }
-        Err(token_refusal.unwrap_or_else(|| {
-            AppError::Forbidden(format!("no access to asset {}", asset.asset_uuid))
-        }))
+        Err(token_refusal.unwrap_or_else(|| AppError::Forbidden(format!("no access to asset {}", asset.asset_uuid))))
     }
 
     pub async fn rename_asset(
@@ -384,13 +372,8 @@ impl App {
     ) -> Result<AssetInfo, AppError> {
         self.asset_for(principal, uuid, access_token).await?;
         in_transaction!(self, |tx| {
-            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| {
-                a.handle_rename(new_name.clone())
-            })
-            .await?;
-            read::asset(&tx, uuid)
-                .await?
-                .ok_or(AppError::Domain(DomainError::NotFound("asset")))
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_rename(new_name.clone())).await?;
+            read::asset(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
         })
     }
 
@@ -404,10 +387,7 @@ impl App {
     ) -> Result<(), AppError> {
         self.asset_for(principal, uuid, access_token).await?;
         in_transaction!(self, |tx| {
-            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| {
-                a.handle_delete(DeletionReason::Requested)
-            })
-            .await?;
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_delete(DeletionReason::Requested)).await?;
             Ok(())
         })?;
         self.remove_blob(uuid).await;
@@ -442,9 +422,6 @@ impl App {
             let client = self.pool.get().await.ok()?;
             client.simple_query("SELECT 1").await.ok()
         };
-        matches!(
-            tokio::time::timeout(std::time::Duration::from_secs(2), check).await,
-            Ok(Some(_))
-        )
+        matches!(tokio::time::timeout(std::time::Duration::from_secs(2), check).await, Ok(Some(_)))
     }
 }

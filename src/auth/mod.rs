@@ -6,9 +6,7 @@
 //! can ever be accepted as the other.
 
 use chrono::Utc;
-use jsonwebtoken::{
-    decode, encode, errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation,
-};
+use jsonwebtoken::{decode, encode, errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -59,10 +57,8 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(jwt_secret: &str) -> Self {
-        let asset_key = Sha256::new()
-            .chain_update(b"assetd asset access token\0")
-            .chain_update(jwt_secret.as_bytes())
-            .finalize();
+        let asset_key =
+            Sha256::new().chain_update(b"assetd asset access token\0").chain_update(jwt_secret.as_bytes()).finalize();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECONDS;
         validation.set_required_spec_claims(&["exp"]);
@@ -84,12 +80,7 @@ impl Authenticator {
             })?
             .claims;
         let kind = PrincipalKind::parse(&claims.kind).ok_or(TokenError::Invalid)?;
-        Ok(Principal {
-            kind,
-            uuid: claims.sub,
-            name: claims.name,
-            superadmin: claims.superadmin,
-        })
+        Ok(Principal { kind, uuid: claims.sub, name: claims.name, superadmin: claims.superadmin })
     }
 
     /// Mints a principal token (for `assetd token`, tests and development).
@@ -103,26 +94,16 @@ impl Authenticator {
             exp: now + lifetime_seconds,
             iat: Some(now),
         };
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.principal_encoding,
-        )
-        .expect("HS256 signing of plain claims cannot fail")
+        encode(&Header::new(Algorithm::HS256), &claims, &self.principal_encoding)
+            .expect("HS256 signing of plain claims cannot fail")
     }
 
     /// Signs an access token for these assets, valid `lifetime_seconds`.
     pub fn mint_asset_token(&self, asset_uuids: &[Uuid], lifetime_seconds: i64) -> String {
-        let claims = AssetAccessClaims {
-            asset_uuids: asset_uuids.to_vec(),
-            exp: Utc::now().timestamp() + lifetime_seconds,
-        };
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &self.asset_encoding,
-        )
-        .expect("HS256 signing of plain claims cannot fail")
+        let claims =
+            AssetAccessClaims { asset_uuids: asset_uuids.to_vec(), exp: Utc::now().timestamp() + lifetime_seconds };
+        encode(&Header::new(Algorithm::HS256), &claims, &self.asset_encoding)
+            .expect("HS256 signing of plain claims cannot fail")
     }
 
     /// Whether `token` is a valid access token naming `asset_uuid`.
@@ -141,8 +122,7 @@ impl Authenticator {
 pub fn token_from_authorization(header: &str) -> Option<&str> {
     let (scheme, token) = header.trim().split_once(' ')?;
     let token = token.trim();
-    (["opentera", "bearer"].contains(&scheme.to_ascii_lowercase().as_str()) && !token.is_empty())
-        .then_some(token)
+    (["opentera", "bearer"].contains(&scheme.to_ascii_lowercase().as_str()) && !token.is_empty()).then_some(token)
 }
 
 #[cfg(test)]
@@ -151,12 +131,7 @@ mod tests {
     use base64::Engine;
 
     fn principal(kind: PrincipalKind) -> Principal {
-        Principal {
-            kind,
-            uuid: Uuid::new_v4(),
-            name: "n".into(),
-            superadmin: false,
-        }
+        Principal { kind, uuid: Uuid::new_v4(), name: "n".into(), superadmin: false }
     }
 
     #[test]
@@ -171,17 +146,10 @@ mod tests {
         let auth = Authenticator::new("secret");
         let p = principal(PrincipalKind::User);
         assert_eq!(auth.verify(&auth.mint(&p, -60)), Err(TokenError::Expired));
-        assert_eq!(
-            Authenticator::new("other").verify(&auth.mint(&p, 60)),
-            Err(TokenError::Invalid)
-        );
+        assert_eq!(Authenticator::new("other").verify(&auth.mint(&p, 60)), Err(TokenError::Invalid));
         assert_eq!(auth.verify("not.a.token"), Err(TokenError::Invalid));
         let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        let claims = format!(
-            r#"{{"sub":"{}","kind":"service","exp":{}}}"#,
-            p.uuid,
-            Utc::now().timestamp() + 60
-        );
+        let claims = format!(r#"{{"sub":"{}","kind":"service","exp":{}}}"#, p.uuid, Utc::now().timestamp() + 60);
         let unsigned = format!("{}.{}.", b64(r#"{"alg":"none","typ":"JWT"}"#), b64(&claims));
         assert_eq!(auth.verify(&unsigned), Err(TokenError::Invalid));
     }
@@ -192,20 +160,11 @@ mod tests {
         let asset = Uuid::new_v4();
         let asset_token = auth.mint_asset_token(&[asset], 60);
         assert_eq!(auth.asset_token_grants(&asset_token, asset), Ok(true));
-        assert_eq!(
-            auth.asset_token_grants(&asset_token, Uuid::new_v4()),
-            Ok(false)
-        );
+        assert_eq!(auth.asset_token_grants(&asset_token, Uuid::new_v4()), Ok(false));
         assert_eq!(auth.verify(&asset_token), Err(TokenError::Invalid));
         let principal_token = auth.mint(&principal(PrincipalKind::Service), 60);
-        assert_eq!(
-            auth.asset_token_grants(&principal_token, asset),
-            Err(TokenError::Invalid)
-        );
-        assert_eq!(
-            auth.asset_token_grants(&auth.mint_asset_token(&[asset], -60), asset),
-            Err(TokenError::Expired)
-        );
+        assert_eq!(auth.asset_token_grants(&principal_token, asset), Err(TokenError::Invalid));
+        assert_eq!(auth.asset_token_grants(&auth.mint_asset_token(&[asset], -60), asset), Err(TokenError::Expired));
     }
 
     #[test]

@@ -35,10 +35,7 @@ pub struct StoredBlob {
 impl BlobStore {
     /// Opens (creating if needed) the store under `data_dir`.
     pub async fn open(data_dir: &Path) -> io::Result<Self> {
-        let store = Self {
-            blobs: data_dir.join("blobs"),
-            tmp: data_dir.join("tmp"),
-        };
+        let store = Self { blobs: data_dir.join("blobs"), tmp: data_dir.join("tmp") };
         fs::create_dir_all(&store.blobs).await?;
         fs::create_dir_all(&store.tmp).await?;
         Ok(store)
@@ -59,11 +56,7 @@ impl BlobStore {
     /// Starts a streaming write into a temporary file.
     pub async fn create_temp(&self) -> io::Result<TempBlob> {
         let path = self.tmp.join(format!("{}.part", Uuid::new_v4()));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await?;
+        let file = fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
         Ok(TempBlob {
             path: Some(path),
             file: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
@@ -122,9 +115,7 @@ impl TempBlob {
         self.file.flush().await?;
         self.file.get_ref().sync_all().await?;
         let target = self.blobs.join(BlobStore::relative_path(id));
-        let shard = target
-            .parent()
-            .expect("blob paths have two shard directories");
+        let shard = target.parent().expect("blob paths have two shard directories");
         let created_shard = fs::metadata(shard).await.is_err();
         fs::create_dir_all(shard).await?;
         let temp_path = self.path.take().expect("a temp blob is persisted once");
@@ -140,10 +131,7 @@ impl TempBlob {
                 sync_dir(&self.blobs).await?;
             }
         }
-        Ok(StoredBlob {
-            size: self.size,
-            sha256: Sha256Hex::from_digest(&self.hasher.clone().finalize()),
-        })
+        Ok(StoredBlob { size: self.size, sha256: Sha256Hex::from_digest(&self.hasher.clone().finalize()) })
     }
 }
 
@@ -158,9 +146,7 @@ impl Drop for TempBlob {
 
 async fn sync_dir(dir: &Path) -> io::Result<()> {
     let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
-        .await
-        .map_err(io::Error::other)?
+    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await.map_err(io::Error::other)?
 }
 
 #[cfg(test)]
@@ -177,10 +163,7 @@ mod tests {
         let id = Uuid::new_v4();
         let stored = blob.persist(id).await.unwrap();
         assert_eq!(stored.size, 11);
-        assert_eq!(
-            stored.sha256.as_str(),
-            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
-        );
+        assert_eq!(stored.sha256.as_str(), "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9");
         assert_eq!(std::fs::read(store.path(id)).unwrap(), b"hello world");
         assert_eq!(store.temp_file_count().await.unwrap(), 0);
 

@@ -108,10 +108,7 @@ impl Asset {
     /// Record a new asset whose bytes are already durable.
     pub fn handle_upload(&self, uploaded: AssetUploaded) -> Result<Vec<AssetEvent>, DomainError> {
         if self.uploaded.is_some() {
-            return Err(DomainError::Conflict(format!(
-                "asset {} already exists",
-                uploaded.asset_uuid
-            )));
+            return Err(DomainError::Conflict(format!("asset {} already exists", uploaded.asset_uuid)));
         }
         Ok(vec![AssetEvent::AssetUploaded(uploaded)])
     }
@@ -161,10 +158,7 @@ mod tests {
             directory: Directory::root(),
             tags: Tags::default(),
             metadata: Default::default(),
-            asset_creator: Actor {
-                kind: PrincipalKind::User,
-                uuid: Uuid::new_v4(),
-            },
+            asset_creator: Actor { kind: PrincipalKind::User, uuid: Uuid::new_v4() },
             asset_source: AssetSource::Upload,
         }
     }
@@ -179,30 +173,17 @@ mod tests {
     fn upload_creates_once() {
         let events = Asset::default().handle_upload(uploaded()).unwrap();
         assert_eq!(events.len(), 1);
-        assert!(matches!(
-            given(&events).handle_upload(uploaded()),
-            Err(DomainError::Conflict(_))
-        ));
+        assert!(matches!(given(&events).handle_upload(uploaded()), Err(DomainError::Conflict(_))));
     }
 
     #[test]
     fn rename_changes_the_original_filename_and_same_name_is_a_no_op() {
         let asset = given(&[AssetEvent::AssetUploaded(uploaded())]);
-        assert_eq!(
-            asset
-                .handle_rename(FileName::parse("name.zip").unwrap())
-                .unwrap(),
-            vec![]
-        );
-        let renamed = asset
-            .handle_rename(FileName::parse("new.zip").unwrap())
-            .unwrap();
+        assert_eq!(asset.handle_rename(FileName::parse("name.zip").unwrap()).unwrap(), vec![]);
+        let renamed = asset.handle_rename(FileName::parse("new.zip").unwrap()).unwrap();
         let mut after = asset.clone();
         renamed.iter().for_each(|e| after.apply(e));
-        assert_eq!(
-            after.uploaded.unwrap().asset_original_filename.as_str(),
-            "new.zip"
-        );
+        assert_eq!(after.uploaded.unwrap().asset_original_filename.as_str(), "new.zip");
     }
 
     #[test]
@@ -211,29 +192,15 @@ mod tests {
         let deleted = asset.handle_delete(DeletionReason::Requested).unwrap();
         let mut after = asset.clone();
         deleted.iter().for_each(|e| after.apply(e));
-        assert_eq!(
-            after.handle_delete(DeletionReason::Requested),
-            Err(DomainError::NotFound("asset"))
-        );
-        assert_eq!(
-            after.handle_rename(FileName::parse("x").unwrap()),
-            Err(DomainError::NotFound("asset"))
-        );
-        assert_eq!(
-            Asset::default().handle_delete(DeletionReason::Requested),
-            Err(DomainError::NotFound("asset"))
-        );
+        assert_eq!(after.handle_delete(DeletionReason::Requested), Err(DomainError::NotFound("asset")));
+        assert_eq!(after.handle_rename(FileName::parse("x").unwrap()), Err(DomainError::NotFound("asset")));
+        assert_eq!(Asset::default().handle_delete(DeletionReason::Requested), Err(DomainError::NotFound("asset")));
     }
 
     #[test]
     fn events_round_trip_through_json() {
         let event = AssetEvent::AssetUploaded(uploaded());
-        assert_eq!(
-            AssetEvent::from_parts(event.event_type(), &event.to_data())
-                .unwrap()
-                .unwrap(),
-            event
-        );
+        assert_eq!(AssetEvent::from_parts(event.event_type(), &event.to_data()).unwrap().unwrap(), event);
         assert!(AssetEvent::from_parts("SomethingElse", &serde_json::json!({})).is_none());
     }
 }

@@ -28,10 +28,7 @@ pub trait DomainEvent: Sized {
     fn event_type(&self) -> &'static str;
     fn to_data(&self) -> serde_json::Value;
     /// `None` for a type this aggregate does not know (ignored when folding).
-    fn from_parts(
-        event_type: &str,
-        data: &serde_json::Value,
-    ) -> Option<Result<Self, serde_json::Error>>;
+    fn from_parts(event_type: &str, data: &serde_json::Value) -> Option<Result<Self, serde_json::Error>>;
 }
 
 /// Implements [`DomainEvent`] for an enum whose variants each wrap one payload struct,

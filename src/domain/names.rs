@@ -21,10 +21,7 @@ pub struct InvalidValue {
 
 impl InvalidValue {
     pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            field,
-            reason: reason.into(),
-        }
+        Self { field, reason: reason.into() }
     }
 }
 
@@ -38,10 +35,7 @@ impl SessionId {
         if id > 0 {
             Ok(Self(id))
         } else {
-            Err(InvalidValue::new(
-                "id_session",
-                "must be a positive integer",
-            ))
+            Err(InvalidValue::new("id_session", "must be a positive integer"))
         }
     }
     pub fn get(self) -> i64 {
@@ -75,20 +69,13 @@ fn check_display_name(field: &'static str, value: &str) -> Result<(), InvalidVal
         return Err(InvalidValue::new(field, "must not be empty"));
     }
     if value.chars().count() > MAX_NAME_CHARS {
-        return Err(InvalidValue::new(
-            field,
-            format!("must be at most {MAX_NAME_CHARS} characters"),
-        ));
+        return Err(InvalidValue::new(field, format!("must be at most {MAX_NAME_CHARS} characters")));
     }
-    if value.chars().any(|c| {
-        c.is_control()
-            || ('\u{202a}'..='\u{202e}').contains(&c)
-            || ('\u{2066}'..='\u{2069}').contains(&c)
-    }) {
-        return Err(InvalidValue::new(
-            field,
-            "must not contain control characters",
-        ));
+    if value
+        .chars()
+        .any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c))
+    {
+        return Err(InvalidValue::new(field, "must not contain control characters"));
     }
     Ok(())
 }
@@ -105,10 +92,7 @@ impl FileName {
     pub fn parse_field(field: &'static str, value: &str) -> Result<Self, InvalidValue> {
         check_display_name(field, value)?;
         if value.contains('/') || value.contains('\\') {
-            return Err(InvalidValue::new(
-                field,
-                "must be a file name, not a path (no '/' or '\\')",
-            ));
+            return Err(InvalidValue::new(field, "must be a file name, not a path (no '/' or '\\')"));
         }
         if value == "." || value == ".." {
             return Err(InvalidValue::new(field, "must not be '.' or '..'"));
@@ -142,10 +126,7 @@ impl AssetName {
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         check_display_name("asset_name", value)?;
         if value.split(['/', '\\']).any(|segment| segment == "..") {
-            return Err(InvalidValue::new(
-                "asset_name",
-                "must not contain '..' path segments",
-            ));
+            return Err(InvalidValue::new("asset_name", "must not contain '..' path segments"));
         }
         Ok(Self(value.to_owned()))
     }
@@ -178,24 +159,15 @@ impl Directory {
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         const FIELD: &str = "directory";
         if value.chars().count() > MAX_DIRECTORY_CHARS {
-            return Err(InvalidValue::new(
-                FIELD,
-                format!("must be at most {MAX_DIRECTORY_CHARS} characters"),
-            ));
+            return Err(InvalidValue::new(FIELD, format!("must be at most {MAX_DIRECTORY_CHARS} characters")));
         }
         if value.chars().any(char::is_control) || value.contains('\\') {
-            return Err(InvalidValue::new(
-                FIELD,
-                "must not contain control characters or '\\'",
-            ));
+            return Err(InvalidValue::new(FIELD, "must not contain control characters or '\\'"));
         }
         let segments: Vec<&str> = value.split('/').filter(|s| !s.is_empty()).collect();
         for segment in &segments {
             if *segment == "." || *segment == ".." {
-                return Err(InvalidValue::new(
-                    FIELD,
-                    "must not contain '.' or '..' segments",
-                ));
+                return Err(InvalidValue::new(FIELD, "must not contain '.' or '..' segments"));
             }
             if segment.trim().is_empty() {
                 return Err(InvalidValue::new(FIELD, "must not contain blank segments"));
@@ -226,14 +198,10 @@ pub struct MediaType(String);
 
 impl MediaType {
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
-        let parsed: mime_guess::mime::Mime = value.parse().map_err(|_| {
-            InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'")
-        })?;
+        let parsed: mime_guess::mime::Mime =
+            value.parse().map_err(|_| InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'"))?;
         if value.len() > 255 || value.chars().any(char::is_control) {
-            return Err(InvalidValue::new(
-                "asset_type",
-                "must be a MIME type like 'application/zip'",
-            ));
+            return Err(InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'"));
         }
         Ok(Self(parsed.essence_str().to_owned()).with_params_of(&parsed))
     }
@@ -246,12 +214,7 @@ impl MediaType {
     }
     /// The type for a file name, from its extension; `application/octet-stream` otherwise.
     pub fn guess_from_filename(name: &FileName) -> Self {
-        Self(
-            mime_guess::from_path(name.as_str())
-                .first_or_octet_stream()
-                .essence_str()
-                .to_owned(),
-        )
+        Self(mime_guess::from_path(name.as_str()).first_or_octet_stream().essence_str().to_owned())
     }
     pub fn octet_stream() -> Self {
         Self("application/octet-stream".to_owned())
@@ -280,16 +243,10 @@ pub struct Tags(Vec<String>);
 impl Tags {
     pub fn parse(tags: Vec<String>) -> Result<Self, InvalidValue> {
         if tags.len() > MAX_TAGS {
-            return Err(InvalidValue::new(
-                "tags",
-                format!("at most {MAX_TAGS} tags"),
-            ));
+            return Err(InvalidValue::new("tags", format!("at most {MAX_TAGS} tags")));
         }
         for tag in &tags {
-            if tag.is_empty()
-                || tag.chars().count() > MAX_TAG_CHARS
-                || tag.chars().any(char::is_control)
-            {
+            if tag.is_empty() || tag.chars().count() > MAX_TAG_CHARS || tag.chars().any(char::is_control) {
                 return Err(InvalidValue::new(
                     "tags",
                     format!("each tag must be 1 to {MAX_TAG_CHARS} characters without control characters"),
@@ -346,6 +303,36 @@ impl From<Sha256Hex> for String {
     }
 }
 
+/// Free-form JSON (asset metadata) must be storable as Postgres `jsonb`, which refuses
+/// the NUL character anywhere in a string or key.
+pub fn check_storable_json(field: &'static str, value: &serde_json::Value) -> Result<(), InvalidValue> {
+    let nul = || InvalidValue::new(field, "must not contain the NUL character (\\u0000)");
+    match value {
+        serde_json::Value::String(text) if text.contains('\0') => Err(nul()),
+        serde_json::Value::Array(items) => items.iter().try_for_each(|item| check_storable_json(field, item)),
+        serde_json::Value::Object(map) => map.iter().try_for_each(|(key, item)| {
+            if key.contains('\0') {
+                return Err(nul());
+            }
+            check_storable_json(field, item)
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The date-times we store: years 1 to 9999 (Postgres and every client can hold them).
+pub fn check_storable_datetime(
+    field: &'static str,
+    value: chrono::DateTime<chrono::Utc>,
+) -> Result<chrono::DateTime<chrono::Utc>, InvalidValue> {
+    use chrono::Datelike;
+    if (1..=9999).contains(&value.year()) {
+        Ok(value)
+    } else {
+        Err(InvalidValue::new(field, "must be a date-time between the years 1 and 9999"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,18 +342,7 @@ mod tests {
     fn file_names_refuse_paths_nul_and_overlong() {
         assert!(FileName::parse("report.pdf").is_ok());
         assert!(FileName::parse("données été.csv").is_ok());
-        for bad in [
-            "../etc/passwd",
-            "a/b",
-            "a\\b",
-            "..",
-            ".",
-            "",
-            "  ",
-            "a\0b",
-            "line\nbreak",
-            "evil\u{202e}fdp.exe",
-        ] {
+        for bad in ["../etc/passwd", "a/b", "a\\b", "..", ".", "", "  ", "a\0b", "line\nbreak", "evil\u{202e}fdp.exe"] {
             assert!(FileName::parse(bad).is_err(), "{bad:?} should be refused");
         }
         assert!(FileName::parse(&"x".repeat(255)).is_ok());
@@ -385,10 +361,7 @@ mod tests {
     #[test]
     fn directories_are_normalised_and_traversal_refused() {
         assert_eq!(Directory::parse("").unwrap().as_str(), "/");
-        assert_eq!(
-            Directory::parse("videos/day 1/").unwrap().as_str(),
-            "/videos/day 1"
-        );
+        assert_eq!(Directory::parse("videos/day 1/").unwrap().as_str(), "/videos/day 1");
         assert_eq!(Directory::parse("//a//b").unwrap().as_str(), "/a/b");
         assert!(Directory::parse("/a/../b").is_err());
         assert!(Directory::parse("/a/./b").is_err());
@@ -397,16 +370,8 @@ mod tests {
 
     #[test]
     fn media_types_are_parsed() {
-        assert_eq!(
-            MediaType::parse("application/zip").unwrap().as_str(),
-            "application/zip"
-        );
-        assert_eq!(
-            MediaType::parse("text/plain; charset=utf-8")
-                .unwrap()
-                .as_str(),
-            "text/plain; charset=utf-8"
-        );
+        assert_eq!(MediaType::parse("application/zip").unwrap().as_str(), "application/zip");
+        assert_eq!(MediaType::parse("text/plain; charset=utf-8").unwrap().as_str(), "text/plain; charset=utf-8");
         assert!(MediaType::parse("not a type").is_err());
         let guessed = MediaType::guess_from_filename(&FileName::parse("clip.mp4").unwrap());
         assert_eq!(guessed.as_str(), "video/mp4");
@@ -419,6 +384,14 @@ mod tests {
         assert!(SessionId::new(1).is_ok());
         assert!(SessionId::new(0).is_err());
         assert!(SessionId::new(-5).is_err());
+    }
+
+    #[test]
+    fn json_with_nul_anywhere_is_refused() {
+        use serde_json::json;
+        assert!(check_storable_json("metadata", &json!({"a": [1, "b", {"c": null}]})).is_ok());
+        assert!(check_storable_json("metadata", &json!({"a\0": 1})).is_err());
+        assert!(check_storable_json("metadata", &json!({"a": ["x\0"]})).is_err());
     }
 
     proptest! {

@@ -45,10 +45,7 @@ pub struct Principal {
 
 impl Principal {
     pub fn actor(&self) -> Actor {
-        Actor {
-            kind: self.kind,
-            uuid: self.uuid,
-        }
+        Actor { kind: self.kind, uuid: self.uuid }
     }
     pub fn is_service(&self) -> bool {
         self.kind == PrincipalKind::Service

@@ -83,39 +83,24 @@ impl Session {
 
     /// Register or update. `new_uuid` is used when neither the command nor the current
     /// state names a session uuid. Returns no event when nothing would change.
-    pub fn handle_upsert(
-        &self,
-        command: UpsertSession,
-        new_uuid: Uuid,
-    ) -> Result<Vec<SessionEvent>, DomainError> {
+    pub fn handle_upsert(&self, command: UpsertSession, new_uuid: Uuid) -> Result<Vec<SessionEvent>, DomainError> {
         let name = command.session_name.trim();
-        if name.is_empty()
-            || name.chars().count() > MAX_SESSION_NAME_CHARS
-            || name.chars().any(char::is_control)
-        {
+        if name.is_empty() || name.chars().count() > MAX_SESSION_NAME_CHARS || name.chars().any(char::is_control) {
             return Err(DomainError::Invalid(format!(
                 "session_name: must be 1 to {MAX_SESSION_NAME_CHARS} characters without control characters"
             )));
         }
-        let member_count = command.session_users.len()
-            + command.session_participants.len()
-            + command.session_devices.len();
+        let member_count =
+            command.session_users.len() + command.session_participants.len() + command.session_devices.len();
         if member_count > MAX_SESSION_MEMBERS {
-            return Err(DomainError::Invalid(format!(
-                "at most {MAX_SESSION_MEMBERS} members per session"
-            )));
+            return Err(DomainError::Invalid(format!("at most {MAX_SESSION_MEMBERS} members per session")));
         }
-        let session_uuid = command
-            .session_uuid
-            .or(self.current.as_ref().map(|c| c.session_uuid))
-            .unwrap_or(new_uuid);
+        let session_uuid = command.session_uuid.or(self.current.as_ref().map(|c| c.session_uuid)).unwrap_or(new_uuid);
         let details = SessionDetails {
             id_session: command.id_session,
             session_uuid,
             session_name: name.to_owned(),
-            id_creator_uuid: command
-                .id_creator_uuid
-                .or(self.current.as_ref().and_then(|c| c.id_creator_uuid)),
+            id_creator_uuid: command.id_creator_uuid.or(self.current.as_ref().and_then(|c| c.id_creator_uuid)),
             session_users: dedup(command.session_users),
             session_participants: dedup(command.session_participants),
             session_devices: dedup(command.session_devices),
@@ -128,10 +113,7 @@ impl Session {
     }
 
     pub fn handle_delete(&self) -> Result<Vec<SessionEvent>, DomainError> {
-        let current = self
-            .current
-            .as_ref()
-            .ok_or(DomainError::NotFound("session"))?;
+        let current = self.current.as_ref().ok_or(DomainError::NotFound("session"))?;
         Ok(vec![SessionEvent::SessionDeleted(SessionDeleted {
             id_session: current.id_session,
             session_uuid: current.session_uuid,
@@ -170,22 +152,11 @@ mod tests {
     #[test]
     fn first_upsert_registers_then_changes_update_and_repeats_do_nothing() {
         let uuid = Uuid::new_v4();
-        let registered = Session::default()
-            .handle_upsert(upsert("visit"), uuid)
-            .unwrap();
-        assert!(
-            matches!(&registered[..], [SessionEvent::SessionRegistered(d)] if d.session_uuid == uuid)
-        );
+        let registered = Session::default().handle_upsert(upsert("visit"), uuid).unwrap();
+        assert!(matches!(&registered[..], [SessionEvent::SessionRegistered(d)] if d.session_uuid == uuid));
         let session = folded(&registered);
-        assert_eq!(
-            session
-                .handle_upsert(upsert("visit"), Uuid::new_v4())
-                .unwrap(),
-            vec![]
-        );
-        let updated = session
-            .handle_upsert(upsert("renamed"), Uuid::new_v4())
-            .unwrap();
+        assert_eq!(session.handle_upsert(upsert("visit"), Uuid::new_v4()).unwrap(), vec![]);
+        let updated = session.handle_upsert(upsert("renamed"), Uuid::new_v4()).unwrap();
         assert!(
             matches!(&updated[..], [SessionEvent::SessionUpdated(d)] if d.session_uuid == uuid && d.session_name == "renamed")
         );
@@ -193,25 +164,15 @@ mod tests {
 
     #[test]
     fn delete_needs_a_registered_session() {
-        assert_eq!(
-            Session::default().handle_delete(),
-            Err(DomainError::NotFound("session"))
-        );
-        let session = folded(
-            &Session::default()
-                .handle_upsert(upsert("v"), Uuid::new_v4())
-                .unwrap(),
-        );
+        assert_eq!(Session::default().handle_delete(), Err(DomainError::NotFound("session")));
+        let session = folded(&Session::default().handle_upsert(upsert("v"), Uuid::new_v4()).unwrap());
         let deleted = session.handle_delete().unwrap();
         assert!(folded(&deleted).current.is_none());
     }
 
     #[test]
     fn blank_names_are_refused() {
-        assert!(matches!(
-            Session::default().handle_upsert(upsert("  "), Uuid::new_v4()),
-            Err(DomainError::Invalid(_))
-        ));
+        assert!(matches!(Session::default().handle_upsert(upsert("  "), Uuid::new_v4()), Err(DomainError::Invalid(_))));
     }
 
     #[test]
@@ -221,24 +182,13 @@ mod tests {
         let mut command = upsert("v");
         command.session_users = vec![user];
         command.id_creator_uuid = Some(creator);
-        let details = match &Session::default()
-            .handle_upsert(command, Uuid::new_v4())
-            .unwrap()[0]
-        {
+        let details = match &Session::default().handle_upsert(command, Uuid::new_v4()).unwrap()[0] {
             SessionEvent::SessionRegistered(d) => d.clone(),
             other => panic!("unexpected {other:?}"),
         };
-        let principal = |kind, uuid, superadmin| Principal {
-            kind,
-            uuid,
-            name: String::new(),
-            superadmin,
-        };
+        let principal = |kind, uuid, superadmin| Principal { kind, uuid, name: String::new(), superadmin };
         assert!(details.grants(&principal(PrincipalKind::User, user, false)));
-        assert!(
-            !details.grants(&principal(PrincipalKind::Participant, user, false)),
-            "membership is per kind"
-        );
+        assert!(!details.grants(&principal(PrincipalKind::Participant, user, false)), "membership is per kind");
         assert!(details.grants(&principal(PrincipalKind::Device, creator, false)));
         assert!(!details.grants(&principal(PrincipalKind::User, Uuid::new_v4(), false)));
         assert!(details.grants(&principal(PrincipalKind::User, Uuid::new_v4(), true)));
@@ -248,13 +198,9 @@ mod tests {
     #[test]
     fn events_round_trip_through_json() {
         use crate::domain::DomainEvent;
-        let events = Session::default()
-            .handle_upsert(upsert("v"), Uuid::new_v4())
-            .unwrap();
+        let events = Session::default().handle_upsert(upsert("v"), Uuid::new_v4()).unwrap();
         for event in events {
-            let back = SessionEvent::from_parts(event.event_type(), &event.to_data())
-                .unwrap()
-                .unwrap();
+            let back = SessionEvent::from_parts(event.event_type(), &event.to_data()).unwrap().unwrap();
             assert_eq!(back, event);
         }
     }

@@ -58,21 +58,14 @@ pub struct RecordedEvent {
 
 impl RecordedEvent {
     pub fn global_position(&self) -> GlobalPosition {
-        GlobalPosition {
-            tx: self.tx,
-            position: self.position,
-        }
+        GlobalPosition { tx: self.tx, position: self.position }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventStoreError {
     #[error("stream {stream}: expected version {expected:?}, found {actual}")]
-    Conflict {
-        stream: String,
-        expected: ExpectedVersion,
-        actual: i64,
-    },
+    Conflict { stream: String, expected: ExpectedVersion, actual: i64 },
     #[error("event id {0} was already appended")]
     DuplicateEventId(Uuid),
     #[error("database: {0}")]
@@ -89,16 +82,13 @@ impl EventStoreError {
     }
 }
 
-const SELECT_COLUMNS: &str =
-    "position, tx::text, stream, version, id, type, data, metadata, recorded_at";
+const SELECT_COLUMNS: &str = "position, tx::text, stream, version, id, type, data, metadata, recorded_at";
 
 fn recorded_from_row(row: &tokio_postgres::Row) -> Result<RecordedEvent, EventStoreError> {
     let tx: String = row.get(1);
     Ok(RecordedEvent {
         position: row.get(0),
-        tx: tx
-            .parse()
-            .map_err(|_| EventStoreError::Corrupt(format!("tx {tx}")))?,
+        tx: tx.parse().map_err(|_| EventStoreError::Corrupt(format!("tx {tx}")))?,
         stream: row.get(2),
         version: row.get(3),
         id: row.get(4),
@@ -118,11 +108,7 @@ pub async fn append(
     expected: ExpectedVersion,
     events: &[NewEvent],
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    let conflict = |actual| EventStoreError::Conflict {
-        stream: stream.to_owned(),
-        expected,
-        actual,
-    };
+    let conflict = |actual| EventStoreError::Conflict { stream: stream.to_owned(), expected, actual };
     let current: i64 = if expected == ExpectedVersion::NoStream {
         // A new stream (every upload) needs no look-up: the unique key catches a race.
         0
@@ -165,29 +151,19 @@ pub async fn append(
          RETURNING {SELECT_COLUMNS}"
     );
     let statement = client.prepare_cached(&statement).await?;
-    let rows = client
-        .query(
-            &statement,
-            &[&stream, &versions, &ids, &types, &data, &metadata],
-        )
-        .await
-        .map_err(
-            |error| match error.as_db_error().and_then(|db| db.constraint()) {
+    let rows =
+        client.query(&statement, &[&stream, &versions, &ids, &types, &data, &metadata]).await.map_err(|error| {
+            match error.as_db_error().and_then(|db| db.constraint()) {
                 Some("events_id_key") => EventStoreError::DuplicateEventId(ids[0]),
                 _ => EventStoreError::Database(error),
-            },
-        )?;
+            }
+        })?;
     if rows.len() < events.len() {
-        let statement = client
-            .prepare_cached("SELECT coalesce(max(version), 0) FROM events WHERE stream = $1")
-            .await?;
+        let statement = client.prepare_cached("SELECT coalesce(max(version), 0) FROM events WHERE stream = $1").await?;
         let actual: i64 = client.query_one(&statement, &[&stream]).await?.get(0);
         return Err(conflict(actual));
     }
-    let mut recorded = rows
-        .iter()
-        .map(recorded_from_row)
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut recorded = rows.iter().map(recorded_from_row).collect::<Result<Vec<_>, _>>()?;
     recorded.sort_by_key(|e| e.version);
     Ok(recorded)
 }
@@ -198,16 +174,9 @@ pub async fn read_stream(
     stream: &str,
     after_version: i64,
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    let statement = format!(
-        "SELECT {SELECT_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
-    );
+    let statement = format!("SELECT {SELECT_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version");
     let statement = client.prepare_cached(&statement).await?;
-    client
-        .query(&statement, &[&stream, &after_version])
-        .await?
-        .iter()
-        .map(recorded_from_row)
-        .collect()
+    client.query(&statement, &[&stream, &after_version]).await?.iter().map(recorded_from_row).collect()
 }
 
 /// Up to `limit` events after `after` in commit order. Only transactions that finished
@@ -218,13 +187,7 @@ pub async fn read_all(
     after: GlobalPosition,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    read_global(
-        client,
-        after,
-        limit,
-        "AND tx < pg_snapshot_xmin(pg_current_snapshot())",
-    )
-    .await
+    read_global(client, after, limit, "AND tx < pg_snapshot_xmin(pg_current_snapshot())").await
 }
 
 /// Up to `limit` events after `after` in `(tx, position)` order, as the caller's snapshot
@@ -251,12 +214,7 @@ async fn read_global(
          LIMIT $3"
     );
     let statement = client.prepare_cached(&statement).await?;
-    let rows = client
-        .query(
-            &statement,
-            &[&after.tx.to_string(), &after.position, &limit],
-        )
-        .await?;
+    let rows = client.query(&statement, &[&after.tx.to_string(), &after.position, &limit]).await?;
     rows.iter().map(recorded_from_row).collect()
 }
 
@@ -285,19 +243,11 @@ impl EventStore {
         Ok(recorded)
     }
 
-    pub async fn read_stream(
-        &self,
-        stream: &str,
-        after_version: i64,
-    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    pub async fn read_stream(&self, stream: &str, after_version: i64) -> Result<Vec<RecordedEvent>, EventStoreError> {
         read_stream(&self.pool.get().await?, stream, after_version).await
     }
 
-    pub async fn read_all(
-        &self,
-        after: GlobalPosition,
-        limit: i64,
-    ) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    pub async fn read_all(&self, after: GlobalPosition, limit: i64) -> Result<Vec<RecordedEvent>, EventStoreError> {
         read_all(&self.pool.get().await?, after, limit).await
     }
 }

@@ -83,15 +83,16 @@ pub struct AssetDeletedReply {
 }
 
 pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
-    let download = warp::path!("assets")
-        .and(warp::get().or(warp::head()).unify())
-        .and(authenticated(ctx.clone()))
-        .and(query_map())
-        .and(warp::header::headers_cloned())
-        .and(with_context(ctx.clone()))
-        .then(|principal, query, headers, ctx| async move {
-            respond(download_asset(principal, query, headers, ctx).await)
-        });
+    let download =
+        warp::path!("assets")
+            .and(warp::get().or(warp::head()).unify())
+            .and(authenticated(ctx.clone()))
+            .and(query_map())
+            .and(warp::header::headers_cloned())
+            .and(with_context(ctx.clone()))
+            .then(|principal, query, headers, ctx| async move {
+                respond(download_asset(principal, query, headers, ctx).await)
+            });
     let delete = warp::path!("assets")
         .and(warp::delete())
         .and(authenticated(ctx.clone()))
@@ -106,36 +107,24 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx.clone()))
-        .then(
-            |principal, query, ctx| async move { respond(get_infos(principal, query, ctx).await) },
-        );
-    let infos = warp::path!("assets" / "infos")
-        .and(warp::post())
-        .and(authenticated(ctx.clone()))
-        .and(request_context())
-        .and(json_body::<InfosRequest>())
-        .and(with_context(ctx.clone()))
-        .then(|principal, request_id, body, ctx| async move {
-            respond(post_infos(principal, request_id, body, ctx).await)
-        });
+        .then(|principal, query, ctx| async move { respond(get_infos(principal, query, ctx).await) });
+    let infos =
+        warp::path!("assets" / "infos")
+            .and(warp::post())
+            .and(authenticated(ctx.clone()))
+            .and(request_context())
+            .and(json_body::<InfosRequest>(ctx.settings.body_idle_timeout))
+            .and(with_context(ctx.clone()))
+            .then(|principal, request_id, body, ctx| async move {
+                respond(post_infos(principal, request_id, body, ctx).await)
+            });
     let events = warp::path!("assets" / String / "events")
         .and(warp::get())
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx))
-        .then(|uuid, principal, query, ctx| async move {
-            respond(asset_events(uuid, principal, query, ctx).await)
-        });
-    download
-        .or(delete)
-        .unify()
-        .or(info)
-        .unify()
-        .or(infos)
-        .unify()
-        .or(events)
-        .unify()
-        .boxed()
+        .then(|uuid, principal, query, ctx| async move { respond(asset_events(uuid, principal, query, ctx).await) });
+    download.or(delete).unify().or(info).unify().or(infos).unify().or(events).unify().boxed()
 }
 
 /// Download an asset's bytes.
@@ -163,14 +152,7 @@ async fn download_asset(
     ctx: Context,
 ) -> Result<warp::reply::Response, ApiError> {
     let uuid = parse_uuid("asset_uuid", query.get("asset_uuid"))?;
-    let asset = ctx
-        .app
-        .asset_for(
-            &principal,
-            uuid,
-            query.get("access_token").map(String::as_str),
-        )
-        .await?;
+    let asset = ctx.app.asset_for(&principal, uuid, query.get("access_token").map(String::as_str)).await?;
     if !asset.is_available() {
         return Err(ApiError::not_found("asset"));
     }
@@ -202,18 +184,8 @@ async fn delete_asset(
 ) -> Result<impl warp::Reply, ApiError> {
     let uuid = parse_uuid("uuid", query.get("uuid").or(query.get("asset_uuid")))?;
     let ctx_command = CommandContext::for_request(&principal, &request_id);
-    ctx.app
-        .delete_asset(
-            &principal,
-            &ctx_command,
-            uuid,
-            query.get("access_token").map(String::as_str),
-        )
-        .await?;
-    Ok(warp::reply::json(&AssetDeletedReply {
-        asset_uuid: uuid,
-        asset_status: "deleted".into(),
-    }))
+    ctx.app.delete_asset(&principal, &ctx_command, uuid, query.get("access_token").map(String::as_str)).await?;
+    Ok(warp::reply::json(&AssetDeletedReply { asset_uuid: uuid, asset_status: "deleted".into() }))
 }
 
 /// An asset's information.
@@ -235,14 +207,7 @@ async fn get_infos(
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let uuid = parse_uuid("asset_uuid", query.get("asset_uuid"))?;
-    let asset = ctx
-        .app
-        .asset_for(
-            &principal,
-            uuid,
-            query.get("access_token").map(String::as_str),
-        )
-        .await?;
+    let asset = ctx.app.asset_for(&principal, uuid, query.get("access_token").map(String::as_str)).await?;
     Ok(warp::reply::json(&asset))
 }
 
@@ -274,31 +239,17 @@ async fn post_infos(
                     format!("at most {MAX_BATCH} assets per request"),
                 ));
             }
-            let requested: Vec<(Uuid, Option<String>)> = assets
-                .into_iter()
-                .map(|a| (a.asset_uuid, a.access_token))
-                .collect();
-            Ok(
-                warp::reply::json(&ctx.app.assets_for(&principal, &requested).await?)
-                    .into_response(),
-            )
+            let requested: Vec<(Uuid, Option<String>)> =
+                assets.into_iter().map(|a| (a.asset_uuid, a.access_token)).collect();
+            Ok(warp::reply::json(&ctx.app.assets_for(&principal, &requested).await?).into_response())
         }
         InfosRequest::Rename { file_asset } => {
-            let name = FileName::parse_field(
-                "asset_original_filename",
-                &file_asset.asset_original_filename,
-            )
-            .map_err(ApiError::invalid_field)?;
+            let name = FileName::parse_field("asset_original_filename", &file_asset.asset_original_filename)
+                .map_err(ApiError::invalid_field)?;
             let ctx_command = CommandContext::for_request(&principal, &request_id);
             let info = ctx
                 .app
-                .rename_asset(
-                    &principal,
-                    &ctx_command,
-                    file_asset.asset_uuid,
-                    file_asset.access_token.as_deref(),
-                    name,
-                )
+                .rename_asset(&principal, &ctx_command, file_asset.asset_uuid, file_asset.access_token.as_deref(), name)
                 .await?;
             Ok(warp::reply::json(&info).into_response())
         }
@@ -325,18 +276,6 @@ async fn asset_events(
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let uuid = parse_uuid("asset_uuid", Some(&uuid))?;
-    let events = ctx
-        .app
-        .asset_history(
-            &principal,
-            uuid,
-            query.get("access_token").map(String::as_str),
-        )
-        .await?;
-    Ok(warp::reply::json(
-        &events
-            .into_iter()
-            .map(AssetEventRecord::from)
-            .collect::<Vec<_>>(),
-    ))
+    let events = ctx.app.asset_history(&principal, uuid, query.get("access_token").map(String::as_str)).await?;
+    Ok(warp::reply::json(&events.into_iter().map(AssetEventRecord::from).collect::<Vec<_>>()))
 }

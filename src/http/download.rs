@@ -39,9 +39,7 @@ pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
     };
     let number = |s: &str| -> Option<u64> {
         let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse().ok())
-            .flatten()
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
     };
     match (first.trim().is_empty(), number(first), number(last)) {
         // bytes=-N: the last N bytes.
@@ -49,10 +47,7 @@ pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
             if suffix == 0 || size == 0 {
                 ByteRange::Unsatisfiable
             } else {
-                ByteRange::Partial {
-                    start: size.saturating_sub(suffix),
-                    end: size - 1,
-                }
+                ByteRange::Partial { start: size.saturating_sub(suffix), end: size - 1 }
             }
         }
         // bytes=A- : from A to the end.
@@ -60,10 +55,7 @@ pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
             if start >= size {
                 ByteRange::Unsatisfiable
             } else {
-                ByteRange::Partial {
-                    start,
-                    end: size - 1,
-                }
+                ByteRange::Partial { start, end: size - 1 }
             }
         }
         // bytes=A-B
@@ -71,10 +63,7 @@ pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
             if start >= size {
                 ByteRange::Unsatisfiable
             } else {
-                ByteRange::Partial {
-                    start,
-                    end: end.min(size - 1),
-                }
+                ByteRange::Partial { start, end: end.min(size - 1) }
             }
         }
         _ => ByteRange::Full,
@@ -100,18 +89,9 @@ const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
 pub fn content_disposition(filename: &str) -> String {
     let fallback: String = filename
         .chars()
-        .map(|c| {
-            if c.is_ascii() && !c.is_ascii_control() && c != '"' && c != '\\' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii() && !c.is_ascii_control() && c != '"' && c != '\\' { c } else { '_' })
         .collect();
-    format!(
-        "attachment; filename=\"{fallback}\"; filename*=UTF-8''{}",
-        utf8_percent_encode(filename, ATTR_CHAR)
-    )
+    format!("attachment; filename=\"{fallback}\"; filename*=UTF-8''{}", utf8_percent_encode(filename, ATTR_CHAR))
 }
 
 pub fn etag(asset: &AssetInfo) -> String {
@@ -120,11 +100,7 @@ pub fn etag(asset: &AssetInfo) -> String {
 
 /// Whether an `If-None-Match` header matches `etag` (weak comparison, `*` included).
 fn none_match(header: Option<&str>, etag: &str) -> bool {
-    header.is_some_and(|h| {
-        h.split(',')
-            .map(str::trim)
-            .any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag)
-    })
+    header.is_some_and(|h| h.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag))
 }
 
 /// How the bytes leave the process.
@@ -147,30 +123,17 @@ pub async fn respond(
     let mut builder = Response::builder()
         .header("etag", &etag)
         .header("cache-control", "private, no-cache")
-        .header(
-            "last-modified",
-            asset
-                .asset_created_at
-                .format("%a, %d %b %Y %H:%M:%S GMT")
-                .to_string(),
-        )
+        .header("last-modified", asset.asset_created_at.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
         .header("x-content-type-options", "nosniff");
     if none_match(header("if-none-match"), &etag) {
-        return builder
-            .status(StatusCode::NOT_MODIFIED)
-            .body(Body::empty())
-            .map_err(ApiError::internal);
+        return builder.status(StatusCode::NOT_MODIFIED).body(Body::empty()).map_err(ApiError::internal);
     }
     builder = builder
         .header(
             "content-type",
-            HeaderValue::from_str(&asset.asset_type)
-                .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+            HeaderValue::from_str(&asset.asset_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
         )
-        .header(
-            "content-disposition",
-            content_disposition(&asset.asset_original_filename),
-        );
+        .header("content-disposition", content_disposition(&asset.asset_original_filename));
 
     let blobs = match delivery {
         // nginx adds its own Accept-Ranges to what it sends.
@@ -181,10 +144,7 @@ pub async fn respond(
         Delivery::AccelRedirect(prefix) => {
             // nginx serves the bytes and applies Range itself.
             let location = format!("{prefix}{}", BlobStore::relative_path(asset.asset_uuid));
-            return builder
-                .header("x-accel-redirect", location)
-                .body(Body::empty())
-                .map_err(ApiError::internal);
+            return builder.header("x-accel-redirect", location).body(Body::empty()).map_err(ApiError::internal);
         }
     };
 
@@ -209,22 +169,13 @@ pub async fn respond(
         }
     };
     let mut file = blobs.open_read(asset.asset_uuid).await.map_err(|error| {
-        ApiError::internal(format!(
-            "asset {} is available but its bytes cannot be opened: {error}",
-            asset.asset_uuid
-        ))
+        ApiError::internal(format!("asset {} is available but its bytes cannot be opened: {error}", asset.asset_uuid))
     })?;
     if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(ApiError::internal)?;
+        file.seek(std::io::SeekFrom::Start(start)).await.map_err(ApiError::internal)?;
     }
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(length), READ_CHUNK);
-    builder
-        .status(status)
-        .header("content-length", length)
-        .body(Body::wrap_stream(stream))
-        .map_err(ApiError::internal)
+    builder.status(status).header("content-length", length).body(Body::wrap_stream(stream)).map_err(ApiError::internal)
 }
 
 #[cfg(test)]
@@ -235,31 +186,13 @@ mod tests {
     #[test]
     fn single_ranges_are_served_and_others_ignored() {
         assert_eq!(parse_range(None, 10), ByteRange::Full);
-        assert_eq!(
-            parse_range(Some("bytes=0-4"), 10),
-            ByteRange::Partial { start: 0, end: 4 }
-        );
-        assert_eq!(
-            parse_range(Some("bytes=5-"), 10),
-            ByteRange::Partial { start: 5, end: 9 }
-        );
-        assert_eq!(
-            parse_range(Some("bytes=-3"), 10),
-            ByteRange::Partial { start: 7, end: 9 }
-        );
-        assert_eq!(
-            parse_range(Some("bytes=-30"), 10),
-            ByteRange::Partial { start: 0, end: 9 }
-        );
-        assert_eq!(
-            parse_range(Some("bytes=8-100"), 10),
-            ByteRange::Partial { start: 8, end: 9 }
-        );
+        assert_eq!(parse_range(Some("bytes=0-4"), 10), ByteRange::Partial { start: 0, end: 4 });
+        assert_eq!(parse_range(Some("bytes=5-"), 10), ByteRange::Partial { start: 5, end: 9 });
+        assert_eq!(parse_range(Some("bytes=-3"), 10), ByteRange::Partial { start: 7, end: 9 });
+        assert_eq!(parse_range(Some("bytes=-30"), 10), ByteRange::Partial { start: 0, end: 9 });
+        assert_eq!(parse_range(Some("bytes=8-100"), 10), ByteRange::Partial { start: 8, end: 9 });
         assert_eq!(parse_range(Some("bytes=10-"), 10), ByteRange::Unsatisfiable);
-        assert_eq!(
-            parse_range(Some("bytes=10-20"), 10),
-            ByteRange::Unsatisfiable
-        );
+        assert_eq!(parse_range(Some("bytes=10-20"), 10), ByteRange::Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=-0"), 10), ByteRange::Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=0-"), 0), ByteRange::Unsatisfiable);
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), ByteRange::Full);

@@ -27,12 +27,7 @@ impl warp::reject::Reject for ApiError {}
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            headers: Vec::new(),
-        }
+        Self { status, code, message: message.into(), headers: Vec::new() }
     }
     pub fn with_header(mut self, name: &'static str, value: String) -> Self {
         self.headers.push((name, value));
@@ -42,18 +37,10 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
     pub fn invalid_field(error: InvalidValue) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            error.to_string(),
-        )
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", error.to_string())
     }
     pub fn not_found(what: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("{what} not found"),
-        )
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
     }
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, code, message)
@@ -75,11 +62,7 @@ impl ApiError {
     }
     pub fn unavailable(error: impl std::fmt::Debug) -> Self {
         tracing::warn!(?error, "dependency unavailable");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "a dependency is unavailable; try again shortly",
-        )
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; try again shortly")
     }
 }
 
@@ -106,18 +89,16 @@ impl Reply for ApiError {
                 request_id: request_id::current(),
             },
         };
-        let mut response =
-            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        let mut response = warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
         for (name, value) in &self.headers {
             if let Ok(value) = warp::http::HeaderValue::from_str(value) {
                 response.headers_mut().insert(*name, value);
             }
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                "www-authenticate",
-                warp::http::HeaderValue::from_static("Bearer realm=\"assetd\""),
-            );
+            response
+                .headers_mut()
+                .insert("www-authenticate", warp::http::HeaderValue::from_static("Bearer realm=\"assetd\""));
         }
         response
     }
@@ -127,23 +108,20 @@ impl From<AppError> for ApiError {
     fn from(error: AppError) -> Self {
         match error {
             AppError::Domain(DomainError::NotFound(what)) => Self::not_found(what),
-            AppError::Domain(DomainError::Conflict(message)) => {
-                Self::new(StatusCode::CONFLICT, "conflict", message)
-            }
+            AppError::Domain(DomainError::Conflict(message)) => Self::new(StatusCode::CONFLICT, "conflict", message),
             AppError::Domain(DomainError::Invalid(message)) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
             }
             AppError::Forbidden(message) => Self::new(StatusCode::FORBIDDEN, "forbidden", message),
-            AppError::AccessTokenExpired(message) => {
-                Self::new(StatusCode::FORBIDDEN, "access_token_expired", message)
-            }
-            AppError::EventStore(e) if e.is_conflict() => {
-                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
+            AppError::AccessTokenExpired(message) => Self::new(StatusCode::FORBIDDEN, "access_token_expired", message),
+            AppError::EventStore(e) if e.is_conflict() => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             AppError::Pool(e) => Self::unavailable(e),
-            AppError::Database(e) if e.is_closed() || e.as_db_error().is_none() => {
-                Self::unavailable(e)
+            AppError::CommitOutcomeUnknown(e) => Self::unavailable(e),
+            // ENOSPC / EDQUOT: the disk is full, which is 507 in API.md.
+            AppError::Storage(e) if matches!(e.raw_os_error(), Some(28) | Some(122)) => {
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", "no space left to store the upload")
             }
+            AppError::Database(e) if e.is_closed() || e.as_db_error().is_none() => Self::unavailable(e),
             other => Self::internal(other),
         }
     }
@@ -163,31 +141,15 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     } else if let Some(e) = rejection.find::<reject::MissingHeader>() {
         ApiError::bad_request("missing_header", e.to_string())
     } else if rejection.find::<reject::PayloadTooLarge>().is_some() {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the request body is too large",
-        )
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "the request body is too large")
     } else if rejection.find::<reject::LengthRequired>().is_some() {
-        ApiError::new(
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "a Content-Length is required",
-        )
+        ApiError::new(StatusCode::LENGTH_REQUIRED, "length_required", "a Content-Length is required")
     } else if let Some(e) = rejection.find::<reject::UnsupportedMediaType>() {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            e.to_string(),
-        )
+        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", e.to_string())
     } else if let Some(e) = rejection.find::<warp::filters::body::BodyDeserializeError>() {
         ApiError::bad_request("invalid_json", e.to_string())
     } else if rejection.find::<reject::MethodNotAllowed>().is_some() {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "this method is not allowed on this route",
-        )
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this method is not allowed on this route")
     } else {
         ApiError::internal(format!("unhandled rejection: {rejection:?}"))
     };

@@ -4,6 +4,7 @@
 
 mod assets;
 mod auth;
+mod body;
 mod download;
 pub mod error;
 pub mod openapi;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use hyper::service::{make_service_fn, service_fn, Service};
 use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
 use warp::{Filter, Reply};
 
 use crate::app::App;
@@ -30,6 +32,8 @@ pub struct HttpSettings {
     pub base_path: String,
     pub max_upload_size: u64,
     pub accel_redirect_prefix: Option<String>,
+    /// A request body that delivers nothing for this long is abandoned (408).
+    pub body_idle_timeout: Duration,
 }
 
 /// Shared state of the handlers.
@@ -46,13 +50,11 @@ fn with_context(ctx: Context) -> impl Filter<Extract = (Context,), Error = Infal
 
 /// Matches the base path (`/file`), whose segments are only known at run time.
 fn base_path(base: &str) -> BoxedFilter<()> {
-    base.split('/')
-        .filter(|s| !s.is_empty())
-        .fold(warp::any().boxed(), |filter, segment| {
-            // warp wants 'static segments; the base path is fixed for the process's life.
-            let segment: &'static str = Box::leak(segment.to_owned().into_boxed_str());
-            filter.and(warp::path(segment)).boxed()
-        })
+    base.split('/').filter(|s| !s.is_empty()).fold(warp::any().boxed(), |filter, segment| {
+        // warp wants 'static segments; the base path is fixed for the process's life.
+        let segment: &'static str = Box::leak(segment.to_owned().into_boxed_str());
+        filter.and(warp::path(segment)).boxed()
+    })
 }
 
 /// Every route of the service under the base path, with errors turned into JSON.
@@ -66,16 +68,14 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
             .boxed(),
     );
     base_path(&ctx.settings.base_path)
-        .and(
-            api.or(ops::routes(ctx.clone()))
-                .unify()
-                .or(openapi::routes(&ctx.settings.base_path))
-                .unify(),
-        )
+        .and(api.or(ops::routes(ctx.clone())).unify().or(openapi::routes(&ctx.settings.base_path)).unify())
         .recover(error::recover)
         .unify()
         .boxed()
 }
+
+/// A client must send its request line and headers within this time.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets in-flight requests
 /// finish for at most `grace`.
@@ -90,15 +90,12 @@ pub async fn serve(
     let make_service = make_service_fn(move |conn: &hyper::server::conn::AddrStream| {
         let remote = conn.remote_addr();
         let warp_service = warp_service.clone();
-        async move {
-            Ok::<_, Infallible>(service_fn(move |request| {
-                handle(warp_service.clone(), remote, request)
-            }))
-        }
+        async move { Ok::<_, Infallible>(service_fn(move |request| handle(warp_service.clone(), remote, request))) }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = hyper::Server::from_tcp(listener)?
         .http1_keepalive(true)
+        .http1_header_read_timeout(HEADER_READ_TIMEOUT)
         .tcp_nodelay(true)
         .serve(make_service)
         .with_graceful_shutdown(async move {
@@ -106,14 +103,17 @@ pub async fn serve(
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
             let _ = stop_tx.send(());
         });
-    let server = tokio::spawn(server);
-    tokio::pin!(server);
+    let mut server = tokio::spawn(server);
     tokio::select! {
         result = &mut server => result??,
         _ = async {
             let _ = stop_rx.await;
             tokio::time::sleep(grace).await;
-        } => tracing::warn!(?grace, "in-flight requests did not finish within the grace period; exiting"),
+        } => {
+            tracing::warn!(?grace, "in-flight requests did not finish within the grace period; closing them");
+            server.abort();
+            let _ = server.await;
+        }
     }
     Ok(())
 }
@@ -127,21 +127,15 @@ async fn handle<S>(
 where
     S: Service<hyper::Request<hyper::Body>, Response = warp::reply::Response, Error = Infallible>,
 {
-    let id = request_id::from_header(
-        request
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok()),
-    );
+    let id = request_id::from_header(request.headers().get("x-request-id").and_then(|v| v.to_str().ok()));
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let started = Instant::now();
     let span = tracing::info_span!("request", request_id = %id, %method, %path, %remote);
     let future = service.call(request);
-    let mut response =
-        tracing::Instrument::instrument(request_id::scope(id.clone(), future), span.clone())
-            .await
-            .unwrap_or_else(|never| match never {});
+    let mut response = tracing::Instrument::instrument(request_id::scope(id.clone(), future), span.clone())
+        .await
+        .unwrap_or_else(|never| match never {});
     if let Ok(value) = warp::http::HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
@@ -169,50 +163,43 @@ const MAX_JSON_BODY: usize = 1 << 20;
 /// A JSON request body of at most [`MAX_JSON_BODY`] bytes (with or without a
 /// Content-Length): not JSON → 400 `invalid_json`; JSON of the wrong shape → 422.
 fn json_body<T: serde::de::DeserializeOwned + Send>(
+    idle_timeout: Duration,
 ) -> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
-    warp::body::stream().and_then(read_json)
+    warp::body::stream().and_then(move |body| read_json(body, idle_timeout))
 }
 
-async fn read_json<T, S, B>(body: S) -> Result<T, warp::Rejection>
+async fn read_json<T, S, B>(body: S, idle_timeout: Duration) -> Result<T, warp::Rejection>
 where
     T: serde::de::DeserializeOwned,
-    S: futures::Stream<Item = Result<B, warp::Error>>,
-    B: bytes::Buf,
+    S: futures::Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    B: bytes::Buf + Send + 'static,
 {
     use futures::TryStreamExt;
+    let (body, meter) = body::GuardedBody::new(body, idle_timeout, 0);
+    meter.in_field();
     let mut body = std::pin::pin!(body);
     let mut collected = Vec::new();
-    while let Some(mut chunk) = body.try_next().await.map_err(|e| {
-        error::ApiError::bad_request(
-            "body_read_failed",
-            format!("could not read the request body: {e}"),
-        )
+    while let Some(chunk) = body.try_next().await.map_err(|e| match e {
+        body::BodyError::Idle(_) => error::ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", e.to_string()),
+        _ => error::ApiError::bad_request("body_read_failed", e.to_string()),
     })? {
-        if collected.len() + chunk.remaining() > MAX_JSON_BODY {
+        if collected.len() + chunk.len() > MAX_JSON_BODY {
             return Err(error::ApiError::new(
-                warp::http::StatusCode::PAYLOAD_TOO_LARGE,
+                StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 format!("JSON bodies are limited to {MAX_JSON_BODY} bytes"),
             )
             .into());
         }
-        while chunk.has_remaining() {
-            let bytes = chunk.chunk();
-            collected.extend_from_slice(bytes);
-            let n = bytes.len();
-            chunk.advance(n);
-        }
+        collected.extend_from_slice(&chunk);
     }
     parse_json(&collected).map_err(warp::Rejection::from)
 }
 
 /// Parses JSON in two steps so syntax errors (400) and shape errors (422) differ.
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-) -> Result<T, error::ApiError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        error::ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-    })?;
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, error::ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| error::ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
     serde_json::from_value(value).map_err(|e| {
         error::ApiError::new(
             warp::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -223,38 +210,26 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
 }
 
 /// The query string as key → value (the last of repeated keys wins).
-fn query_map(
-) -> impl Filter<Extract = (std::collections::HashMap<String, String>,), Error = warp::Rejection> + Clone
-{
-    warp::query::raw()
-        .or(warp::any().map(String::new))
-        .unify()
-        .and_then(|raw: String| async move {
-            serde_urlencoded::from_str::<Vec<(String, String)>>(&raw)
-                .map(|pairs| pairs.into_iter().collect())
-                .map_err(|e| {
-                    warp::Rejection::from(error::ApiError::bad_request(
-                        "invalid_query",
-                        format!("malformed query string: {e}"),
-                    ))
-                })
-        })
+fn query_map() -> impl Filter<Extract = (std::collections::HashMap<String, String>,), Error = warp::Rejection> + Clone {
+    warp::query::raw().or(warp::any().map(String::new)).unify().and_then(|raw: String| async move {
+        serde_urlencoded::from_str::<Vec<(String, String)>>(&raw).map(|pairs| pairs.into_iter().collect()).map_err(
+            |e| {
+                warp::Rejection::from(error::ApiError::bad_request(
+                    "invalid_query",
+                    format!("malformed query string: {e}"),
+                ))
+            },
+        )
+    })
 }
 
 /// Parses a uuid query or path parameter.
-pub(crate) fn parse_uuid(
-    field: &'static str,
-    value: Option<&String>,
-) -> Result<uuid::Uuid, error::ApiError> {
+pub(crate) fn parse_uuid(field: &'static str, value: Option<&String>) -> Result<uuid::Uuid, error::ApiError> {
     let value = value.ok_or_else(|| {
-        error::ApiError::bad_request(
-            "missing_parameter",
-            format!("the '{field}' parameter is required"),
-        )
+        error::ApiError::bad_request("missing_parameter", format!("the '{field}' parameter is required"))
     })?;
-    uuid::Uuid::try_parse(value).map_err(|_| {
-        error::ApiError::bad_request("invalid_parameter", format!("'{field}' must be a uuid"))
-    })
+    uuid::Uuid::try_parse(value)
+        .map_err(|_| error::ApiError::bad_request("invalid_parameter", format!("'{field}' must be a uuid")))
 }
 
 /// The current request id, for handlers that record it in events.
@@ -265,24 +240,14 @@ fn request_context() -> impl Filter<Extract = (String,), Error = Infallible> + C
 /// `scheme://host` as the client addressed us (through nginx: its forwarded headers),
 /// for the absolute URLs in answers; empty when unknown, which leaves them relative.
 fn origin(headers: &warp::http::HeaderMap) -> String {
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-    };
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
     let host = get("x-forwarded-host").or_else(|| get("host"));
     let scheme = match get("x-forwarded-proto") {
         Some("https") => "https",
         _ => "http",
     };
     match host {
-        Some(host)
-            if host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) =>
-        {
+        Some(host) if host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) => {
             format!("{scheme}://{host}")
         }
         _ => String::new(),

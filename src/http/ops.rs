@@ -9,10 +9,7 @@ use super::{with_context, Context};
 
 pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     let health = warp::path!("health").and(warp::get()).map(health);
-    let ready = warp::path!("ready")
-        .and(warp::get())
-        .and(with_context(ctx))
-        .then(ready);
+    let ready = warp::path!("ready").and(warp::get()).and(with_context(ctx)).then(ready);
     health.or(ready).unify().boxed()
 }
 
@@ -33,10 +30,6 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
         "status": if database_ok { "ready" } else { "unavailable" },
         "checks": { "database": if database_ok { "ok" } else { "unreachable" } },
     });
-    let status = if database_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let status = if database_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }

@@ -22,9 +22,7 @@ pub fn from_header(value: Option<&str>) -> String {
         Some(id)
             if !id.is_empty()
                 && id.len() <= 128
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) =>
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) =>
         {
             id.to_owned()
         }

@@ -65,7 +65,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         .and(warp::put())
         .and(authenticated(ctx.clone()))
         .and(super::request_context())
-        .and(json_body::<SessionBody>())
+        .and(json_body::<SessionBody>(ctx.settings.body_idle_timeout))
         .and(with_context(ctx.clone()))
         .then(|id, principal, request_id, body, ctx| async move {
             respond(put_session(id, principal, request_id, body, ctx).await)
@@ -76,37 +76,29 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         .and(authenticated(ctx.clone()))
         .and(with_context(ctx.clone()))
         .then(|id, principal, ctx| async move { respond(get_session(id, principal, ctx).await) });
-    let delete = session_id
-        .and(warp::path::end())
-        .and(warp::delete())
-        .and(authenticated(ctx.clone()))
-        .and(super::request_context())
-        .and(with_context(ctx.clone()))
-        .then(|id, principal, request_id, ctx| async move {
-            respond(delete_session(id, principal, request_id, ctx).await)
-        });
+    let delete =
+        session_id
+            .and(warp::path::end())
+            .and(warp::delete())
+            .and(authenticated(ctx.clone()))
+            .and(super::request_context())
+            .and(with_context(ctx.clone()))
+            .then(|id, principal, request_id, ctx| async move {
+                respond(delete_session(id, principal, request_id, ctx).await)
+            });
     let list = session_id
         .and(warp::path!("assets"))
         .and(warp::get())
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx))
-        .then(|id, principal, query, ctx| async move {
-            respond(list_assets(id, principal, query, ctx).await)
-        });
-    put.or(get)
-        .unify()
-        .or(delete)
-        .unify()
-        .or(list)
-        .unify()
-        .boxed()
+        .then(|id, principal, query, ctx| async move { respond(list_assets(id, principal, query, ctx).await) });
+    put.or(get).unify().or(delete).unify().or(list).unify().boxed()
 }
 
 fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
-    let id: i64 = raw
-        .parse()
-        .map_err(|_| ApiError::bad_request("invalid_parameter", "id_session must be an integer"))?;
+    let id: i64 =
+        raw.parse().map_err(|_| ApiError::bad_request("invalid_parameter", "id_session must be an integer"))?;
     SessionId::new(id).map_err(ApiError::invalid_field)
 }
 
@@ -139,14 +131,8 @@ async fn put_session(
         session_participants: body.session_participants,
         session_devices: body.session_devices,
     };
-    let session = ctx
-        .app
-        .upsert_session(
-            &principal,
-            &CommandContext::for_request(&principal, &request_id),
-            command,
-        )
-        .await?;
+    let session =
+        ctx.app.upsert_session(&principal, &CommandContext::for_request(&principal, &request_id), command).await?;
     Ok(warp::reply::json(&session))
 }
 
@@ -160,15 +146,8 @@ async fn put_session(
         (status = 404, description = "unknown session", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn get_session(
-    id: String,
-    principal: Principal,
-    ctx: Context,
-) -> Result<impl warp::Reply, ApiError> {
-    let session = ctx
-        .app
-        .session_for(&principal, parse_session_id(&id)?)
-        .await?;
+async fn get_session(id: String, principal: Principal, ctx: Context) -> Result<impl warp::Reply, ApiError> {
+    let session = ctx.app.session_for(&principal, parse_session_id(&id)?).await?;
     Ok(warp::reply::json(&session))
 }
 
@@ -189,18 +168,9 @@ async fn delete_session(
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
-    let deleted_assets = ctx
-        .app
-        .delete_session(
-            &principal,
-            &CommandContext::for_request(&principal, &request_id),
-            id_session,
-        )
-        .await?;
-    Ok(warp::reply::json(&SessionDeletedReply {
-        id_session: id_session.get(),
-        deleted_assets,
-    }))
+    let deleted_assets =
+        ctx.app.delete_session(&principal, &CommandContext::for_request(&principal, &request_id), id_session).await?;
+    Ok(warp::reply::json(&SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
 }
 
 /// A session's assets, newest first, keyset-paginated.
@@ -228,22 +198,16 @@ async fn list_assets(
     let id_session = parse_session_id(&id)?;
     let limit = match query.get("limit") {
         None => DEFAULT_PAGE,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=MAX_PAGE).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "invalid_parameter",
-                    format!("limit must be an integer from 1 to {MAX_PAGE}"),
-                )
-            })?,
+        Some(raw) => raw.parse::<i64>().ok().filter(|l| (1..=MAX_PAGE).contains(l)).ok_or_else(|| {
+            ApiError::bad_request("invalid_parameter", format!("limit must be an integer from 1 to {MAX_PAGE}"))
+        })?,
     };
     let cursor = match query.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
-        Some(raw) => Some(ListingCursor::decode(raw).ok_or_else(|| {
-            ApiError::bad_request("invalid_parameter", "cursor is not one this server issued")
-        })?),
+        Some(raw) => Some(
+            ListingCursor::decode(raw)
+                .ok_or_else(|| ApiError::bad_request("invalid_parameter", "cursor is not one this server issued"))?,
+        ),
     };
     let directory = match query.get("directory") {
         None => None,
@@ -251,39 +215,17 @@ async fn list_assets(
     };
     let assets = ctx
         .app
-        .session_assets(
-            &principal,
-            id_session,
-            directory.as_ref().map(Directory::as_str),
-            cursor,
-            limit + 1,
-        )
+        .session_assets(&principal, id_session, directory.as_ref().map(Directory::as_str), cursor, limit + 1)
         .await?;
     let has_more = assets.len() as i64 > limit;
     let page: Vec<AssetInfo> = assets.into_iter().take(limit as usize).collect();
     let next_cursor = has_more
         .then(|| {
-            page.last().map(|last| {
-                ListingCursor {
-                    created_at: last.asset_created_at,
-                    asset_uuid: last.asset_uuid,
-                }
-                .encode()
-            })
+            page.last()
+                .map(|last| ListingCursor { created_at: last.asset_created_at, asset_uuid: last.asset_uuid }.encode())
         })
         .flatten();
-    let assets = page
-        .into_iter()
-        .map(|info| ListedAsset {
-            access_token: ctx.app.asset_token(info.asset_uuid),
-            info,
-        })
-        .collect();
-    Ok(warp::reply::with_status(
-        warp::reply::json(&AssetPage {
-            assets,
-            next_cursor,
-        }),
-        StatusCode::OK,
-    ))
+    let assets =
+        page.into_iter().map(|info| ListedAsset { access_token: ctx.app.asset_token(info.asset_uuid), info }).collect();
+    Ok(warp::reply::with_status(warp::reply::json(&AssetPage { assets, next_cursor }), StatusCode::OK))
 }

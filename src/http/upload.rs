@@ -10,20 +10,23 @@
 
 use bytes::Buf;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use futures::{Stream, TryStreamExt};
+use futures::Stream;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, StatusCode};
 use warp::Filter;
 
-use super::auth::authenticated;
+use super::auth::authenticate;
+use super::body::{BodyError, GuardedBody};
 use super::error::{ApiError, ErrorBody};
 use super::{request_context, respond, with_context, Context};
-use crate::app::CommandContext;
+use crate::app::{run_to_completion, AppError, CommandContext};
 use crate::blobs::TempBlob;
 use crate::domain::asset::{AssetSource, AssetUploaded};
-use crate::domain::names::{AssetName, Directory, FileName, MediaType, SessionId, Tags};
+use crate::domain::names::{
+    check_storable_datetime, check_storable_json, AssetName, Directory, FileName, MediaType, SessionId, Tags,
+};
 use crate::domain::principal::{Actor, Principal, PrincipalKind};
 use crate::projections::read::AssetInfo;
 
@@ -31,6 +34,9 @@ use crate::projections::read::AssetInfo;
 const MAX_FORM_FIELD: u64 = 64 * 1024;
 /// Room for multipart boundaries, part headers and small fields around the file.
 const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
+/// Most bytes a client may send between two fields' contents (preamble, delimiters,
+/// part headers), which the parser has to buffer.
+const MAX_OUTSIDE_FIELDS: u64 = 1024 * 1024;
 
 /// The JSON in the `file_asset` field.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -77,14 +83,11 @@ pub struct UploadedAsset {
 pub fn route(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     warp::path!("assets")
         .and(warp::post())
-        .and(authenticated(ctx.clone()))
         .and(request_context())
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and(with_context(ctx))
-        .then(|principal, request_id, headers, body, ctx| async move {
-            respond(upload(principal, request_id, headers, body, ctx).await)
-        })
+        .then(|request_id, headers, body, ctx| async move { respond(upload(request_id, headers, body, ctx).await) })
         .boxed()
 }
 
@@ -123,77 +126,74 @@ struct ReceivedFile {
     ),
     security(("bearer" = [])))]
 async fn upload(
-    principal: Principal,
     request_id: String,
     headers: HeaderMap,
-    body: impl Stream<Item = Result<impl Buf, warp::Error>> + Send + 'static,
+    body: impl Stream<Item = Result<impl Buf + Send + 'static, warp::Error>> + Send + 'static,
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
+    // Guard the body before anything can fail: an early answer then drains what the
+    // client is still sending instead of resetting the connection under it.
+    let (body, meter) = GuardedBody::new(body, ctx.settings.body_idle_timeout, MAX_OUTSIDE_FIELDS);
+    let principal = authenticate(&headers, &ctx.app.auth)?;
     let max = ctx.settings.max_upload_size;
-    let content_type = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !content_type
-        .trim_start()
-        .to_ascii_lowercase()
-        .starts_with("multipart/form-data")
-    {
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.trim_start().to_ascii_lowercase().starts_with("multipart/form-data") {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "uploads must be multipart/form-data with the fields file_asset and file",
         ));
     }
-    let boundary = multer::parse_boundary(content_type).map_err(|_| {
-        ApiError::bad_request(
-            "invalid_multipart",
-            "the multipart Content-Type has no valid boundary",
-        )
-    })?;
-    let declared_length = headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let boundary =
+        multer::parse_boundary(content_type).ok().filter(|b| !b.is_empty() && b.len() <= 70).ok_or_else(|| {
+            ApiError::bad_request("invalid_multipart", "the multipart Content-Type has no valid boundary")
+        })?;
+    let declared_length =
+        headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > max + MULTIPART_OVERHEAD) {
         return Err(ApiError::too_large(max));
     }
 
-    let body = body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining()));
     let limits = multer::SizeLimit::new()
         .whole_stream(max + MULTIPART_OVERHEAD)
         .per_field(MAX_FORM_FIELD)
         .for_field("file", max);
-    let mut multipart = multer::Multipart::with_constraints(
-        body,
-        boundary,
-        multer::Constraints::new().size_limit(limits),
-    );
+    let mut multipart =
+        multer::Multipart::with_constraints(body, boundary, multer::Constraints::new().size_limit(limits));
 
     let mut plan: Option<UploadPlan> = None;
     let mut file: Option<ReceivedFile> = None;
-    while let Some(mut field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| multipart_error(e, max))?
-    {
+    while let Some(mut field) = {
+        meter.between_fields(MAX_OUTSIDE_FIELDS);
+        multipart.next_field().await.map_err(|e| multipart_error(e, max))?
+    } {
+        meter.in_field();
         match field.name() {
             Some("file_asset") if plan.is_none() => {
-                let text = field.text().await.map_err(|e| multipart_error(e, max))?;
-                plan = Some(check_file_asset(&text, &principal, &ctx).await?);
+                let bytes = field.bytes().await.map_err(|e| multipart_error(e, max))?;
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|_| ApiError::bad_request("invalid_file_asset", "file_asset must be UTF-8 JSON"))?;
+                plan = Some(check_file_asset(text, &principal, &ctx).await?);
             }
             Some("file") if file.is_none() => {
+                let declares_filename = field
+                    .headers()
+                    .get("content-disposition")
+                    .is_some_and(|v| v.as_bytes().windows(8).any(|w| w.eq_ignore_ascii_case(b"filename")));
+                if field.file_name().is_none() && declares_filename {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "invalid_field",
+                        "filename: must be UTF-8 text",
+                    ));
+                }
                 let filename = match field.file_name() {
                     Some(name) => FileName::parse(name).map_err(ApiError::invalid_field)?,
                     None => match &plan {
                         // OpenTera clients always send a filename; without one, the asset's name stands in.
-                        Some(plan) => FileName::parse(plan.asset_name.as_str())
-                            .map_err(ApiError::invalid_field)?,
+                        Some(plan) => FileName::parse(plan.asset_name.as_str()).map_err(ApiError::invalid_field)?,
                         None => {
-                            return Err(ApiError::bad_request(
-                                "missing_filename",
-                                "the file part needs a filename",
-                            ))
+                            return Err(ApiError::bad_request("missing_filename", "the file part needs a filename"))
                         }
                     },
                 };
@@ -201,84 +201,49 @@ async fn upload(
                     .content_type()
                     .filter(|m| m.essence_str() != "application/octet-stream")
                     .and_then(|m| MediaType::parse(m.as_ref()).ok());
-                let mut blob = ctx
-                    .app
-                    .blobs
-                    .create_temp()
-                    .await
-                    .map_err(ApiError::internal)?;
+                let mut blob = ctx.app.blobs.create_temp().await.map_err(ApiError::internal)?;
                 while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
-                    blob.write(&chunk).await.map_err(storage_error)?;
+                    blob.write(&chunk).await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
                 }
-                file = Some(ReceivedFile {
-                    blob,
-                    filename,
-                    part_type,
-                });
+                file = Some(ReceivedFile { blob, filename, part_type });
             }
             Some(name @ ("file_asset" | "file")) => {
-                return Err(ApiError::bad_request(
-                    "duplicate_field",
-                    format!("the field '{name}' was sent twice"),
-                ));
+                return Err(ApiError::bad_request("duplicate_field", format!("the field '{name}' was sent twice")));
             }
             _ => {
                 // Unknown fields are ignored (bounded by the per-field limit).
-                while field
-                    .chunk()
-                    .await
-                    .map_err(|e| multipart_error(e, max))?
-                    .is_some()
-                {}
+                while field.chunk().await.map_err(|e| multipart_error(e, max))?.is_some() {}
             }
         }
     }
-    let plan = plan.ok_or_else(|| {
-        ApiError::bad_request(
-            "missing_file_asset",
-            "the multipart field 'file_asset' is required",
-        )
-    })?;
-    let file = file.ok_or_else(|| {
-        ApiError::bad_request("missing_file", "the multipart field 'file' is required")
-    })?;
+    let plan = plan
+        .ok_or_else(|| ApiError::bad_request("missing_file_asset", "the multipart field 'file_asset' is required"))?;
+    let file = file.ok_or_else(|| ApiError::bad_request("missing_file", "the multipart field 'file' is required"))?;
 
     let asset_uuid = Uuid::new_v4();
-    let asset_type = plan
-        .asset_type
-        .or(file.part_type)
-        .unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
-    let stored = file.blob.persist(asset_uuid).await.map_err(storage_error)?;
-    let uploaded = AssetUploaded {
-        asset_uuid,
-        id_session: plan.id_session,
-        asset_name: plan.asset_name,
-        asset_original_filename: file.filename,
-        asset_type,
-        asset_file_size: stored.size,
-        asset_sha256: stored.sha256,
-        asset_datetime: plan.asset_datetime,
-        directory: plan.directory,
-        tags: plan.tags,
-        metadata: plan.metadata,
-        asset_creator: plan.creator,
-        asset_source: AssetSource::Upload,
-    };
-    let info = match ctx
-        .app
-        .record_upload(
-            &CommandContext::for_request(&principal, &request_id),
-            uploaded,
-        )
+    let asset_type =
+        plan.asset_type.or(file.part_type).unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
+    let command = CommandContext::for_request(&principal, &request_id);
+    let app = ctx.app.clone();
+    let info = run_to_completion(async move {
+        app.store_upload(&principal, &command, file.blob, asset_uuid, |stored| AssetUploaded {
+            asset_uuid,
+            id_session: plan.id_session,
+            asset_name: plan.asset_name,
+            asset_original_filename: file.filename,
+            asset_type,
+            asset_file_size: stored.size,
+            asset_sha256: stored.sha256,
+            asset_datetime: plan.asset_datetime,
+            directory: plan.directory,
+            tags: plan.tags,
+            metadata: plan.metadata,
+            asset_creator: plan.creator,
+            asset_source: AssetSource::Upload,
+        })
         .await
-    {
-        Ok(info) => info,
-        Err(error) => {
-            // The bytes are durable but no event names them: remove them now.
-            let _ = ctx.app.blobs.remove(asset_uuid).await;
-            return Err(error.into());
-        }
-    };
+    })
+    .await?;
     let origin = super::origin(&headers);
     let base = &ctx.settings.base_path;
     Ok(warp::reply::json(&UploadedAsset {
@@ -290,135 +255,83 @@ async fn upload(
 }
 
 /// Parses and checks `file_asset`, including the session and the caller's access to it.
-async fn check_file_asset(
-    text: &str,
-    principal: &Principal,
-    ctx: &Context,
-) -> Result<UploadPlan, ApiError> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_file_asset",
-            format!("file_asset must be a JSON object: {e}"),
-        )
-    })?;
+async fn check_file_asset(text: &str, principal: &Principal, ctx: &Context) -> Result<UploadPlan, ApiError> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::bad_request("invalid_file_asset", format!("file_asset must be a JSON object: {e}")))?;
     if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "invalid_file_asset",
-            "file_asset must be a JSON object",
-        ));
+        return Err(ApiError::bad_request("invalid_file_asset", "file_asset must be a JSON object"));
     }
-    let form: FileAsset = serde_json::from_value(value).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_field",
-            format!("file_asset: {e}"),
-        )
-    })?;
+    let form: FileAsset = serde_json::from_value(value)
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("file_asset: {e}")))?;
     let id_session = SessionId::new(form.id_session).map_err(ApiError::invalid_field)?;
     let asset_name = AssetName::parse(&form.asset_name).map_err(ApiError::invalid_field)?;
-    let asset_type = form
-        .asset_type
-        .as_deref()
-        .map(MediaType::parse)
-        .transpose()
-        .map_err(ApiError::invalid_field)?;
-    let asset_datetime = form
-        .asset_datetime
-        .as_deref()
-        .map(parse_datetime)
-        .transpose()?;
+    let asset_type = form.asset_type.as_deref().map(MediaType::parse).transpose().map_err(ApiError::invalid_field)?;
+    let asset_datetime = form.asset_datetime.as_deref().map(parse_datetime).transpose()?;
+    let metadata = form.metadata.unwrap_or_default();
+    check_storable_json("metadata", &serde_json::Value::Object(metadata.clone())).map_err(ApiError::invalid_field)?;
     let directory = match form.directory.as_deref() {
         Some(dir) => Directory::parse(dir).map_err(ApiError::invalid_field)?,
         None => Directory::root(),
     };
     let tags = Tags::parse(form.tags.unwrap_or_default()).map_err(ApiError::invalid_field)?;
-    let creator = if principal.is_service() {
-        let named: Vec<Actor> = [
-            (PrincipalKind::User, form.id_user),
-            (PrincipalKind::Participant, form.id_participant),
-            (PrincipalKind::Device, form.id_device),
-            (PrincipalKind::Service, form.id_service),
-        ]
-        .into_iter()
-        .filter_map(|(kind, uuid)| uuid.map(|uuid| Actor { kind, uuid }))
-        .collect();
-        match named[..] {
-            [creator] => creator,
-            _ => {
-                return Err(ApiError::new(
+    let creator =
+        if principal.is_service() {
+            let named: Vec<Actor> = [
+                (PrincipalKind::User, form.id_user),
+                (PrincipalKind::Participant, form.id_participant),
+                (PrincipalKind::Device, form.id_device),
+                (PrincipalKind::Service, form.id_service),
+            ]
+            .into_iter()
+            .filter_map(|(kind, uuid)| uuid.map(|uuid| Actor { kind, uuid }))
+            .collect();
+            match named[..] {
+                [creator] => creator,
+                _ => return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "invalid_field",
                     "services must name the creator with exactly one of id_user, id_participant, id_device, id_service",
-                ))
+                )),
             }
-        }
-    } else {
-        principal.actor()
-    };
+        } else {
+            principal.actor()
+        };
     ctx.app.session_for(principal, id_session).await?;
-    Ok(UploadPlan {
-        id_session,
-        asset_name,
-        asset_type,
-        asset_datetime,
-        directory,
-        tags,
-        metadata: form.metadata.unwrap_or_default(),
-        creator,
-    })
+    Ok(UploadPlan { id_session, asset_name, asset_type, asset_datetime, directory, tags, metadata, creator })
 }
 
 fn parse_datetime(value: &str) -> Result<DateTime<Utc>, ApiError> {
-    DateTime::parse_from_rfc3339(value)
+    let parsed = DateTime::parse_from_rfc3339(value)
         .map(|d| d.with_timezone(&Utc))
-        .or_else(|_| {
-            NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|n| n.and_utc())
-        })
+        .or_else(|_| NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|n| n.and_utc()))
         .map_err(|_| {
             ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_field",
                 "asset_datetime must be an RFC 3339 date-time",
             )
-        })
+        })?;
+    check_storable_datetime("asset_datetime", parsed).map_err(ApiError::invalid_field)
 }
 
 fn multipart_error(error: multer::Error, max: u64) -> ApiError {
     match error {
-        multer::Error::FieldSizeExceeded { field_name, .. }
-            if field_name.as_deref() == Some("file") =>
-        {
+        multer::Error::FieldSizeExceeded { field_name, .. } if field_name.as_deref() == Some("file") => {
             ApiError::too_large(max)
         }
         multer::Error::FieldSizeExceeded { field_name, limit } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!(
-                "the field '{}' exceeds {limit} bytes",
-                field_name.unwrap_or_default()
-            ),
+            format!("the field '{}' exceeds {limit} bytes", field_name.unwrap_or_default()),
         ),
         multer::Error::StreamSizeExceeded { .. } => ApiError::too_large(max),
-        multer::Error::StreamReadFailed(e) => ApiError::bad_request(
-            "body_read_failed",
-            format!("the request body could not be read: {e}"),
-        ),
-        other => ApiError::bad_request(
-            "invalid_multipart",
-            format!("malformed multipart body: {other}"),
-        ),
-    }
-}
-
-fn storage_error(error: std::io::Error) -> ApiError {
-    // ENOSPC / EDQUOT: the disk is full, which is 507 in API.md.
-    if matches!(error.raw_os_error(), Some(28) | Some(122)) {
-        ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "storage_full",
-            "no space left to store the upload",
-        )
-    } else {
-        ApiError::internal(format!("storage: {error}"))
+        multer::Error::StreamReadFailed(e) => match e.downcast_ref::<BodyError>() {
+            Some(BodyError::Idle(_)) => ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", e.to_string()),
+            Some(BodyError::OutsideFields(_)) => {
+                ApiError::bad_request("invalid_multipart", format!("malformed multipart body: {e}"))
+            }
+            _ => ApiError::bad_request("body_read_failed", format!("the request body could not be read: {e}")),
+        },
+        other => ApiError::bad_request("invalid_multipart", format!("malformed multipart body: {other}")),
     }
 }

@@ -20,35 +20,24 @@ pub enum ProjectionError {
     #[error("event store: {0}")]
     EventStore(#[from] EventStoreError),
     #[error("event {id} ({event_type}) has an unreadable payload: {source}")]
-    BadPayload {
-        id: uuid::Uuid,
-        event_type: String,
-        source: serde_json::Error,
-    },
+    BadPayload { id: uuid::Uuid, event_type: String, source: serde_json::Error },
 }
 
 /// Which aggregate's events a stream holds, from its `<category>-<id>` name.
 fn category(stream: &str) -> &str {
-    stream
-        .split_once('-')
-        .map_or(stream, |(category, _)| category)
+    stream.split_once('-').map_or(stream, |(category, _)| category)
 }
 
 fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, ProjectionError> {
-    E::from_parts(&event.event_type, &event.data)
-        .transpose()
-        .map_err(|source| ProjectionError::BadPayload {
-            id: event.id,
-            event_type: event.event_type.clone(),
-            source,
-        })
+    E::from_parts(&event.event_type, &event.data).transpose().map_err(|source| ProjectionError::BadPayload {
+        id: event.id,
+        event_type: event.event_type.clone(),
+        source,
+    })
 }
 
 /// Updates the read models for one recorded event.
-pub async fn apply(
-    client: &impl GenericClient,
-    event: &RecordedEvent,
-) -> Result<(), ProjectionError> {
+pub async fn apply(client: &impl GenericClient, event: &RecordedEvent) -> Result<(), ProjectionError> {
     match category(&event.stream) {
         "session" => {
             if let Some(session_event) = decode::<SessionEvent>(event)? {
@@ -99,12 +88,8 @@ async fn apply_session(
                 .await?;
         }
         SessionEvent::SessionDeleted(deleted) => {
-            let statement = client
-                .prepare_cached("DELETE FROM sessions WHERE id_session = $1")
-                .await?;
-            client
-                .execute(&statement, &[&deleted.id_session.get()])
-                .await?;
+            let statement = client.prepare_cached("DELETE FROM sessions WHERE id_session = $1").await?;
+            client.execute(&statement, &[&deleted.id_session.get()]).await?;
         }
     }
     Ok(())
@@ -151,26 +136,19 @@ async fn apply_asset(
         }
         AssetEvent::AssetRenamed(renamed) => {
             let statement = client
-                .prepare_cached("UPDATE assets SET asset_original_filename = $2, asset_version = $3 WHERE asset_uuid = $1")
+                .prepare_cached(
+                    "UPDATE assets SET asset_original_filename = $2, asset_version = $3 WHERE asset_uuid = $1",
+                )
                 .await?;
             client
-                .execute(
-                    &statement,
-                    &[
-                        &renamed.asset_uuid,
-                        &renamed.asset_original_filename.as_str(),
-                        &event.version,
-                    ],
-                )
+                .execute(&statement, &[&renamed.asset_uuid, &renamed.asset_original_filename.as_str(), &event.version])
                 .await?;
         }
         AssetEvent::AssetDeleted(deleted) => {
             let statement = client
                 .prepare_cached("UPDATE assets SET asset_status = 'deleted', asset_version = $2 WHERE asset_uuid = $1")
                 .await?;
-            client
-                .execute(&statement, &[&deleted.asset_uuid, &event.version])
-                .await?;
+            client.execute(&statement, &[&deleted.asset_uuid, &event.version]).await?;
         }
     }
     Ok(())
@@ -186,13 +164,8 @@ const REPLAY_BATCH: i64 = 5_000;
 /// writers that already touched the read models have committed and are in the snapshot;
 /// writers that have not wait for the lock and update the rebuilt tables afterwards.
 pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, ProjectionError> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await?;
-    tx.batch_execute("LOCK TABLE sessions, assets IN ACCESS EXCLUSIVE MODE")
-        .await?;
+    let tx = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
+    tx.batch_execute("LOCK TABLE sessions, assets IN ACCESS EXCLUSIVE MODE").await?;
     tx.batch_execute("TRUNCATE sessions, assets").await?;
     let mut after = GlobalPosition::START;
     let mut applied = 0;

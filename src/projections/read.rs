@@ -71,8 +71,7 @@ impl AssetInfo {
     }
 }
 
-const SESSION_COLUMNS: &str =
-    "id_session, session_uuid, session_name, id_creator_uuid, session_users, \
+const SESSION_COLUMNS: &str = "id_session, session_uuid, session_name, id_creator_uuid, session_users, \
     session_participants, session_devices, created_at, updated_at, version";
 
 fn session_from_row(row: &tokio_postgres::Row) -> SessionInfo {
@@ -124,53 +123,21 @@ fn asset_from_row(row: &tokio_postgres::Row) -> AssetInfo {
     }
 }
 
-pub async fn session(
-    client: &impl GenericClient,
-    id: SessionId,
-) -> Result<Option<SessionInfo>, tokio_postgres::Error> {
-    let statement = client
-        .prepare_cached(&format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = $1"
-        ))
-        .await?;
-    Ok(client
-        .query_opt(&statement, &[&id.get()])
-        .await?
-        .as_ref()
-        .map(session_from_row))
+pub async fn session(client: &impl GenericClient, id: SessionId) -> Result<Option<SessionInfo>, tokio_postgres::Error> {
+    let statement =
+        client.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = $1")).await?;
+    Ok(client.query_opt(&statement, &[&id.get()]).await?.as_ref().map(session_from_row))
 }
 
-pub async fn asset(
-    client: &impl GenericClient,
-    uuid: Uuid,
-) -> Result<Option<AssetInfo>, tokio_postgres::Error> {
-    let statement = client
-        .prepare_cached(&format!(
-            "SELECT {ASSET_COLUMNS} FROM assets WHERE asset_uuid = $1"
-        ))
-        .await?;
-    Ok(client
-        .query_opt(&statement, &[&uuid])
-        .await?
-        .as_ref()
-        .map(asset_from_row))
+pub async fn asset(client: &impl GenericClient, uuid: Uuid) -> Result<Option<AssetInfo>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE asset_uuid = $1")).await?;
+    Ok(client.query_opt(&statement, &[&uuid]).await?.as_ref().map(asset_from_row))
 }
 
-pub async fn assets(
-    client: &impl GenericClient,
-    uuids: &[Uuid],
-) -> Result<Vec<AssetInfo>, tokio_postgres::Error> {
-    let statement = client
-        .prepare_cached(&format!(
-            "SELECT {ASSET_COLUMNS} FROM assets WHERE asset_uuid = ANY($1)"
-        ))
-        .await?;
-    Ok(client
-        .query(&statement, &[&uuids])
-        .await?
-        .iter()
-        .map(asset_from_row)
-        .collect())
+pub async fn assets(client: &impl GenericClient, uuids: &[Uuid]) -> Result<Vec<AssetInfo>, tokio_postgres::Error> {
+    let statement =
+        client.prepare_cached(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE asset_uuid = ANY($1)")).await?;
+    Ok(client.query(&statement, &[&uuids]).await?.iter().map(asset_from_row).collect())
 }
 
 /// Where a listing page starts: after this (created_at, uuid) in newest-first order.
@@ -182,18 +149,13 @@ pub struct ListingCursor {
 
 impl ListingCursor {
     pub fn encode(&self) -> String {
-        format!(
-            "{}_{}",
-            self.created_at.timestamp_micros(),
-            self.asset_uuid.simple()
-        )
+        format!("{}_{}", self.created_at.timestamp_micros(), self.asset_uuid.simple())
     }
     pub fn decode(value: &str) -> Option<Self> {
         let (micros, uuid) = value.split_once('_')?;
-        Some(Self {
-            created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
-            asset_uuid: Uuid::try_parse(uuid).ok()?,
-        })
+        let created_at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+        crate::domain::names::check_storable_datetime("cursor", created_at).ok()?;
+        Some(Self { created_at, asset_uuid: Uuid::try_parse(uuid).ok()? })
     }
 }
 
@@ -219,10 +181,7 @@ pub async fn session_assets(
     let created_at = cursor.map(|c| c.created_at);
     let after_uuid = cursor.map_or(Uuid::nil(), |c| c.asset_uuid);
     Ok(client
-        .query(
-            &statement,
-            &[&id.get(), &directory, &created_at, &after_uuid, &limit],
-        )
+        .query(&statement, &[&id.get(), &directory, &created_at, &after_uuid, &limit])
         .await?
         .iter()
         .map(asset_from_row)
@@ -230,30 +189,24 @@ pub async fn session_assets(
 }
 
 /// Uuids of a session's live assets (for deleting them with the session).
-pub async fn live_asset_uuids(
-    client: &impl GenericClient,
-    id: SessionId,
-) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+pub async fn live_asset_uuids(client: &impl GenericClient, id: SessionId) -> Result<Vec<Uuid>, tokio_postgres::Error> {
     let statement = client
-        .prepare_cached("SELECT asset_uuid FROM assets WHERE id_session = $1 AND asset_status = 'available' ORDER BY asset_uuid")
+        .prepare_cached(
+            "SELECT asset_uuid FROM assets WHERE id_session = $1 AND asset_status = 'available' ORDER BY asset_uuid",
+        )
         .await?;
-    Ok(client
-        .query(&statement, &[&id.get()])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect())
+    Ok(client.query(&statement, &[&id.get()]).await?.iter().map(|row| row.get(0)).collect())
 }
 
-/// Whether the session is registered, holding a share lock on its row until the
-/// transaction ends so a concurrent deletion waits for (and then sees) what this
+/// The session, if registered, holding a share lock on its row until the transaction
+/// ends, so a concurrent deletion or update waits for (and then sees) what this
 /// transaction adds to the session.
 pub async fn lock_session(
     client: &impl GenericClient,
     id: SessionId,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Option<SessionInfo>, tokio_postgres::Error> {
     let statement = client
-        .prepare_cached("SELECT 1 FROM sessions WHERE id_session = $1 FOR SHARE")
+        .prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = $1 FOR SHARE"))
         .await?;
-    Ok(client.query_opt(&statement, &[&id.get()]).await?.is_some())
+    Ok(client.query_opt(&statement, &[&id.get()]).await?.as_ref().map(session_from_row))
 }

@@ -22,19 +22,13 @@ async fn upload_download_rename_delete_round_trip_with_events() {
         )
         .await;
     assert_eq!(response.status(), 200);
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
     let info: Value = response.json().await.unwrap();
     let uuid = info["asset_uuid"].as_str().unwrap().to_owned();
     assert_eq!(info["id_session"], 1);
     assert_eq!(info["asset_name"], "Asset Name");
     assert_eq!(info["asset_original_filename"], "name.zip");
-    assert_eq!(
-        info["asset_type"], "application/zip",
-        "guessed from the file name"
-    );
+    assert_eq!(info["asset_type"], "application/zip", "guessed from the file name");
     assert_eq!(info["asset_file_size"], 300_000);
     assert_eq!(info["asset_sha256"], sha256_hex(&bytes));
     assert_eq!(info["directory"], "/videos");
@@ -46,115 +40,57 @@ async fn upload_download_rename_delete_round_trip_with_events() {
     assert_eq!(info["asset_version"], 1);
     assert_eq!(info["asset_creator"], json!({"kind": "user", "uuid": user}));
     assert!(info["access_token"].as_str().is_some_and(|t| t.len() > 20));
-    assert_eq!(
-        info["asset_url"],
-        format!("http://{}/file/api/assets?asset_uuid={uuid}", app.addr)
-    );
-    assert_eq!(
-        info["asset_infos_url"],
-        format!(
-            "http://{}/file/api/assets/infos?asset_uuid={uuid}",
-            app.addr
-        )
-    );
+    assert_eq!(info["asset_url"], format!("http://{}/file/api/assets?asset_uuid={uuid}", app.addr));
+    assert_eq!(info["asset_infos_url"], format!("http://{}/file/api/assets/infos?asset_uuid={uuid}", app.addr));
 
-    let download = app
-        .get(&token, &format!("/api/assets?asset_uuid={uuid}"))
-        .await;
+    let download = app.get(&token, &format!("/api/assets?asset_uuid={uuid}")).await;
     assert_eq!(download.status(), 200);
     let headers = download.headers().clone();
     assert_eq!(headers["content-type"], "application/zip");
     assert_eq!(headers["content-length"], "300000");
     assert_eq!(headers["accept-ranges"], "bytes");
-    assert_eq!(
-        headers["etag"].to_str().unwrap(),
-        format!("\"sha256:{}\"", sha256_hex(&bytes))
-    );
-    assert_eq!(
-        headers["content-disposition"],
-        "attachment; filename=\"name.zip\"; filename*=UTF-8''name.zip"
-    );
+    assert_eq!(headers["etag"].to_str().unwrap(), format!("\"sha256:{}\"", sha256_hex(&bytes)));
+    assert_eq!(headers["content-disposition"], "attachment; filename=\"name.zip\"; filename*=UTF-8''name.zip");
     assert_eq!(download.bytes().await.unwrap().as_ref(), &bytes[..]);
 
-    let infos: Value = app
-        .get(&token, &format!("/api/assets/infos?asset_uuid={uuid}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let infos: Value = app.get(&token, &format!("/api/assets/infos?asset_uuid={uuid}")).await.json().await.unwrap();
     assert_eq!(infos["asset_sha256"], info["asset_sha256"]);
 
     let renamed = app
-        .post_json(&token, "/api/assets/infos", &json!({"file_asset": {"asset_uuid": uuid, "asset_original_filename": "vidéo du jour.zip"}}))
+        .post_json(
+            &token,
+            "/api/assets/infos",
+            &json!({"file_asset": {"asset_uuid": uuid, "asset_original_filename": "vidéo du jour.zip"}}),
+        )
         .await;
     assert_eq!(renamed.status(), 200);
     let renamed: Value = renamed.json().await.unwrap();
     assert_eq!(renamed["asset_original_filename"], "vidéo du jour.zip");
     assert_eq!(renamed["asset_version"], 2);
-    let download = app
-        .get(&token, &format!("/api/assets?asset_uuid={uuid}"))
-        .await;
+    let download = app.get(&token, &format!("/api/assets?asset_uuid={uuid}")).await;
     assert_eq!(
         download.headers()["content-disposition"],
         "attachment; filename=\"vid_o du jour.zip\"; filename*=UTF-8''vid%C3%A9o%20du%20jour.zip"
     );
 
-    let deleted = app
-        .delete(&token, &format!("/api/assets?uuid={uuid}"))
-        .await;
+    let deleted = app.delete(&token, &format!("/api/assets?uuid={uuid}")).await;
     assert_eq!(deleted.status(), 200);
-    assert_error(
-        app.get(&token, &format!("/api/assets?asset_uuid={uuid}"))
-            .await,
-        404,
-        "not_found",
-    )
-    .await;
-    assert_error(
-        app.delete(&token, &format!("/api/assets?uuid={uuid}"))
-            .await,
-        404,
-        "not_found",
-    )
-    .await;
-    assert!(
-        !app.ctx.app.blobs.path(uuid.parse().unwrap()).exists(),
-        "bytes removed after the event"
-    );
-    let infos: Value = app
-        .get(&token, &format!("/api/assets/infos?asset_uuid={uuid}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    assert_error(app.get(&token, &format!("/api/assets?asset_uuid={uuid}")).await, 404, "not_found").await;
+    assert_error(app.delete(&token, &format!("/api/assets?uuid={uuid}")).await, 404, "not_found").await;
+    assert!(!app.ctx.app.blobs.path(uuid.parse().unwrap()).exists(), "bytes removed after the event");
+    let infos: Value = app.get(&token, &format!("/api/assets/infos?asset_uuid={uuid}")).await.json().await.unwrap();
     assert_eq!(infos["asset_status"], "deleted");
 
-    let history: Value = app
-        .get(&token, &format!("/api/assets/{uuid}/events"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let history: Value = app.get(&token, &format!("/api/assets/{uuid}/events")).await.json().await.unwrap();
     let history = history.as_array().unwrap();
-    let types: Vec<&str> = history
-        .iter()
-        .map(|e| e["event_type"].as_str().unwrap())
-        .collect();
+    let types: Vec<&str> = history.iter().map(|e| e["event_type"].as_str().unwrap()).collect();
     assert_eq!(types, ["AssetUploaded", "AssetRenamed", "AssetDeleted"]);
     for event in history {
-        assert_eq!(
-            event["metadata"]["actor"],
-            json!({"kind": "user", "uuid": user})
-        );
-        assert!(event["metadata"]["request_id"]
-            .as_str()
-            .is_some_and(|r| !r.is_empty()));
+        assert_eq!(event["metadata"]["actor"], json!({"kind": "user", "uuid": user}));
+        assert!(event["metadata"]["request_id"].as_str().is_some_and(|r| !r.is_empty()));
         assert!(event["metadata"]["service_version"].is_string());
     }
-    assert_eq!(
-        history[0]["metadata"]["request_id"], request_id,
-        "the upload's request id is in its event"
-    );
+    assert_eq!(history[0]["metadata"]["request_id"], request_id, "the upload's request id is in its event");
     assert_eq!(history[0]["data"]["asset_sha256"], sha256_hex(&bytes));
     assert_eq!(history[1]["data"]["previous_filename"], "name.zip");
 }
@@ -165,15 +101,10 @@ async fn ranges_and_conditional_requests() {
     let (_, token) = app.session_with_user(1).await;
     let bytes = pseudo_random_bytes(2, 1000);
     let info = app.upload_ok(&token, 1, "r.bin", &bytes).await;
-    let path = format!(
-        "/file/api/assets?asset_uuid={}",
-        info["asset_uuid"].as_str().unwrap()
-    );
+    let path = format!("/file/api/assets?asset_uuid={}", info["asset_uuid"].as_str().unwrap());
     let get = |headers: Vec<(&'static str, String)>| {
-        let mut request = app
-            .client
-            .get(format!("http://{}{path}", app.addr))
-            .header("Authorization", format!("Bearer {token}"));
+        let mut request =
+            app.client.get(format!("http://{}{path}", app.addr)).header("Authorization", format!("Bearer {token}"));
         for (name, value) in headers {
             request = request.header(name, value);
         }
@@ -198,11 +129,7 @@ async fn ranges_and_conditional_requests() {
     assert_error(unsatisfiable, 416, "range_not_satisfiable").await;
 
     let multiple = get(vec![("Range", "bytes=0-1,5-6".into())]).await.unwrap();
-    assert_eq!(
-        multiple.status(),
-        200,
-        "several ranges are answered with the whole file"
-    );
+    assert_eq!(multiple.status(), 200, "several ranges are answered with the whole file");
     assert_eq!(multiple.bytes().await.unwrap().len(), 1000);
 
     let etag = format!("\"sha256:{}\"", sha256_hex(&bytes));
@@ -210,28 +137,11 @@ async fn ranges_and_conditional_requests() {
     assert_eq!(cached.status(), 304);
     assert_eq!(cached.headers()["etag"].to_str().unwrap(), etag);
     assert!(cached.bytes().await.unwrap().is_empty());
-    assert_eq!(
-        get(vec![("If-None-Match", "\"other\"".into())])
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get(vec![("If-None-Match", "\"other\"".into())]).await.unwrap().status(), 200);
 
-    let stale_if_range = get(vec![
-        ("Range", "bytes=0-1".into()),
-        ("If-Range", "\"old\"".into()),
-    ])
-    .await
-    .unwrap();
-    assert_eq!(
-        stale_if_range.status(),
-        200,
-        "If-Range with another validator sends everything"
-    );
-    let fresh_if_range = get(vec![("Range", "bytes=0-1".into()), ("If-Range", etag)])
-        .await
-        .unwrap();
+    let stale_if_range = get(vec![("Range", "bytes=0-1".into()), ("If-Range", "\"old\"".into())]).await.unwrap();
+    assert_eq!(stale_if_range.status(), 200, "If-Range with another validator sends everything");
+    let fresh_if_range = get(vec![("Range", "bytes=0-1".into()), ("If-Range", etag)]).await.unwrap();
     assert_eq!(fresh_if_range.status(), 206);
 }
 
@@ -245,69 +155,31 @@ async fn access_tokens_open_one_asset_to_callers_without_session_access() {
     let access_token = info["access_token"].as_str().unwrap();
     let stranger = app.user_token(Uuid::new_v4());
 
-    assert_error(
-        app.get(&stranger, &format!("/api/assets?asset_uuid={uuid}"))
-            .await,
-        403,
-        "forbidden",
-    )
-    .await;
-    let with_token = app
-        .get(
-            &stranger,
-            &format!("/api/assets?asset_uuid={uuid}&access_token={access_token}"),
-        )
-        .await;
+    assert_error(app.get(&stranger, &format!("/api/assets?asset_uuid={uuid}")).await, 403, "forbidden").await;
+    let with_token = app.get(&stranger, &format!("/api/assets?asset_uuid={uuid}&access_token={access_token}")).await;
     assert_eq!(with_token.status(), 200);
     assert_eq!(with_token.bytes().await.unwrap().as_ref(), b"secret");
-    let infos = app
-        .get(
-            &stranger,
-            &format!("/api/assets/infos?asset_uuid={uuid}&access_token={access_token}"),
-        )
-        .await;
+    let infos = app.get(&stranger, &format!("/api/assets/infos?asset_uuid={uuid}&access_token={access_token}")).await;
     assert_eq!(infos.status(), 200);
 
     // The token names one asset only, and is no principal token.
     let other_uuid = other["asset_uuid"].as_str().unwrap();
     assert_error(
-        app.get(
-            &stranger,
-            &format!("/api/assets?asset_uuid={other_uuid}&access_token={access_token}"),
-        )
-        .await,
+        app.get(&stranger, &format!("/api/assets?asset_uuid={other_uuid}&access_token={access_token}")).await,
         403,
         "forbidden",
     )
     .await;
+    assert_error(app.get(access_token, &format!("/api/assets?asset_uuid={uuid}")).await, 401, "invalid_token").await;
+    let expired = app.ctx.app.auth.mint_asset_token(&[uuid.parse().unwrap()], -60);
     assert_error(
-        app.get(access_token, &format!("/api/assets?asset_uuid={uuid}"))
-            .await,
-        401,
-        "invalid_token",
-    )
-    .await;
-    let expired = app
-        .ctx
-        .app
-        .auth
-        .mint_asset_token(&[uuid.parse().unwrap()], -60);
-    assert_error(
-        app.get(
-            &stranger,
-            &format!("/api/assets?asset_uuid={uuid}&access_token={expired}"),
-        )
-        .await,
+        app.get(&stranger, &format!("/api/assets?asset_uuid={uuid}&access_token={expired}")).await,
         403,
         "access_token_expired",
     )
     .await;
     assert_error(
-        app.get(
-            &stranger,
-            &format!("/api/assets?asset_uuid={uuid}&access_token=garbage"),
-        )
-        .await,
+        app.get(&stranger, &format!("/api/assets?asset_uuid={uuid}&access_token=garbage")).await,
         403,
         "forbidden",
     )
@@ -325,37 +197,27 @@ async fn access_tokens_open_one_asset_to_callers_without_session_access() {
     let batch: Value = batch.json().await.unwrap();
     assert_eq!(batch.as_array().unwrap().len(), 1);
     let refused = app
-        .post_json(&stranger, "/api/assets/infos", &json!({"assets": [{"asset_uuid": uuid, "access_token": access_token}, {"asset_uuid": other_uuid}]}))
+        .post_json(
+            &stranger,
+            "/api/assets/infos",
+            &json!({"assets": [{"asset_uuid": uuid, "access_token": access_token}, {"asset_uuid": other_uuid}]}),
+        )
         .await;
     assert_error(refused, 403, "forbidden").await;
     let members_batch: Value = app
-        .post_json(
-            &token,
-            "/api/assets/infos",
-            &json!({"assets": [{"asset_uuid": uuid}, {"asset_uuid": other_uuid}]}),
-        )
+        .post_json(&token, "/api/assets/infos", &json!({"assets": [{"asset_uuid": uuid}, {"asset_uuid": other_uuid}]}))
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(members_batch.as_array().unwrap().len(), 2);
-    let unknown = app
-        .post_json(
-            &token,
-            "/api/assets/infos",
-            &json!({"assets": [{"asset_uuid": Uuid::new_v4()}]}),
-        )
-        .await;
+    let unknown =
+        app.post_json(&token, "/api/assets/infos", &json!({"assets": [{"asset_uuid": Uuid::new_v4()}]})).await;
     assert_error(unknown, 404, "not_found").await;
 
     // A stranger with the token can delete, as in OpenTera.
     assert_eq!(
-        app.delete(
-            &stranger,
-            &format!("/api/assets?uuid={uuid}&access_token={access_token}")
-        )
-        .await
-        .status(),
+        app.delete(&stranger, &format!("/api/assets?uuid={uuid}&access_token={access_token}")).await.status(),
         200
     );
 }
@@ -376,22 +238,17 @@ async fn services_upload_on_behalf_of_a_named_creator() {
         .await;
     assert_eq!(response.status(), 200);
     let info: Value = response.json().await.unwrap();
-    assert_eq!(
-        info["asset_creator"],
-        json!({"kind": "participant", "uuid": participant})
-    );
+    assert_eq!(info["asset_creator"], json!({"kind": "participant", "uuid": participant}));
 
-    let anonymous = app
+    let anonymous = app.upload(&service, &json!({"id_session": 1, "asset_name": "n"}), "n.txt", b"x".to_vec()).await;
+    assert_error(anonymous, 422, "invalid_field").await;
+    let two = app
         .upload(
             &service,
-            &json!({"id_session": 1, "asset_name": "n"}),
+            &json!({"id_session": 1, "asset_name": "n", "id_user": Uuid::new_v4(), "id_device": Uuid::new_v4()}),
             "n.txt",
             b"x".to_vec(),
         )
-        .await;
-    assert_error(anonymous, 422, "invalid_field").await;
-    let two = app
-        .upload(&service, &json!({"id_session": 1, "asset_name": "n", "id_user": Uuid::new_v4(), "id_device": Uuid::new_v4()}), "n.txt", b"x".to_vec())
         .await;
     assert_error(two, 422, "invalid_field").await;
 }
@@ -405,24 +262,12 @@ async fn non_members_cannot_reach_a_sessions_assets_but_superadmins_can() {
     let stranger = app.user_token(Uuid::new_v4());
     let before = app.footprint().await;
     assert_error(
-        app.upload(
-            &stranger,
-            &json!({"id_session": 1, "asset_name": "n"}),
-            "n.txt",
-            b"x".to_vec(),
-        )
-        .await,
+        app.upload(&stranger, &json!({"id_session": 1, "asset_name": "n"}), "n.txt", b"x".to_vec()).await,
         403,
         "forbidden",
     )
     .await;
-    assert_error(
-        app.delete(&stranger, &format!("/api/assets?uuid={uuid}"))
-            .await,
-        403,
-        "forbidden",
-    )
-    .await;
+    assert_error(app.delete(&stranger, &format!("/api/assets?uuid={uuid}")).await, 403, "forbidden").await;
     let rename = app
         .post_json(
             &stranger,
@@ -431,38 +276,14 @@ async fn non_members_cannot_reach_a_sessions_assets_but_superadmins_can() {
         )
         .await;
     assert_error(rename, 403, "forbidden").await;
-    assert_error(
-        app.get(&stranger, &format!("/api/assets/{uuid}/events"))
-            .await,
-        403,
-        "forbidden",
-    )
-    .await;
-    assert_error(
-        app.get(&stranger, &format!("/api/assets/infos?asset_uuid={uuid}"))
-            .await,
-        403,
-        "forbidden",
-    )
-    .await;
+    assert_error(app.get(&stranger, &format!("/api/assets/{uuid}/events")).await, 403, "forbidden").await;
+    assert_error(app.get(&stranger, &format!("/api/assets/infos?asset_uuid={uuid}")).await, 403, "forbidden").await;
     assert_eq!(app.footprint().await, before);
 
     let admin = app.token_for(PrincipalKind::Device, Uuid::new_v4(), true);
+    assert_eq!(app.get(&admin, &format!("/api/assets?asset_uuid={uuid}")).await.status(), 200);
     assert_eq!(
-        app.get(&admin, &format!("/api/assets?asset_uuid={uuid}"))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.upload(
-            &admin,
-            &json!({"id_session": 1, "asset_name": "n"}),
-            "n.txt",
-            b"x".to_vec()
-        )
-        .await
-        .status(),
+        app.upload(&admin, &json!({"id_session": 1, "asset_name": "n"}), "n.txt", b"x".to_vec()).await.status(),
         200
     );
 }
@@ -479,33 +300,14 @@ async fn asset_types_come_from_file_asset_then_the_part_then_the_name() {
             b"x".to_vec(),
         )
         .await;
-    assert_eq!(
-        explicit.json::<Value>().await.unwrap()["asset_type"],
-        "video/webm"
-    );
-    let guessed = app
-        .upload(
-            &token,
-            &json!({"id_session": 1, "asset_name": "n"}),
-            "n.mp4",
-            b"x".to_vec(),
-        )
-        .await;
-    assert_eq!(
-        guessed.json::<Value>().await.unwrap()["asset_type"],
-        "video/mp4"
-    );
+    assert_eq!(explicit.json::<Value>().await.unwrap()["asset_type"], "video/webm");
+    let guessed = app.upload(&token, &json!({"id_session": 1, "asset_name": "n"}), "n.mp4", b"x".to_vec()).await;
+    assert_eq!(guessed.json::<Value>().await.unwrap()["asset_type"], "video/mp4");
     let form = reqwest::multipart::Form::new()
-        .text(
-            "file_asset",
-            json!({"id_session": 1, "asset_name": "n"}).to_string(),
-        )
+        .text("file_asset", json!({"id_session": 1, "asset_name": "n"}).to_string())
         .part(
             "file",
-            reqwest::multipart::Part::bytes(b"x".to_vec())
-                .file_name("data")
-                .mime_str("application/zip")
-                .unwrap(),
+            reqwest::multipart::Part::bytes(b"x".to_vec()).file_name("data").mime_str("application/zip").unwrap(),
         );
     let from_part: Value = app
         .client
@@ -519,18 +321,8 @@ async fn asset_types_come_from_file_asset_then_the_part_then_the_name() {
         .await
         .unwrap();
     assert_eq!(from_part["asset_type"], "application/zip");
-    let unknown = app
-        .upload(
-            &token,
-            &json!({"id_session": 1, "asset_name": "n"}),
-            "n.zzqq",
-            b"x".to_vec(),
-        )
-        .await;
-    assert_eq!(
-        unknown.json::<Value>().await.unwrap()["asset_type"],
-        "application/octet-stream"
-    );
+    let unknown = app.upload(&token, &json!({"id_session": 1, "asset_name": "n"}), "n.zzqq", b"x".to_vec()).await;
+    assert_eq!(unknown.json::<Value>().await.unwrap()["asset_type"], "application/octet-stream");
 }
 
 #[tokio::test]
@@ -540,21 +332,13 @@ async fn empty_files_and_a_file_part_before_file_asset_are_accepted() {
     let empty = app.upload_ok(&token, 1, "empty.txt", b"").await;
     assert_eq!(empty["asset_file_size"], 0);
     let uuid = empty["asset_uuid"].as_str().unwrap();
-    let download = app
-        .get(&token, &format!("/api/assets?asset_uuid={uuid}"))
-        .await;
+    let download = app.get(&token, &format!("/api/assets?asset_uuid={uuid}")).await;
     assert_eq!(download.status(), 200);
     assert!(download.bytes().await.unwrap().is_empty());
 
     let form = reqwest::multipart::Form::new()
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(b"late".to_vec()).file_name("late.txt"),
-        )
-        .text(
-            "file_asset",
-            json!({"id_session": 1, "asset_name": "late"}).to_string(),
-        );
+        .part("file", reqwest::multipart::Part::bytes(b"late".to_vec()).file_name("late.txt"))
+        .text("file_asset", json!({"id_session": 1, "asset_name": "late"}).to_string());
     let response = app
         .client
         .post(app.url("/api/assets"))

@@ -18,12 +18,8 @@ fn b64(s: &str) -> String {
 #[tokio::test]
 async fn missing_expired_unsigned_wrongly_signed_and_malformed_tokens_get_401() {
     let app = TestApp::spawn().await;
-    let principal = Principal {
-        kind: PrincipalKind::Service,
-        uuid: Uuid::new_v4(),
-        name: "s".into(),
-        superadmin: true,
-    };
+    let principal =
+        Principal { kind: PrincipalKind::Service, uuid: Uuid::new_v4(), name: "s".into(), superadmin: true };
     let expired = app.ctx.app.auth.mint(&principal, -120);
     let wrongly_signed = Authenticator::new("another-secret").mint(&principal, 3600);
     let claims = format!(
@@ -63,10 +59,7 @@ async fn missing_expired_unsigned_wrongly_signed_and_malformed_tokens_get_401() 
             }
             let response = request.send().await.unwrap();
             assert_eq!(
-                response
-                    .headers()
-                    .get("www-authenticate")
-                    .map(|v| v.to_str().unwrap()),
+                response.headers().get("www-authenticate").map(|v| v.to_str().unwrap()),
                 Some("Bearer realm=\"assetd\"")
             );
             assert_error(response, 401, code).await;

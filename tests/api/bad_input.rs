@@ -28,10 +28,7 @@ fn raw_multipart(parts: &[(&[u8], &[u8])]) -> Vec<u8> {
 }
 
 fn file_asset_part(json: &str) -> Part {
-    (
-        b"Content-Disposition: form-data; name=\"file_asset\"".to_vec(),
-        json.as_bytes().to_vec(),
-    )
+    (b"Content-Disposition: form-data; name=\"file_asset\"".to_vec(), json.as_bytes().to_vec())
 }
 
 fn file_part(filename: &[u8], content: &[u8]) -> Part {
@@ -42,17 +39,11 @@ fn file_part(filename: &[u8], content: &[u8]) -> Part {
 }
 
 async fn post_raw(app: &TestApp, token: &str, parts: &[Part]) -> reqwest::Response {
-    let borrowed: Vec<(&[u8], &[u8])> = parts
-        .iter()
-        .map(|(h, c)| (h.as_slice(), c.as_slice()))
-        .collect();
+    let borrowed: Vec<(&[u8], &[u8])> = parts.iter().map(|(h, c)| (h.as_slice(), c.as_slice())).collect();
     app.client
         .post(app.url("/api/assets"))
         .header("Authorization", format!("OpenTera {token}"))
-        .header(
-            "Content-Type",
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
+        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
         .body(raw_multipart(&borrowed))
         .send()
         .await
@@ -69,24 +60,11 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
     let content = vec![7u8; 200_000];
 
     let cases: Vec<(&str, Vec<Part>, u16, &str)> = vec![
-        (
-            "missing file_asset",
-            vec![file_part(b"a.bin", &content)],
-            400,
-            "missing_file_asset",
-        ),
-        (
-            "missing file",
-            vec![file_asset_part(GOOD_FILE_ASSET)],
-            400,
-            "missing_file",
-        ),
+        ("missing file_asset", vec![file_part(b"a.bin", &content)], 400, "missing_file_asset"),
+        ("missing file", vec![file_asset_part(GOOD_FILE_ASSET)], 400, "missing_file"),
         (
             "file_asset not JSON",
-            vec![
-                file_asset_part("{id_session: 1"),
-                file_part(b"a.bin", &content),
-            ],
+            vec![file_asset_part("{id_session: 1"), file_part(b"a.bin", &content)],
             400,
             "invalid_file_asset",
         ),
@@ -98,46 +76,31 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
         ),
         (
             "file_asset without id_session",
-            vec![
-                file_asset_part(r#"{"asset_name": "n"}"#),
-                file_part(b"a.bin", &content),
-            ],
+            vec![file_asset_part(r#"{"asset_name": "n"}"#), file_part(b"a.bin", &content)],
             422,
             "invalid_field",
         ),
         (
             "file_asset without asset_name",
-            vec![
-                file_asset_part(r#"{"id_session": 1}"#),
-                file_part(b"a.bin", &content),
-            ],
+            vec![file_asset_part(r#"{"id_session": 1}"#), file_part(b"a.bin", &content)],
             422,
             "invalid_field",
         ),
         (
             "id_session of the wrong type",
-            vec![
-                file_asset_part(r#"{"id_session": "one", "asset_name": "n"}"#),
-                file_part(b"a.bin", &content),
-            ],
+            vec![file_asset_part(r#"{"id_session": "one", "asset_name": "n"}"#), file_part(b"a.bin", &content)],
             422,
             "invalid_field",
         ),
         (
             "unknown session",
-            vec![
-                file_asset_part(r#"{"id_session": 999, "asset_name": "n"}"#),
-                file_part(b"a.bin", &content),
-            ],
+            vec![file_asset_part(r#"{"id_session": 999, "asset_name": "n"}"#), file_part(b"a.bin", &content)],
             404,
             "not_found",
         ),
         (
             "unknown session, file first",
-            vec![
-                file_part(b"a.bin", &content),
-                file_asset_part(r#"{"id_session": 999, "asset_name": "n"}"#),
-            ],
+            vec![file_part(b"a.bin", &content), file_asset_part(r#"{"id_session": 999, "asset_name": "n"}"#)],
             404,
             "not_found",
         ),
@@ -149,56 +112,38 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
         ),
         (
             "filename with ../",
-            vec![
-                file_asset_part(GOOD_FILE_ASSET),
-                file_part(b"../../etc/passwd", &content),
-            ],
+            vec![file_asset_part(GOOD_FILE_ASSET), file_part(b"../../etc/passwd", &content)],
             422,
             "invalid_field",
         ),
         (
             "filename with a backslash path",
-            vec![
-                file_asset_part(GOOD_FILE_ASSET),
-                file_part(b"..\\..\\boot.ini", &content),
-            ],
+            vec![file_asset_part(GOOD_FILE_ASSET), file_part(b"..\\..\\boot.ini", &content)],
             422,
             "invalid_field",
         ),
         (
             "filename with NUL",
-            vec![
-                file_asset_part(GOOD_FILE_ASSET),
-                file_part(b"a\0b.txt", &content),
-            ],
+            vec![file_asset_part(GOOD_FILE_ASSET), file_part(b"a\0b.txt", &content)],
             400,
             "invalid_multipart",
         ),
         (
             "filename of 1,000 characters",
-            vec![
-                file_asset_part(GOOD_FILE_ASSET),
-                file_part("é".repeat(1000).as_bytes(), &content),
-            ],
+            vec![file_asset_part(GOOD_FILE_ASSET), file_part("é".repeat(1000).as_bytes(), &content)],
             422,
             "invalid_field",
         ),
         (
             "asset_name with NUL",
-            vec![
-                file_asset_part(r#"{"id_session": 1, "asset_name": "a\u0000b"}"#),
-                file_part(b"a.bin", &content),
-            ],
+            vec![file_asset_part(r#"{"id_session": 1, "asset_name": "a\u0000b"}"#), file_part(b"a.bin", &content)],
             422,
             "invalid_field",
         ),
         (
             "asset_name of 1,000 characters",
             vec![
-                file_asset_part(&format!(
-                    r#"{{"id_session": 1, "asset_name": "{}"}}"#,
-                    "n".repeat(1000)
-                )),
+                file_asset_part(&format!(r#"{{"id_session": 1, "asset_name": "{}"}}"#, "n".repeat(1000))),
                 file_part(b"a.bin", &content),
             ],
             422,
@@ -207,9 +152,7 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
         (
             "directory climbing out",
             vec![
-                file_asset_part(
-                    r#"{"id_session": 1, "asset_name": "n", "directory": "/a/../../b"}"#,
-                ),
+                file_asset_part(r#"{"id_session": 1, "asset_name": "n", "directory": "/a/../../b"}"#),
                 file_part(b"a.bin", &content),
             ],
             422,
@@ -218,9 +161,7 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
         (
             "bad asset_type",
             vec![
-                file_asset_part(
-                    r#"{"id_session": 1, "asset_name": "n", "asset_type": "not a type"}"#,
-                ),
+                file_asset_part(r#"{"id_session": 1, "asset_name": "n", "asset_type": "not a type"}"#),
                 file_part(b"a.bin", &content),
             ],
             422,
@@ -229,21 +170,60 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
         (
             "bad asset_datetime",
             vec![
-                file_asset_part(
-                    r#"{"id_session": 1, "asset_name": "n", "asset_datetime": "yesterday"}"#,
-                ),
+                file_asset_part(r#"{"id_session": 1, "asset_name": "n", "asset_datetime": "yesterday"}"#),
                 file_part(b"a.bin", &content),
             ],
             422,
             "invalid_field",
         ),
         (
-            "file sent twice",
+            "NUL in a metadata key",
             vec![
-                file_asset_part(GOOD_FILE_ASSET),
+                file_asset_part(r#"{"id_session": 1, "asset_name": "n", "metadata": {"a\u0000": 1}}"#),
                 file_part(b"a.bin", &content),
-                file_part(b"b.bin", &content),
             ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "NUL in a metadata value",
+            vec![
+                file_asset_part(r#"{"id_session": 1, "asset_name": "n", "metadata": {"a": ["\u0000"]}}"#),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "asset_datetime out of range",
+            vec![
+                file_asset_part(r#"{"id_session": 1, "asset_name": "n", "asset_datetime": "-5000-01-01T00:00:00"}"#),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            "file_asset not UTF-8",
+            vec![
+                (
+                    b"Content-Disposition: form-data; name=\"file_asset\"".to_vec(),
+                    b"{\"id_session\": 1, \"asset_name\": \"\xff\"}".to_vec(),
+                ),
+                file_part(b"a.bin", &content),
+            ],
+            400,
+            "invalid_file_asset",
+        ),
+        (
+            "filename not UTF-8",
+            vec![file_asset_part(GOOD_FILE_ASSET), file_part(b"\xff\xfe.bin", &content)],
+            422,
+            "invalid_field",
+        ),
+        (
+            "file sent twice",
+            vec![file_asset_part(GOOD_FILE_ASSET), file_part(b"a.bin", &content), file_part(b"b.bin", &content)],
             400,
             "duplicate_field",
         ),
@@ -263,11 +243,7 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
     for (case, parts, status, code) in cases {
         let response = post_raw(&app, &token, &parts).await;
         let body = assert_error(response, status, code).await;
-        assert_eq!(
-            app.footprint().await,
-            before,
-            "{case}: something was left behind ({body})"
-        );
+        assert_eq!(app.footprint().await, before, "{case}: something was left behind ({body})");
     }
 
     let truncated = app
@@ -280,11 +256,7 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
         .await
         .unwrap();
     assert_error(truncated, 400, "invalid_multipart").await;
-    assert_eq!(
-        app.footprint().await,
-        before,
-        "a truncated body leaves nothing"
-    );
+    assert_eq!(app.footprint().await, before, "a truncated body leaves nothing");
 }
 
 #[tokio::test]
@@ -292,17 +264,10 @@ async fn wrong_content_types_get_415() {
     let app = TestApp::spawn().await;
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
-    for content_type in [
-        None,
-        Some("application/json"),
-        Some("text/plain"),
-        Some("application/x-www-form-urlencoded"),
-    ] {
-        let mut request = app
-            .client
-            .post(app.url("/api/assets"))
-            .header("Authorization", format!("OpenTera {token}"))
-            .body("{}");
+    for content_type in [None, Some("application/json"), Some("text/plain"), Some("application/x-www-form-urlencoded")]
+    {
+        let mut request =
+            app.client.post(app.url("/api/assets")).header("Authorization", format!("OpenTera {token}")).body("{}");
         if let Some(content_type) = content_type {
             request = request.header("Content-Type", content_type);
         }
@@ -318,28 +283,28 @@ async fn wrong_content_types_get_415() {
         .await
         .unwrap();
     assert_error(no_boundary, 400, "invalid_multipart").await;
+    let empty_boundary = app
+        .client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header("Content-Type", "multipart/form-data; boundary=")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_error(empty_boundary, 400, "invalid_multipart").await;
     assert_eq!(app.footprint().await, before);
 }
 
 #[tokio::test]
 async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
-    let app = TestApp::spawn_with(TestOptions {
-        max_upload_size: Some(1024 * 1024),
-        ..Default::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(TestOptions { max_upload_size: Some(1024 * 1024), ..Default::default() }).await;
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
 
     // Declared length over the limit: refused from the headers.
-    let big = app
-        .upload(
-            &token,
-            &json!({"id_session": 1, "asset_name": "big"}),
-            "big.bin",
-            vec![1u8; 3 * 1024 * 1024],
-        )
-        .await;
+    let big =
+        app.upload(&token, &json!({"id_session": 1, "asset_name": "big"}), "big.bin", vec![1u8; 3 * 1024 * 1024]).await;
     assert_error(big, 413, "payload_too_large").await;
     assert_eq!(app.footprint().await, before);
 
@@ -357,10 +322,7 @@ async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
         .client
         .post(app.url("/api/assets"))
         .header("Authorization", format!("OpenTera {token}"))
-        .header(
-            "Content-Type",
-            format!("multipart/form-data; boundary={BOUNDARY}"),
-        )
+        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
         .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
         .send()
         .await
@@ -369,14 +331,8 @@ async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
     assert_eq!(app.footprint().await, before);
 
     // Just under the limit still works.
-    let fits = app
-        .upload(
-            &token,
-            &json!({"id_session": 1, "asset_name": "fits"}),
-            "fits.bin",
-            vec![1u8; 1024 * 1024],
-        )
-        .await;
+    let fits =
+        app.upload(&token, &json!({"id_session": 1, "asset_name": "fits"}), "fits.bin", vec![1u8; 1024 * 1024]).await;
     assert_eq!(fits.status(), 200);
 }
 
@@ -405,32 +361,17 @@ async fn a_client_disconnecting_mid_upload_leaves_nothing() {
     while TestApp::files_under(&app.tmp_dir()) == 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(
-        TestApp::files_under(&app.tmp_dir()),
-        1,
-        "the upload was being written"
-    );
+    assert_eq!(TestApp::files_under(&app.tmp_dir()), 1, "the upload was being written");
     drop(stream);
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while app.footprint().await != before && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        app.footprint().await,
-        before,
-        "the partial upload was cleaned up"
-    );
+    assert_eq!(app.footprint().await, before, "the partial upload was cleaned up");
     // The server is still fine.
     assert_eq!(
-        app.upload(
-            &token,
-            &json!({"id_session": 1, "asset_name": "ok"}),
-            "ok.bin",
-            b"ok".to_vec()
-        )
-        .await
-        .status(),
+        app.upload(&token, &json!({"id_session": 1, "asset_name": "ok"}), "ok.bin", b"ok".to_vec()).await.status(),
         200
     );
 }
@@ -439,72 +380,20 @@ async fn a_client_disconnecting_mid_upload_leaves_nothing() {
 async fn garbage_requests_get_json_errors_not_500s() {
     let app = TestApp::spawn().await;
     let (_, token) = app.session_with_user(1).await;
-    assert_error(
-        app.get(&token, "/api/assets").await,
-        400,
-        "missing_parameter",
-    )
-    .await;
-    assert_error(
-        app.get(&token, "/api/assets?asset_uuid=nope").await,
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    assert_error(
-        app.get(&token, "/api/assets?asset_uuid=%ZZ%00").await,
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    assert_error(
-        app.get(
-            &token,
-            &format!("/api/assets?asset_uuid={}", uuid::Uuid::new_v4()),
-        )
-        .await,
-        404,
-        "not_found",
-    )
-    .await;
-    assert_error(
-        app.delete(&token, "/api/assets").await,
-        400,
-        "missing_parameter",
-    )
-    .await;
-    assert_error(
-        app.get(&token, "/api/assets/nope/events").await,
-        400,
-        "invalid_parameter",
-    )
-    .await;
+    assert_error(app.get(&token, "/api/assets").await, 400, "missing_parameter").await;
+    assert_error(app.get(&token, "/api/assets?asset_uuid=nope").await, 400, "invalid_parameter").await;
+    assert_error(app.get(&token, "/api/assets?asset_uuid=%ZZ%00").await, 400, "invalid_parameter").await;
+    assert_error(app.get(&token, &format!("/api/assets?asset_uuid={}", uuid::Uuid::new_v4())).await, 404, "not_found")
+        .await;
+    assert_error(app.delete(&token, "/api/assets").await, 400, "missing_parameter").await;
+    assert_error(app.get(&token, "/api/assets/nope/events").await, 400, "invalid_parameter").await;
     assert_error(app.get(&token, "/api/nowhere").await, 404, "not_found").await;
-    assert_error(
-        app.post_json(&token, "/api/assets/infos", &json!({"neither": 1}))
-            .await,
-        422,
-        "invalid_field",
-    )
-    .await;
+    assert_error(app.post_json(&token, "/api/assets/infos", &json!({"neither": 1})).await, 422, "invalid_field").await;
     let rename_bad = json!({"file_asset": {"asset_uuid": uuid::Uuid::new_v4(), "asset_original_filename": "../x"}});
-    assert_error(
-        app.post_json(&token, "/api/assets/infos", &rename_bad)
-            .await,
-        422,
-        "invalid_field",
-    )
-    .await;
-    let too_many: Vec<_> = (0..1001)
-        .map(|_| json!({"asset_uuid": uuid::Uuid::new_v4()}))
-        .collect();
-    assert_error(
-        app.post_json(&token, "/api/assets/infos", &json!({"assets": too_many}))
-            .await,
-        422,
-        "invalid_field",
-    )
-    .await;
+    assert_error(app.post_json(&token, "/api/assets/infos", &rename_bad).await, 422, "invalid_field").await;
+    let too_many: Vec<_> = (0..1001).map(|_| json!({"asset_uuid": uuid::Uuid::new_v4()})).collect();
+    assert_error(app.post_json(&token, "/api/assets/infos", &json!({"assets": too_many})).await, 422, "invalid_field")
+        .await;
     let wrong_method = app
         .client
         .patch(app.url("/api/assets"))
@@ -518,13 +407,50 @@ async fn garbage_requests_get_json_errors_not_500s() {
     let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     stream.write_all(b"GARBAGE\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&answer));
+}
+
+/// A body that never reaches a multipart delimiter is cut off after a bounded amount
+/// (the parser would otherwise buffer all of it).
+#[tokio::test]
+async fn a_preamble_without_delimiters_is_cut_off() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let before = app.footprint().await;
+    let chunks = (0..64).map(|_| Ok::<_, std::io::Error>(vec![b'a'; 64 * 1024]));
+    let response = app
+        .client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
         .await
-        .unwrap()
         .unwrap();
-    assert!(
-        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"),
-        "{}",
-        String::from_utf8_lossy(&answer)
+    let body = assert_error(response, 400, "invalid_multipart").await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("outside any form field"), "{body}");
+    assert_eq!(app.footprint().await, before);
+}
+
+/// A client that stops sending mid-upload gets 408 and leaves nothing.
+#[tokio::test]
+async fn a_stalled_upload_times_out_with_408() {
+    let app = TestApp::spawn_with(TestOptions { body_idle_timeout_seconds: Some(1), ..Default::default() }).await;
+    let (_, token) = app.session_with_user(1).await;
+    let before = app.footprint().await;
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.bin\"\r\n\r\nsome bytes"
     );
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "POST /file/api/assets HTTP/1.1\r\nHost: x\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: 100000\r\n\r\n{head}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert_eq!(app.footprint().await, before);
 }

@@ -15,11 +15,7 @@ fn repo_file(path: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn checked_in_openapi_matches_the_code() {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
-        .arg("openapi")
-        .output()
-        .await
-        .unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd")).arg("openapi").output().await.unwrap();
     assert!(output.status.success());
     let generated = String::from_utf8(output.stdout).unwrap();
     let checked_in = std::fs::read_to_string(repo_file("openapi/openapi.json")).unwrap_or_default();
@@ -34,18 +30,9 @@ async fn checked_in_openapi_matches_the_code() {
 #[tokio::test]
 async fn the_served_document_covers_every_route() {
     let app = TestApp::spawn().await;
-    let served: Value = app
-        .client
-        .get(app.url("/doc/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let served: Value = app.client.get(app.url("/doc/openapi.json")).send().await.unwrap().json().await.unwrap();
     let checked_in: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo_file("openapi/openapi.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(repo_file("openapi/openapi.json")).unwrap()).unwrap();
     assert_eq!(served, checked_in);
     assert_eq!(served["servers"][0]["url"], "/file");
     let paths = served["paths"].as_object().unwrap();
@@ -59,16 +46,10 @@ async fn the_served_document_covers_every_route() {
         ("/ready", &["get"]),
     ] {
         for method in methods {
-            assert!(
-                paths[path][method].is_object(),
-                "{method} {path} is documented"
-            );
+            assert!(paths[path][method].is_object(), "{method} {path} is documented");
         }
     }
-    assert_eq!(
-        served["components"]["securitySchemes"]["bearer"]["scheme"],
-        "bearer"
-    );
+    assert_eq!(served["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
     let redirect = app.client.get(app.url("/doc")).send().await.unwrap();
     assert_eq!(redirect.status(), 302);
     assert_eq!(redirect.headers()["location"], "/file/doc/");
@@ -78,15 +59,7 @@ async fn the_served_document_covers_every_route() {
 #[tokio::test]
 async fn swagger_ui_lists_the_operations_in_chromium() {
     let app = TestApp::spawn().await;
-    let spec: Value = app
-        .client
-        .get(app.url("/doc/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: Value = app.client.get(app.url("/doc/openapi.json")).send().await.unwrap().json().await.unwrap();
     let profile = tempfile::tempdir().unwrap();
     let output = tokio::time::timeout(
         Duration::from_secs(120),

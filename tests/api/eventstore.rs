@@ -4,21 +4,14 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use assetd::eventstore::{
-    self, EventStore, EventStoreError, ExpectedVersion, GlobalPosition, NewEvent,
-};
+use assetd::eventstore::{self, EventStore, EventStoreError, ExpectedVersion, GlobalPosition, NewEvent};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::helpers::TestApp;
 
 fn event(n: u64) -> NewEvent {
-    NewEvent {
-        id: Uuid::new_v4(),
-        event_type: "TestHappened".into(),
-        data: json!({"n": n}),
-        metadata: json!({}),
-    }
+    NewEvent { id: Uuid::new_v4(), event_type: "TestHappened".into(), data: json!({"n": n}), metadata: json!({}) }
 }
 
 #[tokio::test]
@@ -27,67 +20,25 @@ async fn expected_versions_are_enforced_with_a_typed_conflict() {
     let store = EventStore::new(app.ctx.app.pool.clone());
     let stream = format!("test-{}", Uuid::new_v4());
 
-    let first = store
-        .append(&stream, ExpectedVersion::NoStream, &[event(1), event(2)])
-        .await
-        .unwrap();
-    assert_eq!(
-        first.iter().map(|e| e.version).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    let first = store.append(&stream, ExpectedVersion::NoStream, &[event(1), event(2)]).await.unwrap();
+    assert_eq!(first.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2]);
 
-    let again = store
-        .append(&stream, ExpectedVersion::NoStream, &[event(3)])
-        .await;
-    assert!(
-        matches!(again, Err(EventStoreError::Conflict { actual: 2, .. })),
-        "{again:?}"
-    );
-    let stale = store
-        .append(&stream, ExpectedVersion::Exact(1), &[event(3)])
-        .await;
-    assert!(
-        matches!(stale, Err(EventStoreError::Conflict { actual: 2, .. })),
-        "{stale:?}"
-    );
+    let again = store.append(&stream, ExpectedVersion::NoStream, &[event(3)]).await;
+    assert!(matches!(again, Err(EventStoreError::Conflict { actual: 2, .. })), "{again:?}");
+    let stale = store.append(&stream, ExpectedVersion::Exact(1), &[event(3)]).await;
+    assert!(matches!(stale, Err(EventStoreError::Conflict { actual: 2, .. })), "{stale:?}");
 
-    store
-        .append(&stream, ExpectedVersion::Exact(2), &[event(3)])
-        .await
-        .unwrap();
-    store
-        .append(&stream, ExpectedVersion::Any, &[event(4)])
-        .await
-        .unwrap();
+    store.append(&stream, ExpectedVersion::Exact(2), &[event(3)]).await.unwrap();
+    store.append(&stream, ExpectedVersion::Any, &[event(4)]).await.unwrap();
 
     let read = store.read_stream(&stream, 0).await.unwrap();
-    assert_eq!(
-        read.iter()
-            .map(|e| e.data["n"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
-    );
-    assert_eq!(
-        read.iter().map(|e| e.version).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
-    );
+    assert_eq!(read.iter().map(|e| e.data["n"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(read.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     assert_eq!(store.read_stream(&stream, 2).await.unwrap().len(), 2);
 
     let duplicate = read[0].id;
-    let dup = store
-        .append(
-            &stream,
-            ExpectedVersion::Any,
-            &[NewEvent {
-                id: duplicate,
-                ..event(9)
-            }],
-        )
-        .await;
-    assert!(
-        matches!(dup, Err(EventStoreError::DuplicateEventId(_))),
-        "{dup:?}"
-    );
+    let dup = store.append(&stream, ExpectedVersion::Any, &[NewEvent { id: duplicate, ..event(9) }]).await;
+    assert!(matches!(dup, Err(EventStoreError::DuplicateEventId(_))), "{dup:?}");
 }
 
 #[tokio::test]
@@ -95,29 +46,16 @@ async fn concurrent_writers_to_one_stream_conflict_instead_of_interleaving() {
     let app = TestApp::spawn().await;
     let store = EventStore::new(app.ctx.app.pool.clone());
     let stream = format!("test-{}", Uuid::new_v4());
-    store
-        .append(&stream, ExpectedVersion::NoStream, &[event(0)])
-        .await
-        .unwrap();
+    store.append(&stream, ExpectedVersion::NoStream, &[event(0)]).await.unwrap();
     let attempts = (0..8).map(|n| {
         let store = store.clone();
         let stream = stream.clone();
-        tokio::spawn(async move {
-            store
-                .append(&stream, ExpectedVersion::Exact(1), &[event(n)])
-                .await
-        })
+        tokio::spawn(async move { store.append(&stream, ExpectedVersion::Exact(1), &[event(n)]).await })
     });
     let results = futures::future::join_all(attempts).await;
-    let won = results
-        .iter()
-        .filter(|r| r.as_ref().unwrap().is_ok())
-        .count();
+    let won = results.iter().filter(|r| r.as_ref().unwrap().is_ok()).count();
     assert_eq!(won, 1, "exactly one writer may append at version 2");
-    assert!(results
-        .iter()
-        .filter_map(|r| r.as_ref().unwrap().as_ref().err())
-        .all(EventStoreError::is_conflict));
+    assert!(results.iter().filter_map(|r| r.as_ref().unwrap().as_ref().err()).all(EventStoreError::is_conflict));
 }
 
 /// The trap of DESIGN.md: a transaction that took its position first but commits last
@@ -131,26 +69,16 @@ async fn a_transaction_that_commits_late_is_not_skipped() {
     // A appends first (smaller position) and holds its transaction open.
     let mut held = pool.get().await.unwrap();
     let held_tx = held.transaction().await.unwrap();
-    let late = eventstore::append(&held_tx, "test-late", ExpectedVersion::Any, &[event(1)])
-        .await
-        .unwrap();
+    let late = eventstore::append(&held_tx, "test-late", ExpectedVersion::Any, &[event(1)]).await.unwrap();
 
     // B appends after it and commits at once.
-    let early = store
-        .append("test-early", ExpectedVersion::Any, &[event(2)])
-        .await
-        .unwrap();
+    let early = store.append("test-early", ExpectedVersion::Any, &[event(2)]).await.unwrap();
     assert!(late[0].position < early[0].position);
 
     // A naive "position > checkpoint" reader would see B now and move past A's position.
     let first_pass = store.read_all(GlobalPosition::START, 100).await.unwrap();
-    assert!(
-        first_pass.iter().all(|e| e.id != late[0].id),
-        "A is not committed yet"
-    );
-    let checkpoint = first_pass
-        .last()
-        .map_or(GlobalPosition::START, |e| e.global_position());
+    assert!(first_pass.iter().all(|e| e.id != late[0].id), "A is not committed yet");
+    let checkpoint = first_pass.last().map_or(GlobalPosition::START, |e| e.global_position());
 
     held_tx.commit().await.unwrap();
     // Other tests' transactions on the same server may hold the horizon back a moment:
@@ -159,10 +87,7 @@ async fn a_transaction_that_commits_late_is_not_skipped() {
     let mut checkpoint = checkpoint;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !(seen.contains(&late[0].id) && seen.contains(&early[0].id)) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the late commit was skipped: saw {seen:?}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "the late commit was skipped: saw {seen:?}");
         let batch = store.read_all(checkpoint, 100).await.unwrap();
         if let Some(last) = batch.last() {
             checkpoint = last.global_position();
@@ -172,15 +97,8 @@ async fn a_transaction_that_commits_late_is_not_skipped() {
     }
     let late_index = seen.iter().position(|id| *id == late[0].id).unwrap();
     let early_index = seen.iter().position(|id| *id == early[0].id).unwrap();
-    assert!(
-        late_index < early_index,
-        "read in commit order of transactions, the earlier transaction first"
-    );
-    assert_eq!(
-        seen.len(),
-        seen.iter().collect::<HashSet<_>>().len(),
-        "no event is read twice"
-    );
+    assert!(late_index < early_index, "read in commit order of transactions, the earlier transaction first");
+    assert_eq!(seen.len(), seen.iter().collect::<HashSet<_>>().len(), "no event is read twice");
 }
 
 /// Many writers with randomly delayed commits, one reader polling from its checkpoint
@@ -204,18 +122,10 @@ async fn a_polling_reader_sees_every_event_once_under_concurrent_delayed_commits
                         let mut client = pool.get().await.unwrap();
                         let tx = client.transaction().await.unwrap();
                         let e = event(w * 1000 + i);
-                        match eventstore::append(
-                            &tx,
-                            &stream,
-                            ExpectedVersion::Any,
-                            std::slice::from_ref(&e),
-                        )
-                        .await
-                        {
+                        match eventstore::append(&tx, &stream, ExpectedVersion::Any, std::slice::from_ref(&e)).await {
                             Ok(_) => {
                                 // Hold the transaction a little: commits land out of position order.
-                                tokio::time::sleep(Duration::from_millis((w * 7 + i * 13) % 23))
-                                    .await;
+                                tokio::time::sleep(Duration::from_millis((w * 7 + i * 13) % 23)).await;
                                 tx.commit().await.unwrap();
                                 ids.push(e.id);
                                 break;
@@ -236,9 +146,7 @@ async fn a_polling_reader_sees_every_event_once_under_concurrent_delayed_commits
             let mut checkpoint = GlobalPosition::START;
             let mut seen = Vec::new();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            while (seen.len() as u64) < WRITERS * PER_WRITER
-                && tokio::time::Instant::now() < deadline
-            {
+            while (seen.len() as u64) < WRITERS * PER_WRITER && tokio::time::Instant::now() < deadline {
                 let batch = store.read_all(checkpoint, 17).await.unwrap();
                 if let Some(last) = batch.last() {
                     checkpoint = last.global_position();
@@ -256,20 +164,11 @@ async fn a_polling_reader_sees_every_event_once_under_concurrent_delayed_commits
     }
     let seen = reader.await.unwrap();
     let seen_ids: Vec<Uuid> = seen.iter().map(|e| e.id).collect();
-    assert_eq!(
-        seen_ids.len(),
-        written.len(),
-        "every event read exactly once"
-    );
+    assert_eq!(seen_ids.len(), written.len(), "every event read exactly once");
     assert_eq!(seen_ids.iter().copied().collect::<HashSet<_>>(), written);
     let mut last_version: HashMap<&str, i64> = HashMap::new();
     for e in &seen {
         let previous = last_version.insert(&e.stream, e.version).unwrap_or(0);
-        assert_eq!(
-            e.version,
-            previous + 1,
-            "stream {} read in version order",
-            e.stream
-        );
+        assert_eq!(e.version, previous + 1, "stream {} read in version order", e.stream);
     }
 }

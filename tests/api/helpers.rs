@@ -16,8 +16,7 @@ pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
 
 /// The Postgres server the tests create their databases on.
 pub fn server_url() -> String {
-    std::env::var("ASSETD_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("ASSETD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 /// A database of its own for one test, dropped with it.
@@ -34,14 +33,8 @@ impl TestDatabase {
                 .await
                 .expect("the test Postgres server is reachable (ASSETD_TEST_DATABASE_URL)");
         tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("creating a test database");
-        Self {
-            url: format!("{}/{name}", server_url()),
-            name,
-        }
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("creating a test database");
+        Self { url: format!("{}/{name}", server_url()), name }
     }
 }
 
@@ -50,22 +43,12 @@ impl Drop for TestDatabase {
         let name = self.name.clone();
         // Drop can't await; a short-lived runtime on its own thread does the job.
         let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             runtime.block_on(async {
-                let (client, connection) = tokio_postgres::connect(
-                    &format!("{}/postgres", server_url()),
-                    tokio_postgres::NoTls,
-                )
-                .await
-                .ok()?;
+                let (client, connection) =
+                    tokio_postgres::connect(&format!("{}/postgres", server_url()), tokio_postgres::NoTls).await.ok()?;
                 tokio::spawn(connection);
-                client
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                    .ok()
+                client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.ok()
             })
         })
         .join();
@@ -77,6 +60,7 @@ impl Drop for TestDatabase {
 pub struct TestOptions {
     pub max_upload_size: Option<u64>,
     pub accel_redirect_prefix: Option<String>,
+    pub body_idle_timeout_seconds: Option<u64>,
 }
 
 pub struct TestApp {
@@ -91,10 +75,7 @@ pub struct TestApp {
 
 pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) -> ServeConfig {
     ServeConfig {
-        database: DatabaseConfig {
-            database_url: database_url.to_owned(),
-            database_pool_size: 16,
-        },
+        database: DatabaseConfig { database_url: database_url.to_owned(), database_pool_size: 16 },
         listen: "127.0.0.1:0".parse().unwrap(),
         base_path: "/file".into(),
         data_dir: data_dir.to_owned(),
@@ -103,6 +84,7 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         url_signing_key: "test-url-signing-key".into(),
         accel_redirect_prefix: options.accel_redirect_prefix.clone(),
         asset_token_ttl: 3600,
+        body_idle_timeout_seconds: options.body_idle_timeout_seconds.unwrap_or(60),
         shutdown_grace_seconds: 5,
     }
 }
@@ -116,28 +98,16 @@ impl TestApp {
         let db = TestDatabase::create().await;
         let data_dir = tempfile::tempdir().unwrap();
         // nginx workers (another user) read blobs for X-Accel-Redirect.
-        std::fs::set_permissions(
-            data_dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(data_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let config = serve_config(&db.url, data_dir.path(), &options);
         let ctx = build_context(&config).await.expect("building the app");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(http::serve(
-            ctx.clone(),
-            listener,
-            std::future::pending(),
-            Duration::from_secs(5),
-        ));
+        tokio::spawn(http::serve(ctx.clone(), listener, std::future::pending(), Duration::from_secs(5)));
         Self {
             addr,
             base: format!("http://{addr}/file"),
-            client: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap(),
+            client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
             ctx,
 
             data_dir,
@@ -150,15 +120,7 @@ impl TestApp {
     }
 
     pub fn token_for(&self, kind: PrincipalKind, uuid: Uuid, superadmin: bool) -> String {
-        self.ctx.app.auth.mint(
-            &Principal {
-                kind,
-                uuid,
-                name: "test".into(),
-                superadmin,
-            },
-            3600,
-        )
+        self.ctx.app.auth.mint(&Principal { kind, uuid, name: "test".into(), superadmin }, 3600)
     }
 
     pub fn service_token(&self) -> String {
@@ -194,19 +156,10 @@ impl TestApp {
     }
 
     /// OpenTera's upload: multipart with `file_asset` JSON then `file`.
-    pub async fn upload(
-        &self,
-        token: &str,
-        file_asset: &Value,
-        filename: &str,
-        bytes: Vec<u8>,
-    ) -> reqwest::Response {
+    pub async fn upload(&self, token: &str, file_asset: &Value, filename: &str, bytes: Vec<u8>) -> reqwest::Response {
         let form = reqwest::multipart::Form::new()
             .text("file_asset", file_asset.to_string())
-            .part(
-                "file",
-                reqwest::multipart::Part::bytes(bytes).file_name(filename.to_owned()),
-            );
+            .part("file", reqwest::multipart::Part::bytes(bytes).file_name(filename.to_owned()));
         self.client
             .post(self.url("/api/assets"))
             .header("Authorization", format!("OpenTera {token}"))
@@ -217,20 +170,9 @@ impl TestApp {
     }
 
     /// Uploads and returns the answer's JSON, asserting success.
-    pub async fn upload_ok(
-        &self,
-        token: &str,
-        id_session: i64,
-        filename: &str,
-        bytes: &[u8],
-    ) -> Value {
+    pub async fn upload_ok(&self, token: &str, id_session: i64, filename: &str, bytes: &[u8]) -> Value {
         let response = self
-            .upload(
-                token,
-                &json!({"id_session": id_session, "asset_name": filename}),
-                filename,
-                bytes.to_vec(),
-            )
+            .upload(token, &json!({"id_session": id_session, "asset_name": filename}), filename, bytes.to_vec())
             .await;
         let status = response.status();
         let body: Value = response.json().await.unwrap();
@@ -239,21 +181,11 @@ impl TestApp {
     }
 
     pub async fn get(&self, token: &str, path: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(path))
-            .header("Authorization", format!("Bearer {token}"))
-            .send()
-            .await
-            .unwrap()
+        self.client.get(self.url(path)).header("Authorization", format!("Bearer {token}")).send().await.unwrap()
     }
 
     pub async fn delete(&self, token: &str, path: &str) -> reqwest::Response {
-        self.client
-            .delete(self.url(path))
-            .header("Authorization", format!("Bearer {token}"))
-            .send()
-            .await
-            .unwrap()
+        self.client.delete(self.url(path)).header("Authorization", format!("Bearer {token}")).send().await.unwrap()
     }
 
     pub async fn post_json(&self, token: &str, path: &str, body: &Value) -> reqwest::Response {
@@ -278,8 +210,7 @@ impl TestApp {
     /// Rows of a read model as JSON, in a stable order, for before/after comparisons.
     pub async fn table_snapshot(&self, table: &str, order_by: &str) -> Value {
         let client = self.ctx.app.pool.get().await.unwrap();
-        let sql =
-            format!("SELECT coalesce(json_agg(t ORDER BY {order_by}), '[]'::json) FROM {table} t");
+        let sql = format!("SELECT coalesce(json_agg(t ORDER BY {order_by}), '[]'::json) FROM {table} t");
         client.query_one(&sql, &[]).await.unwrap().get(0)
     }
 
@@ -320,26 +251,13 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// Asserts an error answer: status, JSON shape of API.md, code; returns the body.
 pub async fn assert_error(response: reqwest::Response, status: u16, code: &str) -> Value {
     let actual = response.status().as_u16();
-    let request_id = response
-        .headers()
-        .get("x-request-id")
-        .map(|v| v.to_str().unwrap().to_owned());
+    let request_id = response.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned());
     let text = response.text().await.unwrap();
-    let body: Value =
-        serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("error body is not JSON: {text}"));
     assert_eq!(actual, status, "unexpected status, body {body}");
     assert_eq!(body["error"]["code"], code, "unexpected code, body {body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    assert_eq!(
-        body["error"]["request_id"].as_str(),
-        request_id.as_deref(),
-        "request id in body matches the header"
-    );
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert_eq!(body["error"]["request_id"].as_str(), request_id.as_deref(), "request id in body matches the header");
     body
 }
 

@@ -22,15 +22,9 @@ pub struct Nginx {
 impl Nginx {
     pub async fn start(upstream: std::net::SocketAddr, blob_dir: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let template = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx/assetd.conf"),
-        )
-        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let template =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx/assetd.conf")).unwrap();
         let config = template
             .replace("{{listen}}", &format!("127.0.0.1:{port}"))
             .replace("{{upstream}}", &upstream.to_string())
@@ -54,31 +48,18 @@ impl Nginx {
             .expect("nginx is installed (scripts/test installs it)");
         let base = format!("http://127.0.0.1:{port}/file");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while reqwest::get(format!("{base}/health"))
-            .await
-            .map(|r| r.status() != 200)
-            .unwrap_or(true)
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nginx did not come up"
-            );
+        while reqwest::get(format!("{base}/health")).await.map(|r| r.status() != 200).unwrap_or(true) {
+            assert!(tokio::time::Instant::now() < deadline, "nginx did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self {
-            base,
-            child,
-            _dir: dir,
-        }
+        Self { base, child, _dir: dir }
     }
 }
 
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM is nginx's fast shutdown; wait so no worker outlives the test.
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
     }
 }
@@ -104,13 +85,10 @@ async fn upload_large(nginx: &Nginx, token: &str) -> (Value, String) {
         }
         Ok::<_, std::io::Error>(chunk)
     });
-    let part = reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(body), SIZE)
-        .file_name("big.bin");
+    let part =
+        reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(body), SIZE).file_name("big.bin");
     let form = reqwest::multipart::Form::new()
-        .text(
-            "file_asset",
-            json!({"id_session": 1, "asset_name": "big"}).to_string(),
-        )
+        .text("file_asset", json!({"id_session": 1, "asset_name": "big"}).to_string())
         .part("file", part);
     let response = reqwest::Client::new()
         .post(format!("{}/api/assets", nginx.base))
@@ -125,11 +103,7 @@ async fn upload_large(nginx: &Nginx, token: &str) -> (Value, String) {
 }
 
 /// Downloads through nginx, hashing as the bytes arrive; returns (headers, size, sha256).
-async fn download_hashed(
-    nginx: &Nginx,
-    token: &str,
-    uuid: &str,
-) -> (reqwest::header::HeaderMap, u64, String) {
+async fn download_hashed(nginx: &Nginx, token: &str, uuid: &str) -> (reqwest::header::HeaderMap, u64, String) {
     let response = reqwest::Client::new()
         .get(format!("{}/api/assets?asset_uuid={uuid}", nginx.base))
         .header("Authorization", format!("OpenTera {token}"))
@@ -150,32 +124,18 @@ async fn download_hashed(
 }
 
 async fn round_trip(accel: bool) {
-    let options = TestOptions {
-        accel_redirect_prefix: accel.then(|| "/_assetd_blobs/".to_owned()),
-        ..Default::default()
-    };
+    let options =
+        TestOptions { accel_redirect_prefix: accel.then(|| "/_assetd_blobs/".to_owned()), ..Default::default() };
     let app = TestApp::spawn_with(options).await;
     let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
     let (_, token) = app.session_with_user(1).await;
 
     let (info, sent_sha) = upload_large(&nginx, &token).await;
     assert_eq!(info["asset_file_size"], SIZE);
-    assert_eq!(
-        info["asset_sha256"], sent_sha,
-        "assetd hashed what the client sent"
-    );
-    let port = nginx
-        .base
-        .trim_start_matches("http://127.0.0.1:")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    assert_eq!(info["asset_sha256"], sent_sha, "assetd hashed what the client sent");
+    let port = nginx.base.trim_start_matches("http://127.0.0.1:").split('/').next().unwrap().to_owned();
     assert!(
-        info["asset_url"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("http://127.0.0.1:{port}/file/")),
+        info["asset_url"].as_str().unwrap().starts_with(&format!("http://127.0.0.1:{port}/file/")),
         "URLs name the proxy: {info}"
     );
 
@@ -184,18 +144,9 @@ async fn round_trip(accel: bool) {
     assert_eq!(size, SIZE);
     assert_eq!(received_sha, sent_sha);
     assert_eq!(headers["content-length"], SIZE.to_string());
-    assert_eq!(
-        headers["content-disposition"],
-        "attachment; filename=\"big.bin\"; filename*=UTF-8''big.bin"
-    );
-    assert_eq!(
-        headers["etag"].to_str().unwrap(),
-        format!("\"sha256:{sent_sha}\"")
-    );
-    assert!(
-        headers.get("x-accel-redirect").is_none(),
-        "nginx consumes the redirect header"
-    );
+    assert_eq!(headers["content-disposition"], "attachment; filename=\"big.bin\"; filename*=UTF-8''big.bin");
+    assert_eq!(headers["etag"].to_str().unwrap(), format!("\"sha256:{sent_sha}\""));
+    assert!(headers.get("x-accel-redirect").is_none(), "nginx consumes the redirect header");
 
     // A range through the proxy.
     let ranged = reqwest::Client::new()
@@ -206,19 +157,12 @@ async fn round_trip(accel: bool) {
         .await
         .unwrap();
     assert_eq!(ranged.status(), 206);
-    assert_eq!(
-        ranged.bytes().await.unwrap().as_ref(),
-        &pseudo_random_bytes(2, 10)[..]
-    );
+    assert_eq!(ranged.bytes().await.unwrap().as_ref(), &pseudo_random_bytes(2, 10)[..]);
 
     // The internal location is not reachable from outside.
     let blob_path = assetd::blobs::BlobStore::relative_path(uuid.parse().unwrap());
-    let direct = reqwest::get(format!(
-        "{}/_assetd_blobs/{blob_path}",
-        nginx.base.trim_end_matches("/file")
-    ))
-    .await
-    .unwrap();
+    let direct =
+        reqwest::get(format!("{}/_assetd_blobs/{blob_path}", nginx.base.trim_end_matches("/file"))).await.unwrap();
     assert_eq!(direct.status(), 404);
 }
 
@@ -236,9 +180,7 @@ async fn a_256_mib_file_round_trips_through_nginx_with_x_accel_redirect() {
 async fn errors_pass_through_nginx_unchanged() {
     let app = TestApp::spawn().await;
     let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
-    let response = reqwest::get(format!("{}/api/sessions/1", nginx.base))
-        .await
-        .unwrap();
+    let response = reqwest::get(format!("{}/api/sessions/1", nginx.base)).await.unwrap();
     assert_eq!(response.status(), 401);
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "missing_token");

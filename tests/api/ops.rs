@@ -22,36 +22,20 @@ async fn health_ready_and_request_ids() {
     assert!(health.headers().contains_key("x-request-id"));
     let ready = app.client.get(app.url("/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
-    assert_eq!(
-        ready.json::<Value>().await.unwrap()["checks"]["database"],
-        "ok"
-    );
+    assert_eq!(ready.json::<Value>().await.unwrap()["checks"]["database"], "ok");
 
-    let echoed = app
-        .client
-        .get(app.url("/health"))
-        .header("X-Request-Id", "trace-42")
-        .send()
-        .await
-        .unwrap();
+    let echoed = app.client.get(app.url("/health")).header("X-Request-Id", "trace-42").send().await.unwrap();
     assert_eq!(echoed.headers()["x-request-id"], "trace-42");
-    let replaced = app
-        .client
-        .get(app.url("/health"))
-        .header("X-Request-Id", "bad id with spaces")
-        .send()
-        .await
-        .unwrap();
+    let replaced =
+        app.client.get(app.url("/health")).header("X-Request-Id", "bad id with spaces").send().await.unwrap();
     assert_ne!(replaced.headers()["x-request-id"], "bad id with spaces");
 }
 
 #[tokio::test]
 async fn ready_is_503_when_postgres_is_unreachable() {
     // A pool pointed at a closed port stands in for a database that went away.
-    let database = DatabaseConfig {
-        database_url: "postgres://postgres@127.0.0.1:1/assetd".into(),
-        database_pool_size: 2,
-    };
+    let database =
+        DatabaseConfig { database_url: "postgres://postgres@127.0.0.1:1/assetd".into(), database_pool_size: 2 };
     let data_dir = tempfile::tempdir().unwrap();
     let app = App::new(
         database.pool().unwrap(),
@@ -63,35 +47,17 @@ async fn ready_is_503_when_postgres_is_unreachable() {
         base_path: "/file".into(),
         max_upload_size: 1024,
         accel_redirect_prefix: None,
+        body_idle_timeout: Duration::from_secs(5),
     };
-    let ctx = Context {
-        app,
-        settings: Arc::new(settings),
-    };
+    let ctx = Context { app, settings: Arc::new(settings) };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(http::serve(
-        ctx.clone(),
-        listener,
-        std::future::pending(),
-        Duration::from_secs(1),
-    ));
+    tokio::spawn(http::serve(ctx.clone(), listener, std::future::pending(), Duration::from_secs(1)));
 
-    let ready = reqwest::get(format!("http://{addr}/file/ready"))
-        .await
-        .unwrap();
+    let ready = reqwest::get(format!("http://{addr}/file/ready")).await.unwrap();
     assert_eq!(ready.status(), 503);
-    assert_eq!(
-        ready.json::<Value>().await.unwrap()["checks"]["database"],
-        "unreachable"
-    );
-    assert_eq!(
-        reqwest::get(format!("http://{addr}/file/health"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(ready.json::<Value>().await.unwrap()["checks"]["database"], "unreachable");
+    assert_eq!(reqwest::get(format!("http://{addr}/file/health")).await.unwrap().status(), 200);
 
     // Requests that need the database get 503, not 500.
     let token = ctx.app.auth.mint(
@@ -125,61 +91,28 @@ async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 async fn migrate_is_idempotent_and_token_mints_verifiable_tokens() {
     let db = TestDatabase::create().await;
     let first = run_cli(&["migrate"], &[("ASSETD_DATABASE_URL", &db.url)]).await;
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&first.stdout).trim(),
-        "2 migration(s) applied"
-    );
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), "2 migration(s) applied");
     let second = run_cli(&["migrate"], &[("ASSETD_DATABASE_URL", &db.url)]).await;
-    assert_eq!(
-        String::from_utf8_lossy(&second.stdout).trim(),
-        "0 migration(s) applied"
-    );
+    assert_eq!(String::from_utf8_lossy(&second.stdout).trim(), "0 migration(s) applied");
 
     let sub = uuid::Uuid::new_v4().to_string();
     let minted = run_cli(
-        &[
-            "token",
-            "--kind",
-            "device",
-            "--sub",
-            &sub,
-            "--name",
-            "cam",
-            "--superadmin",
-            "--lifetime",
-            "60",
-        ],
+        &["token", "--kind", "device", "--sub", &sub, "--name", "cam", "--superadmin", "--lifetime", "60"],
         &[("ASSETD_JWT_SECRET", JWT_SECRET)],
     )
     .await;
     assert!(minted.status.success());
-    let principal = Authenticator::new(JWT_SECRET)
-        .verify(String::from_utf8_lossy(&minted.stdout).trim())
-        .unwrap();
+    let principal = Authenticator::new(JWT_SECRET).verify(String::from_utf8_lossy(&minted.stdout).trim()).unwrap();
     assert_eq!(principal.uuid.to_string(), sub);
-    assert_eq!(
-        principal.kind,
-        assetd::domain::principal::PrincipalKind::Device
-    );
+    assert_eq!(principal.kind, assetd::domain::principal::PrincipalKind::Device);
     assert!(principal.superadmin);
     assert_eq!(principal.name, "cam");
 
-    let refused = run_cli(
-        &["token", "--kind", "robot"],
-        &[("ASSETD_JWT_SECRET", JWT_SECRET)],
-    )
-    .await;
+    let refused = run_cli(&["token", "--kind", "robot"], &[("ASSETD_JWT_SECRET", JWT_SECRET)]).await;
     assert!(!refused.status.success());
     let no_secret = run_cli(&["serve"], &[("ASSETD_DATABASE_URL", &db.url)]).await;
-    assert!(
-        !no_secret.status.success(),
-        "serve refuses to start without secrets"
-    );
+    assert!(!no_secret.status.success(), "serve refuses to start without secrets");
 }
 
 /// SIGTERM: no new connections, the upload in flight completes, the process exits 0,
@@ -188,11 +121,7 @@ async fn migrate_is_idempotent_and_token_mints_verifiable_tokens() {
 async fn sigterm_lets_an_upload_in_flight_finish() {
     let db = TestDatabase::create().await;
     let data_dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
         .arg("serve")
@@ -209,16 +138,8 @@ async fn sigterm_lets_an_upload_in_flight_finish() {
         .unwrap();
     let client = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while client
-        .get(format!("http://{addr}/file/health"))
-        .send()
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "assetd did not start"
-        );
+    while client.get(format!("http://{addr}/file/health")).send().await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "assetd did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let auth = Authenticator::new(JWT_SECRET);
@@ -258,31 +179,19 @@ async fn sigterm_lets_an_upload_in_flight_finish() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        tokio::net::TcpStream::connect(&addr).await.is_err(),
-        "no new connections after SIGTERM"
-    );
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err(), "no new connections after SIGTERM");
 
     stream.write_all(&content[1024 * 1024..]).await.unwrap();
     stream.write_all(tail.as_bytes()).await.unwrap();
     let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer)).await.unwrap().unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"asset_file_size\":2097152"), "{answer}");
 
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
-        .await
-        .expect("exits after the upload")
-        .unwrap();
+    let status =
+        tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exits after the upload").unwrap();
     assert!(status.success(), "{status:?}");
     let mut log = Vec::new();
     let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
@@ -290,9 +199,6 @@ async fn sigterm_lets_an_upload_in_flight_finish() {
         log.push(line);
     }
     let log = log.join("\n");
-    assert!(
-        log.contains("request_id=slow-upload-1"),
-        "request ids are in the logs:\n{log}"
-    );
+    assert!(log.contains("request_id=slow-upload-1"), "request ids are in the logs:\n{log}");
     assert!(log.contains("shutting down"), "{log}");
 }

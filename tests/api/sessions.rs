@@ -10,12 +10,7 @@ use crate::helpers::{assert_error, TestApp};
 async fn services_register_update_and_members_read_sessions() {
     let app = TestApp::spawn().await;
     let service = app.service_token();
-    let (user, participant, device, creator) = (
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-        Uuid::new_v4(),
-    );
+    let (user, participant, device, creator) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let body = json!({
         "session_name": "Visit 12", "id_creator_uuid": creator,
         "session_users": [user], "session_participants": [participant], "session_devices": [device],
@@ -31,28 +26,15 @@ async fn services_register_update_and_members_read_sessions() {
 
     // Idempotent: the same body again changes nothing, appends nothing.
     let events_before = app.event_count().await;
-    let again: Value = app
-        .put_session(&service, 12, &body)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let again: Value = app.put_session(&service, 12, &body).await.json().await.unwrap();
     assert_eq!(again["session_version"], 1);
     assert_eq!(app.event_count().await, events_before);
 
     let mut renamed = body.clone();
     renamed["session_name"] = json!("Visit 12b");
-    let updated: Value = app
-        .put_session(&service, 12, &renamed)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let updated: Value = app.put_session(&service, 12, &renamed).await.json().await.unwrap();
     assert_eq!(updated["session_version"], 2);
-    assert_eq!(
-        updated["session_uuid"], session_uuid,
-        "the uuid is kept across updates"
-    );
+    assert_eq!(updated["session_uuid"], session_uuid, "the uuid is kept across updates");
 
     for (kind, uuid) in [
         (PrincipalKind::User, user),
@@ -60,65 +42,31 @@ async fn services_register_update_and_members_read_sessions() {
         (PrincipalKind::Device, device),
         (PrincipalKind::User, creator),
     ] {
-        let response = app
-            .get(&app.token_for(kind, uuid, false), "/api/sessions/12")
-            .await;
+        let response = app.get(&app.token_for(kind, uuid, false), "/api/sessions/12").await;
         assert_eq!(response.status(), 200, "{kind:?} {uuid} is a member");
     }
     assert_eq!(
-        app.get(
-            &app.token_for(PrincipalKind::User, Uuid::new_v4(), true),
-            "/api/sessions/12"
-        )
-        .await
-        .status(),
+        app.get(&app.token_for(PrincipalKind::User, Uuid::new_v4(), true), "/api/sessions/12").await.status(),
         200
     );
+    assert_error(app.get(&app.user_token(Uuid::new_v4()), "/api/sessions/12").await, 403, "forbidden").await;
     assert_error(
-        app.get(&app.user_token(Uuid::new_v4()), "/api/sessions/12")
-            .await,
+        app.get(&app.token_for(PrincipalKind::Participant, user, false), "/api/sessions/12").await,
         403,
         "forbidden",
     )
     .await;
-    assert_error(
-        app.get(
-            &app.token_for(PrincipalKind::Participant, user, false),
-            "/api/sessions/12",
-        )
-        .await,
-        403,
-        "forbidden",
-    )
-    .await;
-    assert_error(
-        app.get(&service, "/api/sessions/404").await,
-        404,
-        "not_found",
-    )
-    .await;
+    assert_error(app.get(&service, "/api/sessions/404").await, 404, "not_found").await;
 }
 
 #[tokio::test]
 async fn only_services_and_superadmins_register_or_delete_sessions() {
     let app = TestApp::spawn().await;
     let body = json!({"session_name": "v"});
-    assert_error(
-        app.put_session(&app.user_token(Uuid::new_v4()), 1, &body)
-            .await,
-        403,
-        "forbidden",
-    )
-    .await;
+    assert_error(app.put_session(&app.user_token(Uuid::new_v4()), 1, &body).await, 403, "forbidden").await;
     let admin = app.token_for(PrincipalKind::User, Uuid::new_v4(), true);
     assert_eq!(app.put_session(&admin, 1, &body).await.status(), 200);
-    assert_error(
-        app.delete(&app.user_token(Uuid::new_v4()), "/api/sessions/1")
-            .await,
-        403,
-        "forbidden",
-    )
-    .await;
+    assert_error(app.delete(&app.user_token(Uuid::new_v4()), "/api/sessions/1").await, 403, "forbidden").await;
     assert_eq!(app.event_count().await, 1);
 }
 
@@ -126,41 +74,17 @@ async fn only_services_and_superadmins_register_or_delete_sessions() {
 async fn session_bodies_and_ids_are_validated() {
     let app = TestApp::spawn().await;
     let service = app.service_token();
+    assert_error(app.put_session(&service, 0, &json!({"session_name": "v"})).await, 422, "invalid_field").await;
+    assert_error(app.put_session(&service, 1, &json!({"session_name": "  "})).await, 422, "invalid_field").await;
+    assert_error(app.put_session(&service, 1, &json!({"session_users": []})).await, 422, "invalid_field").await;
     assert_error(
-        app.put_session(&service, 0, &json!({"session_name": "v"}))
-            .await,
+        app.put_session(&service, 1, &json!({"session_name": "v", "session_users": ["not-a-uuid"]})).await,
         422,
         "invalid_field",
     )
     .await;
     assert_error(
-        app.put_session(&service, 1, &json!({"session_name": "  "}))
-            .await,
-        422,
-        "invalid_field",
-    )
-    .await;
-    assert_error(
-        app.put_session(&service, 1, &json!({"session_users": []}))
-            .await,
-        422,
-        "invalid_field",
-    )
-    .await;
-    assert_error(
-        app.put_session(
-            &service,
-            1,
-            &json!({"session_name": "v", "session_users": ["not-a-uuid"]}),
-        )
-        .await,
-        422,
-        "invalid_field",
-    )
-    .await;
-    assert_error(
-        app.put_session(&service, 1, &json!({"session_name": "v", "unexpected": 1}))
-            .await,
+        app.put_session(&service, 1, &json!({"session_name": "v", "unexpected": 1})).await,
         422,
         "invalid_field",
     )
@@ -183,12 +107,7 @@ async fn session_bodies_and_ids_are_validated() {
         .await
         .unwrap();
     assert_error(huge, 413, "payload_too_large").await;
-    assert_error(
-        app.get(&service, "/api/sessions/abc").await,
-        400,
-        "invalid_parameter",
-    )
-    .await;
+    assert_error(app.get(&service, "/api/sessions/abc").await, 400, "invalid_parameter").await;
     assert_eq!(app.event_count().await, 0);
 }
 
@@ -208,73 +127,24 @@ async fn deleting_a_session_deletes_its_assets_with_an_event_each() {
 
     for asset in [&a, &b] {
         let uuid = asset["asset_uuid"].as_str().unwrap();
-        let history: Value = app
-            .get(&app.service_token(), &format!("/api/assets/{uuid}/events"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        let types: Vec<&str> = history
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["event_type"].as_str().unwrap())
-            .collect();
+        let history: Value =
+            app.get(&app.service_token(), &format!("/api/assets/{uuid}/events")).await.json().await.unwrap();
+        let types: Vec<&str> = history.as_array().unwrap().iter().map(|e| e["event_type"].as_str().unwrap()).collect();
         assert_eq!(types, ["AssetUploaded", "AssetDeleted"]);
         assert_eq!(history[1]["data"]["reason"], "session_deleted");
-        assert_error(
-            app.get(
-                &app.service_token(),
-                &format!("/api/assets?asset_uuid={uuid}"),
-            )
-            .await,
-            404,
-            "not_found",
-        )
-        .await;
-        assert!(
-            !app.ctx.app.blobs.path(uuid.parse().unwrap()).exists(),
-            "bytes removed"
-        );
+        assert_error(app.get(&app.service_token(), &format!("/api/assets?asset_uuid={uuid}")).await, 404, "not_found")
+            .await;
+        assert!(!app.ctx.app.blobs.path(uuid.parse().unwrap()).exists(), "bytes removed");
     }
     let kept_uuid = kept["asset_uuid"].as_str().unwrap();
-    assert_eq!(
-        app.get(&other_token, &format!("/api/assets?asset_uuid={kept_uuid}"))
-            .await
-            .status(),
-        200
-    );
-    assert_error(
-        app.get(&app.service_token(), "/api/sessions/5").await,
-        404,
-        "not_found",
-    )
-    .await;
-    assert_error(
-        app.delete(&app.service_token(), "/api/sessions/5").await,
-        404,
-        "not_found",
-    )
-    .await;
-    assert_eq!(
-        app.scalar("SELECT count(*) FROM events WHERE type = 'SessionDeleted'")
-            .await,
-        1
-    );
+    assert_eq!(app.get(&other_token, &format!("/api/assets?asset_uuid={kept_uuid}")).await.status(), 200);
+    assert_error(app.get(&app.service_token(), "/api/sessions/5").await, 404, "not_found").await;
+    assert_error(app.delete(&app.service_token(), "/api/sessions/5").await, 404, "not_found").await;
+    assert_eq!(app.scalar("SELECT count(*) FROM events WHERE type = 'SessionDeleted'").await, 1);
 
     // A deleted session can be registered again, empty.
-    assert_eq!(
-        app.put_session(&app.service_token(), 5, &json!({"session_name": "again"}))
-            .await
-            .status(),
-        200
-    );
-    let listing: Value = app
-        .get(&app.service_token(), "/api/sessions/5/assets")
-        .await
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(app.put_session(&app.service_token(), 5, &json!({"session_name": "again"})).await.status(), 200);
+    let listing: Value = app.get(&app.service_token(), "/api/sessions/5/assets").await.json().await.unwrap();
     assert_eq!(listing["assets"], json!([]));
 }
 
@@ -308,10 +178,7 @@ async fn listings_are_newest_first_paginated_and_filtered_by_directory() {
         let page: Value = app.get(&token, &path).await.json().await.unwrap();
         pages += 1;
         for item in page["assets"].as_array().unwrap() {
-            assert!(
-                item["access_token"].as_str().is_some_and(|t| !t.is_empty()),
-                "each item carries an access token"
-            );
+            assert!(item["access_token"].as_str().is_some_and(|t| !t.is_empty()), "each item carries an access token");
             listed.push(item["asset_uuid"].as_str().unwrap().to_owned());
         }
         match page["next_cursor"].as_str() {
@@ -323,107 +190,82 @@ async fn listings_are_newest_first_paginated_and_filtered_by_directory() {
     let newest_first: Vec<String> = uploaded.iter().rev().cloned().collect();
     assert_eq!(listed, newest_first);
 
-    let odd: Value = app
-        .get(&token, "/api/sessions/3/assets?directory=/odd")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let odd: Value = app.get(&token, "/api/sessions/3/assets?directory=/odd").await.json().await.unwrap();
     assert_eq!(odd["assets"].as_array().unwrap().len(), 3);
-    assert!(odd["assets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|a| a["directory"] == "/odd"));
+    assert!(odd["assets"].as_array().unwrap().iter().all(|a| a["directory"] == "/odd"));
 
-    assert_error(
-        app.get(&token, "/api/sessions/3/assets?limit=0").await,
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    assert_error(
-        app.get(&token, "/api/sessions/3/assets?limit=x").await,
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    assert_error(
-        app.get(&token, "/api/sessions/3/assets?cursor=garbage")
-            .await,
-        400,
-        "invalid_parameter",
-    )
-    .await;
-    assert_error(
-        app.get(&token, "/api/sessions/3/assets?directory=/a/../b")
-            .await,
-        422,
-        "invalid_field",
-    )
-    .await;
-    assert_error(
-        app.get(&app.user_token(Uuid::new_v4()), "/api/sessions/3/assets")
-            .await,
-        403,
-        "forbidden",
-    )
-    .await;
+    assert_error(app.get(&token, "/api/sessions/3/assets?limit=0").await, 400, "invalid_parameter").await;
+    assert_error(app.get(&token, "/api/sessions/3/assets?limit=x").await, 400, "invalid_parameter").await;
+    assert_error(app.get(&token, "/api/sessions/3/assets?cursor=garbage").await, 400, "invalid_parameter").await;
+    let far_past = format!("/api/sessions/3/assets?cursor=-300000000000000000_{}", "0".repeat(32));
+    assert_error(app.get(&token, &far_past).await, 400, "invalid_parameter").await;
+    assert_error(app.get(&token, "/api/sessions/3/assets?directory=/a/../b").await, 422, "invalid_field").await;
+    assert_error(app.get(&app.user_token(Uuid::new_v4()), "/api/sessions/3/assets").await, 403, "forbidden").await;
 }
 
-/// An upload whose session is deleted while its bytes stream is not recorded.
+/// An upload whose session is deleted, or whose uploader is removed from it, while its
+/// bytes stream is not recorded, and its bytes are removed.
 #[tokio::test]
-async fn an_upload_is_not_recorded_for_a_session_deleted_meanwhile() {
-    use assetd::app::CommandContext;
+async fn an_upload_is_not_recorded_when_its_session_changes_meanwhile() {
+    use assetd::app::{AppError, CommandContext};
     use assetd::domain::asset::{AssetSource, AssetUploaded};
-    use assetd::domain::names::{
-        AssetName, Directory, FileName, MediaType, SessionId, Sha256Hex, Tags,
-    };
-    use assetd::domain::principal::Actor;
+    use assetd::domain::names::{AssetName, Directory, FileName, MediaType, SessionId, Tags};
+    use assetd::domain::principal::{Actor, Principal};
 
     let app = TestApp::spawn().await;
-    app.session_with_user(8).await;
+    let (user, _) = app.session_with_user(8).await;
+    let (other_user, _) = app.session_with_user(9).await;
+    let store = |principal: Principal, id_session: i64| {
+        let app = &app;
+        async move {
+            let mut blob = app.ctx.app.blobs.create_temp().await.unwrap();
+            blob.write(b"bytes").await.unwrap();
+            let asset_uuid = Uuid::new_v4();
+            let context = CommandContext {
+                actor: principal.actor(),
+                request_id: "r".into(),
+                correlation_id: "r".into(),
+                causation_id: None,
+            };
+            let result = app
+                .ctx
+                .app
+                .store_upload(&principal, &context, blob, asset_uuid, |stored| AssetUploaded {
+                    asset_uuid,
+                    id_session: SessionId::new(id_session).unwrap(),
+                    asset_name: AssetName::parse("n").unwrap(),
+                    asset_original_filename: FileName::parse("n.bin").unwrap(),
+                    asset_type: MediaType::octet_stream(),
+                    asset_file_size: stored.size,
+                    asset_sha256: stored.sha256,
+                    asset_datetime: None,
+                    directory: Directory::root(),
+                    tags: Tags::default(),
+                    metadata: Default::default(),
+                    asset_creator: Actor { kind: principal.kind, uuid: principal.uuid },
+                    asset_source: AssetSource::Upload,
+                })
+                .await;
+            (result, asset_uuid)
+        }
+    };
+    let member = |uuid| Principal { kind: PrincipalKind::User, uuid, name: String::new(), superadmin: false };
+
+    assert_eq!(app.delete(&app.service_token(), "/api/sessions/8").await.status(), 200);
+    let before = app.footprint().await;
+    let (result, uuid) = store(member(user), 8).await;
+    assert!(matches!(result, Err(AppError::Domain(assetd::domain::DomainError::NotFound("session")))), "{result:?}");
+    assert!(!app.ctx.app.blobs.path(uuid).exists(), "the bytes are removed");
+    assert_eq!(app.footprint().await, before);
+
+    // Session 9 no longer lists this user.
     assert_eq!(
-        app.delete(&app.service_token(), "/api/sessions/8")
-            .await
-            .status(),
+        app.put_session(&app.service_token(), 9, &json!({"session_name": "s", "session_users": []})).await.status(),
         200
     );
-    let before = app.event_count().await;
-    let creator = Actor {
-        kind: PrincipalKind::User,
-        uuid: Uuid::new_v4(),
-    };
-    let uploaded = AssetUploaded {
-        asset_uuid: Uuid::new_v4(),
-        id_session: SessionId::new(8).unwrap(),
-        asset_name: AssetName::parse("n").unwrap(),
-        asset_original_filename: FileName::parse("n.bin").unwrap(),
-        asset_type: MediaType::octet_stream(),
-        asset_file_size: 0,
-        asset_sha256: Sha256Hex::parse(&"0".repeat(64)).unwrap(),
-        asset_datetime: None,
-        directory: Directory::root(),
-        tags: Tags::default(),
-        metadata: Default::default(),
-        asset_creator: creator,
-        asset_source: AssetSource::Upload,
-    };
-    let context = CommandContext {
-        actor: creator,
-        request_id: "r".into(),
-        correlation_id: "r".into(),
-        causation_id: None,
-    };
-    let result = app.ctx.app.record_upload(&context, uploaded).await;
-    assert!(
-        matches!(
-            result,
-            Err(assetd::app::AppError::Domain(
-                assetd::domain::DomainError::NotFound("session")
-            ))
-        ),
-        "{result:?}"
-    );
-    assert_eq!(app.event_count().await, before);
+    let before = app.footprint().await;
+    let (result, uuid) = store(member(other_user), 9).await;
+    assert!(matches!(result, Err(AppError::Forbidden(_))), "{result:?}");
+    assert!(!app.ctx.app.blobs.path(uuid).exists());
+    assert_eq!(app.footprint().await, before);
 }

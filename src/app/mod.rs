@@ -202,7 +202,7 @@ impl App {
         ctx: &CommandContext,
         command: UpsertSession,
     ) -> Result<SessionInfo, AppError> {
-        if !principal.is_privileged() {
+        if !principal.is_service() {
             return Err(AppError::Forbidden("only services may register sessions".into()));
         }
         let id = command.id_session;
@@ -221,7 +221,7 @@ impl App {
         ctx: &CommandContext,
         id: SessionId,
     ) -> Result<Vec<Uuid>, AppError> {
-        if !principal.is_privileged() {
+        if !principal.is_service() {
             return Err(AppError::Forbidden("only services may delete sessions".into()));
         }
         let deleted = in_transaction!(self, |tx| {

@@ -5,8 +5,11 @@
 //! so a blob that exists is complete and durable. A [`TempBlob`] that is dropped before
 //! [`TempBlob::persist`] (error, client gone, task cancelled) removes its file.
 
+use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::fs;
@@ -23,7 +26,32 @@ const WRITE_BUFFER: usize = 1 << 20;
 pub struct BlobStore {
     blobs: PathBuf,
     tmp: PathBuf,
+    durable_shards: DurableShards,
 }
+
+/// Shard directories (`ab/cd`) this process has made sure exist durably: created, and
+/// their parents fsynced. Checked per process rather than by "did I create it", because
+/// another upload (or process) may have created it a moment ago and not fsynced yet.
+#[derive(Clone, Debug, Default)]
+struct DurableShards(Arc<Mutex<HashSet<PathBuf>>>);
+
+impl DurableShards {
+    async fn ensure(&self, blobs: &Path, shard: &Path) -> io::Result<()> {
+        if self.0.lock().expect("not poisoned").contains(shard) {
+            return Ok(());
+        }
+        fs::create_dir_all(shard).await?;
+        if let Some(outer) = shard.parent() {
+            sync_dir(outer).await?;
+        }
+        sync_dir(blobs).await?;
+        self.0.lock().expect("not poisoned").insert(shard.to_owned());
+        Ok(())
+    }
+}
+
+/// Temporary files older than this are left over from a crash and are removed at start.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// What a completed write produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,10 +63,26 @@ pub struct StoredBlob {
 impl BlobStore {
     /// Opens (creating if needed) the store under `data_dir`.
     pub async fn open(data_dir: &Path) -> io::Result<Self> {
-        let store = Self { blobs: data_dir.join("blobs"), tmp: data_dir.join("tmp") };
+        let store =
+            Self { blobs: data_dir.join("blobs"), tmp: data_dir.join("tmp"), durable_shards: DurableShards::default() };
         fs::create_dir_all(&store.blobs).await?;
         fs::create_dir_all(&store.tmp).await?;
+        store.remove_stale_temp_files().await?;
         Ok(store)
+    }
+
+    /// Removes temporary files left by a crash. Only old ones: another process sharing
+    /// the data directory may be writing the recent ones.
+    async fn remove_stale_temp_files(&self) -> io::Result<()> {
+        let mut entries = fs::read_dir(&self.tmp).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let modified = entry.metadata().await.and_then(|m| m.modified());
+            let stale = modified.map(|m| m.elapsed().unwrap_or_default() > STALE_TEMP_AGE).unwrap_or(false);
+            if stale {
+                let _ = fs::remove_file(entry.path()).await;
+            }
+        }
+        Ok(())
     }
 
     /// Where the blob `id` lives, whether or not it exists.
@@ -63,6 +107,7 @@ impl BlobStore {
             hasher: Sha256::new(),
             size: 0,
             blobs: self.blobs.clone(),
+            durable_shards: self.durable_shards.clone(),
         })
     }
 
@@ -96,6 +141,7 @@ pub struct TempBlob {
     hasher: Sha256,
     size: u64,
     blobs: PathBuf,
+    durable_shards: DurableShards,
 }
 
 impl TempBlob {
@@ -115,21 +161,17 @@ impl TempBlob {
         self.file.flush().await?;
         self.file.get_ref().sync_all().await?;
         let target = self.blobs.join(BlobStore::relative_path(id));
-        let shard = target.parent().expect("blob paths have two shard directories");
-        let created_shard = fs::metadata(shard).await.is_err();
-        fs::create_dir_all(shard).await?;
+        let shard = target.parent().expect("blob paths have two shard directories").to_owned();
+        self.durable_shards.ensure(&self.blobs, &shard).await?;
         let temp_path = self.path.take().expect("a temp blob is persisted once");
         if let Err(error) = fs::rename(&temp_path, &target).await {
             self.path = Some(temp_path);
             return Err(error);
         }
-        sync_dir(shard).await?;
-        if created_shard {
-            // The new shard directories must survive a crash too.
-            if let Some(outer) = shard.parent() {
-                sync_dir(outer).await?;
-                sync_dir(&self.blobs).await?;
-            }
+        if let Err(error) = sync_dir(&shard).await {
+            // Not known to be durable: take it back rather than let an event name it.
+            let _ = fs::remove_file(&target).await;
+            return Err(error);
         }
         Ok(StoredBlob { size: self.size, sha256: Sha256Hex::from_digest(&self.hasher.clone().finalize()) })
     }

@@ -13,8 +13,8 @@ use warp::Filter;
 use super::auth::authenticated;
 use super::download::{self, Delivery};
 use super::error::{ApiError, ErrorBody};
-use super::{json_body, parse_uuid, query_map, request_context, respond, with_context, Context};
-use crate::app::CommandContext;
+use super::{get_or_head, json_body, parse_uuid, query_map, request_context, respond, with_context, Context};
+use crate::app::{run_to_completion, CommandContext};
 use crate::domain::names::FileName;
 use crate::domain::principal::Principal;
 use crate::eventstore::RecordedEvent;
@@ -83,16 +83,16 @@ pub struct AssetDeletedReply {
 }
 
 pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
-    let download =
-        warp::path!("assets")
-            .and(warp::get().or(warp::head()).unify())
-            .and(authenticated(ctx.clone()))
-            .and(query_map())
-            .and(warp::header::headers_cloned())
-            .and(with_context(ctx.clone()))
-            .then(|principal, query, headers, ctx| async move {
-                respond(download_asset(principal, query, headers, ctx).await)
-            });
+    let download = warp::path!("assets")
+        .and(get_or_head())
+        .and(warp::method())
+        .and(authenticated(ctx.clone()))
+        .and(query_map())
+        .and(warp::header::headers_cloned())
+        .and(with_context(ctx.clone()))
+        .then(|method, principal, query, headers, ctx| async move {
+            respond(download_asset(method, principal, query, headers, ctx).await)
+        });
     let delete = warp::path!("assets")
         .and(warp::delete())
         .and(authenticated(ctx.clone()))
@@ -103,7 +103,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
             respond(delete_asset(principal, request_id, query, ctx).await)
         });
     let info = warp::path!("assets" / "infos")
-        .and(warp::get())
+        .and(get_or_head())
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx.clone()))
@@ -119,7 +119,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
                 respond(post_infos(principal, request_id, body, ctx).await)
             });
     let events = warp::path!("assets" / String / "events")
-        .and(warp::get())
+        .and(get_or_head())
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx))
@@ -146,6 +146,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     ),
     security(("bearer" = [])))]
 async fn download_asset(
+    method: warp::http::Method,
     principal: Principal,
     query: HashMap<String, String>,
     headers: HeaderMap,
@@ -158,9 +159,9 @@ async fn download_asset(
     }
     let delivery = match &ctx.settings.accel_redirect_prefix {
         Some(prefix) => Delivery::AccelRedirect(prefix),
-        None => Delivery::Direct(&ctx.app.blobs),
+        None => Delivery::Direct,
     };
-    download::respond(&asset, &headers, delivery).await
+    download::respond(&asset, &headers, method == warp::http::Method::HEAD, &ctx.app.blobs, delivery).await
 }
 
 /// Delete an asset; its bytes are removed and downloads answer 404.
@@ -184,7 +185,9 @@ async fn delete_asset(
 ) -> Result<impl warp::Reply, ApiError> {
     let uuid = parse_uuid("uuid", query.get("uuid").or(query.get("asset_uuid")))?;
     let ctx_command = CommandContext::for_request(&principal, &request_id);
-    ctx.app.delete_asset(&principal, &ctx_command, uuid, query.get("access_token").map(String::as_str)).await?;
+    let (app, access_token) = (ctx.app.clone(), query.get("access_token").cloned());
+    run_to_completion(async move { app.delete_asset(&principal, &ctx_command, uuid, access_token.as_deref()).await })
+        .await?;
     Ok(warp::reply::json(&AssetDeletedReply { asset_uuid: uuid, asset_status: "deleted".into() }))
 }
 

@@ -2,6 +2,7 @@
 //! (206/416), `Content-Disposition` with non-ASCII names, and either streaming the file
 //! ourselves or handing it to nginx with `X-Accel-Redirect`.
 
+use chrono::{DateTime, Timelike, Utc};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use warp::http::{HeaderMap, HeaderValue, Response, StatusCode};
@@ -28,7 +29,11 @@ pub enum ByteRange {
 /// Parses a `Range` header per RFC 9110 §14: only a single `bytes` range is served;
 /// anything else is ignored (the whole representation is sent), as the RFC allows.
 pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
-    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+    // The unit is case-insensitive (RFC 9110 §14.1).
+    let Some(spec) = header
+        .map(str::trim)
+        .and_then(|h| h.get(..6).filter(|unit| unit.eq_ignore_ascii_case("bytes=")).map(|_| &h[6..]))
+    else {
         return ByteRange::Full;
     };
     if spec.contains(',') {
@@ -98,34 +103,69 @@ pub fn etag(asset: &AssetInfo) -> String {
     format!("\"sha256:{}\"", asset.asset_sha256)
 }
 
-/// Whether an `If-None-Match` header matches `etag` (weak comparison, `*` included).
-fn none_match(header: Option<&str>, etag: &str) -> bool {
-    header.is_some_and(|h| h.split(',').map(str::trim).any(|tag| tag == "*" || tag.trim_start_matches("W/") == etag))
+/// Whether an entity-tag list (`If-None-Match`, `If-Match`) names `etag` or is `*`.
+/// `weak`: W/ prefixes are ignored (If-None-Match); otherwise they never match (If-Match).
+fn etag_listed(header: &str, etag: &str, weak: bool) -> bool {
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag == etag || (weak && tag.strip_prefix("W/") == Some(etag)))
+}
+
+/// An HTTP date (`Last-Modified` / `If-Modified-Since` style).
+fn http_date(value: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc2822(value.trim()).ok().map(|d| d.with_timezone(&Utc))
 }
 
 /// How the bytes leave the process.
 pub enum Delivery<'a> {
     /// Stream the file from the blob store.
-    Direct(&'a BlobStore),
+    Direct,
     /// Let nginx send it: `X-Accel-Redirect: <prefix><ab>/<cd>/<uuid>`.
     AccelRedirect(&'a str),
 }
 
-/// The full answer to a download of `asset`.
+/// The full answer to a GET (or HEAD) of `asset`: preconditions (RFC 9110 §13.2.2 order),
+/// then the range, then the bytes. Every decision is made here, so both deliveries
+/// answer alike; nginx is only handed requests it would answer the same way (no range
+/// or one valid single range, no precondition it would re-check against its own
+/// validators).
 pub async fn respond(
     asset: &AssetInfo,
     request: &HeaderMap,
+    is_head: bool,
+    blobs: &BlobStore,
     delivery: Delivery<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let header = |name: &str| request.get(name).and_then(|v| v.to_str().ok());
     let etag = etag(asset);
     let size = asset.asset_file_size.max(0) as u64;
+    // HTTP dates have whole seconds: compare at that precision.
+    let modified = asset.asset_created_at.with_nanosecond(0).unwrap_or(asset.asset_created_at);
     let mut builder = Response::builder()
         .header("etag", &etag)
         .header("cache-control", "private, no-cache")
-        .header("last-modified", asset.asset_created_at.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+        .header("last-modified", modified.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
         .header("x-content-type-options", "nosniff");
-    if none_match(header("if-none-match"), &etag) {
+
+    let precondition_failed = || {
+        ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "precondition_failed",
+            "the asset does not match the precondition",
+        )
+    };
+    match (header("if-match"), header("if-unmodified-since").and_then(http_date)) {
+        (Some(tags), _) if !etag_listed(tags, &etag, false) => return Err(precondition_failed()),
+        (None, Some(since)) if modified > since => return Err(precondition_failed()),
+        _ => {}
+    }
+    let not_modified = match (header("if-none-match"), header("if-modified-since").and_then(http_date)) {
+        (Some(tags), _) => etag_listed(tags, &etag, true),
+        (None, Some(since)) => modified <= since,
+        (None, None) => false,
+    };
+    if not_modified {
         return builder.status(StatusCode::NOT_MODIFIED).body(Body::empty()).map_err(ApiError::internal);
     }
     builder = builder
@@ -135,39 +175,52 @@ pub async fn respond(
         )
         .header("content-disposition", content_disposition(&asset.asset_original_filename));
 
-    let blobs = match delivery {
-        // nginx adds its own Accept-Ranges to what it sends.
-        Delivery::Direct(blobs) => {
-            builder = builder.header("accept-ranges", "bytes");
-            blobs
-        }
-        Delivery::AccelRedirect(prefix) => {
-            // nginx serves the bytes and applies Range itself.
-            let location = format!("{prefix}{}", BlobStore::relative_path(asset.asset_uuid));
-            return builder.header("x-accel-redirect", location).body(Body::empty()).map_err(ApiError::internal);
-        }
-    };
-
-    // If-Range: a range is only honoured while the representation is the one named.
+    // Ranges apply to GET only; If-Range honours one only while the representation is
+    // the one named.
     let range_header = match header("if-range") {
+        _ if is_head => None,
         Some(validator) if validator.trim() != etag => None,
         _ => header("range"),
     };
-    let (status, start, length) = match parse_range(range_header, size) {
-        ByteRange::Full => (StatusCode::OK, 0, size),
+    let range = parse_range(range_header, size);
+    if range == ByteRange::Unsatisfiable {
+        return Err(ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range_not_satisfiable",
+            format!("the asset has {size} bytes"),
+        )
+        .with_header("content-range", format!("bytes */{size}")));
+    }
+
+    let nginx_would_agree = !is_head
+        && ["if-match", "if-unmodified-since", "if-range"].iter().all(|name| request.get(*name).is_none())
+        && (request.get("range").is_none() || matches!(range, ByteRange::Partial { .. }));
+    if let (Delivery::AccelRedirect(prefix), true) = (delivery, nginx_would_agree) {
+        let path = blobs.path(asset.asset_uuid);
+        if tokio::fs::metadata(&path).await.is_err() {
+            return Err(ApiError::internal(format!(
+                "asset {} is available but {} is missing",
+                asset.asset_uuid,
+                path.display()
+            )));
+        }
+        // nginx sends the bytes (applying the same single range) and its own Accept-Ranges.
+        let location = format!("{prefix}{}", BlobStore::relative_path(asset.asset_uuid));
+        return builder.header("x-accel-redirect", location).body(Body::empty()).map_err(ApiError::internal);
+    }
+
+    builder = builder.header("accept-ranges", "bytes");
+    let (status, start, length) = match range {
         ByteRange::Partial { start, end } => {
             builder = builder.header("content-range", format!("bytes {start}-{end}/{size}"));
             (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
-        ByteRange::Unsatisfiable => {
-            return Err(ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "range_not_satisfiable",
-                format!("the asset has {size} bytes"),
-            )
-            .with_header("content-range", format!("bytes */{size}")));
-        }
+        _ => (StatusCode::OK, 0, size),
     };
+    builder = builder.status(status).header("content-length", length);
+    if is_head {
+        return builder.body(Body::empty()).map_err(ApiError::internal);
+    }
     let mut file = blobs.open_read(asset.asset_uuid).await.map_err(|error| {
         ApiError::internal(format!("asset {} is available but its bytes cannot be opened: {error}", asset.asset_uuid))
     })?;
@@ -175,7 +228,7 @@ pub async fn respond(
         file.seek(std::io::SeekFrom::Start(start)).await.map_err(ApiError::internal)?;
     }
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(length), READ_CHUNK);
-    builder.status(status).header("content-length", length).body(Body::wrap_stream(stream)).map_err(ApiError::internal)
+    builder.body(Body::wrap_stream(stream)).map_err(ApiError::internal)
 }
 
 #[cfg(test)]
@@ -211,12 +264,15 @@ mod tests {
     }
 
     #[test]
-    fn if_none_match_compares_weakly() {
-        assert!(none_match(Some("\"sha256:ab\""), "\"sha256:ab\""));
-        assert!(none_match(Some("W/\"sha256:ab\", \"x\""), "\"sha256:ab\""));
-        assert!(none_match(Some("*"), "\"sha256:ab\""));
-        assert!(!none_match(Some("\"other\""), "\"sha256:ab\""));
-        assert!(!none_match(None, "\"sha256:ab\""));
+    fn entity_tags_compare_weakly_for_if_none_match_and_strongly_for_if_match() {
+        let tag = "\"sha256:ab\"";
+        assert!(etag_listed("\"sha256:ab\"", tag, true));
+        assert!(etag_listed("W/\"sha256:ab\", \"x\"", tag, true));
+        assert!(!etag_listed("W/\"sha256:ab\"", tag, false));
+        assert!(etag_listed("*", tag, false));
+        assert!(!etag_listed("\"other\"", tag, true));
+        assert_eq!(parse_range(Some("BYTES=1-2"), 10), ByteRange::Partial { start: 1, end: 2 });
+        assert_eq!(http_date("Wed, 25 Nov 2026 01:43:05 GMT").map(|d| d.timestamp()), Some(1795570985));
     }
 
     proptest! {

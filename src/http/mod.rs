@@ -48,6 +48,11 @@ fn with_context(ctx: Context) -> impl Filter<Extract = (Context,), Error = Infal
     warp::any().map(move || ctx.clone())
 }
 
+/// GET, and HEAD wherever GET is allowed (hyper sends no body for HEAD).
+fn get_or_head() -> impl Filter<Extract = (), Error = warp::Rejection> + Copy {
+    warp::get().or(warp::head()).unify()
+}
+
 /// Matches the base path (`/file`), whose segments are only known at run time.
 fn base_path(base: &str) -> BoxedFilter<()> {
     base.split('/').filter(|s| !s.is_empty()).fold(warp::any().boxed(), |filter, segment| {

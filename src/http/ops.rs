@@ -5,11 +5,11 @@ use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::{Filter, Reply};
 
-use super::{with_context, Context};
+use super::{get_or_head, with_context, Context};
 
 pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
-    let health = warp::path!("health").and(warp::get()).map(health);
-    let ready = warp::path!("ready").and(warp::get()).and(with_context(ctx)).then(ready);
+    let health = warp::path!("health").and(get_or_head()).map(health);
+    let ready = warp::path!("ready").and(get_or_head()).and(with_context(ctx)).then(ready);
     health.or(ready).unify().boxed()
 }
 

@@ -10,8 +10,8 @@ use warp::Filter;
 
 use super::auth::authenticated;
 use super::error::{ApiError, ErrorBody};
-use super::{json_body, query_map, respond, with_context, Context};
-use crate::app::CommandContext;
+use super::{get_or_head, json_body, query_map, respond, with_context, Context};
+use crate::app::{run_to_completion, CommandContext};
 use crate::domain::names::{Directory, SessionId};
 use crate::domain::principal::Principal;
 use crate::domain::session::UpsertSession;
@@ -72,7 +72,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         });
     let get = session_id
         .and(warp::path::end())
-        .and(warp::get())
+        .and(get_or_head())
         .and(authenticated(ctx.clone()))
         .and(with_context(ctx.clone()))
         .then(|id, principal, ctx| async move { respond(get_session(id, principal, ctx).await) });
@@ -88,7 +88,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
             });
     let list = session_id
         .and(warp::path!("assets"))
-        .and(warp::get())
+        .and(get_or_head())
         .and(authenticated(ctx.clone()))
         .and(query_map())
         .and(with_context(ctx))
@@ -168,8 +168,11 @@ async fn delete_session(
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
-    let deleted_assets =
-        ctx.app.delete_session(&principal, &CommandContext::for_request(&principal, &request_id), id_session).await?;
+    let app = ctx.app.clone();
+    let deleted_assets = run_to_completion(async move {
+        app.delete_session(&principal, &CommandContext::for_request(&principal, &request_id), id_session).await
+    })
+    .await?;
     Ok(warp::reply::json(&SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
 }
 

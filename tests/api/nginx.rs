@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{pseudo_random_bytes, TestApp, TestOptions};
+use crate::helpers::{pseudo_random_bytes, sha256_hex, TestApp, TestOptions};
 
 /// An nginx of the test's own, on a free port, configured by `nginx/assetd.conf`.
 pub struct Nginx {
@@ -20,7 +20,19 @@ pub struct Nginx {
 }
 
 impl Nginx {
+    /// Starts nginx and waits until assetd answers through it.
     pub async fn start(upstream: std::net::SocketAddr, blob_dir: &Path) -> Self {
+        let nginx = Self::start_unchecked(upstream, blob_dir).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while reqwest::get(format!("{}/health", nginx.base)).await.map(|r| r.status() != 200).unwrap_or(true) {
+            assert!(tokio::time::Instant::now() < deadline, "assetd does not answer through nginx");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        nginx
+    }
+
+    /// Starts nginx and waits until it listens, whatever is behind it.
+    pub async fn start_unchecked(upstream: std::net::SocketAddr, blob_dir: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let template =
@@ -48,7 +60,7 @@ impl Nginx {
             .expect("nginx is installed (scripts/test installs it)");
         let base = format!("http://127.0.0.1:{port}/file");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while reqwest::get(format!("{base}/health")).await.map(|r| r.status() != 200).unwrap_or(true) {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             assert!(tokio::time::Instant::now() < deadline, "nginx did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -193,4 +205,126 @@ async fn errors_pass_through_nginx_unchanged() {
         .await
         .unwrap();
     assert_eq!(doc.headers()["location"], "/file/doc/");
+}
+
+/// Every conditional and range case answers the same whether assetd streams the bytes
+/// (through nginx) or hands them to nginx with X-Accel-Redirect.
+#[tokio::test]
+async fn downloads_answer_alike_in_both_modes() {
+    let mut answers = Vec::new();
+    for accel in [false, true] {
+        let options =
+            TestOptions { accel_redirect_prefix: accel.then(|| "/_assetd_blobs/".to_owned()), ..Default::default() };
+        let app = TestApp::spawn_with(options).await;
+        let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
+        let (_, token) = app.session_with_user(1).await;
+        let bytes = pseudo_random_bytes(9, 1000);
+        let info = app.upload_ok(&token, 1, "r.bin", &bytes).await;
+        let empty = app.upload_ok(&token, 1, "e.bin", b"").await;
+        let etag = format!("\"sha256:{}\"", info["asset_sha256"].as_str().unwrap());
+        let url =
+            |asset: &Value| format!("{}/api/assets?asset_uuid={}", nginx.base, asset["asset_uuid"].as_str().unwrap());
+        let cases: Vec<(&str, &Value, Vec<(&str, String)>)> = vec![
+            ("plain", &info, vec![]),
+            ("single range", &info, vec![("Range", "bytes=10-19".into())]),
+            ("upper-case unit", &info, vec![("Range", "BYTES=0-5".into())]),
+            ("inverted range", &info, vec![("Range", "bytes=5-2".into())]),
+            ("trailing comma", &info, vec![("Range", "bytes=0-5,".into())]),
+            ("two ranges", &info, vec![("Range", "bytes=0-1,5-6".into())]),
+            ("suffix of zero", &info, vec![("Range", "bytes=-0".into())]),
+            ("past the end", &info, vec![("Range", "bytes=1000-".into())]),
+            ("range of an empty file", &empty, vec![("Range", "bytes=0-".into())]),
+            ("if-match other", &info, vec![("If-Match", "\"nope\"".into())]),
+            ("if-match same", &info, vec![("If-Match", etag.clone())]),
+            ("if-none-match same", &info, vec![("If-None-Match", etag.clone())]),
+            ("if-range stale", &info, vec![("Range", "bytes=0-1".into()), ("If-Range", "\"old\"".into())]),
+            ("if-modified-since future", &info, vec![("If-Modified-Since", "Fri, 01 Jan 2100 00:00:00 GMT".into())]),
+        ];
+        let client = reqwest::Client::new();
+        let mut mode = Vec::new();
+        for (name, asset, headers) in cases {
+            let mut request = client.get(url(asset)).header("Authorization", format!("Bearer {token}"));
+            for (header, value) in headers {
+                request = request.header(header, value);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let json_error = response.headers().get("content-type").is_some_and(|t| t == "application/json");
+            let body = response.bytes().await.unwrap();
+            if status >= 400 {
+                assert!(json_error, "{name}: errors are JSON ({status})");
+            }
+            mode.push((name, status, if status < 300 { sha256_hex(&body) } else { String::new() }));
+        }
+        let head = client.head(url(&info)).header("Authorization", format!("Bearer {token}")).send().await.unwrap();
+        mode.push(("head", head.status().as_u16(), head.headers()["content-length"].to_str().unwrap().to_owned()));
+        answers.push(mode);
+    }
+    let expected_status = [200, 206, 206, 200, 200, 200, 416, 416, 416, 412, 200, 304, 200, 304, 200];
+    for mode in &answers {
+        let statuses: Vec<u16> = mode.iter().map(|(_, status, _)| *status).collect();
+        assert_eq!(statuses, expected_status, "{mode:?}");
+    }
+    assert_eq!(answers[0], answers[1], "both delivery modes answer alike");
+}
+
+/// Early refusals of large uploads reach the client through nginx as assetd's JSON,
+/// not as a 502 from a connection reset under a body still being sent.
+#[tokio::test]
+async fn early_refusals_of_large_uploads_arrive_through_nginx() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
+    let (_, member) = app.session_with_user(1).await;
+    let stranger = app.user_token(uuid::Uuid::new_v4());
+    let big = vec![0u8; 30 * 1024 * 1024];
+    let cases = [
+        ("Bearer forged", json!({"id_session": 1, "asset_name": "x"}), 401, "invalid_token"),
+        (&*format!("Bearer {stranger}"), json!({"id_session": 1, "asset_name": "x"}), 403, "forbidden"),
+        (&*format!("Bearer {member}"), json!({"id_session": 99, "asset_name": "x"}), 404, "not_found"),
+    ];
+    for (authorization, file_asset, status, code) in cases {
+        for _ in 0..3 {
+            let form = reqwest::multipart::Form::new()
+                .text("file_asset", file_asset.to_string())
+                .part("file", reqwest::multipart::Part::bytes(big.clone()).file_name("big.bin"));
+            let response = reqwest::Client::new()
+                .post(format!("{}/api/assets", nginx.base))
+                .header("Authorization", authorization)
+                .multipart(form)
+                .send()
+                .await
+                .unwrap();
+            crate::helpers::assert_error(response, status, code).await;
+        }
+    }
+}
+
+/// Errors nginx answers itself are JSON too, with a request id, and nginx and assetd
+/// share the request id.
+#[tokio::test]
+async fn errors_from_nginx_itself_are_json() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
+    let root = nginx.base.trim_end_matches("/file").to_owned();
+    let not_found = reqwest::get(format!("{root}/FILE/api/sessions/1")).await.unwrap();
+    crate::helpers::assert_error(not_found, 404, "not_found").await;
+    let long = reqwest::get(format!("{}/api/assets?asset_uuid={}", nginx.base, "x".repeat(20_000))).await.unwrap();
+    assert!(long.status().is_client_error());
+    let request_id = long.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body: Value = long.json().await.unwrap();
+    assert_eq!(body["error"]["request_id"], request_id);
+
+    let traced = reqwest::Client::new()
+        .get(format!("{}/health", nginx.base))
+        .header("X-Request-Id", "trace-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.headers()["x-request-id"], "trace-7", "the client's id goes through");
+
+    // assetd unreachable: nginx's 502 is JSON.
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let orphan = Nginx::start_unchecked(unreachable, &app.data_dir.path().join("blobs")).await;
+    let bad_gateway = reqwest::get(format!("{}/health", orphan.base)).await.unwrap();
+    crate::helpers::assert_error(bad_gateway, 502, "bad_gateway").await;
 }

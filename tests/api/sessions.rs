@@ -60,13 +60,19 @@ async fn services_register_update_and_members_read_sessions() {
 }
 
 #[tokio::test]
-async fn only_services_and_superadmins_register_or_delete_sessions() {
+async fn only_services_register_or_delete_sessions() {
     let app = TestApp::spawn().await;
     let body = json!({"session_name": "v"});
-    assert_error(app.put_session(&app.user_token(Uuid::new_v4()), 1, &body).await, 403, "forbidden").await;
     let admin = app.token_for(PrincipalKind::User, Uuid::new_v4(), true);
-    assert_eq!(app.put_session(&admin, 1, &body).await.status(), 200);
+    for token in
+        [app.user_token(Uuid::new_v4()), admin.clone(), app.token_for(PrincipalKind::Device, Uuid::new_v4(), false)]
+    {
+        assert_error(app.put_session(&token, 1, &body).await, 403, "forbidden").await;
+    }
+    assert_eq!(app.put_session(&app.service_token(), 1, &body).await.status(), 200);
     assert_error(app.delete(&app.user_token(Uuid::new_v4()), "/api/sessions/1").await, 403, "forbidden").await;
+    assert_error(app.delete(&admin, "/api/sessions/1").await, 403, "forbidden").await;
+    assert_eq!(app.get(&admin, "/api/sessions/1").await.status(), 200, "superadmins read any session");
     assert_eq!(app.event_count().await, 1);
 }
 

@@ -207,6 +207,9 @@ async fn errors_pass_through_nginx_unchanged() {
     assert_eq!(doc.headers()["location"], "/file/doc/");
 }
 
+/// A named download request: which asset, with which extra headers.
+type DownloadCase<'a> = (&'static str, &'a Value, Vec<(&'static str, String)>);
+
 /// Every conditional and range case answers the same whether assetd streams the bytes
 /// (through nginx) or hands them to nginx with X-Accel-Redirect.
 #[tokio::test]
@@ -224,7 +227,7 @@ async fn downloads_answer_alike_in_both_modes() {
         let etag = format!("\"sha256:{}\"", info["asset_sha256"].as_str().unwrap());
         let url =
             |asset: &Value| format!("{}/api/assets?asset_uuid={}", nginx.base, asset["asset_uuid"].as_str().unwrap());
-        let cases: Vec<(&str, &Value, Vec<(&str, String)>)> = vec![
+        let cases: Vec<DownloadCase> = vec![
             ("plain", &info, vec![]),
             ("single range", &info, vec![("Range", "bytes=10-19".into())]),
             ("upper-case unit", &info, vec![("Range", "BYTES=0-5".into())]),

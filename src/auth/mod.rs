@@ -62,6 +62,7 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECONDS;
         validation.set_required_spec_claims(&["exp"]);
+        validation.validate_nbf = true;
         Self {
             principal_encoding: EncodingKey::from_secret(jwt_secret.as_bytes()),
             principal_decoding: DecodingKey::from_secret(jwt_secret.as_bytes()),

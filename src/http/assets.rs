@@ -143,6 +143,8 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         (status = 403, description = "no access", body = ErrorBody),
         (status = 404, description = "unknown or deleted asset", body = ErrorBody),
         (status = 416, description = "unsatisfiable range", body = ErrorBody),
+        (status = 400, description = "missing or malformed asset_uuid", body = ErrorBody),
+        (status = 412, description = "If-Match or If-Unmodified-Since failed", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn download_asset(
@@ -175,6 +177,7 @@ async fn download_asset(
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "no access", body = ErrorBody),
         (status = 404, description = "unknown or already deleted asset", body = ErrorBody),
+        (status = 400, description = "missing or malformed uuid", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn delete_asset(
@@ -202,6 +205,7 @@ async fn delete_asset(
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "no access", body = ErrorBody),
         (status = 404, description = "unknown asset", body = ErrorBody),
+        (status = 400, description = "missing or malformed asset_uuid", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn get_infos(
@@ -224,6 +228,8 @@ async fn get_infos(
         (status = 403, description = "no access to one of the assets", body = ErrorBody),
         (status = 404, description = "unknown asset", body = ErrorBody),
         (status = 422, description = "neither shape, too many assets, or an invalid file name", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 415, description = "body not application/json", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn post_infos(
@@ -270,6 +276,7 @@ async fn post_infos(
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "no access", body = ErrorBody),
         (status = 404, description = "unknown asset", body = ErrorBody),
+        (status = 400, description = "malformed asset_uuid", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn asset_events(

@@ -170,7 +170,27 @@ const MAX_JSON_BODY: usize = 1 << 20;
 fn json_body<T: serde::de::DeserializeOwned + Send>(
     idle_timeout: Duration,
 ) -> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
-    warp::body::stream().and_then(move |body| read_json(body, idle_timeout))
+    warp::header::optional::<String>("content-type")
+        .and_then(|content_type: Option<String>| async move {
+            // Absent is taken as JSON (curl -d without -H); anything else must say JSON.
+            match content_type {
+                Some(t) if !is_json_media_type(&t) => Err(warp::Rejection::from(error::ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    format!("the body must be application/json, not {t}"),
+                ))),
+                _ => Ok(()),
+            }
+        })
+        .untuple_one()
+        .and(warp::body::stream())
+        .and_then(move |body| read_json(body, idle_timeout))
+}
+
+/// `application/json`, `application/<anything>+json`, with or without parameters.
+fn is_json_media_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 async fn read_json<T, S, B>(body: S, idle_timeout: Duration) -> Result<T, warp::Rejection>
@@ -214,17 +234,20 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
     })
 }
 
-/// The query string as key → value (the last of repeated keys wins).
+/// The query string as key → value; a key given twice is refused (400).
 fn query_map() -> impl Filter<Extract = (std::collections::HashMap<String, String>,), Error = warp::Rejection> + Clone {
     warp::query::raw().or(warp::any().map(String::new)).unify().and_then(|raw: String| async move {
-        serde_urlencoded::from_str::<Vec<(String, String)>>(&raw).map(|pairs| pairs.into_iter().collect()).map_err(
-            |e| {
-                warp::Rejection::from(error::ApiError::bad_request(
-                    "invalid_query",
-                    format!("malformed query string: {e}"),
-                ))
-            },
-        )
+        let bad = |message: String| warp::Rejection::from(error::ApiError::bad_request("invalid_query", message));
+        let pairs = serde_urlencoded::from_str::<Vec<(String, String)>>(&raw)
+            .map_err(|e| bad(format!("malformed query string: {e}")))?;
+        let mut map = std::collections::HashMap::with_capacity(pairs.len());
+        for (key, value) in pairs {
+            if map.contains_key(&key) {
+                return Err(bad(format!("the parameter '{key}' is given more than once")));
+            }
+            map.insert(key, value);
+        }
+        Ok(map)
     })
 }
 

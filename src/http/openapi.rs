@@ -43,7 +43,7 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
         assets::InfosRequest, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonResponses),
     tags(
         (name = "sessions", description = "the registry of sessions"),
         (name = "assets", description = "files of sessions (OpenTera compatible)"),
@@ -53,6 +53,31 @@ use crate::projections::read::{AssetInfo, SessionInfo};
 pub struct ApiDoc;
 
 struct BearerAuth;
+
+/// Answers every API operation may give whatever it does: the database down (503).
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let unavailable = utoipa::openapi::ResponseBuilder::new()
+            .description("a dependency (the database) is down; retry later")
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/api/") {
+                continue;
+            }
+            for operation in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete].into_iter().flatten() {
+                operation.responses.responses.entry("503".into()).or_insert_with(|| unavailable.clone().into());
+            }
+        }
+    }
+}
 
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {

@@ -36,7 +36,7 @@ pub struct SessionBody {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AssetPage {
     pub assets: Vec<ListedAsset>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; null on the last page.
     pub next_cursor: Option<String>,
 }
 
@@ -112,6 +112,8 @@ fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "not a service", body = ErrorBody),
         (status = 422, description = "invalid field", body = ErrorBody),
+        (status = 413, description = "body over 1 MiB", body = ErrorBody),
+        (status = 415, description = "body not application/json", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn put_session(
@@ -144,6 +146,8 @@ async fn put_session(
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "not a member", body = ErrorBody),
         (status = 404, description = "unknown session", body = ErrorBody),
+        (status = 400, description = "id_session is not an integer", body = ErrorBody),
+        (status = 422, description = "id_session is not positive", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn get_session(id: String, principal: Principal, ctx: Context) -> Result<impl warp::Reply, ApiError> {
@@ -159,6 +163,8 @@ async fn get_session(id: String, principal: Principal, ctx: Context) -> Result<i
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "not a service", body = ErrorBody),
         (status = 404, description = "unknown session", body = ErrorBody),
+        (status = 400, description = "id_session is not an integer", body = ErrorBody),
+        (status = 422, description = "id_session is not positive", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn delete_session(
@@ -190,6 +196,7 @@ async fn delete_session(
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "not a member", body = ErrorBody),
         (status = 404, description = "unknown session", body = ErrorBody),
+        (status = 422, description = "invalid directory or id_session", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn list_assets(

@@ -123,6 +123,8 @@ struct ReceivedFile {
         (status = 413, description = "larger than the upload limit", body = ErrorBody),
         (status = 415, description = "not multipart/form-data", body = ErrorBody),
         (status = 422, description = "invalid field (name, type, directory, creator…)", body = ErrorBody),
+        (status = 408, description = "the client stopped sending the body", body = ErrorBody),
+        (status = 507, description = "no space left to store the upload", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn upload(

@@ -37,7 +37,22 @@ async fn missing_expired_unsigned_wrongly_signed_and_malformed_tokens_get_401() 
         parts.join(".")
     };
 
+    let not_yet_valid = {
+        let claims = format!(
+            r#"{{"sub":"{}","kind":"service","exp":{},"nbf":{}}}"#,
+            principal.uuid,
+            chrono::Utc::now().timestamp() + 3600,
+            chrono::Utc::now().timestamp() + 600
+        );
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::from_str::<serde_json::Value>(&claims).unwrap(),
+            &jsonwebtoken::EncodingKey::from_secret(crate::helpers::JWT_SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
     let cases: Vec<(Option<String>, &str)> = vec![
+        (Some(format!("Bearer {not_yet_valid}")), "invalid_token"),
         (None, "missing_token"),
         (Some(format!("Bearer {expired}")), "token_expired"),
         (Some(format!("Bearer {wrongly_signed}")), "invalid_token"),

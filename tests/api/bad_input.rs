@@ -388,6 +388,8 @@ async fn garbage_requests_get_json_errors_not_500s() {
     assert_error(app.delete(&token, "/api/assets").await, 400, "missing_parameter").await;
     assert_error(app.get(&token, "/api/assets/nope/events").await, 400, "invalid_parameter").await;
     assert_error(app.get(&token, "/api/nowhere").await, 404, "not_found").await;
+    let twice = format!("/api/assets?asset_uuid={}&asset_uuid={}", uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    assert_error(app.get(&token, &twice).await, 400, "invalid_query").await;
     assert_error(app.post_json(&token, "/api/assets/infos", &json!({"neither": 1})).await, 422, "invalid_field").await;
     let rename_bad = json!({"file_asset": {"asset_uuid": uuid::Uuid::new_v4(), "asset_original_filename": "../x"}});
     assert_error(app.post_json(&token, "/api/assets/infos", &rename_bad).await, 422, "invalid_field").await;

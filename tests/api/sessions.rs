@@ -114,6 +114,18 @@ async fn session_bodies_and_ids_are_validated() {
         .unwrap();
     assert_error(huge, 413, "payload_too_large").await;
     assert_error(app.get(&service, "/api/sessions/abc").await, 400, "invalid_parameter").await;
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let wrong_type = app
+            .client
+            .put(app.url("/api/sessions/1"))
+            .header("Authorization", format!("Bearer {service}"))
+            .header("Content-Type", content_type)
+            .body(r#"{"session_name": "v"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_error(wrong_type, 415, "unsupported_media_type").await;
+    }
     assert_eq!(app.event_count().await, 0);
 }
 

@@ -175,7 +175,13 @@ ensure_env_file() {
     env_default ASSETD_DATABASE_URL "postgres://postgres@127.0.0.1:5432/assetd"
     env_default ASSETD_AMQP_URL "amqp://guest:guest@127.0.0.1:5672/%2f"
     env_default ASSETD_LISTEN "127.0.0.1:4042"
-    env_default ASSETD_DATA_DIR "$PWD/var/data"
+    # One local instance per machine: every checkout shares the database `assetd`, so
+    # they share one data directory too (a per-checkout one would hold other bytes).
+    if is_root; then
+        env_default ASSETD_DATA_DIR "/var/lib/assetd"
+    else
+        env_default ASSETD_DATA_DIR "${XDG_DATA_HOME:-$HOME/.local/share}/assetd"
+    fi
     env_default ASSETD_ACCEL_REDIRECT_PREFIX "/_assetd_blobs/"
     env_default ASSETD_NGINX_LISTEN "127.0.0.1:8080"
     ((created)) || say "using existing $ENV_FILE"

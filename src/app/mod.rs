@@ -50,15 +50,6 @@ pub enum AppError {
     TaskFailed(String),
 }
 
-/// Runs a command that has effects outside the database (blob writes and removals) in a
-/// task of its own and waits for it: a client that goes away drops the request's
-/// future, which must not stop such a command between its event and its bytes.
-pub async fn run_to_completion<T: Send + 'static>(
-    command: impl std::future::Future<Output = Result<T, AppError>> + Send + 'static,
-) -> Result<T, AppError> {
-    tokio::spawn(command).await.map_err(|error| AppError::TaskFailed(error.to_string()))?
-}
-
 impl AppError {
     fn is_retryable_conflict(&self) -> bool {
         matches!(self, Self::EventStore(e) if e.is_conflict())
@@ -186,11 +177,25 @@ pub struct App {
     pub blobs: BlobStore,
     pub auth: Arc<Authenticator>,
     pub asset_token_ttl: i64,
+    /// Commands running on their own (see [`App::run_to_completion`]); shutdown waits
+    /// for them.
+    pub commands: tokio_util::task::TaskTracker,
 }
 
 impl App {
     pub fn new(pool: Pool, blobs: BlobStore, auth: Authenticator, asset_token_ttl: i64) -> Self {
-        Self { pool, blobs, auth: Arc::new(auth), asset_token_ttl }
+        Self { pool, blobs, auth: Arc::new(auth), asset_token_ttl, commands: tokio_util::task::TaskTracker::new() }
+    }
+
+    /// Runs a command that has effects outside the database (blob writes and removals)
+    /// in a task of its own and waits for it: a client that goes away drops the request's
+    /// future, which must not stop such a command between its event and its bytes.
+    /// Shutdown waits for these tasks (see `http::serve`).
+    pub async fn run_to_completion<T: Send + 'static>(
+        &self,
+        command: impl std::future::Future<Output = Result<T, AppError>> + Send + 'static,
+    ) -> Result<T, AppError> {
+        self.commands.spawn(command).await.map_err(|error| AppError::TaskFailed(error.to_string()))?
     }
 
     // ----- sessions -----

@@ -14,7 +14,7 @@ use super::auth::authenticated;
 use super::download::{self, Delivery};
 use super::error::{ApiError, ErrorBody};
 use super::{get_or_head, json_body, parse_uuid, query_map, request_context, respond, with_context, Context};
-use crate::app::{run_to_completion, CommandContext};
+use crate::app::CommandContext;
 use crate::domain::names::FileName;
 use crate::domain::principal::Principal;
 use crate::eventstore::RecordedEvent;
@@ -189,7 +189,10 @@ async fn delete_asset(
     let uuid = parse_uuid("uuid", query.get("uuid").or(query.get("asset_uuid")))?;
     let ctx_command = CommandContext::for_request(&principal, &request_id);
     let (app, access_token) = (ctx.app.clone(), query.get("access_token").cloned());
-    run_to_completion(async move { app.delete_asset(&principal, &ctx_command, uuid, access_token.as_deref()).await })
+    ctx.app
+        .run_to_completion(
+            async move { app.delete_asset(&principal, &ctx_command, uuid, access_token.as_deref()).await },
+        )
         .await?;
     Ok(warp::reply::json(&AssetDeletedReply { asset_uuid: uuid, asset_status: "deleted".into() }))
 }

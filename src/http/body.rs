@@ -23,6 +23,10 @@ use futures::{Stream, StreamExt};
 
 /// How long an abandoned body is drained before the connection is given up.
 const DRAIN_FOR: Duration = Duration::from_secs(30);
+/// How many abandoned bodies are drained at once; past that, connections are cut.
+const MAX_CONCURRENT_DRAINS: usize = 256;
+
+static DRAINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONCURRENT_DRAINS);
 
 /// Why the body stream stopped.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +62,16 @@ pub struct GuardedBody<B: Send + 'static, E: Send + 'static> {
     /// `None` once the body ended or failed: nothing is left to drain.
     source: Option<BoxedSource<B, E>>,
     idle: Pin<Box<tokio::time::Sleep>>,
+    /// Whether `idle` runs: it starts when the source first makes us wait after a chunk,
+    /// so time the server spends not reading is not held against the client.
+    idle_armed: bool,
     idle_timeout: Duration,
     meter: Arc<AtomicU64>,
     cut_at: u64,
+    /// The client sent `Expect: 100-continue`: until we read, it sends nothing, so an
+    /// early answer needs no drain (and a drain would swallow its next request).
+    expects_continue: bool,
+    received_any: bool,
 }
 
 impl<B, E> GuardedBody<B, E>
@@ -77,11 +88,20 @@ where
         let body = Self {
             source: Some(Box::pin(source)),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_armed: false,
             idle_timeout,
             meter: meter.clone(),
             cut_at: between_fields,
+            expects_continue: false,
+            received_any: false,
         };
         (body, BodyMeter(meter))
+    }
+
+    /// Marks a request that sent `Expect: 100-continue`.
+    pub fn expecting_continue(mut self, expects: bool) -> Self {
+        self.expects_continue = expects;
+        self
     }
 }
 
@@ -94,7 +114,8 @@ impl<B: Buf + Send + 'static, E: std::fmt::Display + Send + 'static> Stream for 
         match source.as_mut().poll_next(cx) {
             Poll::Ready(Some(Ok(mut buf))) => {
                 let chunk = buf.copy_to_bytes(buf.remaining());
-                this.idle.as_mut().reset(tokio::time::Instant::now() + this.idle_timeout);
+                this.idle_armed = false;
+                this.received_any = true;
                 let allowance = this.meter.load(Ordering::Relaxed);
                 if allowance != u64::MAX {
                     // A chunk may overshoot the allowance once (chunks also carry field
@@ -115,13 +136,19 @@ impl<B: Buf + Send + 'static, E: std::fmt::Display + Send + 'static> Stream for 
                 this.source = None;
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.source = None;
-                    Poll::Ready(Some(Err(BodyError::Idle(this.idle_timeout))))
+            Poll::Pending => {
+                if !this.idle_armed {
+                    this.idle.as_mut().reset(tokio::time::Instant::now() + this.idle_timeout);
+                    this.idle_armed = true;
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                match this.idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.source = None;
+                        Poll::Ready(Some(Err(BodyError::Idle(this.idle_timeout))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 }
@@ -129,9 +156,14 @@ impl<B: Buf + Send + 'static, E: std::fmt::Display + Send + 'static> Stream for 
 impl<B: Send + 'static, E: Send + 'static> Drop for GuardedBody<B, E> {
     fn drop(&mut self) {
         let Some(mut source) = self.source.take() else { return };
+        if self.expects_continue && !self.received_any {
+            return;
+        }
         let idle_timeout = self.idle_timeout;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let Ok(permit) = DRAINS.try_acquire() else { return };
         runtime.spawn(async move {
+            let _permit = permit;
             let drain =
                 async { while let Ok(Some(Ok(_))) = tokio::time::timeout(idle_timeout, source.next()).await {} };
             let _ = tokio::time::timeout(DRAIN_FOR, drain).await;

@@ -39,12 +39,17 @@ pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
     if spec.contains(',') {
         return ByteRange::Full;
     }
-    let Some((first, last)) = spec.trim().split_once('-') else {
+    let Some((first, last)) = spec.trim_matches(' ').split_once('-') else {
         return ByteRange::Full;
     };
+    // Only spaces around numbers, and at most 18 digits: what nginx accepts too, so a
+    // range handed to it with X-Accel-Redirect is read the same way.
+    if spec.contains(|c: char| c.is_whitespace() && c != ' ') {
+        return ByteRange::Full;
+    }
     let number = |s: &str| -> Option<u64> {
-        let s = s.trim();
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
+        let s = s.trim_matches(' ');
+        (!s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
     };
     match (first.trim().is_empty(), number(first), number(last)) {
         // bytes=-N: the last N bytes.
@@ -253,6 +258,9 @@ mod tests {
         assert_eq!(parse_range(Some("items=0-1"), 10), ByteRange::Full);
         assert_eq!(parse_range(Some("bytes=a-b"), 10), ByteRange::Full);
         assert_eq!(parse_range(Some("bytes=+1-2"), 10), ByteRange::Full);
+        assert_eq!(parse_range(Some("bytes=\t0-4"), 10), ByteRange::Full);
+        assert_eq!(parse_range(Some("bytes=0-9223372036854775808"), 10), ByteRange::Full);
+        assert_eq!(parse_range(Some("bytes= 0-4"), 10), ByteRange::Partial { start: 0, end: 4 });
     }
 
     #[test]

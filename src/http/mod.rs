@@ -91,6 +91,7 @@ pub async fn serve(
     grace: Duration,
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
+    let ctx_commands = ctx.app.commands.clone();
     let warp_service = warp::service(routes(ctx));
     let make_service = make_service_fn(move |conn: &hyper::server::conn::AddrStream| {
         let remote = conn.remote_addr();
@@ -108,17 +109,27 @@ pub async fn serve(
             tracing::info!("shutting down: no new connections, finishing in-flight requests");
             let _ = stop_tx.send(());
         });
+    let commands = ctx_commands;
     let mut server = tokio::spawn(server);
+    let deadline = async {
+        let _ = stop_rx.await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::pin!(deadline);
     tokio::select! {
         result = &mut server => result??,
-        _ = async {
-            let _ = stop_rx.await;
-            tokio::time::sleep(grace).await;
-        } => {
+        _ = &mut deadline => {
             tracing::warn!(?grace, "in-flight requests did not finish within the grace period; closing them");
             server.abort();
             let _ = server.await;
         }
+    }
+    // Commands detached from their requests (uploads being recorded, deletes removing
+    // bytes) finish too, within what is left of the grace period.
+    commands.close();
+    tokio::select! {
+        _ = commands.wait() => {}
+        _ = &mut deadline => tracing::warn!(remaining = commands.len(), "commands still running at exit"),
     }
     Ok(())
 }

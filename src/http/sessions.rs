@@ -11,7 +11,7 @@ use warp::Filter;
 use super::auth::authenticated;
 use super::error::{ApiError, ErrorBody};
 use super::{get_or_head, json_body, query_map, respond, with_context, Context};
-use crate::app::{run_to_completion, CommandContext};
+use crate::app::CommandContext;
 use crate::domain::names::{Directory, SessionId};
 use crate::domain::principal::Principal;
 use crate::domain::session::UpsertSession;
@@ -175,10 +175,12 @@ async fn delete_session(
 ) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
     let app = ctx.app.clone();
-    let deleted_assets = run_to_completion(async move {
-        app.delete_session(&principal, &CommandContext::for_request(&principal, &request_id), id_session).await
-    })
-    .await?;
+    let deleted_assets = ctx
+        .app
+        .run_to_completion(async move {
+            app.delete_session(&principal, &CommandContext::for_request(&principal, &request_id), id_session).await
+        })
+        .await?;
     Ok(warp::reply::json(&SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
 }
 

@@ -21,7 +21,7 @@ use super::auth::authenticate;
 use super::body::{BodyError, GuardedBody};
 use super::error::{ApiError, ErrorBody};
 use super::{request_context, respond, with_context, Context};
-use crate::app::{run_to_completion, AppError, CommandContext};
+use crate::app::{AppError, CommandContext};
 use crate::blobs::TempBlob;
 use crate::domain::asset::{AssetSource, AssetUploaded};
 use crate::domain::names::{
@@ -36,7 +36,7 @@ const MAX_FORM_FIELD: u64 = 64 * 1024;
 const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
 /// Most bytes a client may send between two fields' contents (preamble, delimiters,
 /// part headers), which the parser has to buffer.
-const MAX_OUTSIDE_FIELDS: u64 = 1024 * 1024;
+const MAX_OUTSIDE_FIELDS: u64 = 64 * 1024;
 
 /// The JSON in the `file_asset` field.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -135,7 +135,9 @@ async fn upload(
 ) -> Result<impl warp::Reply, ApiError> {
     // Guard the body before anything can fail: an early answer then drains what the
     // client is still sending instead of resetting the connection under it.
+    let expects_continue = headers.get("expect").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let (body, meter) = GuardedBody::new(body, ctx.settings.body_idle_timeout, MAX_OUTSIDE_FIELDS);
+    let body = body.expecting_continue(expects_continue);
     let principal = authenticate(&headers, &ctx.app.auth)?;
     let max = ctx.settings.max_upload_size;
     let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -203,7 +205,7 @@ async fn upload(
                     .content_type()
                     .filter(|m| m.essence_str() != "application/octet-stream")
                     .and_then(|m| MediaType::parse(m.as_ref()).ok());
-                let mut blob = ctx.app.blobs.create_temp().await.map_err(ApiError::internal)?;
+                let mut blob = ctx.app.blobs.create_temp().await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
                 while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
                     blob.write(&chunk).await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
                 }
@@ -227,25 +229,27 @@ async fn upload(
         plan.asset_type.or(file.part_type).unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
     let command = CommandContext::for_request(&principal, &request_id);
     let app = ctx.app.clone();
-    let info = run_to_completion(async move {
-        app.store_upload(&principal, &command, file.blob, asset_uuid, |stored| AssetUploaded {
-            asset_uuid,
-            id_session: plan.id_session,
-            asset_name: plan.asset_name,
-            asset_original_filename: file.filename,
-            asset_type,
-            asset_file_size: stored.size,
-            asset_sha256: stored.sha256,
-            asset_datetime: plan.asset_datetime,
-            directory: plan.directory,
-            tags: plan.tags,
-            metadata: plan.metadata,
-            asset_creator: plan.creator,
-            asset_source: AssetSource::Upload,
+    let info = ctx
+        .app
+        .run_to_completion(async move {
+            app.store_upload(&principal, &command, file.blob, asset_uuid, |stored| AssetUploaded {
+                asset_uuid,
+                id_session: plan.id_session,
+                asset_name: plan.asset_name,
+                asset_original_filename: file.filename,
+                asset_type,
+                asset_file_size: stored.size,
+                asset_sha256: stored.sha256,
+                asset_datetime: plan.asset_datetime,
+                directory: plan.directory,
+                tags: plan.tags,
+                metadata: plan.metadata,
+                asset_creator: plan.creator,
+                asset_source: AssetSource::Upload,
+            })
+            .await
         })
-        .await
-    })
-    .await?;
+        .await?;
     let origin = super::origin(&headers);
     let base = &ctx.settings.base_path;
     Ok(warp::reply::json(&UploadedAsset {

@@ -164,6 +164,29 @@ async fn a_polling_reader_sees_every_event_once_under_concurrent_delayed_commits
     }
     let seen = reader.await.unwrap();
     let seen_ids: Vec<Uuid> = seen.iter().map(|e| e.id).collect();
+    {
+        let mut counts: HashMap<Uuid, usize> = HashMap::new();
+        seen_ids.iter().for_each(|id| *counts.entry(*id).or_default() += 1);
+        let dups: Vec<_> = seen
+            .iter()
+            .filter(|e| counts[&e.id] > 1)
+            .map(|e| (e.id, e.stream.clone(), e.version, e.tx, e.position))
+            .collect();
+        let missing: Vec<_> = written.iter().filter(|id| !counts.contains_key(id)).collect();
+        let extra: Vec<_> = seen
+            .iter()
+            .filter(|e| !written.contains(&e.id))
+            .map(|e| (e.id, e.stream.clone(), e.version, e.tx, e.position))
+            .collect();
+        if !dups.is_empty() || !missing.is_empty() || !extra.is_empty() {
+            let all = store.read_all(GlobalPosition::START, 1000).await.unwrap();
+            let all: Vec<_> = all.iter().map(|e| (e.id, e.stream.clone(), e.version, e.tx, e.position)).collect();
+            panic!(
+                "dups {dups:?}\nmissing {missing:?}\nextra {extra:?}\nseen order {:?}\nall {all:?}",
+                seen.iter().map(|e| (e.tx, e.position)).collect::<Vec<_>>()
+            );
+        }
+    }
     assert_eq!(seen_ids.len(), written.len(), "every event read exactly once");
     assert_eq!(seen_ids.iter().copied().collect::<HashSet<_>>(), written);
     let mut last_version: HashMap<&str, i64> = HashMap::new();

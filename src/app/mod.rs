@@ -22,7 +22,7 @@ use crate::projections::read::{self, AssetInfo, ListingCursor, SessionInfo};
 use crate::projections::{self, ProjectionError};
 
 /// How often a command is retried when another writer got to its stream first.
-const MAX_ATTEMPTS: usize = 5;
+const MAX_ATTEMPTS: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -116,6 +116,7 @@ async fn stage<A: Aggregate>(
     stream: &str,
     decide: impl FnOnce(&A) -> Result<Vec<A::Event>, DomainError>,
 ) -> Result<(A, Vec<RecordedEvent>), AppError> {
+    eventstore::lock_stream(tx, stream).await?;
     let history = eventstore::read_stream(tx, stream, 0).await?;
     let mut state = A::default();
     for recorded in &history {
@@ -163,7 +164,12 @@ macro_rules! in_transaction {
                     $tx.commit().await.map_err(AppError::CommitOutcomeUnknown)?;
                     break Ok::<_, AppError>(value);
                 }
-                Err(error) if error.is_retryable_conflict() && attempt < MAX_ATTEMPTS => continue,
+                Err(error) if error.is_retryable_conflict() && attempt < MAX_ATTEMPTS => {
+                    // Back off a little, with jitter, so the retries do not collide again.
+                    let millis = rand::random::<u64>() % (2u64 << attempt);
+                    tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+                    continue;
+                }
                 Err(error) => break Err(error),
             }
         }

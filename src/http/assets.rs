@@ -20,6 +20,10 @@ use crate::domain::principal::Principal;
 use crate::eventstore::RecordedEvent;
 use crate::projections::read::AssetInfo;
 
+/// The request header nginx/assetd.conf sets on what it proxies: it will follow an
+/// X-Accel-Redirect answer.
+const ACCEL_AVAILABLE: &str = "x-accel-available";
+
 /// Largest batch of `POST /assets/infos`.
 const MAX_BATCH: usize = 1000;
 
@@ -159,9 +163,11 @@ async fn download_asset(
     if !asset.is_available() {
         return Err(ApiError::not_found("asset"));
     }
+    // Only nginx's requests are answered with X-Accel-Redirect (nginx/assetd.conf marks
+    // them): a client that reaches assetd directly gets the bytes, not an empty body.
     let delivery = match &ctx.settings.accel_redirect_prefix {
-        Some(prefix) => Delivery::AccelRedirect(prefix),
-        None => Delivery::Direct,
+        Some(prefix) if headers.contains_key(ACCEL_AVAILABLE) => Delivery::AccelRedirect(prefix),
+        _ => Delivery::Direct,
     };
     download::respond(&asset, &headers, method == warp::http::Method::HEAD, &ctx.app.blobs, delivery).await
 }

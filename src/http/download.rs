@@ -224,6 +224,13 @@ pub async fn respond(
     };
     builder = builder.status(status).header("content-length", length);
     if is_head {
+        // Answer HEAD as GET would: an asset whose bytes are missing is not a 200.
+        if tokio::fs::metadata(blobs.path(asset.asset_uuid)).await.is_err() {
+            return Err(ApiError::internal(format!(
+                "asset {} is available but its bytes are missing",
+                asset.asset_uuid
+            )));
+        }
         return builder.body(Body::empty()).map_err(ApiError::internal);
     }
     let mut file = blobs.open_read(asset.asset_uuid).await.map_err(|error| {

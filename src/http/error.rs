@@ -114,7 +114,10 @@ impl From<AppError> for ApiError {
             }
             AppError::Forbidden(message) => Self::new(StatusCode::FORBIDDEN, "forbidden", message),
             AppError::AccessTokenExpired(message) => Self::new(StatusCode::FORBIDDEN, "access_token_expired", message),
-            AppError::EventStore(e) if e.is_conflict() => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            AppError::EventStore(e) if e.is_conflict() => {
+                tracing::info!(error = %e, "conflict after retries");
+                Self::new(StatusCode::CONFLICT, "conflict", "the resource was changed concurrently; retry the request")
+            }
             AppError::Pool(e) => Self::unavailable(e),
             AppError::CommitOutcomeUnknown(e) => Self::unavailable(e),
             // ENOSPC / EDQUOT: the disk is full, which is 507 in API.md.

@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::server::Server;
 use utoipa::{Modify, OpenApi};
 use warp::filters::BoxedFilter;
-use warp::http::{StatusCode, Uri};
+use warp::http::Uri;
 use warp::{Filter, Reply};
 
 use super::error::{ErrorBody, ErrorDetail};
@@ -110,10 +110,11 @@ pub fn routes(base_path: &str) -> BoxedFilter<(warp::reply::Response,)> {
     let config = Arc::new(utoipa_swagger_ui::Config::from(spec_url).try_it_out_enabled(true));
     let doc_root: Uri = format!("{base_path}/doc/").parse().expect("the base path is a valid URI path");
 
-    let json =
-        warp::path!("doc" / "openapi.json").and(warp::get()).map(move || warp::reply::json(&*spec).into_response());
-    let redirect =
-        warp::path!("doc").and(warp::get()).and(warp::path::full()).and_then(move |full: warp::path::FullPath| {
+    let json = warp::path!("doc" / "openapi.json")
+        .and(super::get_or_head())
+        .map(move || warp::reply::json(&*spec).into_response());
+    let redirect = warp::path!("doc").and(super::get_or_head()).and(warp::path::full()).and_then(
+        move |full: warp::path::FullPath| {
             let doc_root = doc_root.clone();
             async move {
                 // Only the bare `/doc`; `/doc/` falls through to the UI.
@@ -123,14 +124,15 @@ pub fn routes(base_path: &str) -> BoxedFilter<(warp::reply::Response,)> {
                     Ok(warp::redirect::found(doc_root).into_response())
                 }
             }
-        });
-    let ui = warp::path("doc").and(warp::get()).and(warp::path::tail()).map(move |tail: warp::path::Tail| {
+        },
+    );
+    let ui = warp::path("doc").and(super::get_or_head()).and(warp::path::tail()).map(move |tail: warp::path::Tail| {
         match utoipa_swagger_ui::serve(tail.as_str(), config.clone()) {
             Ok(Some(file)) => warp::http::Response::builder()
                 .header("content-type", file.content_type)
                 .body(file.bytes.into_owned().into())
                 .unwrap_or_default(),
-            Ok(None) => warp::reply::with_status("not found", StatusCode::NOT_FOUND).into_response(),
+            Ok(None) => super::error::ApiError::not_found("documentation file").into_response(),
             Err(error) => super::error::ApiError::internal(error).into_response(),
         }
     });

@@ -180,19 +180,8 @@ async fn upload(
                 plan = Some(check_file_asset(text, &principal, &ctx).await?);
             }
             Some("file") if file.is_none() => {
-                let declares_filename = field
-                    .headers()
-                    .get("content-disposition")
-                    .is_some_and(|v| v.as_bytes().windows(8).any(|w| w.eq_ignore_ascii_case(b"filename")));
-                if field.file_name().is_none() && declares_filename {
-                    return Err(ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "invalid_field",
-                        "filename: must be UTF-8 text",
-                    ));
-                }
-                let filename = match field.file_name() {
-                    Some(name) => FileName::parse(name).map_err(ApiError::invalid_field)?,
+                let filename = match part_filename(&field)? {
+                    Some(name) => FileName::parse(&name).map_err(ApiError::invalid_field)?,
                     None => match &plan {
                         // OpenTera clients always send a filename; without one, the asset's name stands in.
                         Some(plan) => FileName::parse(plan.asset_name.as_str()).map_err(ApiError::invalid_field)?,
@@ -318,6 +307,39 @@ fn parse_datetime(value: &str) -> Result<DateTime<Utc>, ApiError> {
             )
         })?;
     check_storable_datetime("asset_datetime", parsed).map_err(ApiError::invalid_field)
+}
+
+/// The file part's name: `filename`, or RFC 5987's `filename*=UTF-8''…` (which multer
+/// does not read). A name that is there but is not UTF-8 text is refused, not dropped.
+fn part_filename(field: &multer::Field<'_>) -> Result<Option<String>, ApiError> {
+    if let Some(name) = field.file_name() {
+        return Ok(Some(name.to_owned()));
+    }
+    let not_text = || ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "filename: must be UTF-8 text");
+    let Some(disposition) = field.headers().get("content-disposition") else { return Ok(None) };
+    for parameter in disposition.as_bytes().split(|b| *b == b';') {
+        let Some(eq) = parameter.iter().position(|b| *b == b'=') else { continue };
+        let name = String::from_utf8_lossy(&parameter[..eq]).trim().to_ascii_lowercase();
+        let value = &parameter[eq + 1..];
+        match name.as_str() {
+            "filename*" => {
+                let value = std::str::from_utf8(value).map_err(|_| not_text())?.trim().trim_matches('"');
+                let mut parts = value.splitn(3, '\'');
+                let (charset, _language, encoded) = (parts.next(), parts.next(), parts.next());
+                match (charset, encoded) {
+                    (Some(charset), Some(encoded)) if charset.eq_ignore_ascii_case("utf-8") => {
+                        let decoded =
+                            percent_encoding::percent_decode_str(encoded).decode_utf8().map_err(|_| not_text())?;
+                        return Ok(Some(decoded.into_owned()));
+                    }
+                    _ => return Err(not_text()),
+                }
+            }
+            "filename" => return Err(not_text()),
+            _ => {}
+        }
+    }
+    Ok(None)
 }
 
 fn multipart_error(error: multer::Error, max: u64) -> ApiError {

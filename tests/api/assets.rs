@@ -349,3 +349,31 @@ async fn empty_files_and_a_file_part_before_file_asset_are_accepted() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+/// Concurrent commands on one stream queue up instead of failing with 409.
+#[tokio::test]
+async fn concurrent_commands_on_one_asset_or_session_all_succeed() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let info = app.upload_ok(&token, 1, "a.txt", b"a").await;
+    let uuid = info["asset_uuid"].as_str().unwrap().to_owned();
+    let renames = (0..40).map(|n| {
+        let (app, token, uuid) = (&app, &token, &uuid);
+        async move {
+            let body = json!({"file_asset": {"asset_uuid": uuid, "asset_original_filename": format!("name {n}.txt")}});
+            app.post_json(token, "/api/assets/infos", &body).await.status().as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(renames).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let service = app.service_token();
+    let upserts = (0..40).map(|n| {
+        let (app, service) = (&app, &service);
+        async move { app.put_session(service, 1, &json!({"session_name": format!("name {n}")})).await.status().as_u16() }
+    });
+    let statuses = futures::future::join_all(upserts).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // (The upserts dropped the user from the session: read as the service.)
+    let history: Value = app.get(&service, &format!("/api/assets/{uuid}/events")).await.json().await.unwrap();
+    assert_eq!(history.as_array().unwrap().len(), 41, "one upload and 40 renames, in one stream");
+}

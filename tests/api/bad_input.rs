@@ -456,3 +456,22 @@ async fn a_stalled_upload_times_out_with_408() {
     assert!(answer.contains("request_timeout"), "{answer}");
     assert_eq!(app.footprint().await, before);
 }
+
+/// RFC 5987 names are read; parameters that merely contain "filename" are not names.
+#[tokio::test]
+async fn extended_filenames_are_understood() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let part = |disposition: &str| {
+        (format!("Content-Disposition: form-data; name=\"file\"; {disposition}").into_bytes(), b"x".to_vec())
+    };
+    let euro =
+        post_raw(&app, &token, &[file_asset_part(GOOD_FILE_ASSET), part("filename*=UTF-8''%E2%82%AC.txt")]).await;
+    assert_eq!(euro.status(), 200);
+    assert_eq!(euro.json::<serde_json::Value>().await.unwrap()["asset_original_filename"], "€.txt");
+    let hint = post_raw(&app, &token, &[file_asset_part(GOOD_FILE_ASSET), part("x-filename-hint=\"y\"")]).await;
+    assert_eq!(hint.status(), 200, "no filename: the asset name stands in");
+    let latin1 =
+        post_raw(&app, &token, &[file_asset_part(GOOD_FILE_ASSET), part("filename*=ISO-8859-1''%E9.txt")]).await;
+    assert_error(latin1, 422, "invalid_field").await;
+}

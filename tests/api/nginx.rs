@@ -259,6 +259,10 @@ async fn downloads_answer_alike_in_both_modes() {
             }
             mode.push((name, status, if status < 300 { sha256_hex(&body) } else { String::new() }));
         }
+        // Straight to assetd (no nginx to follow a redirect): always the bytes themselves.
+        let direct = app.get(&token, &format!("/api/assets?asset_uuid={}", info["asset_uuid"].as_str().unwrap())).await;
+        assert!(direct.headers().get("x-accel-redirect").is_none());
+        assert_eq!(direct.bytes().await.unwrap().as_ref(), &bytes[..], "accel {accel}: direct clients get the bytes");
         let head = client.head(url(&info)).header("Authorization", format!("Bearer {token}")).send().await.unwrap();
         mode.push(("head", head.status().as_u16(), head.headers()["content-length"].to_str().unwrap().to_owned()));
         answers.push(mode);

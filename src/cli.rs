@@ -117,6 +117,7 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
         max_upload_size: config.max_upload_size,
         accel_redirect_prefix: config.accel_redirect_prefix.clone().filter(|p| !p.is_empty()),
         body_idle_timeout: Duration::from_secs(config.body_idle_timeout_seconds.max(1)),
+        public_url: config.public_url.clone(),
     };
     Ok(Context { app, settings: std::sync::Arc::new(settings) })
 }

@@ -43,6 +43,11 @@ pub struct ServeConfig {
     /// nginx sends the bytes (its internal location aliases `<data_dir>/blobs/`).
     #[arg(long, env = "ASSETD_ACCEL_REDIRECT_PREFIX")]
     pub accel_redirect_prefix: Option<String>,
+    /// `scheme://host[:port]` clients reach assetd at (e.g. https://files.example.org),
+    /// for the absolute URLs in answers; taken from the request's Host and
+    /// X-Forwarded-* headers when unset.
+    #[arg(long, env = "ASSETD_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
     /// Lifetime of the asset access tokens handed out, in seconds.
     #[arg(long, env = "ASSETD_ASSET_TOKEN_TTL", default_value_t = 3600)]
     pub asset_token_ttl: i64,
@@ -60,6 +65,17 @@ fn parse_base_path(value: &str) -> Result<String, String> {
         return Err("a path like /file (letters, digits, '-', '_', '.')".into());
     }
     Ok(format!("/{trimmed}"))
+}
+
+fn parse_public_url(value: &str) -> Result<String, String> {
+    let trimmed = value.trim().trim_end_matches('/');
+    let rest = trimmed.strip_prefix("https://").or_else(|| trimmed.strip_prefix("http://"));
+    match rest {
+        Some(host) if !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)) => {
+            Ok(trimmed.to_owned())
+        }
+        _ => Err("an origin like https://files.example.org (scheme, host, optional port; no path)".into()),
+    }
 }
 
 impl DatabaseConfig {
@@ -87,5 +103,8 @@ mod tests {
         assert_eq!(super::parse_base_path("/api/file/").unwrap(), "/api/file");
         assert!(super::parse_base_path("/").is_err());
         assert!(super::parse_base_path("/a b").is_err());
+        assert_eq!(super::parse_public_url("https://files.example.org/").unwrap(), "https://files.example.org");
+        assert!(super::parse_public_url("files.example.org").is_err());
+        assert!(super::parse_public_url("https://x.org/file").is_err());
     }
 }

@@ -34,6 +34,8 @@ pub struct HttpSettings {
     pub accel_redirect_prefix: Option<String>,
     /// A request body that delivers nothing for this long is abandoned (408).
     pub body_idle_timeout: Duration,
+    /// `scheme://host[:port]` for absolute URLs in answers, without the base path.
+    pub public_url: Option<String>,
 }
 
 /// Shared state of the handlers.
@@ -276,9 +278,14 @@ fn request_context() -> impl Filter<Extract = (String,), Error = Infallible> + C
     warp::any().map(request_id::current)
 }
 
-/// `scheme://host` as the client addressed us (through nginx: its forwarded headers),
-/// for the absolute URLs in answers; empty when unknown, which leaves them relative.
-fn origin(headers: &warp::http::HeaderMap) -> String {
+/// The `scheme://host[:port]` of the absolute URLs in answers: `ASSETD_PUBLIC_URL` when
+/// configured (deployments should set it: clients choose Host and X-Forwarded-* headers);
+/// otherwise as the client addressed us (through nginx: its forwarded headers), and
+/// empty when unknown, which leaves the URLs relative.
+fn origin(settings: &HttpSettings, headers: &warp::http::HeaderMap) -> String {
+    if let Some(public) = &settings.public_url {
+        return public.clone();
+    }
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
     let host = get("x-forwarded-host").or_else(|| get("host"));
     let scheme = match get("x-forwarded-proto") {

@@ -239,7 +239,7 @@ async fn upload(
             .await
         })
         .await?;
-    let origin = super::origin(&headers);
+    let origin = super::origin(&ctx.settings, &headers);
     let base = &ctx.settings.base_path;
     Ok(warp::reply::json(&UploadedAsset {
         access_token: ctx.app.asset_token(asset_uuid),

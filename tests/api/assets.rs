@@ -377,3 +377,29 @@ async fn concurrent_commands_on_one_asset_or_session_all_succeed() {
     let history: Value = app.get(&service, &format!("/api/assets/{uuid}/events")).await.json().await.unwrap();
     assert_eq!(history.as_array().unwrap().len(), 41, "one upload and 40 renames, in one stream");
 }
+
+/// With ASSETD_PUBLIC_URL set, answer URLs ignore what the client says its host is.
+#[tokio::test]
+async fn a_configured_public_url_is_not_overridden_by_request_headers() {
+    let options =
+        crate::helpers::TestOptions { public_url: Some("https://files.example.org".into()), ..Default::default() };
+    let app = TestApp::spawn_with(options).await;
+    let (_, token) = app.session_with_user(1).await;
+    let form = reqwest::multipart::Form::new()
+        .text("file_asset", json!({"id_session": 1, "asset_name": "n"}).to_string())
+        .part("file", reqwest::multipart::Part::bytes(b"x".to_vec()).file_name("n.txt"));
+    let info: Value = app
+        .client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header("X-Forwarded-Host", "evil.example")
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let uuid = info["asset_uuid"].as_str().unwrap();
+    assert_eq!(info["asset_url"], format!("https://files.example.org/file/api/assets?asset_uuid={uuid}"));
+}

@@ -61,6 +61,7 @@ pub struct TestOptions {
     pub max_upload_size: Option<u64>,
     pub accel_redirect_prefix: Option<String>,
     pub body_idle_timeout_seconds: Option<u64>,
+    pub public_url: Option<String>,
 }
 
 pub struct TestApp {
@@ -85,6 +86,7 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         accel_redirect_prefix: options.accel_redirect_prefix.clone(),
         asset_token_ttl: 3600,
         body_idle_timeout_seconds: options.body_idle_timeout_seconds.unwrap_or(60),
+        public_url: options.public_url.clone(),
         shutdown_grace_seconds: 5,
     }
 }

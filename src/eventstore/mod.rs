@@ -82,7 +82,9 @@ impl EventStoreError {
     }
 }
 
-const SELECT_COLUMNS: &str = "position, tx::text, stream, version, id, type, data, metadata, recorded_at";
+// `tx` is read as text (no xid8 type in the driver) under another name: an output
+// column named `tx` would be what a bare `ORDER BY tx` sorts by, as text.
+const SELECT_COLUMNS: &str = "position, tx::text AS tx_text, stream, version, id, type, data, metadata, recorded_at";
 
 fn recorded_from_row(row: &tokio_postgres::Row) -> Result<RecordedEvent, EventStoreError> {
     let tx: String = row.get(1);
@@ -219,8 +221,8 @@ async fn read_global(
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
     let statement = format!(
         "SELECT {SELECT_COLUMNS} FROM events
-         WHERE (tx, position) > ($1::text::xid8, $2) {horizon}
-         ORDER BY tx, position
+         WHERE (events.tx, events.position) > ($1::text::xid8, $2) {horizon}
+         ORDER BY events.tx, events.position
          LIMIT $3"
     );
     let statement = client.prepare_cached(&statement).await?;

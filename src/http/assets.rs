@@ -166,7 +166,7 @@ async fn download_asset(
     // Only nginx's requests are answered with X-Accel-Redirect (nginx/assetd.conf marks
     // them): a client that reaches assetd directly gets the bytes, not an empty body.
     let delivery = match &ctx.settings.accel_redirect_prefix {
-        Some(prefix) if headers.contains_key(ACCEL_AVAILABLE) => Delivery::AccelRedirect(prefix),
+        Some(prefix) if headers.get(ACCEL_AVAILABLE).is_some_and(|v| v == "yes") => Delivery::AccelRedirect(prefix),
         _ => Delivery::Direct,
     };
     download::respond(&asset, &headers, method == warp::http::Method::HEAD, &ctx.app.blobs, delivery).await

@@ -31,7 +31,7 @@ pub enum ByteRange {
 pub fn parse_range(header: Option<&str>, size: u64) -> ByteRange {
     // The unit is case-insensitive (RFC 9110 §14.1).
     let Some(spec) = header
-        .map(str::trim)
+        .map(|h| h.trim_matches(' '))
         .and_then(|h| h.get(..6).filter(|unit| unit.eq_ignore_ascii_case("bytes=")).map(|_| &h[6..]))
     else {
         return ByteRange::Full;
@@ -132,9 +132,7 @@ pub enum Delivery<'a> {
 
 /// The full answer to a GET (or HEAD) of `asset`: preconditions (RFC 9110 §13.2.2 order),
 /// then the range, then the bytes. Every decision is made here, so both deliveries
-/// answer alike; nginx is only handed requests it would answer the same way (no range
-/// or one valid single range, no precondition it would re-check against its own
-/// validators).
+/// answer alike; nginx is only handed plain full downloads, which it answers the same way.
 pub async fn respond(
     asset: &AssetInfo,
     request: &HeaderMap,
@@ -182,9 +180,10 @@ pub async fn respond(
 
     // Ranges apply to GET only; If-Range honours one only while the representation is
     // the one named.
-    let range_header = match header("if-range") {
+    let range_header = match header("if-range").map(str::trim) {
         _ if is_head => None,
-        Some(validator) if validator.trim() != etag => None,
+        // An entity tag must be ours; a date must be our Last-Modified exactly.
+        Some(validator) if validator != etag && http_date(validator) != Some(modified) => None,
         _ => header("range"),
     };
     let range = parse_range(range_header, size);
@@ -197,9 +196,11 @@ pub async fn respond(
         .with_header("content-range", format!("bytes */{size}")));
     }
 
+    // nginx parses Range and preconditions by its own rules (stricter on whitespace and
+    // numbers, and it cannot see what its proxying already normalised), so only plain
+    // full downloads are handed over; ranges and conditional requests are served here.
     let nginx_would_agree = !is_head
-        && ["if-match", "if-unmodified-since", "if-range"].iter().all(|name| request.get(*name).is_none())
-        && (request.get("range").is_none() || matches!(range, ByteRange::Partial { .. }));
+        && ["range", "if-match", "if-unmodified-since", "if-range"].iter().all(|name| request.get(*name).is_none());
     if let (Delivery::AccelRedirect(prefix), true) = (delivery, nginx_would_agree) {
         let path = blobs.path(asset.asset_uuid);
         if tokio::fs::metadata(&path).await.is_err() {
@@ -268,6 +269,7 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=\t0-4"), 10), ByteRange::Full);
         assert_eq!(parse_range(Some("bytes=0-9223372036854775808"), 10), ByteRange::Full);
         assert_eq!(parse_range(Some("bytes= 0-4"), 10), ByteRange::Partial { start: 0, end: 4 });
+        assert_eq!(parse_range(Some("bytes=0-5\t"), 10), ByteRange::Full);
     }
 
     #[test]

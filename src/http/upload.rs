@@ -18,7 +18,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::Filter;
 
 use super::auth::authenticate;
-use super::body::{BodyError, GuardedBody};
+use super::body::{BodyError, BodyMeter, GuardedBody};
 use super::error::{ApiError, ErrorBody};
 use super::{request_context, respond, with_context, Context};
 use crate::app::{AppError, CommandContext};
@@ -158,60 +158,7 @@ async fn upload(
         return Err(ApiError::too_large(max));
     }
 
-    let limits = multer::SizeLimit::new()
-        .whole_stream(max + MULTIPART_OVERHEAD)
-        .per_field(MAX_FORM_FIELD)
-        .for_field("file", max);
-    let mut multipart =
-        multer::Multipart::with_constraints(body, boundary, multer::Constraints::new().size_limit(limits));
-
-    let mut plan: Option<UploadPlan> = None;
-    let mut file: Option<ReceivedFile> = None;
-    while let Some(mut field) = {
-        meter.between_fields(MAX_OUTSIDE_FIELDS);
-        multipart.next_field().await.map_err(|e| multipart_error(e, max))?
-    } {
-        meter.in_field();
-        match field.name() {
-            Some("file_asset") if plan.is_none() => {
-                let bytes = field.bytes().await.map_err(|e| multipart_error(e, max))?;
-                let text = std::str::from_utf8(&bytes)
-                    .map_err(|_| ApiError::bad_request("invalid_file_asset", "file_asset must be UTF-8 JSON"))?;
-                plan = Some(check_file_asset(text, &principal, &ctx).await?);
-            }
-            Some("file") if file.is_none() => {
-                let filename = match part_filename(&field)? {
-                    Some(name) => FileName::parse(&name).map_err(ApiError::invalid_field)?,
-                    None => match &plan {
-                        // OpenTera clients always send a filename; without one, the asset's name stands in.
-                        Some(plan) => FileName::parse(plan.asset_name.as_str()).map_err(ApiError::invalid_field)?,
-                        None => {
-                            return Err(ApiError::bad_request("missing_filename", "the file part needs a filename"))
-                        }
-                    },
-                };
-                let part_type = field
-                    .content_type()
-                    .filter(|m| m.essence_str() != "application/octet-stream")
-                    .and_then(|m| MediaType::parse(m.as_ref()).ok());
-                let mut blob = ctx.app.blobs.create_temp().await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
-                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
-                    blob.write(&chunk).await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
-                }
-                file = Some(ReceivedFile { blob, filename, part_type });
-            }
-            Some(name @ ("file_asset" | "file")) => {
-                return Err(ApiError::bad_request("duplicate_field", format!("the field '{name}' was sent twice")));
-            }
-            _ => {
-                // Unknown fields are ignored (bounded by the per-field limit).
-                while field.chunk().await.map_err(|e| multipart_error(e, max))?.is_some() {}
-            }
-        }
-    }
-    let plan = plan
-        .ok_or_else(|| ApiError::bad_request("missing_file_asset", "the multipart field 'file_asset' is required"))?;
-    let file = file.ok_or_else(|| ApiError::bad_request("missing_file", "the multipart field 'file' is required"))?;
+    let (plan, file) = receive_form(body, meter, boundary, &principal, &ctx).await?;
 
     let asset_uuid = Uuid::new_v4();
     let asset_type =
@@ -247,6 +194,74 @@ async fn upload(
         asset_infos_url: format!("{origin}{base}/api/assets/infos?asset_uuid={asset_uuid}"),
         info,
     }))
+}
+
+/// Reads the multipart form as it arrives: `file_asset` is checked as soon as it is
+/// seen, the file streams into a temporary blob, unknown fields are skipped.
+async fn receive_form<B: Buf + Send + 'static>(
+    body: GuardedBody<B, warp::Error>,
+    meter: BodyMeter,
+    boundary: String,
+    principal: &Principal,
+    ctx: &Context,
+) -> Result<(UploadPlan, ReceivedFile), ApiError> {
+    let max = ctx.settings.max_upload_size;
+    let limits = multer::SizeLimit::new()
+        .whole_stream(max + MULTIPART_OVERHEAD)
+        .per_field(MAX_FORM_FIELD)
+        .for_field("file", max);
+    let mut multipart =
+        multer::Multipart::with_constraints(body, boundary, multer::Constraints::new().size_limit(limits));
+
+    let mut plan: Option<UploadPlan> = None;
+    let mut file: Option<ReceivedFile> = None;
+    while let Some(mut field) = {
+        meter.between_fields(MAX_OUTSIDE_FIELDS);
+        multipart.next_field().await.map_err(|e| multipart_error(e, max))?
+    } {
+        meter.in_field();
+        match field.name() {
+            Some("file_asset") if plan.is_none() => {
+                let bytes = field.bytes().await.map_err(|e| multipart_error(e, max))?;
+                let text = std::str::from_utf8(&bytes)
+                    .map_err(|_| ApiError::bad_request("invalid_file_asset", "file_asset must be UTF-8 JSON"))?;
+                plan = Some(check_file_asset(text, principal, ctx).await?);
+            }
+            Some("file") if file.is_none() => {
+                let filename = match part_filename(&field)? {
+                    Some(name) => FileName::parse(&name).map_err(ApiError::invalid_field)?,
+                    None => match &plan {
+                        // OpenTera clients always send a filename; without one, the asset's name stands in.
+                        Some(plan) => FileName::parse(plan.asset_name.as_str()).map_err(ApiError::invalid_field)?,
+                        None => {
+                            return Err(ApiError::bad_request("missing_filename", "the file part needs a filename"))
+                        }
+                    },
+                };
+                let part_type = field
+                    .content_type()
+                    .filter(|m| m.essence_str() != "application/octet-stream")
+                    .and_then(|m| MediaType::parse(m.as_ref()).ok());
+                let mut blob = ctx.app.blobs.create_temp().await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
+                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
+                    blob.write(&chunk).await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
+                }
+                file = Some(ReceivedFile { blob, filename, part_type });
+            }
+            Some(name @ ("file_asset" | "file")) => {
+                return Err(ApiError::bad_request("duplicate_field", format!("the field '{name}' was sent twice")));
+            }
+            _ => {
+                // Unknown fields are ignored (bounded by the per-field limit).
+                while field.chunk().await.map_err(|e| multipart_error(e, max))?.is_some() {}
+            }
+        }
+    }
+    let plan = plan
+        .ok_or_else(|| ApiError::bad_request("missing_file_asset", "the multipart field 'file_asset' is required"))?;
+    let file = file.ok_or_else(|| ApiError::bad_request("missing_file", "the multipart field 'file' is required"))?;
+
+    Ok((plan, file))
 }
 
 /// Parses and checks `file_asset`, including the session and the caller's access to it.

@@ -13,7 +13,7 @@ use warp::Filter;
 use super::auth::authenticated;
 use super::download::{self, Delivery};
 use super::error::{ApiError, ErrorBody};
-use super::{get_or_head, json_body, parse_uuid, query_map, request_context, respond, with_context, Context};
+use super::{get_or_head, json_body, parse_uuid, query_map, request_context, respond, with_context, Context, JsonBody};
 use crate::app::CommandContext;
 use crate::domain::names::FileName;
 use crate::domain::principal::Principal;
@@ -115,11 +115,11 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     let infos =
         warp::path!("assets" / "infos")
             .and(warp::post())
+            .and(json_body(ctx.settings.body_idle_timeout))
             .and(authenticated(ctx.clone()))
             .and(request_context())
-            .and(json_body::<InfosRequest>(ctx.settings.body_idle_timeout))
             .and(with_context(ctx.clone()))
-            .then(|principal, request_id, body, ctx| async move {
+            .then(|body, principal, request_id, ctx| async move {
                 respond(post_infos(principal, request_id, body, ctx).await)
             });
     let events = warp::path!("assets" / String / "events")
@@ -244,11 +244,11 @@ async fn get_infos(
 async fn post_infos(
     principal: Principal,
     request_id: String,
-    body: InfosRequest,
+    body: JsonBody,
     ctx: Context,
 ) -> Result<warp::reply::Response, ApiError> {
     use warp::Reply;
-    match body {
+    match body.parse::<InfosRequest>().await? {
         InfosRequest::Batch { assets } => {
             if assets.len() > MAX_BATCH {
                 return Err(ApiError::new(

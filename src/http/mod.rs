@@ -178,60 +178,72 @@ pub(crate) fn respond<T: Reply>(result: Result<T, error::ApiError>) -> warp::rep
 /// Largest JSON request body accepted.
 const MAX_JSON_BODY: usize = 1 << 20;
 
-/// A JSON request body of at most [`MAX_JSON_BODY`] bytes (with or without a
-/// Content-Length): not JSON → 400 `invalid_json`; JSON of the wrong shape → 422.
-fn json_body<T: serde::de::DeserializeOwned + Send>(
-    idle_timeout: Duration,
-) -> impl Filter<Extract = (T,), Error = warp::Rejection> + Clone {
+/// A JSON request body, taken but not yet read. Routes take it before authenticating,
+/// so a refused request's body is drained rather than reset under the client (see
+/// `body`), and read it with [`JsonBody::parse`] once the caller is known.
+pub(crate) struct JsonBody {
+    content_type: Option<String>,
+    body: body::GuardedBody<bytes::Bytes, warp::Error>,
+}
+
+fn json_body(idle_timeout: Duration) -> impl Filter<Extract = (JsonBody,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("content-type")
-        .and_then(|content_type: Option<String>| async move {
-            // Absent is taken as JSON (curl -d without -H); anything else must say JSON.
-            match content_type {
-                Some(t) if !is_json_media_type(&t) => Err(warp::Rejection::from(error::ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    format!("the body must be application/json, not {t}"),
-                ))),
-                _ => Ok(()),
-            }
-        })
-        .untuple_one()
         .and(warp::body::stream())
-        .and_then(move |body| read_json(body, idle_timeout))
+        .map(move |content_type, body| JsonBody::new(content_type, body, idle_timeout))
+}
+
+impl JsonBody {
+    fn new<S, B>(content_type: Option<String>, body: S, idle_timeout: Duration) -> Self
+    where
+        S: futures::Stream<Item = Result<B, warp::Error>> + Send + 'static,
+        B: bytes::Buf + Send + 'static,
+    {
+        use futures::TryStreamExt;
+        let source = body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining()));
+        let (body, meter) = body::GuardedBody::new(source, idle_timeout, 0);
+        meter.in_field();
+        JsonBody { content_type, body }
+    }
+}
+
+impl JsonBody {
+    /// Reads at most [`MAX_JSON_BODY`] bytes: not JSON → 400 `invalid_json`, the wrong
+    /// shape → 422, a non-JSON Content-Type → 415 (none at all is taken as JSON, as
+    /// `curl -d` sends).
+    pub(crate) async fn parse<T: serde::de::DeserializeOwned>(self) -> Result<T, error::ApiError> {
+        use futures::TryStreamExt;
+        if let Some(content_type) = self.content_type.filter(|t| !is_json_media_type(t)) {
+            return Err(error::ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!("the body must be application/json, not {content_type}"),
+            ));
+        }
+        let mut body = std::pin::pin!(self.body);
+        let mut collected = Vec::new();
+        while let Some(chunk) = body.try_next().await.map_err(|e| match e {
+            body::BodyError::Idle(_) => {
+                error::ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", e.to_string())
+            }
+            _ => error::ApiError::bad_request("body_read_failed", e.to_string()),
+        })? {
+            if collected.len() + chunk.len() > MAX_JSON_BODY {
+                return Err(error::ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("JSON bodies are limited to {MAX_JSON_BODY} bytes"),
+                ));
+            }
+            collected.extend_from_slice(&chunk);
+        }
+        parse_json(&collected)
+    }
 }
 
 /// `application/json`, `application/<anything>+json`, with or without parameters.
 fn is_json_media_type(value: &str) -> bool {
     let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
-}
-
-async fn read_json<T, S, B>(body: S, idle_timeout: Duration) -> Result<T, warp::Rejection>
-where
-    T: serde::de::DeserializeOwned,
-    S: futures::Stream<Item = Result<B, warp::Error>> + Send + 'static,
-    B: bytes::Buf + Send + 'static,
-{
-    use futures::TryStreamExt;
-    let (body, meter) = body::GuardedBody::new(body, idle_timeout, 0);
-    meter.in_field();
-    let mut body = std::pin::pin!(body);
-    let mut collected = Vec::new();
-    while let Some(chunk) = body.try_next().await.map_err(|e| match e {
-        body::BodyError::Idle(_) => error::ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", e.to_string()),
-        _ => error::ApiError::bad_request("body_read_failed", e.to_string()),
-    })? {
-        if collected.len() + chunk.len() > MAX_JSON_BODY {
-            return Err(error::ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("JSON bodies are limited to {MAX_JSON_BODY} bytes"),
-            )
-            .into());
-        }
-        collected.extend_from_slice(&chunk);
-    }
-    parse_json(&collected).map_err(warp::Rejection::from)
 }
 
 /// Parses JSON in two steps so syntax errors (400) and shape errors (422) differ.

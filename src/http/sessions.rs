@@ -10,7 +10,7 @@ use warp::Filter;
 
 use super::auth::authenticated;
 use super::error::{ApiError, ErrorBody};
-use super::{get_or_head, json_body, query_map, respond, with_context, Context};
+use super::{get_or_head, json_body, query_map, respond, with_context, Context, JsonBody};
 use crate::app::CommandContext;
 use crate::domain::names::{Directory, SessionId};
 use crate::domain::principal::Principal;
@@ -63,11 +63,11 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     let put = session_id
         .and(warp::path::end())
         .and(warp::put())
+        .and(json_body(ctx.settings.body_idle_timeout))
         .and(authenticated(ctx.clone()))
         .and(super::request_context())
-        .and(json_body::<SessionBody>(ctx.settings.body_idle_timeout))
         .and(with_context(ctx.clone()))
-        .then(|id, principal, request_id, body, ctx| async move {
+        .then(|id, body, principal, request_id, ctx| async move {
             respond(put_session(id, principal, request_id, body, ctx).await)
         });
     let get = session_id
@@ -120,10 +120,11 @@ async fn put_session(
     id: String,
     principal: Principal,
     request_id: String,
-    body: SessionBody,
+    body: JsonBody,
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
+    let body: SessionBody = body.parse().await?;
     let command = UpsertSession {
         id_session,
         session_name: body.session_name,

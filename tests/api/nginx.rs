@@ -314,6 +314,19 @@ async fn early_refusals_of_large_uploads_arrive_through_nginx() {
             crate::helpers::assert_error(response, status, code).await;
         }
     }
+    // JSON routes too: a refused token with a large body.
+    let large_json = format!("{{\"session_name\": \"{}\"}}", "x".repeat(4 * 1024 * 1024));
+    for _ in 0..3 {
+        let response = reqwest::Client::new()
+            .put(format!("{}/api/sessions/1", nginx.base))
+            .header("Authorization", "Bearer forged")
+            .header("Content-Type", "application/json")
+            .body(large_json.clone())
+            .send()
+            .await
+            .unwrap();
+        crate::helpers::assert_error(response, 401, "invalid_token").await;
+    }
 }
 
 /// Errors nginx answers itself are JSON too, with a request id, and nginx and assetd

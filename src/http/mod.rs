@@ -94,11 +94,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let ctx_commands = ctx.app.commands.clone();
+    let base_path: Arc<str> = ctx.settings.base_path.clone().into();
     let warp_service = warp::service(routes(ctx));
     let make_service = make_service_fn(move |conn: &hyper::server::conn::AddrStream| {
         let remote = conn.remote_addr();
-        let warp_service = warp_service.clone();
-        async move { Ok::<_, Infallible>(service_fn(move |request| handle(warp_service.clone(), remote, request))) }
+        let (warp_service, base_path) = (warp_service.clone(), base_path.clone());
+        async move {
+            Ok::<_, Infallible>(service_fn(move |request| {
+                handle(warp_service.clone(), base_path.clone(), remote, request)
+            }))
+        }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = hyper::Server::from_tcp(listener)?
@@ -139,6 +144,7 @@ pub async fn serve(
 /// Wraps one request: request id, a tracing span, an access log line.
 async fn handle<S>(
     mut service: S,
+    base_path: Arc<str>,
     remote: SocketAddr,
     request: hyper::Request<hyper::Body>,
 ) -> Result<hyper::Response<hyper::Body>, Infallible>
@@ -157,6 +163,11 @@ where
     if let Ok(value) = warp::http::HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        if let Some(allowed) = allowed_methods(&base_path, &path) {
+            response.headers_mut().insert("allow", warp::http::HeaderValue::from_static(allowed));
+        }
+    }
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),
@@ -165,6 +176,19 @@ where
         )
     });
     Ok(response)
+}
+
+/// The methods a path answers, for the `Allow` header of a 405 (RFC 9110 §15.5.6).
+fn allowed_methods(base_path: &str, path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.strip_prefix(base_path)?.split('/').filter(|s| !s.is_empty()).collect();
+    Some(match segments[..] {
+        ["api", "assets"] => "GET, HEAD, POST, DELETE",
+        ["api", "assets", "infos"] => "GET, HEAD, POST",
+        ["api", "assets", _, "events"] | ["api", "sessions", _, "assets"] => "GET, HEAD",
+        ["api", "sessions", _] => "GET, HEAD, PUT, DELETE",
+        ["health"] | ["ready"] | ["doc", ..] => "GET, HEAD",
+        _ => return None,
+    })
 }
 
 /// Converts a handler's result into a response.

@@ -395,7 +395,16 @@ async fn garbage_requests_get_json_errors_not_500s() {
         .send()
         .await
         .unwrap();
+    assert_eq!(wrong_method.headers()["allow"], "GET, HEAD, POST, DELETE");
     assert_error(wrong_method, 405, "method_not_allowed").await;
+    let put_infos = app
+        .client
+        .put(app.url("/api/assets/infos"))
+        .header("Authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put_infos.headers()["allow"], "GET, HEAD, POST");
 
     // A raw request with a broken request line or header gets an answer, not a hang.
     let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();

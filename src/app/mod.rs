@@ -117,6 +117,18 @@ async fn stage<A: Aggregate>(
     decide: impl FnOnce(&A) -> Result<Vec<A::Event>, DomainError>,
 ) -> Result<(A, Vec<RecordedEvent>), AppError> {
     eventstore::lock_stream(tx, stream).await?;
+    stage_unlocked(tx, ctx, stream, decide).await
+}
+
+/// [`stage`] without the stream lock, for a command that touches many streams at once
+/// (one advisory lock each would fill Postgres's shared lock table); the version key
+/// still refuses a concurrent append, and the command is retried.
+async fn stage_unlocked<A: Aggregate>(
+    tx: &Transaction<'_>,
+    ctx: &CommandContext,
+    stream: &str,
+    decide: impl FnOnce(&A) -> Result<Vec<A::Event>, DomainError>,
+) -> Result<(A, Vec<RecordedEvent>), AppError> {
     let history = eventstore::read_stream(tx, stream, 0).await?;
     let mut state = A::default();
     for recorded in &history {
@@ -165,7 +177,10 @@ macro_rules! in_transaction {
                     break Ok::<_, AppError>(value);
                 }
                 Err(error) if error.is_retryable_conflict() && attempt < MAX_ATTEMPTS => {
-                    // Back off a little, with jitter, so the retries do not collide again.
+                    // Roll back first: the locks and the connection are not held while
+                    // waiting. Then back off a little, with jitter.
+                    drop($tx);
+                    drop(client);
                     let millis = rand::random::<u64>() % (2u64 << attempt);
                     tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
                     continue;
@@ -239,8 +254,10 @@ impl App {
             stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_delete()).await?;
             let uuids = read::live_asset_uuids(&tx, id).await?;
             for uuid in &uuids {
-                stage::<Asset>(&tx, ctx, &asset_stream(*uuid), |a| a.handle_delete(DeletionReason::SessionDeleted))
-                    .await?;
+                stage_unlocked::<Asset>(&tx, ctx, &asset_stream(*uuid), |a| {
+                    a.handle_delete(DeletionReason::SessionDeleted)
+                })
+                .await?;
             }
             Ok(uuids)
         })?;

@@ -212,12 +212,16 @@ pub(crate) struct JsonBody {
 
 fn json_body(idle_timeout: Duration) -> impl Filter<Extract = (JsonBody,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<String>("expect"))
         .and(warp::body::stream())
-        .map(move |content_type, body| JsonBody::new(content_type, body, idle_timeout))
+        .map(move |content_type, expect: Option<String>, body| {
+            let expects_continue = expect.is_some_and(|e| e.eq_ignore_ascii_case("100-continue"));
+            JsonBody::new(content_type, body, idle_timeout, expects_continue)
+        })
 }
 
 impl JsonBody {
-    fn new<S, B>(content_type: Option<String>, body: S, idle_timeout: Duration) -> Self
+    fn new<S, B>(content_type: Option<String>, body: S, idle_timeout: Duration, expects_continue: bool) -> Self
     where
         S: futures::Stream<Item = Result<B, warp::Error>> + Send + 'static,
         B: bytes::Buf + Send + 'static,
@@ -226,7 +230,7 @@ impl JsonBody {
         let source = body.map_ok(|mut buf| buf.copy_to_bytes(buf.remaining()));
         let (body, meter) = body::GuardedBody::new(source, idle_timeout, 0);
         meter.in_field();
-        JsonBody { content_type, body }
+        JsonBody { content_type, body: body.expecting_continue(expects_continue) }
     }
 }
 

@@ -324,37 +324,40 @@ fn parse_datetime(value: &str) -> Result<DateTime<Utc>, ApiError> {
     check_storable_datetime("asset_datetime", parsed).map_err(ApiError::invalid_field)
 }
 
-/// The file part's name: `filename`, or RFC 5987's `filename*=UTF-8''…` (which multer
-/// does not read). A name that is there but is not UTF-8 text is refused, not dropped.
+/// The file part's name. RFC 6266: `filename*` (RFC 5987, UTF-8 or ISO-8859-1, which
+/// multer does not read) wins over `filename`. A name that is there but is not text is
+/// refused, not dropped.
 fn part_filename(field: &multer::Field<'_>) -> Result<Option<String>, ApiError> {
-    if let Some(name) = field.file_name() {
-        return Ok(Some(name.to_owned()));
-    }
-    let not_text = || ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "filename: must be UTF-8 text");
-    let Some(disposition) = field.headers().get("content-disposition") else { return Ok(None) };
-    for parameter in disposition.as_bytes().split(|b| *b == b';') {
-        let Some(eq) = parameter.iter().position(|b| *b == b'=') else { continue };
-        let name = String::from_utf8_lossy(&parameter[..eq]).trim().to_ascii_lowercase();
-        let value = &parameter[eq + 1..];
-        match name.as_str() {
-            "filename*" => {
-                let value = std::str::from_utf8(value).map_err(|_| not_text())?.trim().trim_matches('"');
-                let mut parts = value.splitn(3, '\'');
-                let (charset, _language, encoded) = (parts.next(), parts.next(), parts.next());
-                match (charset, encoded) {
-                    (Some(charset), Some(encoded)) if charset.eq_ignore_ascii_case("utf-8") => {
-                        let decoded =
-                            percent_encoding::percent_decode_str(encoded).decode_utf8().map_err(|_| not_text())?;
-                        return Ok(Some(decoded.into_owned()));
-                    }
-                    _ => return Err(not_text()),
+    let not_text = || ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "filename: must be text");
+    let mut plain_present = false;
+    if let Some(disposition) = field.headers().get("content-disposition") {
+        for parameter in disposition.as_bytes().split(|b| *b == b';') {
+            let Some(eq) = parameter.iter().position(|b| *b == b'=') else { continue };
+            let name = String::from_utf8_lossy(&parameter[..eq]).trim().to_ascii_lowercase();
+            match name.as_str() {
+                "filename*" => {
+                    let value = std::str::from_utf8(&parameter[eq + 1..]).map_err(|_| not_text())?;
+                    let mut parts = value.trim().trim_matches('"').splitn(3, '\'');
+                    let (charset, _language, encoded) = (parts.next(), parts.next(), parts.next());
+                    let (Some(charset), Some(encoded)) = (charset, encoded) else { return Err(not_text()) };
+                    let bytes: Vec<u8> = percent_encoding::percent_decode_str(encoded).collect();
+                    return match charset.to_ascii_lowercase().as_str() {
+                        "utf-8" => String::from_utf8(bytes).map(Some).map_err(|_| not_text()),
+                        "iso-8859-1" => Ok(Some(bytes.iter().map(|b| char::from(*b)).collect())),
+                        _ => Err(not_text()),
+                    };
                 }
+                "filename" => plain_present = true,
+                _ => {}
             }
-            "filename" => return Err(not_text()),
-            _ => {}
         }
     }
-    Ok(None)
+    match field.file_name() {
+        Some(name) => Ok(Some(name.to_owned())),
+        // multer drops a filename that is not UTF-8.
+        None if plain_present => Err(not_text()),
+        None => Ok(None),
+    }
 }
 
 fn multipart_error(error: multer::Error, max: u64) -> ApiError {

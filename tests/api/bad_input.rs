@@ -474,5 +474,19 @@ async fn extended_filenames_are_understood() {
     assert_eq!(hint.status(), 200, "no filename: the asset name stands in");
     let latin1 =
         post_raw(&app, &token, &[file_asset_part(GOOD_FILE_ASSET), part("filename*=ISO-8859-1''%E9.txt")]).await;
-    assert_error(latin1, 422, "invalid_field").await;
+    assert_eq!(latin1.json::<serde_json::Value>().await.unwrap()["asset_original_filename"], "é.txt");
+    let both = post_raw(
+        &app,
+        &token,
+        &[file_asset_part(GOOD_FILE_ASSET), part("filename=\"fallback.txt\"; filename*=UTF-8''r%C3%A9el.txt")],
+    )
+    .await;
+    assert_eq!(
+        both.json::<serde_json::Value>().await.unwrap()["asset_original_filename"],
+        "réel.txt",
+        "filename* wins"
+    );
+    let unknown_charset =
+        post_raw(&app, &token, &[file_asset_part(GOOD_FILE_ASSET), part("filename*=KOI8-R''%E9.txt")]).await;
+    assert_error(unknown_charset, 422, "invalid_field").await;
 }

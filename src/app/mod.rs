@@ -315,7 +315,8 @@ impl App {
                 }
                 Some(_) => {}
             }
-            stage::<Asset>(&tx, ctx, &asset_stream(asset_uuid), |a| a.handle_upload(uploaded.clone())).await?;
+            // A fresh uuid's stream: nobody else can be writing it, so no lock to take.
+            stage_unlocked::<Asset>(&tx, ctx, &asset_stream(asset_uuid), |a| a.handle_upload(uploaded.clone())).await?;
             read::asset(&tx, asset_uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
         });
         if let Err(error) = &recorded {

@@ -196,6 +196,22 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn opening_removes_temp_files_left_by_a_crash_but_not_recent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let old = dir.path().join("tmp/old.part");
+        let recent = dir.path().join("tmp/recent.part");
+        std::fs::write(&old, b"x").unwrap();
+        std::fs::write(&recent, b"x").unwrap();
+        let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(48 * 3600);
+        std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_days_ago).unwrap();
+        drop(store);
+        BlobStore::open(dir.path()).await.unwrap();
+        assert!(!old.exists(), "a day-old temp file is a crash's leftover");
+        assert!(recent.exists(), "a recent one may be another process's upload");
+    }
+
+    #[tokio::test]
     async fn persisted_blobs_are_hashed_and_temp_files_never_linger() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();

@@ -309,17 +309,7 @@ async fn asset_types_come_from_file_asset_then_the_part_then_the_name() {
             "file",
             reqwest::multipart::Part::bytes(b"x".to_vec()).file_name("data").mime_str("application/zip").unwrap(),
         );
-    let from_part: Value = app
-        .client
-        .post(app.url("/api/assets"))
-        .header("Authorization", format!("OpenTera {token}"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let from_part: Value = app.post_form(&token, form).await.json().await.unwrap();
     assert_eq!(from_part["asset_type"], "application/zip");
     let unknown = app.upload(&token, &json!({"id_session": 1, "asset_name": "n"}), "n.zzqq", b"x".to_vec()).await;
     assert_eq!(unknown.json::<Value>().await.unwrap()["asset_type"], "application/octet-stream");
@@ -339,14 +329,7 @@ async fn empty_files_and_a_file_part_before_file_asset_are_accepted() {
     let form = reqwest::multipart::Form::new()
         .part("file", reqwest::multipart::Part::bytes(b"late".to_vec()).file_name("late.txt"))
         .text("file_asset", json!({"id_session": 1, "asset_name": "late"}).to_string());
-    let response = app
-        .client
-        .post(app.url("/api/assets"))
-        .header("Authorization", format!("OpenTera {token}"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let response = app.post_form(&token, form).await;
     assert_eq!(response.status(), 200);
 }
 

@@ -50,6 +50,19 @@ async fn post_raw(app: &TestApp, token: &str, parts: &[Part]) -> reqwest::Respon
         .unwrap()
 }
 
+/// Posts a multipart body (with [`BOUNDARY`]) sent in the given chunks, without a
+/// Content-Length.
+async fn post_streamed(app: &TestApp, token: &str, chunks: Vec<Result<Vec<u8>, std::io::Error>>) -> reqwest::Response {
+    app.client
+        .post(app.url("/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap()
+}
+
 const GOOD_FILE_ASSET: &str = r#"{"id_session": 1, "asset_name": "Asset Name"}"#;
 
 #[tokio::test]
@@ -310,15 +323,7 @@ async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
         chunks.push(Ok(format!("\r\n--{BOUNDARY}--\r\n").into_bytes()));
         chunks
     };
-    let streamed = app
-        .client
-        .post(app.url("/api/assets"))
-        .header("Authorization", format!("OpenTera {token}"))
-        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
-        .await
-        .unwrap();
+    let streamed = post_streamed(&app, &token, chunks).await;
     assert_error(streamed, 413, "payload_too_large").await;
     assert_eq!(app.footprint().await, before);
 
@@ -421,16 +426,8 @@ async fn a_preamble_without_delimiters_is_cut_off() {
     let app = TestApp::spawn().await;
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
-    let chunks = (0..64).map(|_| Ok::<_, std::io::Error>(vec![b'a'; 64 * 1024]));
-    let response = app
-        .client
-        .post(app.url("/api/assets"))
-        .header("Authorization", format!("OpenTera {token}"))
-        .header("Content-Type", format!("multipart/form-data; boundary={BOUNDARY}"))
-        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
-        .send()
-        .await
-        .unwrap();
+    let chunks = (0..64).map(|_| Ok(vec![b'a'; 64 * 1024])).collect();
+    let response = post_streamed(&app, &token, chunks).await;
     let body = assert_error(response, 400, "invalid_multipart").await;
     assert!(body["error"]["message"].as_str().unwrap().contains("outside any form field"), "{body}");
     assert_eq!(app.footprint().await, before);

@@ -162,6 +162,11 @@ impl TestApp {
         let form = reqwest::multipart::Form::new()
             .text("file_asset", file_asset.to_string())
             .part("file", reqwest::multipart::Part::bytes(bytes).file_name(filename.to_owned()));
+        self.post_form(token, form).await
+    }
+
+    /// Posts any multipart form to the upload route.
+    pub async fn post_form(&self, token: &str, form: reqwest::multipart::Form) -> reqwest::Response {
         self.client
             .post(self.url("/api/assets"))
             .header("Authorization", format!("OpenTera {token}"))

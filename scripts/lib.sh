@@ -40,6 +40,8 @@ package_present() {
         curl) have curl ;;
         chromium) have chromium || have chromium-browser ;;
         build-essential) have cc ;;
+        python3) have python3 ;;
+        wrk) have wrk ;;
         *) dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed' ;;
     esac
 }

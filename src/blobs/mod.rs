@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use std::io::Write;
 use tokio::fs;
-use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use crate::domain::names::Sha256Hex;
@@ -36,15 +36,16 @@ pub struct BlobStore {
 struct DurableShards(Arc<Mutex<HashSet<PathBuf>>>);
 
 impl DurableShards {
-    async fn ensure(&self, blobs: &Path, shard: &Path) -> io::Result<()> {
+    /// Blocking: called from the blocking pool.
+    fn ensure(&self, blobs: &Path, shard: &Path) -> io::Result<()> {
         if self.0.lock().expect("not poisoned").contains(shard) {
             return Ok(());
         }
-        fs::create_dir_all(shard).await?;
+        std::fs::create_dir_all(shard)?;
         if let Some(outer) = shard.parent() {
-            sync_dir(outer).await?;
+            sync_dir(outer)?;
         }
-        sync_dir(blobs).await?;
+        sync_dir(blobs)?;
         self.0.lock().expect("not poisoned").insert(shard.to_owned());
         Ok(())
     }
@@ -97,18 +98,18 @@ impl BlobStore {
         format!("{}/{}/{}", &hex[0..2], &hex[2..4], id)
     }
 
-    /// Starts a streaming write into a temporary file.
-    pub async fn create_temp(&self) -> io::Result<TempBlob> {
-        let path = self.tmp.join(format!("{}.part", Uuid::new_v4()));
-        let file = fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
-        Ok(TempBlob {
-            path: Some(path),
-            file: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file),
+    /// Starts a streaming write. The temporary file is created when the bytes outgrow one
+    /// write buffer, so a small upload costs a single blocking call in [`TempBlob::persist`].
+    pub fn create_temp(&self) -> TempBlob {
+        TempBlob {
+            temp: None,
+            pending: Vec::new(),
             hasher: Sha256::new(),
             size: 0,
+            tmp_dir: self.tmp.clone(),
             blobs: self.blobs.clone(),
             durable_shards: self.durable_shards.clone(),
-        })
+        }
     }
 
     pub async fn open_read(&self, id: Uuid) -> io::Result<fs::File> {
@@ -136,10 +137,13 @@ impl BlobStore {
 
 /// A blob being written. Dropping it unpersisted deletes the temporary file.
 pub struct TempBlob {
-    path: Option<PathBuf>,
-    file: tokio::io::BufWriter<fs::File>,
+    /// The temporary file, once the bytes outgrew `pending`.
+    temp: Option<(PathBuf, Arc<std::fs::File>)>,
+    /// Bytes received and not yet written (at most [`WRITE_BUFFER`]).
+    pending: Vec<u8>,
     hasher: Sha256,
     size: u64,
+    tmp_dir: PathBuf,
     blobs: PathBuf,
     durable_shards: DurableShards,
 }
@@ -148,47 +152,111 @@ impl TempBlob {
     pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
         self.hasher.update(chunk);
         self.size += chunk.len() as u64;
-        self.file.write_all(chunk).await
+        // Written before it would outgrow the buffer, so the buffer stays within its size.
+        if !self.pending.is_empty() && self.pending.len() + chunk.len() > WRITE_BUFFER {
+            self.write_pending().await?;
+        }
+        self.pending.extend_from_slice(chunk);
+        Ok(())
     }
 
     pub fn size(&self) -> u64 {
         self.size
     }
 
-    /// Makes the bytes durable under `id`: flush, fsync, rename into place, fsync the
-    /// directories that changed.
+    /// Writes the buffered bytes to the temporary file (created on first use) in the
+    /// blocking pool, and keeps the buffer for the next ones.
+    async fn write_pending(&mut self) -> io::Result<()> {
+        let (path, file) = match &self.temp {
+            Some((path, file)) => (path.clone(), Some(file.clone())),
+            None => (self.tmp_dir.join(format!("{}.part", Uuid::new_v4())), None),
+        };
+        let created = file.is_none();
+        let mut buffer = std::mem::take(&mut self.pending);
+        let write_path = path.clone();
+        let (result, buffer) = tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                let file = match file {
+                    Some(file) => file,
+                    None => Arc::new(std::fs::OpenOptions::new().write(true).create_new(true).open(&write_path)?),
+                };
+                (&*file).write_all(&buffer)?;
+                Ok(file)
+            })();
+            buffer.clear();
+            (result, buffer)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        self.pending = buffer;
+        match result {
+            Ok(file) => {
+                self.temp = Some((path, file));
+                Ok(())
+            }
+            Err(error) => {
+                if created {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Makes the bytes durable under `id`: write what is buffered, fsync, rename into
+    /// place, fsync the directories that changed. All in one blocking call.
     pub async fn persist(mut self, id: Uuid) -> io::Result<StoredBlob> {
-        self.file.flush().await?;
-        self.file.get_ref().sync_all().await?;
         let target = self.blobs.join(BlobStore::relative_path(id));
-        let shard = target.parent().expect("blob paths have two shard directories").to_owned();
-        self.durable_shards.ensure(&self.blobs, &shard).await?;
-        let temp_path = self.path.take().expect("a temp blob is persisted once");
-        if let Err(error) = fs::rename(&temp_path, &target).await {
-            self.path = Some(temp_path);
-            return Err(error);
-        }
-        if let Err(error) = sync_dir(&shard).await {
-            // Not known to be durable: take it back rather than let an event name it.
-            let _ = fs::remove_file(&target).await;
-            return Err(error);
-        }
+        let temp = self.temp.take();
+        let pending = std::mem::take(&mut self.pending);
+        let tmp_dir = self.tmp_dir.clone();
+        let blobs = self.blobs.clone();
+        let durable_shards = self.durable_shards.clone();
+        tokio::task::spawn_blocking(move || {
+            let (temp_path, file) = match temp {
+                Some(temp) => temp,
+                None => {
+                    let path = tmp_dir.join(format!("{}.part", Uuid::new_v4()));
+                    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+                    (path, Arc::new(file))
+                }
+            };
+            // From here the temporary file is ours to remove on any failure.
+            let renamed = (|| {
+                (&*file).write_all(&pending)?;
+                file.sync_all()?;
+                let shard = target.parent().expect("blob paths have two shard directories");
+                durable_shards.ensure(&blobs, shard)?;
+                std::fs::rename(&temp_path, &target)
+            })();
+            if let Err(error) = renamed {
+                let _ = std::fs::remove_file(&temp_path);
+                return Err(error);
+            }
+            if let Err(error) = sync_dir(target.parent().expect("blob paths have a parent")) {
+                // Not known to be durable: take it back rather than let an event name it.
+                let _ = std::fs::remove_file(&target);
+                return Err(error);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)??;
         Ok(StoredBlob { size: self.size, sha256: Sha256Hex::from_digest(&self.hasher.clone().finalize()) })
     }
 }
 
 impl Drop for TempBlob {
     fn drop(&mut self) {
-        if let Some(path) = self.path.take() {
+        if let Some((path, _)) = self.temp.take() {
             // Best effort and synchronous: drop can't await, and unlink is quick.
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
-async fn sync_dir(dir: &Path) -> io::Result<()> {
-    let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await.map_err(io::Error::other)?
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -215,7 +283,7 @@ mod tests {
     async fn persisted_blobs_are_hashed_and_temp_files_never_linger() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
-        let mut blob = store.create_temp().await.unwrap();
+        let mut blob = store.create_temp();
         blob.write(b"hello ").await.unwrap();
         blob.write(b"world").await.unwrap();
         let id = Uuid::new_v4();
@@ -225,10 +293,26 @@ mod tests {
         assert_eq!(std::fs::read(store.path(id)).unwrap(), b"hello world");
         assert_eq!(store.temp_file_count().await.unwrap(), 0);
 
-        let mut abandoned = store.create_temp().await.unwrap();
-        abandoned.write(b"partial").await.unwrap();
-        assert_eq!(store.temp_file_count().await.unwrap(), 1);
+        let mut small = store.create_temp();
+        small.write(b"partial").await.unwrap();
+        assert_eq!(store.temp_file_count().await.unwrap(), 0, "small writes are buffered until persist");
+        drop(small);
+
+        let mut abandoned = store.create_temp();
+        abandoned.write(&vec![7; WRITE_BUFFER]).await.unwrap();
+        abandoned.write(b"more").await.unwrap();
+        assert_eq!(store.temp_file_count().await.unwrap(), 1, "past one buffer the bytes go to a temp file");
         drop(abandoned);
+        assert_eq!(store.temp_file_count().await.unwrap(), 0);
+
+        let mut large = store.create_temp();
+        let bytes: Vec<u8> = (0..3 * WRITE_BUFFER + 5).map(|i| (i % 251) as u8).collect();
+        for chunk in bytes.chunks(100_000) {
+            large.write(chunk).await.unwrap();
+        }
+        let large_id = Uuid::new_v4();
+        assert_eq!(large.persist(large_id).await.unwrap().size, bytes.len() as u64);
+        assert_eq!(std::fs::read(store.path(large_id)).unwrap(), bytes);
         assert_eq!(store.temp_file_count().await.unwrap(), 0);
 
         store.remove(id).await.unwrap();

@@ -8,6 +8,7 @@
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
+use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -211,6 +212,17 @@ pub async fn read_all_in_snapshot(
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
     read_global(client, after, limit, "").await
+}
+
+/// Every event the caller's snapshot sees, in `(tx, position)` order, streamed from one
+/// query (replay: a fixed set of commits inside one REPEATABLE READ transaction).
+pub async fn stream_all_in_snapshot(
+    client: &tokio_postgres::Transaction<'_>,
+) -> Result<impl futures::Stream<Item = Result<RecordedEvent, EventStoreError>>, EventStoreError> {
+    let statement = format!("SELECT {SELECT_COLUMNS} FROM events ORDER BY events.tx, events.position");
+    let no_params: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+    let rows = client.query_raw(&statement, no_params).await?;
+    Ok(rows.map_err(EventStoreError::from).and_then(|row| futures::future::ready(recorded_from_row(&row))))
 }
 
 async fn read_global(

@@ -242,7 +242,7 @@ async fn receive_form<B: Buf + Send + 'static>(
                     .content_type()
                     .filter(|m| m.essence_str() != "application/octet-stream")
                     .and_then(|m| MediaType::parse(m.as_ref()).ok());
-                let mut blob = ctx.app.blobs.create_temp().await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
+                let mut blob = ctx.app.blobs.create_temp();
                 while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
                     blob.write(&chunk).await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
                 }

@@ -4,14 +4,20 @@
 //! version, `recorded_at`), never from the clock, so a replay reproduces the tables
 //! exactly.
 
+use std::collections::hash_map::{Entry, HashMap};
+
+use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use futures::TryStreamExt;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 
 pub mod read;
 
-use crate::domain::asset::AssetEvent;
-use crate::domain::session::SessionEvent;
+use crate::domain::asset::{AssetEvent, AssetUploaded};
+use crate::domain::session::{SessionDetails, SessionEvent};
 use crate::domain::DomainEvent;
-use crate::eventstore::{self, EventStoreError, GlobalPosition, RecordedEvent};
+use crate::eventstore::{self, EventStoreError, RecordedEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -54,6 +60,163 @@ pub async fn apply(client: &impl GenericClient, event: &RecordedEvent) -> Result
     Ok(())
 }
 
+/// A `sessions` row as an event makes it (columns in table order).
+#[derive(Debug, Clone)]
+struct SessionRow {
+    id_session: i64,
+    session_uuid: uuid::Uuid,
+    session_name: String,
+    id_creator_uuid: Option<uuid::Uuid>,
+    session_users: Vec<uuid::Uuid>,
+    session_participants: Vec<uuid::Uuid>,
+    session_devices: Vec<uuid::Uuid>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl SessionRow {
+    /// The row after a registration or an update (an update keeps `created_at`).
+    fn registered(d: &SessionDetails, event: &RecordedEvent) -> Self {
+        Self {
+            id_session: d.id_session.get(),
+            session_uuid: d.session_uuid,
+            session_name: d.session_name.clone(),
+            id_creator_uuid: d.id_creator_uuid,
+            session_users: d.session_users.clone(),
+            session_participants: d.session_participants.clone(),
+            session_devices: d.session_devices.clone(),
+            created_at: event.recorded_at,
+            updated_at: event.recorded_at,
+            version: event.version,
+        }
+    }
+
+    const COLUMNS: &'static str = "id_session, session_uuid, session_name, id_creator_uuid, session_users, \
+        session_participants, session_devices, created_at, updated_at, version";
+    const TYPES: [Type; 10] = [
+        Type::INT8,
+        Type::UUID,
+        Type::TEXT,
+        Type::UUID,
+        Type::UUID_ARRAY,
+        Type::UUID_ARRAY,
+        Type::UUID_ARRAY,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+        Type::INT8,
+    ];
+
+    fn values(&self) -> [&(dyn ToSql + Sync); 10] {
+        [
+            &self.id_session,
+            &self.session_uuid,
+            &self.session_name,
+            &self.id_creator_uuid,
+            &self.session_users,
+            &self.session_participants,
+            &self.session_devices,
+            &self.created_at,
+            &self.updated_at,
+            &self.version,
+        ]
+    }
+}
+
+/// An `assets` row as its upload makes it (columns in table order).
+#[derive(Debug, Clone)]
+struct AssetRow {
+    asset_uuid: uuid::Uuid,
+    id_session: i64,
+    asset_name: String,
+    asset_original_filename: String,
+    asset_type: String,
+    asset_file_size: i64,
+    asset_sha256: String,
+    asset_datetime: DateTime<Utc>,
+    directory: String,
+    tags: serde_json::Value,
+    metadata: serde_json::Value,
+    asset_status: &'static str,
+    asset_created_at: DateTime<Utc>,
+    creator_kind: String,
+    creator_uuid: uuid::Uuid,
+    asset_source: String,
+    asset_version: i64,
+}
+
+impl AssetRow {
+    fn uploaded(a: &AssetUploaded, event: &RecordedEvent) -> Self {
+        Self {
+            asset_uuid: a.asset_uuid,
+            id_session: a.id_session.get(),
+            asset_name: a.asset_name.as_str().to_owned(),
+            asset_original_filename: a.asset_original_filename.as_str().to_owned(),
+            asset_type: a.asset_type.as_str().to_owned(),
+            asset_file_size: a.asset_file_size as i64,
+            asset_sha256: a.asset_sha256.as_str().to_owned(),
+            asset_datetime: a.asset_datetime.unwrap_or(event.recorded_at),
+            directory: a.directory.as_str().to_owned(),
+            tags: serde_json::to_value(&a.tags).unwrap_or_default(),
+            metadata: serde_json::Value::Object(a.metadata.clone()),
+            asset_status: STATUS_AVAILABLE,
+            asset_created_at: event.recorded_at,
+            creator_kind: a.asset_creator.kind.as_str().to_owned(),
+            creator_uuid: a.asset_creator.uuid,
+            asset_source: a.asset_source.as_str().to_owned(),
+            asset_version: event.version,
+        }
+    }
+
+    const COLUMNS: &'static str = "asset_uuid, id_session, asset_name, asset_original_filename, asset_type, \
+        asset_file_size, asset_sha256, asset_datetime, directory, tags, metadata, asset_status, asset_created_at, \
+        creator_kind, creator_uuid, asset_source, asset_version";
+    const TYPES: [Type; 17] = [
+        Type::UUID,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::JSONB,
+        Type::JSONB,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::UUID,
+        Type::TEXT,
+        Type::INT8,
+    ];
+
+    fn values(&self) -> [&(dyn ToSql + Sync); 17] {
+        [
+            &self.asset_uuid,
+            &self.id_session,
+            &self.asset_name,
+            &self.asset_original_filename,
+            &self.asset_type,
+            &self.asset_file_size,
+            &self.asset_sha256,
+            &self.asset_datetime,
+            &self.directory,
+            &self.tags,
+            &self.metadata,
+            &self.asset_status,
+            &self.asset_created_at,
+            &self.creator_kind,
+            &self.creator_uuid,
+            &self.asset_source,
+            &self.asset_version,
+        ]
+    }
+}
+
+const STATUS_AVAILABLE: &str = "available";
+const STATUS_DELETED: &str = "deleted";
+
 async fn apply_session(
     client: &impl GenericClient,
     event: &RecordedEvent,
@@ -62,30 +225,15 @@ async fn apply_session(
     match session_event {
         SessionEvent::SessionRegistered(d) | SessionEvent::SessionUpdated(d) => {
             let statement = client
-                .prepare_cached(
-                    "INSERT INTO sessions (id_session, session_uuid, session_name, id_creator_uuid, session_users,
-                         session_participants, session_devices, created_at, updated_at, version)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
+                .prepare_cached(&format!(
+                    "INSERT INTO sessions ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                      ON CONFLICT (id_session) DO UPDATE SET session_uuid = $2, session_name = $3, id_creator_uuid = $4,
-                         session_users = $5, session_participants = $6, session_devices = $7, updated_at = $8, version = $9",
-                )
+                         session_users = $5, session_participants = $6, session_devices = $7, updated_at = $9,
+                         version = $10",
+                    SessionRow::COLUMNS
+                ))
                 .await?;
-            client
-                .execute(
-                    &statement,
-                    &[
-                        &d.id_session.get(),
-                        &d.session_uuid,
-                        &d.session_name,
-                        &d.id_creator_uuid,
-                        &d.session_users,
-                        &d.session_participants,
-                        &d.session_devices,
-                        &event.recorded_at,
-                        &event.version,
-                    ],
-                )
-                .await?;
+            client.execute(&statement, &SessionRow::registered(d, event).values()).await?;
         }
         SessionEvent::SessionDeleted(deleted) => {
             let statement = client.prepare_cached("DELETE FROM sessions WHERE id_session = $1").await?;
@@ -103,36 +251,12 @@ async fn apply_asset(
     match asset_event {
         AssetEvent::AssetUploaded(a) => {
             let statement = client
-                .prepare_cached(
-                    "INSERT INTO assets (asset_uuid, id_session, asset_name, asset_original_filename, asset_type,
-                         asset_file_size, asset_sha256, asset_datetime, directory, tags, metadata, asset_status,
-                         asset_created_at, creator_kind, creator_uuid, asset_source, asset_version)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, coalesce($8::timestamptz, $12::timestamptz), $9, $10, $11, 'available', $12, $13, $14, $15, $16)",
-                )
+                .prepare_cached(&format!(
+                    "INSERT INTO assets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                    AssetRow::COLUMNS
+                ))
                 .await?;
-            client
-                .execute(
-                    &statement,
-                    &[
-                        &a.asset_uuid,
-                        &a.id_session.get(),
-                        &a.asset_name.as_str(),
-                        &a.asset_original_filename.as_str(),
-                        &a.asset_type.as_str(),
-                        &(a.asset_file_size as i64),
-                        &a.asset_sha256.as_str(),
-                        &a.asset_datetime,
-                        &a.directory.as_str(),
-                        &serde_json::to_value(&a.tags).unwrap_or_default(),
-                        &serde_json::Value::Object(a.metadata.clone()),
-                        &event.recorded_at,
-                        &a.asset_creator.kind.as_str(),
-                        &a.asset_creator.uuid,
-                        &a.asset_source.as_str(),
-                        &event.version,
-                    ],
-                )
-                .await?;
+            client.execute(&statement, &AssetRow::uploaded(a, event).values()).await?;
         }
         AssetEvent::AssetRenamed(renamed) => {
             let statement = client
@@ -146,16 +270,85 @@ async fn apply_asset(
         }
         AssetEvent::AssetDeleted(deleted) => {
             let statement = client
-                .prepare_cached("UPDATE assets SET asset_status = 'deleted', asset_version = $2 WHERE asset_uuid = $1")
+                .prepare_cached("UPDATE assets SET asset_status = $3, asset_version = $2 WHERE asset_uuid = $1")
                 .await?;
-            client.execute(&statement, &[&deleted.asset_uuid, &event.version]).await?;
+            client.execute(&statement, &[&deleted.asset_uuid, &event.version, &STATUS_DELETED]).await?;
         }
     }
     Ok(())
 }
 
-/// How many events a replay reads per round trip.
-const REPLAY_BATCH: i64 = 5_000;
+/// The read models folded in memory by a replay, with the same effect per event as
+/// [`apply`] has on the tables (the replay test holds the two to each other).
+#[derive(Default)]
+struct Rebuilt {
+    sessions: HashMap<i64, SessionRow>,
+    assets: HashMap<uuid::Uuid, AssetRow>,
+}
+
+impl Rebuilt {
+    fn apply(&mut self, event: &RecordedEvent) -> Result<(), ProjectionError> {
+        match category(&event.stream) {
+            "session" => match decode::<SessionEvent>(event)? {
+                Some(SessionEvent::SessionRegistered(d) | SessionEvent::SessionUpdated(d)) => {
+                    let row = SessionRow::registered(&d, event);
+                    match self.sessions.entry(row.id_session) {
+                        Entry::Occupied(mut existing) => {
+                            let created_at = existing.get().created_at;
+                            *existing.get_mut() = SessionRow { created_at, ..row };
+                        }
+                        Entry::Vacant(vacant) => {
+                            vacant.insert(row);
+                        }
+                    }
+                }
+                Some(SessionEvent::SessionDeleted(deleted)) => {
+                    self.sessions.remove(&deleted.id_session.get());
+                }
+                None => {}
+            },
+            "asset" => match decode::<AssetEvent>(event)? {
+                Some(AssetEvent::AssetUploaded(a)) => {
+                    self.assets.insert(a.asset_uuid, AssetRow::uploaded(&a, event));
+                }
+                Some(AssetEvent::AssetRenamed(renamed)) => {
+                    if let Some(row) = self.assets.get_mut(&renamed.asset_uuid) {
+                        row.asset_original_filename = renamed.asset_original_filename.as_str().to_owned();
+                        row.asset_version = event.version;
+                    }
+                }
+                Some(AssetEvent::AssetDeleted(deleted)) => {
+                    if let Some(row) = self.assets.get_mut(&deleted.asset_uuid) {
+                        row.asset_status = STATUS_DELETED;
+                        row.asset_version = event.version;
+                    }
+                }
+                None => {}
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Writes the rows with binary COPY into the (emptied) tables.
+    async fn write(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), ProjectionError> {
+        let sink = tx.copy_in(&format!("COPY sessions ({}) FROM STDIN (FORMAT binary)", SessionRow::COLUMNS)).await?;
+        let writer = BinaryCopyInWriter::new(sink, &SessionRow::TYPES);
+        futures::pin_mut!(writer);
+        for row in self.sessions.values() {
+            writer.as_mut().write(&row.values()).await?;
+        }
+        writer.finish().await?;
+        let sink = tx.copy_in(&format!("COPY assets ({}) FROM STDIN (FORMAT binary)", AssetRow::COLUMNS)).await?;
+        let writer = BinaryCopyInWriter::new(sink, &AssetRow::TYPES);
+        futures::pin_mut!(writer);
+        for row in self.assets.values() {
+            writer.as_mut().write(&row.values()).await?;
+        }
+        writer.finish().await?;
+        Ok(())
+    }
+}
 
 /// Empties the read models and rebuilds them from every event, in one transaction so
 /// readers see either the old tables or the rebuilt ones. Returns the events applied.
@@ -163,21 +356,23 @@ const REPLAY_BATCH: i64 = 5_000;
 /// The lock is taken before the snapshot (REPEATABLE READ takes it at the first query):
 /// writers that already touched the read models have committed and are in the snapshot;
 /// writers that have not wait for the lock and update the rebuilt tables afterwards.
+///
+/// The log is streamed in one query and folded in memory (the final rows only: memory
+/// grows with the number of sessions and assets, not events), then written with COPY:
+/// one statement per event would make a replay as slow as a million round trips.
 pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, ProjectionError> {
     let tx = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
     tx.batch_execute("LOCK TABLE sessions, assets IN ACCESS EXCLUSIVE MODE").await?;
     tx.batch_execute("TRUNCATE sessions, assets").await?;
-    let mut after = GlobalPosition::START;
+    let mut rebuilt = Rebuilt::default();
     let mut applied = 0;
-    loop {
-        let batch = eventstore::read_all_in_snapshot(&tx, after, REPLAY_BATCH).await?;
-        let Some(last) = batch.last() else { break };
-        after = last.global_position();
-        for event in &batch {
-            apply(&tx, event).await?;
-        }
-        applied += batch.len() as u64;
+    let events = eventstore::stream_all_in_snapshot(&tx).await?;
+    futures::pin_mut!(events);
+    while let Some(event) = events.try_next().await? {
+        rebuilt.apply(&event)?;
+        applied += 1;
     }
+    rebuilt.write(&tx).await?;
     tx.commit().await?;
     Ok(applied)
 }

@@ -236,7 +236,7 @@ async fn an_upload_is_not_recorded_when_its_session_changes_meanwhile() {
     let store = |principal: Principal, id_session: i64| {
         let app = &app;
         async move {
-            let mut blob = app.ctx.app.blobs.create_temp().await.unwrap();
+            let mut blob = app.ctx.app.blobs.create_temp();
             blob.write(b"bytes").await.unwrap();
             let asset_uuid = Uuid::new_v4();
             let context = CommandContext {

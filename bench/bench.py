@@ -1,0 +1,661 @@
+#!/usr/bin/env python3
+"""scripts/bench: assetd against nginx doing the same transfer, in the same run.
+
+Started by scripts/bench (which installs the tools and builds the release binary). Uses
+only the standard library. Everything runs on 127.0.0.1; every load loop is bounded in
+time and count; every child process is stopped on exit.
+
+What it starts, all under a work directory it owns (default /var/tmp/assetd-bench):
+  - a database of its own (dropped and created) on the local PostgreSQL;
+  - two assetd processes on one database and data directory: `accel`, which hands plain
+    downloads to nginx with X-Accel-Redirect, and `plain`, which streams them itself;
+  - two nginx instances from the shipped nginx/assetd.conf, unchanged, one in front of
+    each assetd (the "X-Accel" and "proxied" modes);
+  - one baseline nginx (bench/nginx-baseline.conf): static files, bodies written to a
+    file, multipart POSTs answered with 200.
+
+Each comparison alternates target and baseline (A B A B ...), `--rounds` times, and
+reports medians with min-max and the ratio of the medians (assetd / nginx, higher is
+better for throughput).
+"""
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "bench")
+
+ASSETD_ACCEL_PORT = 4142
+ASSETD_PLAIN_PORT = 4143
+NGINX_ACCEL_PORT = 4180
+NGINX_PLAIN_PORT = 4181
+NGINX_BASELINE_PORT = 4190
+DATABASE = "assetd_bench"
+SESSION = 1
+
+MIB = 1024 * 1024
+
+
+def log(message):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(cmd, timeout, env=None, check=True, capture=True):
+    result = subprocess.run(
+        cmd,
+        timeout=timeout,
+        env=env,
+        check=False,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({result.returncode}): {result.stderr or result.stdout}")
+    return result
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.rounds = args.rounds
+        self.work = os.path.abspath(args.work_dir)
+        self.binary = args.binary
+        self.server_url = args.database_server.rstrip("/")
+        self.database_url = f"{self.server_url}/{DATABASE}"
+        self.processes = []
+        self.results = {}
+        self.large_size = args.large_mib * MIB
+        self.small_seconds = args.small_seconds
+        self.replay_events = args.replay_events
+        self.secret = secrets.token_hex(32)
+        self.env = dict(
+            os.environ,
+            ASSETD_DATABASE_URL=self.database_url,
+            ASSETD_DATA_DIR=os.path.join(self.work, "data"),
+            ASSETD_JWT_SECRET=self.secret,
+            ASSETD_URL_SIGNING_KEY=secrets.token_hex(32),
+            ASSETD_LOG=os.environ.get("ASSETD_LOG", "warn"),
+            NO_COLOR="1",
+        )
+        self.env.pop("ASSETD_PUBLIC_URL", None)
+
+    # ----- setup -----
+
+    def setup(self):
+        # A previous run's files are deleted after this run's measurements, not before:
+        # on an ext4 without a journal (these machines), allocating inodes is slow for a
+        # minute or more after many were deleted (ext4's `recently_deleted` check), which
+        # would slow every upload measured here.
+        self.leftovers = glob.glob(f"{self.work}.old-*")
+        if os.path.exists(self.work):
+            aside = f"{self.work}.old-{int(time.time())}"
+            os.rename(self.work, aside)
+            self.leftovers.append(aside)
+        for sub in ["data/blobs", "data/tmp", "logs", "bodies", "files"]:
+            os.makedirs(os.path.join(self.work, sub), exist_ok=True)
+        # nginx's workers (nobody/www-data when started as root) read blobs and write
+        # bodies here.
+        for path in [self.work, os.path.join(self.work, "data"), os.path.join(self.work, "data/blobs")]:
+            os.chmod(path, 0o755)
+        os.chmod(os.path.join(self.work, "bodies"), 0o777)
+        os.umask(0o022)
+        run(["psql", "-qw", f"{self.server_url}/postgres", "-c", f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"], 60)
+        run(["psql", "-qw", f"{self.server_url}/postgres", "-c", f"CREATE DATABASE {DATABASE}"], 60)
+        run([self.binary, "migrate"], 60, env=self.env)
+        self.assetd_accel = self.start_assetd("accel", ASSETD_ACCEL_PORT, accel=True)
+        self.assetd_plain = self.start_assetd("plain", ASSETD_PLAIN_PORT, accel=False)
+        self.start_nginx_from_template("nginx-accel", NGINX_ACCEL_PORT, ASSETD_ACCEL_PORT)
+        self.start_nginx_from_template("nginx-plain", NGINX_PLAIN_PORT, ASSETD_PLAIN_PORT)
+        self.start_baseline_nginx()
+        self.service_token = self.token("--kind", "service", "--name", "bench-service")
+        self.user_token = self.token("--kind", "user", "--superadmin", "--name", "bench-user")
+        status, body = self.request(
+            "PUT",
+            f"http://127.0.0.1:{ASSETD_ACCEL_PORT}/file/api/sessions/{SESSION}",
+            {"Authorization": f"Bearer {self.service_token}", "Content-Type": "application/json"},
+            json.dumps({"session_name": "bench"}).encode(),
+        )
+        if status != 200:
+            raise RuntimeError(f"registering the bench session: {status} {body}")
+        self.large_file = os.path.join(self.work, "files", "large.bin")
+        log(f"writing a {self.large_size // MIB} MiB file of random bytes")
+        with open("/dev/urandom", "rb") as source, open(self.large_file, "wb") as target:
+            remaining = self.large_size
+            while remaining:
+                chunk = source.read(min(remaining, 8 * MIB))
+                target.write(chunk)
+                remaining -= len(chunk)
+
+    def token(self, *args):
+        return run([self.binary, "token", "--lifetime", "86400", *args], 30, env=self.env).stdout.strip()
+
+    def start_assetd(self, name, port, accel):
+        env = dict(self.env, ASSETD_LISTEN=f"127.0.0.1:{port}")
+        if accel:
+            env["ASSETD_ACCEL_REDIRECT_PREFIX"] = "/_assetd_blobs/"
+        else:
+            env.pop("ASSETD_ACCEL_REDIRECT_PREFIX", None)
+        out = open(os.path.join(self.work, "logs", f"assetd-{name}.log"), "ab")
+        process = subprocess.Popen([self.binary, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.processes.append(("assetd", process))
+        self.wait_until(f"http://127.0.0.1:{port}/file/health", f"assetd {name}", process)
+        return process
+
+    def render(self, template, replacements, prefix):
+        text = open(template).read()
+        for key, value in replacements.items():
+            text = text.replace("{{" + key + "}}", value)
+        for sub in ["logs", "tmp"]:
+            os.makedirs(os.path.join(prefix, sub), exist_ok=True)
+        path = os.path.join(prefix, "nginx.conf")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def start_nginx(self, prefix, conf, probe):
+        args = ["nginx", "-p", prefix + "/", "-c", conf, "-e", os.path.join(prefix, "logs/error.log")]
+        run(args + ["-t", "-q"], 30)
+        run(args, 30)
+        self.processes.append(("nginx", args))
+        self.wait_until(probe, "nginx", None, any_status=True)
+
+    def start_nginx_from_template(self, name, port, upstream_port):
+        prefix = os.path.join(self.work, name)
+        conf = self.render(
+            os.path.join(ROOT, "nginx/assetd.conf"),
+            {
+                "listen": f"127.0.0.1:{port}",
+                "upstream": f"127.0.0.1:{upstream_port}",
+                "blob_dir": os.path.join(self.work, "data/blobs"),
+            },
+            prefix,
+        )
+        # Our benchmarks are not about nginx's access log.
+        with open(conf) as f:
+            text = f.read().replace("access_log logs/access.log assetd;", "access_log off;")
+        with open(conf, "w") as f:
+            f.write(text)
+        self.start_nginx(prefix, conf, f"http://127.0.0.1:{port}/file/health")
+
+    def start_baseline_nginx(self):
+        prefix = os.path.join(self.work, "nginx-baseline")
+        conf = self.render(
+            os.path.join(BENCH_DIR, "nginx-baseline.conf"),
+            {
+                "listen": f"127.0.0.1:{NGINX_BASELINE_PORT}",
+                "blob_dir": os.path.join(self.work, "data/blobs"),
+                "body_dir": os.path.join(self.work, "bodies"),
+            },
+            prefix,
+        )
+        self.start_nginx(prefix, conf, f"http://127.0.0.1:{NGINX_BASELINE_PORT}/done")
+
+    def wait_until(self, url, what, process, any_status=False):
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{what} exited ({process.returncode}); see {self.work}/logs")
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    return
+            except urllib.error.HTTPError:
+                if any_status:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{what} did not answer at {url}")
+
+    def request(self, method, url, headers, body=None):
+        request = urllib.request.Request(url, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def stop(self):
+        for kind, what in reversed(self.processes):
+            try:
+                if kind == "nginx":
+                    subprocess.run(what + ["-s", "quit"], timeout=30, capture_output=True)
+                else:
+                    what.send_signal(signal.SIGTERM)
+                    what.wait(timeout=40)
+            except Exception as error:  # keep stopping the others
+                log(f"stopping {kind}: {error}")
+                if kind != "nginx":
+                    what.kill()
+        self.processes = []
+
+    # ----- transfers -----
+
+    def auth(self):
+        return ["-H", f"Authorization: OpenTera {self.user_token}"]
+
+    def curl(self, args, timeout=600):
+        result = run(["curl", "-sS", "--noproxy", "*", "-w", "%{http_code} %{size_download} %{time_total}", *args], timeout)
+        status, size, seconds = result.stdout.strip().split()[-3:]
+        return int(status), int(size), float(seconds)
+
+    def upload_large(self, port, path_file=None):
+        """One multipart upload of the large file to assetd; returns (seconds, asset_uuid)."""
+        out = os.path.join(self.work, "files", "answer.json")
+        status, _, seconds = self.curl(
+            [
+                "-o", out, *self.auth(),
+                "-F", f'file_asset={{"id_session": {SESSION}, "asset_name": "large.bin"}};type=application/json',
+                "-F", f"file=@{path_file or self.large_file};type=application/octet-stream",
+                f"http://127.0.0.1:{port}/file/api/assets",
+            ]
+        )
+        answer = open(out).read()
+        if status != 200:
+            raise RuntimeError(f"large upload answered {status}: {answer[:300]}")
+        return seconds, json.loads(answer)["asset_uuid"]
+
+    def upload_large_baseline(self):
+        out = os.path.join(self.work, "files", "answer.json")
+        status, _, seconds = self.curl(
+            [
+                "-o", out,
+                "-F", f'file_asset={{"id_session": {SESSION}, "asset_name": "large.bin"}};type=application/json',
+                "-F", f"file=@{self.large_file};type=application/octet-stream",
+                f"http://127.0.0.1:{NGINX_BASELINE_PORT}/upload-to-file",
+            ]
+        )
+        if status != 200:
+            raise RuntimeError(f"baseline upload answered {status}")
+        bodies = os.path.join(self.work, "bodies")
+        written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(bodies) for f in fs)
+        if written < self.large_size:
+            raise RuntimeError(f"the baseline wrote {written} bytes, fewer than the file's {self.large_size}")
+        shutil.rmtree(bodies)
+        os.makedirs(bodies)
+        os.chmod(bodies, 0o777)
+        return seconds
+
+    def delete_asset(self, asset_uuid):
+        status, body = self.request(
+            "DELETE",
+            f"http://127.0.0.1:{ASSETD_ACCEL_PORT}/file/api/assets?uuid={asset_uuid}",
+            {"Authorization": f"OpenTera {self.user_token}"},
+        )
+        if status != 200:
+            raise RuntimeError(f"delete answered {status}: {body[:200]}")
+
+    def download(self, url, with_auth=True):
+        status, size, seconds = self.curl(["-o", "/dev/null", *(self.auth() if with_auth else []), url])
+        if status != 200 or size != self.large_size:
+            raise RuntimeError(f"download of {url} answered {status} with {size} bytes")
+        return seconds
+
+    # ----- measurements -----
+
+    def alternate(self, name, target, baseline, unit, invert):
+        """Runs target and baseline alternately; `invert` turns seconds into a rate."""
+        targets, baselines = [], []
+        for round_number in range(self.rounds):
+            targets.append(target())
+            baselines.append(baseline())
+            log(f"{name} round {round_number + 1}/{self.rounds}: assetd {targets[-1]:.3f}, nginx {baselines[-1]:.3f}")
+        convert = (lambda seconds: self.large_size / MIB / seconds) if invert else (lambda v: v)
+        t = [convert(v) for v in targets]
+        b = [convert(v) for v in baselines]
+        self.results[name] = {
+            "unit": unit,
+            "assetd": summary(t),
+            "nginx": summary(b),
+            "ratio": statistics.median(t) / statistics.median(b),
+        }
+
+    def bench_large_upload(self):
+        log("large uploads through nginx vs nginx writing the body to a file")
+
+        def target():
+            seconds, asset_uuid = self.upload_large(NGINX_ACCEL_PORT)
+            self.delete_asset(asset_uuid)
+            return seconds
+
+        self.alternate("upload 1 GiB through nginx", target, self.upload_large_baseline, "MiB/s", True)
+
+        def direct():
+            seconds, asset_uuid = self.upload_large(ASSETD_ACCEL_PORT)
+            self.delete_asset(asset_uuid)
+            return seconds
+
+        self.alternate("upload 1 GiB direct", direct, self.upload_large_baseline, "MiB/s", True)
+
+    def bench_large_download(self):
+        log("large downloads vs nginx serving the same file statically")
+        _, asset_uuid = self.upload_large(ASSETD_ACCEL_PORT)
+        hexid = asset_uuid.replace("-", "")
+        static = f"http://127.0.0.1:{NGINX_BASELINE_PORT}/static/{hexid[0:2]}/{hexid[2:4]}/{asset_uuid}"
+        path = f"/file/api/assets?asset_uuid={asset_uuid}"
+
+        def baseline():
+            return self.download(static, with_auth=False)
+
+        # Warm the page cache for everyone alike.
+        self.download(static, with_auth=False)
+        for name, port in [
+            ("download 1 GiB via X-Accel-Redirect", NGINX_ACCEL_PORT),
+            ("download 1 GiB proxied through nginx", NGINX_PLAIN_PORT),
+            ("download 1 GiB direct", ASSETD_PLAIN_PORT),
+        ]:
+            self.alternate(name, lambda port=port: self.download(f"http://127.0.0.1:{port}{path}"), baseline, "MiB/s", True)
+        self.download_asset = asset_uuid
+
+    def wrk(self, url, seconds):
+        env = dict(os.environ, BENCH_TOKEN=self.user_token, BENCH_SESSION=str(SESSION), BENCH_FILE_SIZE="4096")
+        result = run(
+            ["wrk", "-t2", "-c32", f"-d{seconds}s", "--timeout", "10s", "-s", os.path.join(BENCH_DIR, "upload.lua"), url],
+            seconds + 60,
+            env=env,
+        )
+        latency = dict(re.findall(r"(\w+)_us=(\d+)", re.search(r"BENCH_LATENCY.*", result.stdout).group(0)))
+        counts = dict(re.findall(r"(\w+)=(\d+)", re.search(r"BENCH_SUMMARY.*", result.stdout).group(0)))
+        errors = sum(int(counts[k]) for k in ["connect", "read", "write", "status", "timeout"])
+        if errors:
+            raise RuntimeError(f"wrk saw {errors} errors against {url}: {counts}\n{result.stdout}")
+        rate = int(counts["requests"]) / (int(counts["duration_us"]) / 1e6)
+        return {"rate": rate, "p50_ms": int(latency["p50"]) / 1000, "p99_ms": int(latency["p99"]) / 1000}
+
+    def bench_small_uploads(self):
+        log(f"small uploads: 4 KiB, concurrency 32, {self.small_seconds} s per run")
+        baseline_url = f"http://127.0.0.1:{NGINX_BASELINE_PORT}/answer-200"
+        for name, port in [("4 KiB uploads through nginx", NGINX_ACCEL_PORT), ("4 KiB uploads direct", ASSETD_ACCEL_PORT)]:
+            targets, baselines = [], []
+            for round_number in range(self.rounds):
+                targets.append(self.wrk(f"http://127.0.0.1:{port}/file/api/assets", self.small_seconds))
+                baselines.append(self.wrk(baseline_url, self.small_seconds))
+                log(
+                    f"{name} round {round_number + 1}/{self.rounds}: assetd {targets[-1]['rate']:.0f}/s "
+                    f"p99 {targets[-1]['p99_ms']:.1f} ms, nginx {baselines[-1]['rate']:.0f}/s"
+                )
+            self.results[name] = {
+                "unit": "uploads/s",
+                "assetd": summary([t["rate"] for t in targets]),
+                "nginx": summary([b["rate"] for b in baselines]),
+                "ratio": statistics.median([t["rate"] for t in targets]) / statistics.median([b["rate"] for b in baselines]),
+                "assetd_p50_ms": summary([t["p50_ms"] for t in targets]),
+                "assetd_p99_ms": summary([t["p99_ms"] for t in targets]),
+                "nginx_p99_ms": summary([b["p99_ms"] for b in baselines]),
+            }
+        self.check_small_uploads_recorded()
+
+    def check_small_uploads_recorded(self):
+        """Every 200 was a recorded upload: as many uploaded events as blob files."""
+        events = int(self.psql("SELECT count(*) FROM events WHERE type = 'AssetUploaded'"))
+        live = int(self.psql("SELECT count(*) FROM assets WHERE asset_status = 'available'"))
+        blobs = sum(len(files) for _, _, files in os.walk(os.path.join(self.work, "data/blobs")))
+        self.results["uploads recorded"] = {"events": events, "live_assets": live, "blob_files": blobs}
+        if live != blobs:
+            raise RuntimeError(f"{live} live assets but {blobs} blob files")
+
+    def psql(self, sql, timeout=600):
+        return run(["psql", "-qtAw", self.database_url, "-c", sql], timeout).stdout.strip()
+
+    def bench_pgbench(self):
+        log("pgbench: single-row inserts at concurrency 32 (the database's ceiling)")
+        self.psql("CREATE TABLE IF NOT EXISTS bench_ceiling (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v bigint)")
+        script = os.path.join(self.work, "files", "ceiling.sql")
+        with open(script, "w") as f:
+            f.write("INSERT INTO bench_ceiling (v) VALUES (1);\n")
+        seconds = max(3, self.small_seconds // 2)
+        result = run(
+            [pgbench(), "-n", "-c", "32", "-j", "2", "-T", str(seconds), "-f", script, self.database_url], seconds + 60
+        )
+        tps = float(re.search(r"tps = ([\d.]+)", result.stdout).group(1))
+        self.results["pgbench single-row inserts, c=32"] = {"unit": "tps", "value": tps}
+        self.psql("DROP TABLE bench_ceiling")
+
+    def peak_rss(self, pid, load):
+        """Peak RSS (MiB) of `pid` while `load` runs: the kernel's high-water mark, reset first."""
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        load()
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+    def bench_memory(self):
+        log("peak RSS during 4 concurrent large uploads, then 4 concurrent large downloads (direct)")
+        pid = self.assetd_plain.pid
+        if not hasattr(self, "download_asset"):
+            _, self.download_asset = self.upload_large(ASSETD_ACCEL_PORT)
+        url = f"http://127.0.0.1:{ASSETD_PLAIN_PORT}/file/api/assets"
+
+        def uploads():
+            out = os.path.join(self.work, "files")
+            procs = [
+                subprocess.Popen(
+                    ["curl", "-sS", "--noproxy", "*", "-o", f"{out}/rss-{i}.json", "-w", "%{http_code}", *self.auth(),
+                     "-F", f'file_asset={{"id_session": {SESSION}, "asset_name": "rss.bin"}};type=application/json',
+                     "-F", f"file=@{self.large_file};type=application/octet-stream", url],
+                    stdout=subprocess.PIPE, text=True,
+                )
+                for i in range(4)
+            ]
+            for i, proc in enumerate(procs):
+                code = proc.communicate(timeout=900)[0]
+                if code != "200":
+                    raise RuntimeError(f"concurrent upload answered {code}")
+                self.delete_asset(json.load(open(f"{out}/rss-{i}.json"))["asset_uuid"])
+
+        def downloads():
+            procs = [
+                subprocess.Popen(
+                    ["curl", "-sS", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}", *self.auth(),
+                     f"http://127.0.0.1:{ASSETD_PLAIN_PORT}/file/api/assets?asset_uuid={self.download_asset}"],
+                    stdout=subprocess.PIPE, text=True,
+                )
+                for _ in range(4)
+            ]
+            for proc in procs:
+                if proc.communicate(timeout=900)[0] != "200":
+                    raise RuntimeError("concurrent download failed")
+
+        with open(f"/proc/{pid}/status") as f:
+            idle = int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
+        self.results["peak RSS, 4 concurrent 1 GiB uploads"] = {"unit": "MiB", "value": self.peak_rss(pid, uploads)}
+        self.results["peak RSS, 4 concurrent 1 GiB downloads"] = {"unit": "MiB", "value": self.peak_rss(pid, downloads)}
+        self.results["RSS at rest"] = {"unit": "MiB", "value": idle}
+
+    def bench_replay(self):
+        total = self.replay_events
+        log(f"replay: generating {total} events")
+        self.generate_events(total)
+        count = int(self.psql("SELECT count(*) FROM events"))
+        rates = []
+        for round_number in range(self.rounds):
+            started = time.monotonic()
+            result = run([self.binary, "replay"], 1800, env=self.env)
+            seconds = time.monotonic() - started
+            rates.append(count / seconds)
+            log(f"replay round {round_number + 1}/{self.rounds}: {count} events in {seconds:.2f} s ({rates[-1]:.0f}/s) {result.stdout.strip()}")
+        self.results["replay"] = {"unit": "events/s", "events": count, "assetd": summary(rates)}
+
+    def generate_events(self, total):
+        """Adds about `total` events shaped like real ones: each kind's template is an
+        event that assetd itself recorded (upload, rename, delete, session), with the
+        ids varied."""
+        status, body = self.request(
+            "POST",
+            f"http://127.0.0.1:{ASSETD_ACCEL_PORT}/file/api/assets",
+            {
+                "Authorization": f"OpenTera {self.user_token}",
+                "Content-Type": "multipart/form-data; boundary=b",
+            },
+            (
+                '--b\r\nContent-Disposition: form-data; name="file_asset"\r\n\r\n'
+                f'{{"id_session": {SESSION}, "asset_name": "template.txt", "tags": ["bench"]}}\r\n'
+                '--b\r\nContent-Disposition: form-data; name="file"; filename="template.txt"\r\n\r\nhello\r\n--b--\r\n'
+            ).encode(),
+        )
+        if status != 200:
+            raise RuntimeError(f"template upload: {status} {body[:300]}")
+        template = json.loads(body)["asset_uuid"]
+        status, body = self.request(
+            "POST",
+            f"http://127.0.0.1:{ASSETD_ACCEL_PORT}/file/api/assets/infos",
+            {"Authorization": f"OpenTera {self.user_token}", "Content-Type": "application/json"},
+            json.dumps({"file_asset": {"asset_uuid": template, "asset_original_filename": "renamed.txt"}}).encode(),
+        )
+        if status != 200:
+            raise RuntimeError(f"template rename: {status} {body[:300]}")
+        self.delete_asset(template)
+        existing = int(self.psql("SELECT count(*) FROM events"))
+        sessions = max(10, total // 100)
+        remaining = max(0, total - existing - sessions)
+        uploads = remaining * 60 // 100
+        renames = remaining * 25 // 100
+        deletes = remaining - uploads - renames
+        # Deterministic uuids per index so renames and deletes name uploaded assets.
+        self.psql(
+            f"""
+            INSERT INTO events (stream, version, id, type, data, metadata)
+            SELECT 'session-' || (1000000 + i), 1, gen_random_uuid(), t.type,
+                   t.data || jsonb_build_object('id_session', 1000000 + i, 'session_uuid', gen_random_uuid()),
+                   t.metadata
+            FROM generate_series(1, {sessions}) i,
+                 (SELECT type, data, metadata FROM events WHERE stream = 'session-{SESSION}' AND version = 1) t;
+            INSERT INTO events (stream, version, id, type, data, metadata)
+            SELECT 'asset-' || u, 1, gen_random_uuid(), t.type,
+                   t.data || jsonb_build_object('asset_uuid', u, 'id_session', 1000000 + (i % {sessions}) + 1),
+                   t.metadata
+            FROM (SELECT i, md5('bench' || i)::uuid AS u FROM generate_series(1, {uploads}) i) s,
+                 (SELECT type, data, metadata FROM events WHERE stream = 'asset-{template}' AND version = 1) t;
+            INSERT INTO events (stream, version, id, type, data, metadata)
+            SELECT 'asset-' || u, 2, gen_random_uuid(), t.type, t.data || jsonb_build_object('asset_uuid', u), t.metadata
+            FROM (SELECT i, md5('bench' || i)::uuid AS u FROM generate_series(1, {renames}) i) s,
+                 (SELECT type, data, metadata FROM events WHERE stream = 'asset-{template}' AND version = 2) t;
+            INSERT INTO events (stream, version, id, type, data, metadata)
+            SELECT 'asset-' || u, 3, gen_random_uuid(), t.type, t.data || jsonb_build_object('asset_uuid', u), t.metadata
+            FROM (SELECT i, md5('bench' || i)::uuid AS u FROM generate_series(1, {deletes}) i) s,
+                 (SELECT type, data, metadata FROM events WHERE stream = 'asset-{template}' AND version = 3) t;
+            """,
+            timeout=1800,
+        )
+        self.psql("VACUUM ANALYZE events", timeout=1800)
+
+    # ----- report -----
+
+    def machine(self):
+        memory = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1)) // 1024
+        cpu = re.search(r"model name\s+:\s+(.*)", open("/proc/cpuinfo").read())
+        disk = run(["df", "-hT", self.work], 10).stdout.splitlines()[-1].split()
+        return {
+            "cores": os.cpu_count(),
+            "cpu": cpu.group(1) if cpu else platform.processor(),
+            "memory_mib": memory,
+            "disk": f"{disk[0]} {disk[1]} {disk[2]}",
+            "kernel": platform.release(),
+            "nginx": run(["nginx", "-v"], 10).stderr.strip(),
+            "postgres": run(["psql", "-qtAw", self.database_url, "-c", "SHOW server_version"], 10).stdout.strip(),
+        }
+
+    def report(self):
+        lines = ["", "| measurement | assetd (median, min–max) | nginx (median, min–max) | ratio |", "|---|---|---|---|"]
+        for name, r in self.results.items():
+            if "ratio" in r:
+                extra = ""
+                if "assetd_p99_ms" in r:
+                    extra = f"; p50 {r['assetd_p50_ms']['median']:.1f} ms, p99 {r['assetd_p99_ms']['median']:.1f} ms ({r['assetd_p99_ms']['min']:.1f}–{r['assetd_p99_ms']['max']:.1f})"
+                lines.append(
+                    f"| {name} | {fmt(r['assetd'])} {r['unit']}{extra} | {fmt(r['nginx'])} {r['unit']} | {r['ratio']:.2f}× |"
+                )
+            elif "assetd" in r:
+                lines.append(f"| {name} ({r.get('events', '')} events) | {fmt(r['assetd'])} {r['unit']} | | |")
+            elif "value" in r:
+                lines.append(f"| {name} | {r['value']:.1f} {r['unit']} | | |")
+            else:
+                lines.append(f"| {name} | {json.dumps(r)} | | |")
+        print("\n".join(lines))
+        out = os.path.join(ROOT, "var", "bench")
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, f"results-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+        with open(path, "w") as f:
+            json.dump({"command": sys.argv, "machine": self.machine(), "results": self.results}, f, indent=2)
+        print(f"\nmachine: {json.dumps(self.machine())}\nresults: {path}")
+
+
+def pgbench():
+    """pgbench from PATH, else the newest PostgreSQL's (Debian keeps it off PATH)."""
+    found = shutil.which("pgbench")
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pgbench"), key=lambda p: int(p.split("/")[4]))
+    if not candidates:
+        raise RuntimeError("pgbench not found (Debian package postgresql-contrib or postgresql)")
+    return candidates[-1]
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def fmt(s):
+    return f"{s['median']:.0f} ({s['min']:.0f}–{s['max']:.0f})"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--binary", required=True, help="the release assetd binary")
+    parser.add_argument("--quick", action="store_true", help="small sizes and short runs (under 2 minutes)")
+    parser.add_argument("--only", default="upload,download,small,pgbench,memory,replay",
+                        help="comma-separated subset of: upload,download,small,pgbench,memory,replay")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--work-dir", default="/var/tmp/assetd-bench")
+    parser.add_argument("--database-server", default=os.environ.get("ASSETD_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432"))
+    args = parser.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.large_mib = 128 if args.quick else 1024
+    args.small_seconds = 3 if args.quick else 20
+    args.replay_events = 50_000 if args.quick else 1_000_000
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    only = set(args.only.split(","))
+    bench = Bench(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        bench.setup()
+        steps = [
+            ("upload", bench.bench_large_upload),
+            ("download", bench.bench_large_download),
+            ("small", bench.bench_small_uploads),
+            ("pgbench", bench.bench_pgbench),
+            ("memory", bench.bench_memory),
+            ("replay", bench.bench_replay),
+        ]
+        for name, step in steps:
+            if name in only:
+                step()
+        bench.report()
+    finally:
+        bench.stop()
+        # This run's files stay until the next run has measured (see Bench.setup);
+        # delete them by hand with: rm -rf /var/tmp/assetd-bench*
+        for leftover in getattr(bench, "leftovers", []):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

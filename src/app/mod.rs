@@ -15,7 +15,7 @@ use crate::blobs::{BlobStore, StoredBlob, TempBlob};
 use crate::domain::asset::{Asset, AssetEvent, AssetUploaded, DeletionReason};
 use crate::domain::names::{FileName, SessionId};
 use crate::domain::principal::{Actor, Principal};
-use crate::domain::session::{Session, SessionEvent, UpsertSession};
+use crate::domain::session::{Session, SessionDetails, SessionEvent, UpsertSession};
 use crate::domain::{DomainError, DomainEvent};
 use crate::eventstore::{self, EventStoreError, ExpectedVersion, NewEvent, RecordedEvent};
 use crate::projections::read::{self, AssetInfo, ListingCursor, SessionInfo};
@@ -43,7 +43,7 @@ pub enum AppError {
     #[error("event {0} has an unreadable payload")]
     CorruptEvent(Uuid),
     #[error("the commit's outcome is unknown: {0}")]
-    CommitOutcomeUnknown(tokio_postgres::Error),
+    CommitOutcomeUnknown(String),
     #[error("storage: {0}")]
     Storage(#[from] std::io::Error),
     #[error("a command task failed: {0}")]
@@ -141,8 +141,18 @@ async fn stage_unlocked<A: Aggregate>(
         Some(last) => ExpectedVersion::Exact(last.version),
     };
     let events = decide(&state)?;
+    let recorded = eventstore::append(tx, stream, expected, &new_events(ctx, &events)).await?;
+    for event in &recorded {
+        projections::apply(tx, event).await?;
+    }
+    events.iter().for_each(|event| state.apply(event));
+    Ok((state, recorded))
+}
+
+/// The events a command decided, as the event store takes them.
+fn new_events<E: DomainEvent>(ctx: &CommandContext, events: &[E]) -> Vec<NewEvent> {
     let metadata = ctx.metadata();
-    let new_events: Vec<NewEvent> = events
+    events
         .iter()
         .map(|event| NewEvent {
             id: Uuid::new_v4(),
@@ -150,13 +160,7 @@ async fn stage_unlocked<A: Aggregate>(
             data: event.to_data(),
             metadata: metadata.clone(),
         })
-        .collect();
-    let recorded = eventstore::append(tx, stream, expected, &new_events).await?;
-    for event in &recorded {
-        projections::apply(tx, event).await?;
-    }
-    events.iter().for_each(|event| state.apply(event));
-    Ok((state, recorded))
+        .collect()
 }
 
 /// Runs `body` in a transaction, committing on success and retrying it whole on a
@@ -173,7 +177,7 @@ macro_rules! in_transaction {
                 Ok(value) => {
                     // The commit may have happened even if we hear an error: callers must
                     // not undo side effects (blobs) on this one.
-                    $tx.commit().await.map_err(AppError::CommitOutcomeUnknown)?;
+                    $tx.commit().await.map_err(|error| AppError::CommitOutcomeUnknown(error.to_string()))?;
                     break Ok::<_, AppError>(value);
                 }
                 Err(error) if error.is_retryable_conflict() && attempt < MAX_ATTEMPTS => {
@@ -191,6 +195,8 @@ macro_rules! in_transaction {
     }};
 }
 
+mod recorder;
+
 /// The application: shared by every request handler and consumer.
 #[derive(Clone)]
 pub struct App {
@@ -201,11 +207,30 @@ pub struct App {
     /// Commands running on their own (see [`App::run_to_completion`]); shutdown waits
     /// for them.
     pub commands: tokio_util::task::TaskTracker,
+    uploads: recorder::UploadRecorder,
+    /// Sessions recently found by [`App::precheck_upload`]: see there.
+    upload_sessions: moka::sync::Cache<i64, SessionDetails>,
 }
 
+/// How long an upload's early session check may reuse what an earlier one read.
+const UPLOAD_SESSION_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl App {
+    /// Must be called on a Tokio runtime (it starts the upload recorder's workers).
     pub fn new(pool: Pool, blobs: BlobStore, auth: Authenticator, asset_token_ttl: i64) -> Self {
-        Self { pool, blobs, auth: Arc::new(auth), asset_token_ttl, commands: tokio_util::task::TaskTracker::new() }
+        let uploads = recorder::UploadRecorder::start(pool.clone());
+        Self {
+            pool,
+            blobs,
+            auth: Arc::new(auth),
+            asset_token_ttl,
+            commands: tokio_util::task::TaskTracker::new(),
+            uploads,
+            upload_sessions: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(UPLOAD_SESSION_CACHE_TTL)
+                .build(),
+        }
     }
 
     /// Runs a command that has effects outside the database (blob writes and removals)
@@ -232,10 +257,12 @@ impl App {
             return Err(AppError::Forbidden("only services may register sessions".into()));
         }
         let id = command.id_session;
-        in_transaction!(self, |tx| {
+        let session = in_transaction!(self, |tx| {
             stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_upsert(command.clone(), Uuid::new_v4())).await?;
             read::session(&tx, id).await?.ok_or(AppError::Domain(DomainError::NotFound("session")))
-        })
+        });
+        self.upload_sessions.invalidate(&id.get());
+        session
     }
 
     /// Deletes a session and every live asset of it, in one transaction; then removes
@@ -261,10 +288,28 @@ impl App {
             }
             Ok(uuids)
         })?;
+        self.upload_sessions.invalidate(&id.get());
         for uuid in &deleted {
             self.remove_blob(*uuid).await;
         }
         Ok(deleted)
+    }
+
+    /// The early check of an upload, before its bytes are received: is the session there
+    /// and does it admit `principal`? Only an answer of yes is remembered, for a couple of
+    /// seconds, so a burst of uploads to one session costs one query rather than one each
+    /// (at thousands of uploads a second that query was a third of the database's work).
+    /// Safe because this check only decides whether to start receiving: the upload is
+    /// recorded only if the session admits it then, read under a lock (see
+    /// [`App::store_upload`]). A "no" is never remembered, so a session registered a
+    /// moment ago is found at once.
+    pub async fn precheck_upload(&self, principal: &Principal, id: SessionId) -> Result<(), AppError> {
+        if self.upload_sessions.get(&id.get()).is_some_and(|details| details.grants(principal)) {
+            return Ok(());
+        }
+        let details = self.session_for(principal, id).await?.details().ok_or(DomainError::NotFound("session"))?;
+        self.upload_sessions.insert(id.get(), details);
+        Ok(())
     }
 
     /// The session, if `principal` may see it.
@@ -293,9 +338,9 @@ impl App {
     // ----- assets -----
 
     /// Makes an uploaded file durable under `asset_uuid` and records the asset that
-    /// `describe` makes of it. The session must still exist and still admit `principal`:
-    /// both are checked again, under a lock on the session row, because either may have
-    /// changed while the bytes were streaming. If the asset is not recorded, its bytes
+    /// `describe` makes of it (see [`recorder`]). The session must still exist and still
+    /// admit `principal`: both are checked again, under a lock on the session row,
+    /// because either may have changed while the bytes were streaming. If the asset is not recorded, its bytes
     /// are removed (unless the commit's outcome is unknown: then the cleanup job decides).
     pub async fn store_upload(
         &self,
@@ -306,19 +351,8 @@ impl App {
         describe: impl FnOnce(StoredBlob) -> AssetUploaded,
     ) -> Result<AssetInfo, AppError> {
         let uploaded = describe(blob.persist(asset_uuid).await?);
-        let recorded = in_transaction!(self, |tx| {
-            let session = read::lock_session(&tx, uploaded.id_session).await?;
-            match session.and_then(|s| s.details()) {
-                None => return Err(AppError::Domain(DomainError::NotFound("session"))),
-                Some(details) if !details.grants(principal) => {
-                    return Err(AppError::Forbidden(format!("no access to session {}", details.id_session)))
-                }
-                Some(_) => {}
-            }
-            // A fresh uuid's stream: nobody else can be writing it, so no lock to take.
-            stage_unlocked::<Asset>(&tx, ctx, &asset_stream(asset_uuid), |a| a.handle_upload(uploaded.clone())).await?;
-            read::asset(&tx, asset_uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
-        });
+        // Recorded together with whichever other uploads are waiting (group commit).
+        let recorded = self.uploads.record(principal.clone(), ctx.clone(), uploaded).await;
         if let Err(error) = &recorded {
             if !matches!(error, AppError::CommitOutcomeUnknown(_)) {
                 self.remove_blob(asset_uuid).await;

@@ -112,62 +112,102 @@ pub async fn append(
     events: &[NewEvent],
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
     let conflict = |actual| EventStoreError::Conflict { stream: stream.to_owned(), expected, actual };
-    let current: i64 = if expected == ExpectedVersion::NoStream {
+    if expected == ExpectedVersion::NoStream {
         // A new stream (every upload) needs no look-up: the unique key catches a race.
-        0
-    } else {
-        // The last event, and whether its transaction id is above ours. Readers order the
-        // global log by (tx, position); appending after an event with a larger tx would put
-        // our event before it in that order, so we refuse and the caller retries in a new
-        // (larger) transaction. This keeps the global order consistent with stream order.
-        let statement = client
-            .prepare_cached(
-                "SELECT version, tx > pg_current_xact_id() FROM events WHERE stream = $1 ORDER BY version DESC LIMIT 1",
-            )
-            .await?;
-        match client.query_opt(&statement, &[&stream]).await? {
-            None => 0,
-            Some(row) if row.get::<_, bool>(1) => return Err(conflict(row.get(0))),
-            Some(row) => row.get(0),
-        }
-    };
-    match expected {
-        ExpectedVersion::Exact(v) if v != current => return Err(conflict(current)),
-        ExpectedVersion::NoStream if current != 0 => return Err(conflict(current)),
-        _ => {}
+        return append_to_new_streams(client, &[(stream, events)]).await;
     }
-    if events.is_empty() {
+    // The last event, and whether its transaction id is above ours. Readers order the
+    // global log by (tx, position); appending after an event with a larger tx would put
+    // our event before it in that order, so we refuse and the caller retries in a new
+    // (larger) transaction. This keeps the global order consistent with stream order.
+    let statement = client
+        .prepare_cached(
+            "SELECT version, tx > pg_current_xact_id() FROM events WHERE stream = $1 ORDER BY version DESC LIMIT 1",
+        )
+        .await?;
+    let current: i64 = match client.query_opt(&statement, &[&stream]).await? {
+        None => 0,
+        Some(row) if row.get::<_, bool>(1) => return Err(conflict(row.get(0))),
+        Some(row) => row.get(0),
+    };
+    if let ExpectedVersion::Exact(v) = expected {
+        if v != current {
+            return Err(conflict(current));
+        }
+    }
+    insert_events(client, &[(stream, events)], current).await
+}
+
+/// Appends the first events of several new streams (each expected to have none), in
+/// one statement: a batch of uploads is one round trip.
+pub async fn append_to_new_streams(
+    client: &impl GenericClient,
+    streams: &[(&str, &[NewEvent])],
+) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    insert_events(client, streams, 0).await
+}
+
+/// Inserts each stream's events after version `after`. ON CONFLICT on the version key
+/// only: a concurrent writer that took one of our versions makes us insert fewer rows
+/// (the caller rolls back), and the transaction stays usable to report the stream's
+/// actual version. A reused event id still errors.
+async fn insert_events(
+    client: &impl GenericClient,
+    streams: &[(&str, &[NewEvent])],
+    after: i64,
+) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    let total: usize = streams.iter().map(|(_, events)| events.len()).sum();
+    if total == 0 {
         return Ok(vec![]);
     }
-    let versions: Vec<i64> = (1..=events.len() as i64).map(|i| current + i).collect();
-    let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
-    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
-    let metadata: Vec<&serde_json::Value> = events.iter().map(|e| &e.metadata).collect();
-    // ON CONFLICT on the version key only: a concurrent writer that took one of our
-    // versions makes us insert fewer rows (the caller rolls back), and the transaction
-    // stays usable to report the stream's actual version. A reused event id still errors.
+    let mut names = Vec::with_capacity(total);
+    let mut versions = Vec::with_capacity(total);
+    let mut ids = Vec::with_capacity(total);
+    let mut types = Vec::with_capacity(total);
+    let mut data = Vec::with_capacity(total);
+    let mut metadata = Vec::with_capacity(total);
+    for (stream, events) in streams {
+        for (offset, event) in events.iter().enumerate() {
+            names.push(*stream);
+            versions.push(after + 1 + offset as i64);
+            ids.push(event.id);
+            types.push(event.event_type.as_str());
+            data.push(&event.data);
+            metadata.push(&event.metadata);
+        }
+    }
+    // WITH ORDINALITY + ORDER BY: positions follow the order given (a stream's events
+    // in version order).
     let statement = format!(
         "INSERT INTO events (stream, version, id, type, data, metadata)
-         SELECT $1, v, i, t, d, m FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[]) AS x(v, i, t, d, m)
+         SELECT s, v, i, t, d, m
+         FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::jsonb[], $6::jsonb[]) WITH ORDINALITY
+              AS x(s, v, i, t, d, m, n)
+         ORDER BY n
          ON CONFLICT (stream, version) DO NOTHING
          RETURNING {SELECT_COLUMNS}"
     );
     let statement = client.prepare_cached(&statement).await?;
     let rows =
-        client.query(&statement, &[&stream, &versions, &ids, &types, &data, &metadata]).await.map_err(|error| {
+        client.query(&statement, &[&names, &versions, &ids, &types, &data, &metadata]).await.map_err(|error| {
             match error.as_db_error().and_then(|db| db.constraint()) {
                 Some("events_id_key") => EventStoreError::DuplicateEventId(ids[0]),
                 _ => EventStoreError::Database(error),
             }
         })?;
-    if rows.len() < events.len() {
-        let statement = client.prepare_cached("SELECT coalesce(max(version), 0) FROM events WHERE stream = $1").await?;
-        let actual: i64 = client.query_one(&statement, &[&stream]).await?.get(0);
-        return Err(conflict(actual));
-    }
     let mut recorded = rows.iter().map(recorded_from_row).collect::<Result<Vec<_>, _>>()?;
-    recorded.sort_by_key(|e| e.version);
+    if recorded.len() < total {
+        // Some stream was written concurrently: name the first one that lost rows.
+        let (stream, _) = streams
+            .iter()
+            .find(|(stream, events)| recorded.iter().filter(|e| e.stream == *stream).count() < events.len())
+            .expect("a stream is short of rows");
+        let statement = client.prepare_cached("SELECT coalesce(max(version), 0) FROM events WHERE stream = $1").await?;
+        let actual: i64 = client.query_one(&statement, &[stream]).await?.get(0);
+        let expected = if after == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(after) };
+        return Err(EventStoreError::Conflict { stream: (*stream).to_owned(), expected, actual });
+    }
+    recorded.sort_by_key(|e| e.position);
     Ok(recorded)
 }
 

@@ -306,7 +306,7 @@ async fn check_file_asset(text: &str, principal: &Principal, ctx: &Context) -> R
         } else {
             principal.actor()
         };
-    ctx.app.session_for(principal, id_session).await?;
+    ctx.app.precheck_upload(principal, id_session).await?;
     Ok(UploadPlan { id_session, asset_name, asset_type, asset_datetime, directory, tags, metadata, creator })
 }
 

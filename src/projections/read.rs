@@ -210,3 +210,18 @@ pub async fn lock_session(
         .await?;
     Ok(client.query_opt(&statement, &[&id.get()]).await?.as_ref().map(session_from_row))
 }
+
+/// [`lock_session`] for several sessions at once (in id order, so two callers never
+/// wait on each other crosswise). Unregistered ones are missing from the answer.
+pub async fn lock_sessions(
+    client: &impl GenericClient,
+    ids: &[SessionId],
+) -> Result<Vec<SessionInfo>, tokio_postgres::Error> {
+    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = ANY($1) ORDER BY id_session FOR SHARE"
+        ))
+        .await?;
+    Ok(client.query(&statement, &[&ids]).await?.iter().map(session_from_row).collect())
+}

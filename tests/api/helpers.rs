@@ -230,6 +230,47 @@ impl TestApp {
     }
 
     /// What a refused request must leave unchanged: events, assets, temp files, blobs.
+    /// Stores an upload through the application, bypassing HTTP and its early checks
+    /// (as if the session changed while the bytes were streaming).
+    pub async fn store_upload_directly(
+        &self,
+        principal: &Principal,
+        id_session: i64,
+        asset_uuid: Uuid,
+    ) -> Result<assetd::projections::read::AssetInfo, assetd::app::AppError> {
+        use assetd::app::CommandContext;
+        use assetd::domain::asset::{AssetSource, AssetUploaded};
+        use assetd::domain::names::{AssetName, Directory, FileName, MediaType, SessionId, Tags};
+        use assetd::domain::principal::Actor;
+
+        let mut blob = self.ctx.app.blobs.create_temp();
+        blob.write(asset_uuid.as_bytes()).await.unwrap();
+        let context = CommandContext {
+            actor: principal.actor(),
+            request_id: "r".into(),
+            correlation_id: "r".into(),
+            causation_id: None,
+        };
+        self.ctx
+            .app
+            .store_upload(principal, &context, blob, asset_uuid, |stored| AssetUploaded {
+                asset_uuid,
+                id_session: SessionId::new(id_session).unwrap(),
+                asset_name: AssetName::parse("n").unwrap(),
+                asset_original_filename: FileName::parse("n.bin").unwrap(),
+                asset_type: MediaType::octet_stream(),
+                asset_file_size: stored.size,
+                asset_sha256: stored.sha256,
+                asset_datetime: None,
+                directory: Directory::root(),
+                tags: Tags::default(),
+                metadata: Default::default(),
+                asset_creator: Actor { kind: principal.kind, uuid: principal.uuid },
+                asset_source: AssetSource::Upload,
+            })
+            .await
+    }
+
     pub async fn footprint(&self) -> (i64, i64, usize, usize) {
         (
             self.event_count().await,

@@ -225,10 +225,8 @@ async fn listings_are_newest_first_paginated_and_filtered_by_directory() {
 /// bytes stream is not recorded, and its bytes are removed.
 #[tokio::test]
 async fn an_upload_is_not_recorded_when_its_session_changes_meanwhile() {
-    use assetd::app::{AppError, CommandContext};
-    use assetd::domain::asset::{AssetSource, AssetUploaded};
-    use assetd::domain::names::{AssetName, Directory, FileName, MediaType, SessionId, Tags};
-    use assetd::domain::principal::{Actor, Principal};
+    use assetd::app::AppError;
+    use assetd::domain::principal::Principal;
 
     let app = TestApp::spawn().await;
     let (user, _) = app.session_with_user(8).await;
@@ -236,35 +234,8 @@ async fn an_upload_is_not_recorded_when_its_session_changes_meanwhile() {
     let store = |principal: Principal, id_session: i64| {
         let app = &app;
         async move {
-            let mut blob = app.ctx.app.blobs.create_temp();
-            blob.write(b"bytes").await.unwrap();
             let asset_uuid = Uuid::new_v4();
-            let context = CommandContext {
-                actor: principal.actor(),
-                request_id: "r".into(),
-                correlation_id: "r".into(),
-                causation_id: None,
-            };
-            let result = app
-                .ctx
-                .app
-                .store_upload(&principal, &context, blob, asset_uuid, |stored| AssetUploaded {
-                    asset_uuid,
-                    id_session: SessionId::new(id_session).unwrap(),
-                    asset_name: AssetName::parse("n").unwrap(),
-                    asset_original_filename: FileName::parse("n.bin").unwrap(),
-                    asset_type: MediaType::octet_stream(),
-                    asset_file_size: stored.size,
-                    asset_sha256: stored.sha256,
-                    asset_datetime: None,
-                    directory: Directory::root(),
-                    tags: Tags::default(),
-                    metadata: Default::default(),
-                    asset_creator: Actor { kind: principal.kind, uuid: principal.uuid },
-                    asset_source: AssetSource::Upload,
-                })
-                .await;
-            (result, asset_uuid)
+            (app.store_upload_directly(&principal, id_session, asset_uuid).await, asset_uuid)
         }
     };
     let member = |uuid| Principal { kind: PrincipalKind::User, uuid, name: String::new(), superadmin: false };
@@ -286,4 +257,55 @@ async fn an_upload_is_not_recorded_when_its_session_changes_meanwhile() {
     assert!(matches!(result, Err(AppError::Forbidden(_))), "{result:?}");
     assert!(!app.ctx.app.blobs.path(uuid).exists());
     assert_eq!(app.footprint().await, before);
+}
+
+/// Uploads arriving together are recorded in one transaction (group commit), yet each is
+/// judged on its own: refused ones leave nothing, and one that makes the batch's
+/// transaction fail (here a stream that already exists) does not take the others down.
+#[tokio::test]
+async fn uploads_recorded_together_are_judged_one_by_one() {
+    use assetd::app::AppError;
+    use assetd::domain::principal::Principal;
+
+    let app = TestApp::spawn().await;
+    let (member, _) = app.session_with_user(8).await;
+    app.session_with_user(9).await;
+    let user = Principal { kind: PrincipalKind::User, uuid: member, name: String::new(), superadmin: false };
+    let taken = Uuid::new_v4();
+    {
+        let client = app.ctx.app.pool.get().await.unwrap();
+        client
+            .execute(
+                "INSERT INTO events (stream, version, id, type, data, metadata) VALUES ($1, 1, $2, 'Other', '{}', '{}')",
+                &[&format!("asset-{taken}"), &Uuid::new_v4()],
+            )
+            .await
+            .unwrap();
+    }
+    let before = app.footprint().await;
+    // 30 good ones, 5 to a session that does not admit the user, 4 to none, 1 taken uuid.
+    let mut planned: Vec<(i64, Uuid)> = (0..30).map(|_| (8, Uuid::new_v4())).collect();
+    planned.extend((0..5).map(|_| (9, Uuid::new_v4())));
+    planned.extend((0..4).map(|_| (77, Uuid::new_v4())));
+    planned.push((8, taken));
+    let outcomes = futures::future::join_all(
+        planned.iter().map(|(session, uuid)| app.store_upload_directly(&user, *session, *uuid)),
+    )
+    .await;
+    for ((session, uuid), outcome) in planned.iter().zip(&outcomes) {
+        match (session, outcome) {
+            (8, Ok(info)) if *uuid != taken => {
+                assert_eq!(info.asset_uuid, *uuid);
+                assert!(app.ctx.app.blobs.path(*uuid).exists());
+            }
+            (8, Err(AppError::EventStore(conflict))) if *uuid == taken => assert!(conflict.is_conflict()),
+            (9, Err(AppError::Forbidden(_))) => assert!(!app.ctx.app.blobs.path(*uuid).exists()),
+            (77, Err(AppError::Domain(assetd::domain::DomainError::NotFound("session")))) => {
+                assert!(!app.ctx.app.blobs.path(*uuid).exists())
+            }
+            other => panic!("unexpected outcome for session {session}: {other:?}"),
+        }
+    }
+    let (events, assets, temp_files, blobs) = app.footprint().await;
+    assert_eq!((events, assets, temp_files, blobs), (before.0 + 30, before.1 + 30, before.2, before.3 + 30));
 }

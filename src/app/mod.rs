@@ -48,6 +48,8 @@ pub enum AppError {
     Storage(#[from] std::io::Error),
     #[error("a command task failed: {0}")]
     TaskFailed(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl AppError {

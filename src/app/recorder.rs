@@ -11,7 +11,7 @@
 //! batch's transaction fails, each upload is recorded again on its own, so one bad
 //! upload cannot fail its neighbours.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
@@ -23,13 +23,14 @@ use crate::domain::asset::{Asset, AssetEvent, AssetUploaded};
 use crate::domain::names::SessionId;
 use crate::domain::principal::Principal;
 use crate::domain::DomainError;
-use crate::eventstore;
-use crate::projections::{self, read, read::AssetInfo};
+use crate::eventstore::{self, EventStoreError};
+use crate::projections::{self, read, read::AssetInfo, ProjectionError};
 
 /// Uploads recorded in one transaction at most.
 const MAX_BATCH: usize = 64;
-/// Transactions in flight at once: while some commit, the next batch is gathering.
-const WORKERS: usize = 4;
+/// Transactions in flight at once (at most; never more than half the pool): while some
+/// commit, the next batch is gathering.
+const MAX_WORKERS: usize = 4;
 
 /// An upload whose bytes are durable, waiting for its event.
 pub(crate) struct PendingUpload {
@@ -51,7 +52,8 @@ impl UploadRecorder {
     pub fn start(pool: Pool) -> Self {
         let (queue, receiver) = mpsc::unbounded_channel();
         let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..WORKERS {
+        let workers = (pool.status().max_size / 2).clamp(1, MAX_WORKERS);
+        for _ in 0..workers {
             tokio::spawn(work(pool.clone(), receiver.clone()));
         }
         Self { queue }
@@ -66,8 +68,8 @@ impl UploadRecorder {
     ) -> Result<AssetInfo, AppError> {
         let (reply, outcome) = oneshot::channel();
         let pending = PendingUpload { principal, ctx, uploaded, reply };
-        self.queue.send(pending).map_err(|_| AppError::TaskFailed("the upload recorder has stopped".into()))?;
-        outcome.await.map_err(|_| AppError::TaskFailed("the upload recorder dropped an upload".into()))?
+        self.queue.send(pending).map_err(|_| AppError::Unavailable("the upload recorder has stopped".into()))?;
+        outcome.await.map_err(|_| AppError::Unavailable("the upload recorder failed".into()))?
     }
 }
 
@@ -85,7 +87,11 @@ async fn work(pool: Pool, receiver: Arc<Mutex<mpsc::UnboundedReceiver<PendingUpl
             }
             batch
         };
-        record_batch(&pool, batch).await;
+        // In a task of its own: a panic fails this batch's uploads (their replies are
+        // dropped: 503), never the worker.
+        if let Err(error) = tokio::spawn(record_batch(pool.clone(), batch)).await {
+            tracing::error!(%error, "recording a batch of uploads panicked");
+        }
     }
 }
 
@@ -94,8 +100,8 @@ struct Db<'a> {
     pool: &'a Pool,
 }
 
-async fn record_batch(pool: &Pool, batch: Vec<PendingUpload>) {
-    let db = Db { pool };
+async fn record_batch(pool: Pool, batch: Vec<PendingUpload>) {
+    let db = Db { pool: &pool };
     let (uploads, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|p| ((p.principal, p.ctx, p.uploaded), p.reply)).unzip();
     match record_together(&db, &uploads).await {
@@ -104,24 +110,45 @@ async fn record_batch(pool: &Pool, batch: Vec<PendingUpload>) {
                 let _ = reply.send(outcome);
             }
         }
-        Err(AppError::CommitOutcomeUnknown(error)) => {
-            for reply in replies {
-                let _ = reply.send(Err(AppError::CommitOutcomeUnknown(error.clone())));
-            }
-        }
         Err(error) if uploads.len() == 1 => {
             let _ = replies.into_iter().next().expect("one reply").send(Err(error));
         }
-        Err(error) => {
+        Err(error) if could_be_one_uploads_fault(&error) => {
             tracing::warn!(%error, uploads = uploads.len(), "recording a batch of uploads failed; recording them one by one");
-            for (upload, reply) in uploads.into_iter().zip(replies) {
-                let outcome = match record_together(&db, std::slice::from_ref(&upload)).await {
+            let alone = uploads.iter().map(|upload| async {
+                match record_together(&db, std::slice::from_ref(upload)).await {
                     Ok(mut outcomes) => outcomes.pop().expect("one outcome per upload"),
                     Err(error) => Err(error),
-                };
+                }
+            });
+            for (reply, outcome) in replies.into_iter().zip(futures::future::join_all(alone).await) {
                 let _ = reply.send(outcome);
             }
         }
+        // The database is unreachable, or the commit's fate unknown: the same for all,
+        // at once (one by one would wait for the pool once per upload).
+        Err(error) => {
+            let unknown = matches!(error, AppError::CommitOutcomeUnknown(_));
+            for reply in replies {
+                let _ = reply.send(Err(if unknown {
+                    AppError::CommitOutcomeUnknown(error.to_string())
+                } else {
+                    AppError::Unavailable(error.to_string())
+                }));
+            }
+        }
+    }
+}
+
+/// Whether a failed batch may have failed because of one of its uploads (a statement
+/// Postgres refused, a version conflict), so that recording each alone is worth it.
+fn could_be_one_uploads_fault(error: &AppError) -> bool {
+    match error {
+        AppError::Database(e) | AppError::EventStore(EventStoreError::Database(e)) => e.as_db_error().is_some(),
+        AppError::Projection(ProjectionError::Database(e)) => e.as_db_error().is_some(),
+        AppError::EventStore(EventStoreError::Pool(_)) => false,
+        AppError::EventStore(_) | AppError::Projection(_) => true,
+        _ => false,
     }
 }
 
@@ -141,10 +168,20 @@ async fn record_together(
             .filter_map(|s| s.details())
             .map(|details| (details.id_session.get(), details))
             .collect();
+        // Our transaction id was fixed at the first row locked; if we then waited for a
+        // session's update, that update's events carry a larger id, and ours must not
+        // come before them in the global log: retry in a new transaction.
+        let session_streams: Vec<String> = session_ids.iter().map(|id| id.stream()).collect();
+        eventstore::refuse_if_written_after_us(&tx, &session_streams).await?;
         let mut outcomes: Vec<Option<Result<AssetInfo, AppError>>> = Vec::with_capacity(uploads.len());
         let mut streams = Vec::new();
+        let mut seen = HashSet::new();
         for (principal, ctx, uploaded) in uploads {
             let events = match sessions.get(&uploaded.id_session.get()) {
+                _ if !seen.insert(uploaded.asset_uuid) => Err(AppError::Domain(DomainError::Conflict(format!(
+                    "asset {} already exists",
+                    uploaded.asset_uuid
+                )))),
                 None => Err(AppError::Domain(DomainError::NotFound("session"))),
                 Some(details) if !details.grants(principal) => {
                     Err(AppError::Forbidden(format!("no access to session {}", details.id_session)))
@@ -169,14 +206,16 @@ async fn record_together(
             uploads.iter().zip(&outcomes).filter(|(_, o)| o.is_none()).map(|((_, _, u), _)| u.asset_uuid).collect();
         let mut infos: HashMap<Uuid, AssetInfo> =
             read::assets(&tx, &written).await?.into_iter().map(|info| (info.asset_uuid, info)).collect();
-        Ok(uploads
-            .iter()
-            .zip(outcomes)
-            .map(|((_, _, uploaded), outcome)| {
-                outcome.unwrap_or_else(|| {
-                    infos.remove(&uploaded.asset_uuid).ok_or(AppError::Domain(DomainError::NotFound("asset")))
-                })
-            })
-            .collect())
+        let mut answers = Vec::with_capacity(uploads.len());
+        for ((_, _, uploaded), outcome) in uploads.iter().zip(outcomes) {
+            answers.push(match outcome {
+                Some(refused) => refused,
+                // Not in the read model after our own insert: roll everything back.
+                None => Ok(infos.remove(&uploaded.asset_uuid).ok_or_else(|| {
+                    AppError::TaskFailed(format!("asset {} missing from the read model", uploaded.asset_uuid))
+                })?),
+            });
+        }
+        Ok(answers)
     })
 }

@@ -102,8 +102,10 @@ impl BlobStore {
     /// write buffer, so a small upload costs a single blocking call in [`TempBlob::persist`].
     pub fn create_temp(&self) -> TempBlob {
         TempBlob {
-            temp: None,
+            temp_path: None,
+            file: None,
             pending: Vec::new(),
+            written: 0,
             hasher: Sha256::new(),
             size: 0,
             tmp_dir: self.tmp.clone(),
@@ -137,10 +139,15 @@ impl BlobStore {
 
 /// A blob being written. Dropping it unpersisted deletes the temporary file.
 pub struct TempBlob {
+    /// The temporary file's path, chosen before the file is created so that dropping
+    /// the blob at any moment (a cancelled request) removes whatever was created.
+    temp_path: Option<PathBuf>,
     /// The temporary file, once the bytes outgrew `pending`.
-    temp: Option<(PathBuf, Arc<std::fs::File>)>,
+    file: Option<Arc<std::fs::File>>,
     /// Bytes received and not yet written (at most [`WRITE_BUFFER`]).
     pending: Vec<u8>,
+    /// Bytes written to the temporary file so far.
+    written: u64,
     hasher: Sha256,
     size: u64,
     tmp_dir: PathBuf,
@@ -167,20 +174,19 @@ impl TempBlob {
     /// Writes the buffered bytes to the temporary file (created on first use) in the
     /// blocking pool, and keeps the buffer for the next ones.
     async fn write_pending(&mut self) -> io::Result<()> {
-        let (path, file) = match &self.temp {
-            Some((path, file)) => (path.clone(), Some(file.clone())),
-            None => (self.tmp_dir.join(format!("{}.part", Uuid::new_v4())), None),
-        };
-        let created = file.is_none();
+        let path = self.temp_path.get_or_insert_with(|| self.tmp_dir.join(format!("{}.part", Uuid::new_v4()))).clone();
+        let file = self.file.clone();
         let mut buffer = std::mem::take(&mut self.pending);
-        let write_path = path.clone();
+        let offset = self.written;
+        self.written += buffer.len() as u64;
         let (result, buffer) = tokio::task::spawn_blocking(move || {
-            let result = (|| {
+            let result = (|| -> io::Result<Arc<std::fs::File>> {
                 let file = match file {
                     Some(file) => file,
-                    None => Arc::new(std::fs::OpenOptions::new().write(true).create_new(true).open(&write_path)?),
+                    None => Arc::new(std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?),
                 };
                 (&*file).write_all(&buffer)?;
+                start_writeback(&file, offset, buffer.len());
                 Ok(file)
             })();
             buffer.clear();
@@ -189,37 +195,25 @@ impl TempBlob {
         .await
         .map_err(io::Error::other)?;
         self.pending = buffer;
-        match result {
-            Ok(file) => {
-                self.temp = Some((path, file));
-                Ok(())
-            }
-            Err(error) => {
-                if created {
-                    let _ = std::fs::remove_file(&path);
-                }
-                Err(error)
-            }
-        }
+        self.file = Some(result?);
+        Ok(())
     }
 
     /// Makes the bytes durable under `id`: write what is buffered, fsync, rename into
     /// place, fsync the directories that changed. All in one blocking call.
     pub async fn persist(mut self, id: Uuid) -> io::Result<StoredBlob> {
         let target = self.blobs.join(BlobStore::relative_path(id));
-        let temp = self.temp.take();
+        let file = self.file.take();
+        let temp_path = self.temp_path.take();
         let pending = std::mem::take(&mut self.pending);
         let tmp_dir = self.tmp_dir.clone();
         let blobs = self.blobs.clone();
         let durable_shards = self.durable_shards.clone();
         tokio::task::spawn_blocking(move || {
-            let (temp_path, file) = match temp {
-                Some(temp) => temp,
-                None => {
-                    let path = tmp_dir.join(format!("{}.part", Uuid::new_v4()));
-                    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
-                    (path, Arc::new(file))
-                }
+            let temp_path = temp_path.unwrap_or_else(|| tmp_dir.join(format!("{}.part", Uuid::new_v4())));
+            let file = match file {
+                Some(file) => file,
+                None => Arc::new(std::fs::OpenOptions::new().write(true).create_new(true).open(&temp_path)?),
             };
             // From here the temporary file is ours to remove on any failure.
             let renamed = (|| {
@@ -227,7 +221,7 @@ impl TempBlob {
                 file.sync_all()?;
                 let shard = target.parent().expect("blob paths have two shard directories");
                 durable_shards.ensure(&blobs, shard)?;
-                std::fs::rename(&temp_path, &target)
+                rename_no_replace(&temp_path, &target)
             })();
             if let Err(error) = renamed {
                 let _ = std::fs::remove_file(&temp_path);
@@ -248,11 +242,54 @@ impl TempBlob {
 
 impl Drop for TempBlob {
     fn drop(&mut self) {
-        if let Some((path, _)) = self.temp.take() {
+        if let Some(path) = self.temp_path.take() {
             // Best effort and synchronous: drop can't await, and unlink is quick.
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Asks the kernel to start writing a just-written range to disk, without waiting: a
+/// large upload's bytes then reach the disk while it streams, and `persist`'s fsync
+/// waits only for the last of them rather than the whole file. A hint: errors are
+/// ignored (the fsync still decides).
+fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor we own, with no memory passed.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`): a blob, once
+/// there, is never replaced, whatever uuid a caller passes.
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let from_c = CString::new(from.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        let to_c = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: both pointers are valid NUL-terminated strings for the call's duration.
+        let result = unsafe {
+            libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::RENAME_NOREPLACE)
+        };
+        if result == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        // A file system without RENAME_NOREPLACE: link (which never replaces) and unlink.
+        if !matches!(error.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(error);
+        }
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -313,6 +350,13 @@ mod tests {
         let large_id = Uuid::new_v4();
         assert_eq!(large.persist(large_id).await.unwrap().size, bytes.len() as u64);
         assert_eq!(std::fs::read(store.path(large_id)).unwrap(), bytes);
+        assert_eq!(store.temp_file_count().await.unwrap(), 0);
+
+        let mut again = store.create_temp();
+        again.write(b"other bytes").await.unwrap();
+        let refused = again.persist(id).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(store.path(id)).unwrap(), b"hello world", "a blob is never replaced");
         assert_eq!(store.temp_file_count().await.unwrap(), 0);
 
         store.remove(id).await.unwrap();

@@ -67,8 +67,8 @@ impl RecordedEvent {
 pub enum EventStoreError {
     #[error("stream {stream}: expected version {expected:?}, found {actual}")]
     Conflict { stream: String, expected: ExpectedVersion, actual: i64 },
-    #[error("event id {0} was already appended")]
-    DuplicateEventId(Uuid),
+    #[error("an event id was already appended")]
+    DuplicateEventId,
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
@@ -191,17 +191,18 @@ async fn insert_events(
     let rows =
         client.query(&statement, &[&names, &versions, &ids, &types, &data, &metadata]).await.map_err(|error| {
             match error.as_db_error().and_then(|db| db.constraint()) {
-                Some("events_id_key") => EventStoreError::DuplicateEventId(ids[0]),
+                Some("events_id_key") => EventStoreError::DuplicateEventId,
                 _ => EventStoreError::Database(error),
             }
         })?;
     let mut recorded = rows.iter().map(recorded_from_row).collect::<Result<Vec<_>, _>>()?;
     if recorded.len() < total {
         // Some stream was written concurrently: name the first one that lost rows.
+        // (A stream named twice shows no shortfall of its own: name the first then.)
         let (stream, _) = streams
             .iter()
             .find(|(stream, events)| recorded.iter().filter(|e| e.stream == *stream).count() < events.len())
-            .expect("a stream is short of rows");
+            .unwrap_or(&streams[0]);
         let statement = client.prepare_cached("SELECT coalesce(max(version), 0) FROM events WHERE stream = $1").await?;
         let actual: i64 = client.query_one(&statement, &[stream]).await?.get(0);
         let expected = if after == 0 { ExpectedVersion::NoStream } else { ExpectedVersion::Exact(after) };
@@ -209,6 +210,28 @@ async fn insert_events(
     }
     recorded.sort_by_key(|e| e.position);
     Ok(recorded)
+}
+
+/// Refuses (with a retryable conflict) when one of `streams` holds an event from a
+/// transaction newer than the caller's: the caller decided on what that event says, so
+/// its own events must not come first in the global `(tx, position)` order. For a
+/// command that reads streams it does not append to (an upload reads its session).
+pub async fn refuse_if_written_after_us(
+    client: &impl GenericClient,
+    streams: &[String],
+) -> Result<(), EventStoreError> {
+    let statement = client
+        .prepare_cached(
+            "SELECT stream, max(version) FROM events WHERE stream = ANY($1) AND tx > pg_current_xact_id()
+             GROUP BY stream LIMIT 1",
+        )
+        .await?;
+    match client.query_opt(&statement, &[&streams]).await? {
+        None => Ok(()),
+        Some(row) => {
+            Err(EventStoreError::Conflict { stream: row.get(0), expected: ExpectedVersion::Any, actual: row.get(1) })
+        }
+    }
 }
 
 /// Makes other writers of `stream` wait until the caller's transaction ends. Taken

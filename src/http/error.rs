@@ -120,6 +120,10 @@ impl From<AppError> for ApiError {
             }
             AppError::Pool(e) => Self::unavailable(e),
             AppError::CommitOutcomeUnknown(e) => Self::unavailable(e),
+            AppError::Unavailable(e) => Self::unavailable(e),
+            AppError::Storage(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Self::new(StatusCode::CONFLICT, "conflict", "an asset with this uuid already exists")
+            }
             // ENOSPC / EDQUOT: the disk is full, which is 507 in API.md.
             AppError::Storage(e) if matches!(e.raw_os_error(), Some(28) | Some(122)) => {
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", "no space left to store the upload")

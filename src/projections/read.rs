@@ -198,21 +198,10 @@ pub async fn live_asset_uuids(client: &impl GenericClient, id: SessionId) -> Res
     Ok(client.query(&statement, &[&id.get()]).await?.iter().map(|row| row.get(0)).collect())
 }
 
-/// The session, if registered, holding a share lock on its row until the transaction
-/// ends, so a concurrent deletion or update waits for (and then sees) what this
-/// transaction adds to the session.
-pub async fn lock_session(
-    client: &impl GenericClient,
-    id: SessionId,
-) -> Result<Option<SessionInfo>, tokio_postgres::Error> {
-    let statement = client
-        .prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = $1 FOR SHARE"))
-        .await?;
-    Ok(client.query_opt(&statement, &[&id.get()]).await?.as_ref().map(session_from_row))
-}
-
-/// [`lock_session`] for several sessions at once (in id order, so two callers never
-/// wait on each other crosswise). Unregistered ones are missing from the answer.
+/// The sessions that are registered among `ids`, holding a share lock on their rows
+/// until the transaction ends, so a concurrent deletion or update waits for (and then
+/// sees) what this transaction adds to them. Locked in id order, so two callers never
+/// wait on each other crosswise.
 pub async fn lock_sessions(
     client: &impl GenericClient,
     ids: &[SessionId],

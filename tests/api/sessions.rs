@@ -285,6 +285,7 @@ async fn uploads_recorded_together_are_judged_one_by_one() {
     let before = app.footprint().await;
     // 30 good ones, 5 to a session that does not admit the user, 4 to none, 1 taken uuid.
     let mut planned: Vec<(i64, Uuid)> = (0..30).map(|_| (8, Uuid::new_v4())).collect();
+    let twice = planned[0].1;
     planned.extend((0..5).map(|_| (9, Uuid::new_v4())));
     planned.extend((0..4).map(|_| (77, Uuid::new_v4())));
     planned.push((8, taken));
@@ -292,6 +293,10 @@ async fn uploads_recorded_together_are_judged_one_by_one() {
         planned.iter().map(|(session, uuid)| app.store_upload_directly(&user, *session, *uuid)),
     )
     .await;
+    // The same uuid again, however it comes, never replaces the bytes nor the record.
+    let again = app.store_upload_directly(&user, 8, twice).await;
+    assert!(matches!(&again, Err(AppError::Storage(e)) if e.kind() == std::io::ErrorKind::AlreadyExists), "{again:?}");
+    assert_eq!(std::fs::read(app.ctx.app.blobs.path(twice)).unwrap(), twice.as_bytes());
     for ((session, uuid), outcome) in planned.iter().zip(&outcomes) {
         match (session, outcome) {
             (8, Ok(info)) if *uuid != taken => {

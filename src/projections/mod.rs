@@ -368,11 +368,23 @@ pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, Proje
     let mut applied = 0;
     let events = eventstore::stream_all_in_snapshot(&tx).await?;
     futures::pin_mut!(events);
+    let started = std::time::Instant::now();
     while let Some(event) = events.try_next().await? {
         rebuilt.apply(&event)?;
         applied += 1;
     }
+    let read = started.elapsed();
     rebuilt.write(&tx).await?;
+    let written = started.elapsed();
     tx.commit().await?;
+    tracing::info!(
+        events = applied,
+        sessions = rebuilt.sessions.len(),
+        assets = rebuilt.assets.len(),
+        read_seconds = read.as_secs_f64(),
+        write_seconds = (written - read).as_secs_f64(),
+        commit_seconds = (started.elapsed() - written).as_secs_f64(),
+        "replayed"
+    );
     Ok(applied)
 }

@@ -201,15 +201,18 @@ pub async fn live_asset_uuids(client: &impl GenericClient, id: SessionId) -> Res
 /// The sessions that are registered among `ids`, holding a share lock on their rows
 /// until the transaction ends, so a concurrent deletion or update waits for (and then
 /// sees) what this transaction adds to them. Locked in id order, so two callers never
-/// wait on each other crosswise.
+/// wait on each other crosswise. With `skip_locked`, sessions another transaction is
+/// changing are left out instead of waited for.
 pub async fn lock_sessions(
     client: &impl GenericClient,
     ids: &[SessionId],
+    skip_locked: bool,
 ) -> Result<Vec<SessionInfo>, tokio_postgres::Error> {
     let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    let skip = if skip_locked { " SKIP LOCKED" } else { "" };
     let statement = client
         .prepare_cached(&format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = ANY($1) ORDER BY id_session FOR SHARE"
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = ANY($1) ORDER BY id_session FOR SHARE{skip}"
         ))
         .await?;
     Ok(client.query(&statement, &[&ids]).await?.iter().map(session_from_row).collect())

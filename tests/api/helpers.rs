@@ -238,37 +238,7 @@ impl TestApp {
         id_session: i64,
         asset_uuid: Uuid,
     ) -> Result<assetd::projections::read::AssetInfo, assetd::app::AppError> {
-        use assetd::app::CommandContext;
-        use assetd::domain::asset::{AssetSource, AssetUploaded};
-        use assetd::domain::names::{AssetName, Directory, FileName, MediaType, SessionId, Tags};
-        use assetd::domain::principal::Actor;
-
-        let mut blob = self.ctx.app.blobs.create_temp();
-        blob.write(asset_uuid.as_bytes()).await.unwrap();
-        let context = CommandContext {
-            actor: principal.actor(),
-            request_id: "r".into(),
-            correlation_id: "r".into(),
-            causation_id: None,
-        };
-        self.ctx
-            .app
-            .store_upload(principal, &context, blob, asset_uuid, |stored| AssetUploaded {
-                asset_uuid,
-                id_session: SessionId::new(id_session).unwrap(),
-                asset_name: AssetName::parse("n").unwrap(),
-                asset_original_filename: FileName::parse("n.bin").unwrap(),
-                asset_type: MediaType::octet_stream(),
-                asset_file_size: stored.size,
-                asset_sha256: stored.sha256,
-                asset_datetime: None,
-                directory: Directory::root(),
-                tags: Tags::default(),
-                metadata: Default::default(),
-                asset_creator: Actor { kind: principal.kind, uuid: principal.uuid },
-                asset_source: AssetSource::Upload,
-            })
-            .await
+        store_upload_via(&self.ctx.app, principal, id_session, asset_uuid).await
     }
 
     pub async fn footprint(&self) -> (i64, i64, usize, usize) {
@@ -326,4 +296,42 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// [`TestApp::store_upload_directly`] on any `App` (for spawned tasks).
+pub async fn store_upload_via(
+    app: &assetd::app::App,
+    principal: &Principal,
+    id_session: i64,
+    asset_uuid: Uuid,
+) -> Result<assetd::projections::read::AssetInfo, assetd::app::AppError> {
+    use assetd::app::CommandContext;
+    use assetd::domain::asset::{AssetSource, AssetUploaded};
+    use assetd::domain::names::{AssetName, Directory, FileName, MediaType, SessionId, Tags};
+    use assetd::domain::principal::Actor;
+
+    let mut blob = app.blobs.create_temp();
+    blob.write(asset_uuid.as_bytes()).await.unwrap();
+    let context = CommandContext {
+        actor: principal.actor(),
+        request_id: "r".into(),
+        correlation_id: "r".into(),
+        causation_id: None,
+    };
+    app.store_upload(principal, &context, blob, asset_uuid, |stored| AssetUploaded {
+        asset_uuid,
+        id_session: SessionId::new(id_session).unwrap(),
+        asset_name: AssetName::parse("n").unwrap(),
+        asset_original_filename: FileName::parse("n.bin").unwrap(),
+        asset_type: MediaType::octet_stream(),
+        asset_file_size: stored.size,
+        asset_sha256: stored.sha256,
+        asset_datetime: None,
+        directory: Directory::root(),
+        tags: Tags::default(),
+        metadata: Default::default(),
+        asset_creator: Actor { kind: principal.kind, uuid: principal.uuid },
+        asset_source: AssetSource::Upload,
+    })
+    .await
 }

@@ -1,5 +1,7 @@
 //! Sessions: registration by services, access rules, deletion with assets, listings.
 
+use std::time::Duration;
+
 use assetd::domain::principal::PrincipalKind;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -313,4 +315,37 @@ async fn uploads_recorded_together_are_judged_one_by_one() {
     }
     let (events, assets, temp_files, blobs) = app.footprint().await;
     assert_eq!((events, assets, temp_files, blobs), (before.0 + 30, before.1 + 30, before.2, before.3 + 30));
+}
+
+/// Recording never queues behind a session that another transaction holds (a long
+/// session delete, say): uploads to other sessions go on, and the held session's upload
+/// is recorded once it is free.
+#[tokio::test]
+async fn a_session_held_by_another_transaction_does_not_stall_other_uploads() {
+    use assetd::domain::principal::Principal;
+
+    let app = TestApp::spawn().await;
+    app.session_with_user(8).await;
+    app.session_with_user(9).await;
+    let admin = Principal { kind: PrincipalKind::User, uuid: Uuid::new_v4(), name: String::new(), superadmin: true };
+    let mut holder = app.ctx.app.pool.get().await.unwrap();
+    let hold = holder.transaction().await.unwrap();
+    hold.execute("SELECT 1 FROM sessions WHERE id_session = 8 FOR UPDATE", &[]).await.unwrap();
+
+    let held_uuid = Uuid::new_v4();
+    let held = tokio::spawn({
+        let ctx = app.ctx.clone();
+        let admin = admin.clone();
+        async move { crate::helpers::store_upload_via(&ctx.app, &admin, 8, held_uuid).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "the upload to the held session waits for it");
+    let other = tokio::time::timeout(Duration::from_secs(5), app.store_upload_directly(&admin, 9, Uuid::new_v4()))
+        .await
+        .expect("an upload to another session is not stalled");
+    assert!(other.is_ok(), "{other:?}");
+
+    hold.rollback().await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(10), held).await.expect("recorded once free").unwrap();
+    assert_eq!(held.unwrap().asset_uuid, held_uuid);
 }

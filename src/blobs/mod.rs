@@ -36,16 +36,14 @@ pub struct BlobStore {
 struct DurableShards(Arc<Mutex<HashSet<PathBuf>>>);
 
 impl DurableShards {
-    /// Blocking: called from the blocking pool.
-    fn ensure(&self, blobs: &Path, shard: &Path) -> io::Result<()> {
+    /// Blocking: called from the blocking pool. The outer directories exist already
+    /// (see [`BlobStore::open`]): a new shard costs one mkdir and one directory fsync.
+    fn ensure(&self, shard: &Path) -> io::Result<()> {
         if self.0.lock().expect("not poisoned").contains(shard) {
             return Ok(());
         }
         std::fs::create_dir_all(shard)?;
-        if let Some(outer) = shard.parent() {
-            sync_dir(outer)?;
-        }
-        sync_dir(blobs)?;
+        sync_dir(shard.parent().expect("a shard is inside an outer directory"))?;
         self.0.lock().expect("not poisoned").insert(shard.to_owned());
         Ok(())
     }
@@ -68,6 +66,25 @@ impl BlobStore {
             Self { blobs: data_dir.join("blobs"), tmp: data_dir.join("tmp"), durable_shards: DurableShards::default() };
         fs::create_dir_all(&store.blobs).await?;
         fs::create_dir_all(&store.tmp).await?;
+        // The 256 outer shard directories, made once and durably, so that an upload never
+        // has to create (and fsync) two levels.
+        let blobs = store.blobs.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut created = false;
+            for outer in 0..=255u8 {
+                let dir = blobs.join(format!("{outer:02x}"));
+                if !dir.is_dir() {
+                    std::fs::create_dir_all(&dir)?;
+                    created = true;
+                }
+            }
+            if created {
+                sync_dir(&blobs)?;
+            }
+            Ok::<_, io::Error>(())
+        })
+        .await
+        .map_err(io::Error::other)??;
         store.remove_stale_temp_files().await?;
         Ok(store)
     }
@@ -207,7 +224,6 @@ impl TempBlob {
         let temp_path = self.temp_path.take();
         let pending = std::mem::take(&mut self.pending);
         let tmp_dir = self.tmp_dir.clone();
-        let blobs = self.blobs.clone();
         let durable_shards = self.durable_shards.clone();
         tokio::task::spawn_blocking(move || {
             let temp_path = temp_path.unwrap_or_else(|| tmp_dir.join(format!("{}.part", Uuid::new_v4())));
@@ -220,7 +236,7 @@ impl TempBlob {
                 (&*file).write_all(&pending)?;
                 file.sync_all()?;
                 let shard = target.parent().expect("blob paths have two shard directories");
-                durable_shards.ensure(&blobs, shard)?;
+                durable_shards.ensure(shard)?;
                 rename_no_replace(&temp_path, &target)
             })();
             if let Err(error) = renamed {

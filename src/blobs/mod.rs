@@ -120,10 +120,9 @@ impl BlobStore {
     pub fn create_temp(&self) -> TempBlob {
         TempBlob {
             temp_path: None,
-            file: None,
             pending: Vec::new(),
-            written: 0,
-            hasher: Sha256::new(),
+            state: Some(WriteState { hasher: Sha256::new(), file: None, written: 0 }),
+            in_flight: None,
             size: 0,
             tmp_dir: self.tmp.clone(),
             blobs: self.blobs.clone(),
@@ -155,30 +154,63 @@ impl BlobStore {
 }
 
 /// A blob being written. Dropping it unpersisted deletes the temporary file.
+///
+/// Received bytes gather in a buffer; each full buffer is hashed and written by the
+/// blocking pool while the next one fills, so receiving overlaps with hashing and
+/// writing (SHA-256 alone is about as costly as the rest of a large upload).
 pub struct TempBlob {
     /// The temporary file's path, chosen before the file is created so that dropping
     /// the blob at any moment (a cancelled request) removes whatever was created.
     temp_path: Option<PathBuf>,
-    /// The temporary file, once the bytes outgrew `pending`.
-    file: Option<Arc<std::fs::File>>,
-    /// Bytes received and not yet written (at most [`WRITE_BUFFER`]).
+    /// Bytes received and not yet handed over (at most [`WRITE_BUFFER`]).
     pending: Vec<u8>,
-    /// Bytes written to the temporary file so far.
-    written: u64,
-    hasher: Sha256,
+    /// What the blocking pool works with between buffers; `None` while a buffer is in
+    /// flight (then it is in `in_flight`).
+    state: Option<WriteState>,
+    in_flight: Option<InFlight>,
     size: u64,
     tmp_dir: PathBuf,
     blobs: PathBuf,
     durable_shards: DurableShards,
 }
 
+/// A buffer being hashed and written: gives back the state and the (used) buffer.
+type InFlight = tokio::task::JoinHandle<(io::Result<()>, WriteState, Vec<u8>)>;
+
+/// The hash of the bytes handed over so far, and the file they went to.
+struct WriteState {
+    hasher: Sha256,
+    file: Option<Arc<std::fs::File>>,
+    /// Bytes written to the file so far.
+    written: u64,
+}
+
+impl WriteState {
+    /// Blocking: hashes `bytes` and appends them to the file at `path` (created on first
+    /// use), then asks for them to be written back.
+    fn append(&mut self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        self.hasher.update(bytes);
+        let file = match &self.file {
+            Some(file) => file.clone(),
+            None => {
+                let file = Arc::new(std::fs::OpenOptions::new().write(true).create_new(true).open(path)?);
+                self.file = Some(file.clone());
+                file
+            }
+        };
+        (&*file).write_all(bytes)?;
+        start_writeback(&file, self.written, bytes.len());
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
 impl TempBlob {
     pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.hasher.update(chunk);
         self.size += chunk.len() as u64;
-        // Written before it would outgrow the buffer, so the buffer stays within its size.
+        // Handed over before it would outgrow the buffer, so the buffer stays within its size.
         if !self.pending.is_empty() && self.pending.len() + chunk.len() > WRITE_BUFFER {
-            self.write_pending().await?;
+            self.hand_over_pending().await?;
         }
         self.pending.extend_from_slice(chunk);
         Ok(())
@@ -188,53 +220,62 @@ impl TempBlob {
         self.size
     }
 
-    /// Writes the buffered bytes to the temporary file (created on first use) in the
-    /// blocking pool, and keeps the buffer for the next ones.
-    async fn write_pending(&mut self) -> io::Result<()> {
+    /// Waits for the buffer in flight, if any, and takes back its state and buffer.
+    async fn settle(&mut self) -> io::Result<Vec<u8>> {
+        let Some(in_flight) = self.in_flight.take() else { return Ok(Vec::new()) };
+        let (result, state, mut spare) = in_flight.await.map_err(io::Error::other)?;
+        self.state = Some(state);
+        result?;
+        spare.clear();
+        Ok(spare)
+    }
+
+    /// Sends the pending bytes to the blocking pool to be hashed and written, after the
+    /// previous buffer is done (one at a time: the hash is sequential), and goes on with
+    /// the previous buffer, emptied.
+    async fn hand_over_pending(&mut self) -> io::Result<()> {
+        let spare = self.settle().await?;
+        let bytes = std::mem::replace(&mut self.pending, spare);
         let path = self.temp_path.get_or_insert_with(|| self.tmp_dir.join(format!("{}.part", Uuid::new_v4()))).clone();
-        let file = self.file.clone();
-        let mut buffer = std::mem::take(&mut self.pending);
-        let offset = self.written;
-        self.written += buffer.len() as u64;
-        let (result, buffer) = tokio::task::spawn_blocking(move || {
-            let result = (|| -> io::Result<Arc<std::fs::File>> {
-                let file = match file {
-                    Some(file) => file,
-                    None => Arc::new(std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?),
-                };
-                (&*file).write_all(&buffer)?;
-                start_writeback(&file, offset, buffer.len());
-                Ok(file)
-            })();
-            buffer.clear();
-            (result, buffer)
-        })
-        .await
-        .map_err(io::Error::other)?;
-        self.pending = buffer;
-        self.file = Some(result?);
+        let mut state = self.state.take().expect("settled");
+        if state.file.is_none() {
+            // Created before any write goes off on its own, so that dropping this blob
+            // (which unlinks the path at once) can never race with the file's creation.
+            let create_path = path.clone();
+            let created = tokio::task::spawn_blocking(move || {
+                std::fs::OpenOptions::new().write(true).create_new(true).open(create_path)
+            })
+            .await
+            .map_err(io::Error::other);
+            match created {
+                Ok(Ok(file)) => state.file = Some(Arc::new(file)),
+                Ok(Err(error)) | Err(error) => {
+                    self.state = Some(state);
+                    return Err(error);
+                }
+            }
+        }
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let result = state.append(&path, &bytes);
+            (result, state, bytes)
+        }));
         Ok(())
     }
 
-    /// Makes the bytes durable under `id`: write what is buffered, fsync, rename into
-    /// place, fsync the directories that changed. All in one blocking call.
+    /// Makes the bytes durable under `id`: hash and write what is buffered, fsync, rename
+    /// into place, fsync the directory. A small blob does all of it in one blocking call.
     pub async fn persist(mut self, id: Uuid) -> io::Result<StoredBlob> {
+        self.settle().await?;
         let target = self.blobs.join(BlobStore::relative_path(id));
-        let file = self.file.take();
-        let temp_path = self.temp_path.take();
+        let mut state = self.state.take().expect("settled");
+        let temp_path = self.temp_path.take().unwrap_or_else(|| self.tmp_dir.join(format!("{}.part", Uuid::new_v4())));
         let pending = std::mem::take(&mut self.pending);
-        let tmp_dir = self.tmp_dir.clone();
         let durable_shards = self.durable_shards.clone();
-        tokio::task::spawn_blocking(move || {
-            let temp_path = temp_path.unwrap_or_else(|| tmp_dir.join(format!("{}.part", Uuid::new_v4())));
-            let file = match file {
-                Some(file) => file,
-                None => Arc::new(std::fs::OpenOptions::new().write(true).create_new(true).open(&temp_path)?),
-            };
+        let hasher = tokio::task::spawn_blocking(move || {
             // From here the temporary file is ours to remove on any failure.
             let renamed = (|| {
-                (&*file).write_all(&pending)?;
-                file.sync_all()?;
+                state.append(&temp_path, &pending)?;
+                state.file.as_ref().expect("append creates the file").sync_all()?;
                 let shard = target.parent().expect("blob paths have two shard directories");
                 durable_shards.ensure(shard)?;
                 rename_no_replace(&temp_path, &target)
@@ -248,18 +289,19 @@ impl TempBlob {
                 let _ = std::fs::remove_file(&target);
                 return Err(error);
             }
-            Ok(())
+            Ok(state.hasher)
         })
         .await
         .map_err(io::Error::other)??;
-        Ok(StoredBlob { size: self.size, sha256: Sha256Hex::from_digest(&self.hasher.clone().finalize()) })
+        Ok(StoredBlob { size: self.size, sha256: Sha256Hex::from_digest(&hasher.finalize()) })
     }
 }
 
 impl Drop for TempBlob {
     fn drop(&mut self) {
+        // Best effort and synchronous: drop can't await, and unlink is quick. A buffer
+        // still in flight writes on into the unlinked file, which goes with its handle.
         if let Some(path) = self.temp_path.take() {
-            // Best effort and synchronous: drop can't await, and unlink is quick.
             let _ = std::fs::remove_file(path);
         }
     }
@@ -355,6 +397,7 @@ mod tests {
         abandoned.write(&vec![7; WRITE_BUFFER]).await.unwrap();
         abandoned.write(b"more").await.unwrap();
         assert_eq!(store.temp_file_count().await.unwrap(), 1, "past one buffer the bytes go to a temp file");
+        abandoned.write(&vec![8; WRITE_BUFFER]).await.unwrap();
         drop(abandoned);
         assert_eq!(store.temp_file_count().await.unwrap(), 0);
 

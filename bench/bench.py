@@ -49,6 +49,7 @@ DATABASE = "assetd_bench"
 SESSION = 1
 
 MIB = 1024 * 1024
+STEPS = ["upload", "download", "small", "pgbench", "memory", "replay"]
 
 
 def log(message):
@@ -82,11 +83,14 @@ class Bench:
         self.processes = []
         self.results = {}
         self.large_size = args.large_mib * MIB
+        self.size_label = f"{args.large_mib // 1024} GiB" if args.large_mib % 1024 == 0 else f"{args.large_mib} MiB"
         self.small_seconds = args.small_seconds
         self.replay_events = args.replay_events
         self.secret = secrets.token_hex(32)
+        # assetd's settings are ours alone: none of the caller's ASSETD_* leak in.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ASSETD_")}
         self.env = dict(
-            os.environ,
+            inherited,
             ASSETD_DATABASE_URL=self.database_url,
             ASSETD_DATA_DIR=os.path.join(self.work, "data"),
             ASSETD_JWT_SECRET=self.secret,
@@ -94,7 +98,6 @@ class Bench:
             ASSETD_LOG=os.environ.get("ASSETD_LOG", "warn"),
             NO_COLOR="1",
         )
-        self.env.pop("ASSETD_PUBLIC_URL", None)
 
     # ----- setup -----
 
@@ -337,14 +340,14 @@ class Bench:
             self.delete_asset(asset_uuid)
             return seconds
 
-        self.alternate("upload 1 GiB through nginx", target, self.upload_large_baseline, "MiB/s", True)
+        self.alternate(f"upload {self.size_label} through nginx", target, self.upload_large_baseline, "MiB/s", True)
 
         def direct():
             seconds, asset_uuid = self.upload_large(ASSETD_ACCEL_PORT)
             self.delete_asset(asset_uuid)
             return seconds
 
-        self.alternate("upload 1 GiB direct", direct, self.upload_large_baseline, "MiB/s", True)
+        self.alternate(f"upload {self.size_label} direct", direct, self.upload_large_baseline, "MiB/s", True)
 
         # The disk's own durable write rate, for reference: nginx's baseline leaves its
         # file in the page cache, assetd fsyncs before answering.
@@ -356,7 +359,7 @@ class Bench:
             run(["dd", f"if={self.large_file}", f"of={target}", "bs=1M", "conv=fsync", "status=none"], 600)
             rates.append(self.large_size / MIB / (time.monotonic() - started))
             os.remove(target)
-        self.results["disk: the same file written and fsynced by dd"] = {"unit": "MiB/s", "assetd": summary(rates)}
+        self.results["disk: the same file written and fsynced by dd"] = {"unit": "MiB/s", "reference": summary(rates)}
 
     def bench_large_download(self):
         log("large downloads vs nginx serving the same file statically")
@@ -371,9 +374,9 @@ class Bench:
         # Warm the page cache for everyone alike.
         self.download(static, with_auth=False)
         for name, port in [
-            ("download 1 GiB via X-Accel-Redirect", NGINX_ACCEL_PORT),
-            ("download 1 GiB proxied through nginx", NGINX_PLAIN_PORT),
-            ("download 1 GiB direct", ASSETD_PLAIN_PORT),
+            (f"download {self.size_label} via X-Accel-Redirect", NGINX_ACCEL_PORT),
+            (f"download {self.size_label} proxied through nginx", NGINX_PLAIN_PORT),
+            (f"download {self.size_label} direct", ASSETD_PLAIN_PORT),
         ]:
             self.alternate(name, lambda port=port: self.download(f"http://127.0.0.1:{port}{path}"), baseline, "MiB/s", True)
         self.download_asset = asset_uuid
@@ -391,7 +394,12 @@ class Bench:
         if errors:
             raise RuntimeError(f"wrk saw {errors} errors against {url}: {counts}\n{result.stdout}")
         rate = int(counts["requests"]) / (int(counts["duration_us"]) / 1e6)
-        return {"rate": rate, "p50_ms": int(latency["p50"]) / 1000, "p99_ms": int(latency["p99"]) / 1000}
+        return {
+            "rate": rate,
+            "requests": int(counts["requests"]),
+            "p50_ms": int(latency["p50"]) / 1000,
+            "p99_ms": int(latency["p99"]) / 1000,
+        }
 
     def bench_small_uploads(self):
         log(f"small uploads: 4 KiB, concurrency 32, {self.small_seconds} s per run")
@@ -399,7 +407,15 @@ class Bench:
         for name, port in [("4 KiB uploads through nginx", NGINX_ACCEL_PORT), ("4 KiB uploads direct", ASSETD_ACCEL_PORT)]:
             targets, baselines = [], []
             for round_number in range(self.rounds):
+                before = self.uploaded_events()
                 targets.append(self.wrk(f"http://127.0.0.1:{port}/file/api/assets", self.small_seconds))
+                time.sleep(1)  # requests wrk stopped waiting for finish on their own
+                recorded = self.uploaded_events() - before
+                answered = targets[-1]["requests"]
+                # Every 200 wrk counted is an upload recorded; beyond those, at most the
+                # 32 that were in flight when wrk stopped.
+                if not answered <= recorded <= answered + 32:
+                    raise RuntimeError(f"wrk got {answered} answers but {recorded} uploads were recorded")
                 baselines.append(self.wrk(baseline_url, self.small_seconds))
                 log(
                     f"{name} round {round_number + 1}/{self.rounds}: assetd {targets[-1]['rate']:.0f}/s "
@@ -416,14 +432,18 @@ class Bench:
             }
         self.check_small_uploads_recorded()
 
+    def uploaded_events(self):
+        return int(self.psql("SELECT count(*) FROM events WHERE type = 'AssetUploaded'"))
+
     def check_small_uploads_recorded(self):
-        """Every 200 was a recorded upload: as many uploaded events as blob files."""
-        events = int(self.psql("SELECT count(*) FROM events WHERE type = 'AssetUploaded'"))
+        """The store agrees with itself: uploads minus deletions = live assets = files."""
+        uploaded = self.uploaded_events()
+        deleted = int(self.psql("SELECT count(*) FROM events WHERE type = 'AssetDeleted'"))
         live = int(self.psql("SELECT count(*) FROM assets WHERE asset_status = 'available'"))
         blobs = sum(len(files) for _, _, files in os.walk(os.path.join(self.work, "data/blobs")))
-        self.results["uploads recorded"] = {"events": events, "live_assets": live, "blob_files": blobs}
-        if live != blobs:
-            raise RuntimeError(f"{live} live assets but {blobs} blob files")
+        self.results["uploads recorded"] = {"uploaded": uploaded, "deleted": deleted, "live_assets": live, "blob_files": blobs}
+        if not uploaded - deleted == live == blobs:
+            raise RuntimeError(f"{uploaded} uploaded - {deleted} deleted, {live} live assets, {blobs} blob files")
 
     def psql(self, sql, timeout=600):
         return run(["psql", "-qtAw", self.database_url, "-c", sql], timeout).stdout.strip()
@@ -478,20 +498,20 @@ class Bench:
         def downloads():
             procs = [
                 subprocess.Popen(
-                    ["curl", "-sS", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}", *self.auth(),
+                    ["curl", "-sS", "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", *self.auth(),
                      f"http://127.0.0.1:{ASSETD_PLAIN_PORT}/file/api/assets?asset_uuid={self.download_asset}"],
                     stdout=subprocess.PIPE, text=True,
                 )
                 for _ in range(4)
             ]
             for proc in procs:
-                if proc.communicate(timeout=900)[0] != "200":
+                if proc.communicate(timeout=900)[0] != f"200 {self.large_size}":
                     raise RuntimeError("concurrent download failed")
 
         with open(f"/proc/{pid}/status") as f:
             idle = int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
-        self.results["peak RSS, 4 concurrent 1 GiB uploads"] = {"unit": "MiB", "value": self.peak_rss(pid, uploads)}
-        self.results["peak RSS, 4 concurrent 1 GiB downloads"] = {"unit": "MiB", "value": self.peak_rss(pid, downloads)}
+        self.results[f"peak RSS, 4 concurrent {self.size_label} uploads"] = {"unit": "MiB", "value": self.peak_rss(pid, uploads)}
+        self.results[f"peak RSS, 4 concurrent {self.size_label} downloads"] = {"unit": "MiB", "value": self.peak_rss(pid, downloads)}
         self.results["RSS at rest"] = {"unit": "MiB", "value": idle}
 
     def bench_replay(self):
@@ -597,6 +617,8 @@ class Bench:
                 lines.append(
                     f"| {name} | {fmt(r['assetd'])} {r['unit']}{extra} | {fmt(r['nginx'])} {r['unit']} | {r['ratio']:.2f}× |"
                 )
+            elif "reference" in r:
+                lines.append(f"| {name} (reference) | {fmt(r['reference'])} {r['unit']} | | |")
             elif "assetd" in r and "events" in r:
                 lines.append(f"| {name} ({r['events']} events) | {fmt(r['assetd'])} {r['unit']} | | |")
             elif "assetd" in r:
@@ -610,8 +632,49 @@ class Bench:
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, f"results-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
         with open(path, "w") as f:
-            json.dump({"command": sys.argv, "machine": self.machine(), "results": self.results}, f, indent=2)
+            json.dump(
+                {
+                    "command": sys.argv,
+                    "commit": git_commit(),
+                    "parameters": {
+                        "rounds": self.rounds,
+                        "large_file_mib": self.large_size // MIB,
+                        "small_upload_seconds": self.small_seconds,
+                        "small_upload_size": 4096,
+                        "small_upload_connections": 32,
+                        "replay_events": self.replay_events,
+                    },
+                    "machine": self.machine(),
+                    "results": self.results,
+                },
+                f,
+                indent=2,
+            )
         print(f"\nmachine: {json.dumps(self.machine())}\nresults: {path}")
+
+
+def git_commit():
+    """The commit measured, with `-dirty` when the tree has uncommitted changes."""
+    try:
+        commit = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], 10).stdout.strip()
+        dirty = run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"], 10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except Exception:  # not a git checkout
+        return "unknown"
+
+
+def ports_free():
+    """Refuses to start when one of our ports is taken (a killed run's leftovers, say):
+    a health check would otherwise be answered by the wrong process."""
+    import socket
+
+    for port in [ASSETD_ACCEL_PORT, ASSETD_PLAIN_PORT, NGINX_ACCEL_PORT, NGINX_PLAIN_PORT, NGINX_BASELINE_PORT]:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                sys.exit(
+                    f"bench: 127.0.0.1:{port} is already in use (a previous run's assetd or nginx?); "
+                    f"see: ss -ltnp 'sport = :{port}'"
+                )
 
 
 def pgbench():
@@ -635,21 +698,30 @@ def fmt(s):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--binary", required=True, help="the release assetd binary")
+    parser.add_argument("--binary", required=True, help="the release assetd binary (scripts/bench passes it)")
     parser.add_argument("--quick", action="store_true", help="small sizes and short runs (under 2 minutes)")
-    parser.add_argument("--only", default="upload,download,small,pgbench,memory,replay",
-                        help="comma-separated subset of: upload,download,small,pgbench,memory,replay")
-    parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--work-dir", default="/var/tmp/assetd-bench")
-    parser.add_argument("--database-server", default=os.environ.get("ASSETD_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432"))
+    parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated subset of: {','.join(STEPS)}")
+    parser.add_argument("--rounds", type=int, default=None, help="target/baseline pairs per comparison (default 3)")
+    parser.add_argument("--work-dir", default="/var/tmp/assetd-bench", help="where files go (default %(default)s)")
+    parser.add_argument(
+        "--database-server",
+        default=os.environ.get("ASSETD_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432"),
+        help="PostgreSQL server where the database assetd_bench is dropped and created "
+        "(default: $ASSETD_TEST_DATABASE_URL or %(default)s)",
+    )
     args = parser.parse_args()
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    if args.rounds is None:
+        args.rounds = 3
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.large_mib = 128 if args.quick else 1024
     args.small_seconds = 3 if args.quick else 20
     args.replay_events = 50_000 if args.quick else 1_000_000
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     only = set(args.only.split(","))
+    unknown = only - set(STEPS)
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))} (choose from {','.join(STEPS)})")
+    ports_free()
     bench = Bench(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     try:

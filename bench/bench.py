@@ -96,6 +96,9 @@ class Bench:
             ASSETD_JWT_SECRET=self.secret,
             ASSETD_URL_SIGNING_KEY=secrets.token_hex(32),
             ASSETD_LOG=os.environ.get("ASSETD_LOG", "warn"),
+            # Publishing events is not what is measured, and must not reach a local
+            # deployment's exchange.
+            ASSETD_RELAY="false",
             NO_COLOR="1",
         )
 

@@ -126,7 +126,19 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ctx = build_context(&config).await?;
     let listener = std::net::TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, base_path = %config.base_path, "assetd serving");
+    let relay = config.relay.then(|| {
+        tokio::spawn(crate::relay::run(crate::relay::RelayConfig {
+            database_url: config.database.database_url.clone(),
+            amqp_url: config.amqp_url.clone(),
+            exchange: format!("{}.events", config.amqp_prefix),
+            idle_poll: Duration::from_millis(200),
+        }))
+    });
     http::serve(ctx, listener, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds)).await?;
+    // Whatever it had not confirmed is published again by the next relay.
+    if let Some(relay) = relay {
+        relay.abort();
+    }
     tracing::info!("assetd stopped");
     Ok(())
 }

@@ -54,6 +54,21 @@ pub struct ServeConfig {
     /// A request body that delivers nothing for this many seconds is abandoned (408).
     #[arg(long, env = "ASSETD_BODY_IDLE_TIMEOUT", default_value_t = 60)]
     pub body_idle_timeout_seconds: u64,
+    /// RabbitMQ, where every event is published (see EVENTS.md).
+    #[arg(
+        long,
+        env = "ASSETD_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// Prefix of the AMQP names: events go to the `<prefix>.events` topic exchange.
+    #[arg(long, env = "ASSETD_AMQP_PREFIX", default_value = "assetd")]
+    pub amqp_prefix: String,
+    /// Whether this process runs the outbox relay (only one relay publishes at a time
+    /// across processes, whatever this says).
+    #[arg(long, env = "ASSETD_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub relay: bool,
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     #[arg(long, env = "ASSETD_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,

@@ -16,3 +16,4 @@ pub mod eventstore;
 pub mod http;
 pub mod migrations;
 pub mod projections;
+pub mod relay;

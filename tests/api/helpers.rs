@@ -88,6 +88,10 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         body_idle_timeout_seconds: options.body_idle_timeout_seconds.unwrap_or(60),
         public_url: options.public_url.clone(),
         shutdown_grace_seconds: 5,
+        amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+        amqp_prefix: format!("assetd_test_{}", Uuid::new_v4().simple()),
+        // In-process servers never run `serve`; the relay has tests of its own.
+        relay: false,
     }
 }
 

@@ -10,5 +10,6 @@ mod eventstore;
 mod helpers;
 mod nginx;
 mod ops;
+mod relay;
 mod replay;
 mod sessions;

@@ -1,0 +1,208 @@
+//! The outbox relay: publishes every committed event to RabbitMQ, in commit order, at
+//! least once. It reads the global log from its checkpoint in Postgres, publishes a
+//! batch with publisher confirms (persistent messages on the `<prefix>.events` topic
+//! exchange, EVENTS.md's envelope and properties), and only then advances the
+//! checkpoint. Whatever fails (broker gone, process killed), the next pass starts from
+//! the checkpoint again: events may be published twice, never skipped.
+//!
+//! Only one relay publishes at a time across processes: each holds a session-level
+//! advisory lock on a connection of its own; when the holder dies its connection
+//! closes, the lock is released, and another process's relay takes over.
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use serde_json::json;
+
+use crate::config::DatabaseConfig;
+use crate::eventstore::{self, GlobalPosition, RecordedEvent};
+
+/// Events published per pass (one batch of confirms, then one checkpoint write).
+const BATCH: i64 = 500;
+/// Arbitrary, fixed: the advisory lock key only one relay may hold.
+const LEADER_LOCK: i64 = 0x6173_7365_7464_0001;
+const CHECKPOINT: &str = "relay";
+
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub database_url: String,
+    pub amqp_url: String,
+    /// The topic exchange events go to (`<prefix>.events`).
+    pub exchange: String,
+    /// How long to wait when there is nothing to publish.
+    pub idle_poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("event store: {0}")]
+    EventStore(#[from] eventstore::EventStoreError),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker refused event {0}")]
+    Nacked(uuid::Uuid),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Runs the relay until the task is dropped: waits to lead, connects, publishes;
+/// starts over (with backoff) after any failure.
+pub async fn run(config: RelayConfig) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match lead_and_publish(&config).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "relay stopped; starting over");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// One leadership term: returns Ok when another relay leads (to try again later).
+async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
+    // A pool of one, for this term only: dropping it closes the connection, which is
+    // what releases the lock.
+    let pool = DatabaseConfig { database_url: config.database_url.clone(), database_pool_size: 1 }
+        .pool()
+        .map_err(|error| RelayError::Setup(error.to_string()))?;
+    let client = pool.get().await.map_err(|error| RelayError::Setup(error.to_string()))?;
+    let result = async {
+        let led: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await?.get(0);
+        if !led {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Ok(());
+        }
+        tracing::info!(exchange = %config.exchange, "relay leading");
+        let broker = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
+        let channel = broker.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .exchange_declare(
+                config.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let published = publish_pass(&client, &channel, &config.exchange).await?;
+            if published == 0 {
+                tokio::time::sleep(config.idle_poll).await;
+            }
+        }
+    }
+    .await;
+    drop(client);
+    drop(pool);
+    result
+}
+
+/// Publishes the next batch after the checkpoint; returns how many were published.
+async fn publish_pass(
+    client: &deadpool_postgres::Client,
+    channel: &lapin::Channel,
+    exchange: &str,
+) -> Result<usize, RelayError> {
+    let after = checkpoint(client).await?;
+    let events = eventstore::read_all(client, after, BATCH).await?;
+    let Some(last) = events.last() else { return Ok(0) };
+    // Published in order on one channel (the broker keeps that order), then confirmed.
+    let mut confirms = Vec::with_capacity(events.len());
+    for event in &events {
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key(&event.event_type).as_str().into(),
+                BasicPublishOptions::default(),
+                &envelope(event),
+                properties(event),
+            )
+            .await?;
+        confirms.push((event.id, confirm));
+    }
+    for (id, confirm) in confirms {
+        if !confirm.await?.is_ack() {
+            return Err(RelayError::Nacked(id));
+        }
+    }
+    save_checkpoint(client, last.global_position()).await?;
+    Ok(events.len())
+}
+
+async fn checkpoint(client: &deadpool_postgres::Client) -> Result<GlobalPosition, RelayError> {
+    let row = client.query_opt("SELECT tx::text, position FROM checkpoints WHERE name = $1", &[&CHECKPOINT]).await?;
+    Ok(match row {
+        None => GlobalPosition::START,
+        Some(row) => {
+            let tx: String = row.get(0);
+            GlobalPosition { tx: tx.parse().unwrap_or(0), position: row.get(1) }
+        }
+    })
+}
+
+async fn save_checkpoint(client: &deadpool_postgres::Client, at: GlobalPosition) -> Result<(), RelayError> {
+    client
+        .execute(
+            "INSERT INTO checkpoints (name, tx, position) VALUES ($1, $2::text::xid8, $3)
+             ON CONFLICT (name) DO UPDATE SET tx = excluded.tx, position = excluded.position",
+            &[&CHECKPOINT, &at.tx.to_string(), &at.position],
+        )
+        .await?;
+    Ok(())
+}
+
+/// `AssetUploaded` → `asset.uploaded`: the type's words, dotted, lower case.
+pub fn routing_key(event_type: &str) -> String {
+    let mut key = String::with_capacity(event_type.len() + 4);
+    for (i, c) in event_type.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            key.push('.');
+        }
+        key.extend(c.to_lowercase());
+    }
+    key
+}
+
+/// The message body of EVENTS.md.
+pub fn envelope(event: &RecordedEvent) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "event_id": event.id,
+        "event_type": event.event_type,
+        "stream": event.stream,
+        "version": event.version,
+        "position": event.position,
+        "recorded_at": event.recorded_at,
+        "data": event.data,
+        "metadata": event.metadata,
+    }))
+    .expect("JSON values serialize")
+}
+
+fn properties(event: &RecordedEvent) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_message_id(event.id.to_string().into())
+        .with_type(event.event_type.as_str().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    match event.metadata.get("correlation_id").and_then(|c| c.as_str()) {
+        Some(correlation_id) => properties.with_correlation_id(correlation_id.into()),
+        None => properties,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routing_keys_are_the_dotted_lower_case_type() {
+        assert_eq!(super::routing_key("AssetUploaded"), "asset.uploaded");
+        assert_eq!(super::routing_key("SessionDeleted"), "session.deleted");
+        assert_eq!(super::routing_key("JobRetryScheduled"), "job.retry.scheduled");
+    }
+}

@@ -1,0 +1,176 @@
+//! The outbox relay: every committed event reaches a consumer bound to the exchange.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::TestApp;
+
+fn amqp_url() -> String {
+    std::env::var("ASSETD_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A consumer on an exchange of the test's own, bound to everything.
+struct Listener {
+    connection: Connection,
+    exchange: String,
+    consumer: lapin::Consumer,
+}
+
+impl Listener {
+    async fn bind() -> Self {
+        let exchange = format!("assetd_test_{}.events", Uuid::new_v4().simple());
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("the test RabbitMQ is reachable (ASSETD_TEST_AMQP_URL)");
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions { exclusive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let consumer = channel
+            .basic_consume(queue.name().clone(), "test".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        Self { connection, exchange, consumer }
+    }
+
+    /// Messages (routing key, message id, body) until `done` says so or 60 s pass.
+    async fn receive_until(
+        &mut self,
+        mut done: impl FnMut(&[(String, String, Value)]) -> bool,
+    ) -> Vec<(String, String, Value)> {
+        let mut received = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !done(&received) {
+            let delivery = tokio::time::timeout_at(deadline, self.consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("timed out with {} messages", received.len()))
+                .expect("the consumer is open")
+                .unwrap();
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+            let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
+            let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+            received.push((delivery.routing_key.to_string(), message_id, body));
+        }
+        received
+    }
+
+    async fn delete(self) {
+        let channel = self.connection.create_channel().await.unwrap();
+        let _ = channel.exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+#[tokio::test]
+async fn every_upload_from_concurrent_clients_is_published() {
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let relay = tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig {
+        database_url: app.db.url.clone(),
+        amqp_url: amqp_url(),
+        exchange: listener.exchange.clone(),
+        idle_poll: Duration::from_millis(50),
+    }));
+    let (_, token) = app.session_with_user(1).await;
+    let statuses: Vec<u16> = futures::stream::iter(0..200)
+        .map(|n| {
+            let app = &app;
+            let token = &token;
+            async move {
+                app.upload(token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![n as u8; 100])
+                    .await
+                    .status()
+                    .as_u16()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let uploaded = |messages: &[(String, String, Value)]| {
+        messages
+            .iter()
+            .filter(|(key, _, _)| key == "asset.uploaded")
+            .map(|(_, id, _)| id.clone())
+            .collect::<HashSet<_>>()
+    };
+    let received = listener.receive_until(|m| uploaded(m).len() == 200).await;
+    for (key, message_id, body) in &received {
+        assert_eq!(body["event_id"].as_str(), Some(message_id.as_str()), "message_id is the event id");
+        assert_eq!(assetd::relay::routing_key(body["event_type"].as_str().unwrap()), *key);
+        for field in ["stream", "version", "position", "recorded_at", "data", "metadata"] {
+            assert!(body.get(field).is_some(), "{field} missing in {body}");
+        }
+    }
+    assert!(received.iter().any(|(key, _, _)| key == "session.registered"));
+    relay.abort();
+    listener.delete().await;
+}
+
+/// With the broker unreachable, uploads still succeed; once it can be reached, every
+/// event recorded meanwhile is published (the checkpoint never moved past them).
+#[tokio::test]
+async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back() {
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let config = assetd::relay::RelayConfig {
+        database_url: app.db.url.clone(),
+        // Nothing listens there.
+        amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+        exchange: listener.exchange.clone(),
+        idle_poll: Duration::from_millis(50),
+    };
+    let unreachable = tokio::spawn(assetd::relay::run(config.clone()));
+    let (_, token) = app.session_with_user(1).await;
+    for n in 0..100 {
+        let response =
+            app.upload(&token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![1; 10]).await;
+        assert_eq!(response.status(), 200);
+    }
+    unreachable.abort();
+    let _ = unreachable.await;
+
+    let relay = tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig { amqp_url: amqp_url(), ..config }));
+    let received =
+        listener.receive_until(|m| m.iter().filter(|(key, _, _)| key == "asset.uploaded").count() >= 100).await;
+    let ids: HashSet<&String> =
+        received.iter().filter(|(key, _, _)| key == "asset.uploaded").map(|(_, id, _)| id).collect();
+    assert_eq!(ids.len(), 100);
+    relay.abort();
+    listener.delete().await;
+}

@@ -174,3 +174,45 @@ async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back(
     relay.abort();
     listener.delete().await;
 }
+
+/// An event whose transaction commits after later ones is published too: the relay's
+/// checkpoint never moves past a transaction still running.
+#[tokio::test]
+async fn an_event_committed_after_later_ones_is_not_skipped() {
+    use assetd::eventstore::{self, ExpectedVersion, NewEvent};
+
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let relay = tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig {
+        database_url: app.db.url.clone(),
+        amqp_url: amqp_url(),
+        exchange: listener.exchange.clone(),
+        idle_poll: Duration::from_millis(20),
+    }));
+    let mut held_client = app.ctx.app.pool.get().await.unwrap();
+    let held = held_client.transaction().await.unwrap();
+    let late = Uuid::new_v4();
+    let event = NewEvent { id: late, event_type: "LateEvent".into(), data: json!({}), metadata: json!({}) };
+    eventstore::append(&held, "late-1", ExpectedVersion::NoStream, &[event]).await.unwrap();
+
+    let (_, token) = app.session_with_user(1).await;
+    for n in 0..20 {
+        let response =
+            app.upload(&token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![1; 10]).await;
+        assert_eq!(response.status(), 200);
+    }
+    // The relay polls meanwhile: it must not move its checkpoint past the open transaction.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    held.commit().await.unwrap();
+
+    let uploads = |m: &[(String, String, Value)]| m.iter().filter(|(key, _, _)| key == "asset.uploaded").count();
+    let received =
+        listener.receive_until(|m| uploads(m) >= 20 && m.iter().any(|(_, id, _)| *id == late.to_string())).await;
+    // Nothing after the open transaction went out while it ran (the relay waits for the
+    // oldest running transaction), and its event comes first: its transaction is older.
+    let late_at = received.iter().position(|(_, id, _)| *id == late.to_string()).unwrap();
+    let first_upload = received.iter().position(|(key, _, _)| key == "asset.uploaded").unwrap();
+    assert!(late_at < first_upload, "late event at {late_at}, first upload at {first_upload}");
+    relay.abort();
+    listener.delete().await;
+}

@@ -96,9 +96,10 @@ class Bench:
             ASSETD_JWT_SECRET=self.secret,
             ASSETD_URL_SIGNING_KEY=secrets.token_hex(32),
             ASSETD_LOG=os.environ.get("ASSETD_LOG", "warn"),
-            # Publishing events is not what is measured, and must not reach a local
-            # deployment's exchange.
+            # Publishing events and consuming commands are not what is measured, and
+            # must not touch a local deployment's exchanges and queues.
             ASSETD_RELAY="false",
+            ASSETD_COMMANDS="false",
             NO_COLOR="1",
         )
 

@@ -134,11 +134,22 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             idle_poll: Duration::from_millis(200),
         }))
     });
+    let commands = config.commands.then(|| {
+        tokio::spawn(crate::commands::run(
+            ctx.app.clone(),
+            crate::commands::CommandsConfig { amqp_url: config.amqp_url.clone(), prefix: config.amqp_prefix.clone() },
+        ))
+    });
     http::serve(ctx, listener, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds)).await?;
+    // A command being handled when stopped is unacked: the broker hands it out again.
+    if let Some(commands) = commands {
+        commands.abort();
+    }
     // Whatever it had not confirmed is published again by the next relay.
     if let Some(relay) = relay {
         relay.abort();
     }
+
     tracing::info!("assetd stopped");
     Ok(())
 }

@@ -69,6 +69,9 @@ pub struct ServeConfig {
     /// across processes, whatever this says).
     #[arg(long, env = "ASSETD_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
     pub relay: bool,
+    /// Whether this process consumes the `<prefix>.commands` queue (several may).
+    #[arg(long, env = "ASSETD_COMMANDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub commands: bool,
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     #[arg(long, env = "ASSETD_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,

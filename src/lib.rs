@@ -10,6 +10,7 @@ pub mod app;
 pub mod auth;
 pub mod blobs;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod domain;
 pub mod eventstore;

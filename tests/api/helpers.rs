@@ -90,8 +90,9 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         shutdown_grace_seconds: 5,
         amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
         amqp_prefix: format!("assetd_test_{}", Uuid::new_v4().simple()),
-        // In-process servers never run `serve`; the relay has tests of its own.
+        // In-process servers never run `serve`; the relay and commands have tests of their own.
         relay: false,
+        commands: false,
     }
 }
 

@@ -5,6 +5,7 @@
 mod assets;
 mod auth;
 mod bad_input;
+mod commands;
 mod contract;
 mod eventstore;
 mod helpers;

@@ -133,6 +133,7 @@ async fn sigterm_lets_an_upload_in_flight_finish() {
         .env("ASSETD_DATA_DIR", data_dir.path())
         .env("NO_COLOR", "1")
         .env("ASSETD_RELAY", "false")
+        .env("ASSETD_COMMANDS", "false")
         .env_remove("ASSETD_ACCEL_REDIRECT_PREFIX")
         .stderr(Stdio::piped())
         .kill_on_drop(true)

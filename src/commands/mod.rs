@@ -1,0 +1,253 @@
+//! Commands from other services over AMQP (EVENTS.md): the `<prefix>.commands` queue,
+//! fed by the `<prefix>.commands` direct exchange, consumed with manual acks.
+//! `session.upsert` and `session.delete` run the very application commands the HTTP
+//! endpoints run. A command that cannot be run as sent (not JSON, unknown, invalid, or
+//! refused by the rules) is moved to `<prefix>.commands.dead` with an
+//! `x-assetd-error` header saying why, and acked: it never blocks the queue. With
+//! `reply_to`, the sender gets `{ok, error?, result?}` with its `correlation_id`.
+//! A command that fails for a passing reason (the database unreachable) goes back to
+//! the queue after a pause.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::app::{App, AppError, CommandContext};
+use crate::domain::names::SessionId;
+use crate::domain::principal::{Principal, PrincipalKind};
+use crate::domain::session::UpsertSession;
+use crate::domain::DomainError;
+
+/// Commands handled at once per consumer.
+const PREFETCH: u16 = 16;
+
+#[derive(Clone, Debug)]
+pub struct CommandsConfig {
+    pub amqp_url: String,
+    /// Names: `<prefix>.commands` (exchange and queue), `<prefix>.commands.dead`.
+    pub prefix: String,
+}
+
+impl CommandsConfig {
+    pub fn queue(&self) -> String {
+        format!("{}.commands", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.commands.dead", self.prefix)
+    }
+}
+
+/// `session.upsert`: the body of `PUT /sessions/{id_session}` plus `id_session`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionUpsert {
+    id_session: i64,
+    session_name: String,
+    session_uuid: Option<Uuid>,
+    id_creator_uuid: Option<Uuid>,
+    #[serde(default)]
+    session_users: Vec<Uuid>,
+    #[serde(default)]
+    session_participants: Vec<Uuid>,
+    #[serde(default)]
+    session_devices: Vec<Uuid>,
+}
+
+/// `session.delete`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionDelete {
+    id_session: i64,
+}
+
+/// Why a command was not run.
+enum Refusal {
+    /// As sent, it never will be: dead-letter it.
+    Invalid(String),
+    /// Try again later.
+    Transient(String),
+}
+
+impl From<AppError> for Refusal {
+    fn from(error: AppError) -> Self {
+        match error {
+            AppError::Domain(DomainError::NotFound(what)) => Refusal::Invalid(format!("{what} not found")),
+            AppError::Domain(other) => Refusal::Invalid(other.to_string()),
+            AppError::Forbidden(message) => Refusal::Invalid(message),
+            AppError::EventStore(e) if e.is_conflict() => Refusal::Transient(e.to_string()),
+            other => Refusal::Transient(other.to_string()),
+        }
+    }
+}
+
+/// Consumes commands until the task is dropped, reconnecting with backoff.
+pub async fn run(app: App, config: CommandsConfig) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match consume(&app, &config).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "command consumer stopped; starting over");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Declares the topology (idempotently): exchange, queue with its dead-letter route,
+/// dead queue.
+pub async fn declare(channel: &Channel, config: &CommandsConfig) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(config.dead_queue().as_str().into(), durable, FieldTable::default()).await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(config.dead_queue().as_str().into()));
+    channel.queue_declare(config.queue().as_str().into(), durable, arguments).await?;
+    channel
+        .exchange_declare(
+            config.queue().as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    for command in ["session.upsert", "session.delete"] {
+        channel
+            .queue_bind(
+                config.queue().as_str().into(),
+                config.queue().as_str().into(),
+                command.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+async fn consume(app: &App, config: &CommandsConfig) -> lapin::Result<()> {
+    let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    declare(&channel, config).await?;
+    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    let mut deliveries = channel
+        .basic_consume(
+            config.queue().as_str().into(),
+            "assetd".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %config.queue(), "consuming commands");
+    while let Some(delivery) = deliveries.next().await {
+        handle(app, config, &channel, delivery?).await?;
+    }
+    Ok(())
+}
+
+async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery: Delivery) -> lapin::Result<()> {
+    let outcome = run_command(app, &delivery).await;
+    let reply = match &outcome {
+        Ok(result) => Some(json!({"ok": true, "result": result})),
+        Err(Refusal::Invalid(error)) => Some(json!({"ok": false, "error": error})),
+        Err(Refusal::Transient(_)) => None,
+    };
+    if let (Some(reply), Some(reply_to)) = (reply, delivery.properties.reply_to()) {
+        let mut properties = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(correlation_id) = delivery.properties.correlation_id() {
+            properties = properties.with_correlation_id(correlation_id.clone());
+        }
+        let body = serde_json::to_vec(&reply).expect("JSON values serialize");
+        channel
+            .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, properties)
+            .await?
+            .await?;
+    }
+    match outcome {
+        Ok(_) => {
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        Err(Refusal::Invalid(reason)) => {
+            tracing::info!(%reason, "dead-lettering a command");
+            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+            headers.insert("x-assetd-error".into(), AMQPValue::LongString(reason.as_str().into()));
+            let properties = delivery.properties.clone().with_headers(headers);
+            channel
+                .basic_publish(
+                    "".into(),
+                    config.dead_queue().as_str().into(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    properties,
+                )
+                .await?
+                .await?;
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+        Err(Refusal::Transient(reason)) => {
+            tracing::warn!(%reason, "a command failed for now; back to the queue");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The command's name: the message's `type`, else its routing key.
+fn command_name(delivery: &Delivery) -> String {
+    delivery.properties.kind().as_ref().map(|k| k.to_string()).unwrap_or_else(|| delivery.routing_key.to_string())
+}
+
+async fn run_command(app: &App, delivery: &Delivery) -> Result<Value, Refusal> {
+    let principal =
+        Principal { kind: PrincipalKind::Service, uuid: Uuid::nil(), name: "amqp-commands".into(), superadmin: false };
+    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string());
+    let request_id = message_id.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
+    let ctx = CommandContext {
+        actor: principal.actor(),
+        correlation_id: delivery
+            .properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| request_id.clone()),
+        request_id,
+        causation_id: message_id,
+    };
+    let invalid = |error: serde_json::Error| Refusal::Invalid(format!("invalid body: {error}"));
+    match command_name(delivery).as_str() {
+        "session.upsert" => {
+            let body: SessionUpsert = serde_json::from_slice(&delivery.data).map_err(invalid)?;
+            let id_session = SessionId::new(body.id_session).map_err(|e| Refusal::Invalid(e.to_string()))?;
+            let command = UpsertSession {
+                id_session,
+                session_name: body.session_name,
+                session_uuid: body.session_uuid,
+                id_creator_uuid: body.id_creator_uuid,
+                session_users: body.session_users,
+                session_participants: body.session_participants,
+                session_devices: body.session_devices,
+            };
+            let session = app.upsert_session(&principal, &ctx, command).await?;
+            Ok(serde_json::to_value(session).expect("sessions serialize"))
+        }
+        "session.delete" => {
+            let body: SessionDelete = serde_json::from_slice(&delivery.data).map_err(invalid)?;
+            let id_session = SessionId::new(body.id_session).map_err(|e| Refusal::Invalid(e.to_string()))?;
+            let deleted = app.delete_session(&principal, &ctx, id_session).await?;
+            Ok(json!({"id_session": id_session.get(), "deleted_assets": deleted}))
+        }
+        other => Err(Refusal::Invalid(format!("unknown command {other:?}"))),
+    }
+}

@@ -128,6 +128,7 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, base_path = %config.base_path, "assetd serving");
     let relay = config.relay.then(|| {
         tokio::spawn(crate::relay::run(crate::relay::RelayConfig {
+            status: ctx.app.messaging.clone(),
             database_url: config.database.database_url.clone(),
             amqp_url: config.amqp_url.clone(),
             exchange: format!("{}.events", config.amqp_prefix),

@@ -212,6 +212,64 @@ pub struct App {
     uploads: recorder::UploadRecorder,
     /// Sessions recently found by [`App::precheck_upload`]: see there.
     upload_sessions: moka::sync::Cache<i64, SessionDetails>,
+    /// What the relay and the command consumer report of the broker (for `/ready`).
+    pub messaging: Arc<MessagingStatus>,
+}
+
+/// The broker as this process's relay and command consumer see it.
+#[derive(Debug, Default)]
+pub struct MessagingStatus {
+    relay: std::sync::atomic::AtomicU8,
+    commands: std::sync::atomic::AtomicU8,
+}
+
+/// One component's state, as `/ready` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ComponentState {
+    /// Not run by this process.
+    Disabled = 0,
+    /// Trying to reach the broker.
+    Connecting = 1,
+    /// Connected, but another process's relay publishes.
+    Standby = 2,
+    /// Connected and working.
+    Up = 3,
+}
+
+impl ComponentState {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            1 => Self::Connecting,
+            2 => Self::Standby,
+            3 => Self::Up,
+            _ => Self::Disabled,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::Connecting => "connecting",
+            Self::Standby => "standby",
+            Self::Up => "up",
+        }
+    }
+}
+
+impl MessagingStatus {
+    pub fn set_relay(&self, state: ComponentState) {
+        self.relay.store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn set_commands(&self, state: ComponentState) {
+        self.commands.store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn relay(&self) -> ComponentState {
+        ComponentState::from_u8(self.relay.load(std::sync::atomic::Ordering::Relaxed))
+    }
+    pub fn commands(&self) -> ComponentState {
+        ComponentState::from_u8(self.commands.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 /// How long an upload's early session check may reuse what an earlier one read.
@@ -228,6 +286,7 @@ impl App {
             asset_token_ttl,
             commands: tokio_util::task::TaskTracker::new(),
             uploads,
+            messaging: Arc::default(),
             upload_sessions: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(UPLOAD_SESSION_CACHE_TTL)
@@ -479,6 +538,22 @@ impl App {
         if let Err(error) = self.blobs.remove(uuid).await {
             tracing::warn!(%uuid, %error, "could not remove a deleted asset's bytes; the cleanup job will retry");
         }
+    }
+
+    /// Events committed but not yet published by the relay, and the age in seconds of
+    /// the oldest of them (0 when none), for `/metrics`.
+    pub async fn relay_lag(&self) -> Result<(i64, f64), AppError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(e.recorded_at))::float8, 0)
+                 FROM events e
+                 WHERE (e.tx, e.position) > coalesce(
+                     (SELECT (c.tx, c.position) FROM checkpoints c WHERE c.name = 'relay'), ('0'::xid8, 0::bigint))",
+                &[],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
     }
 
     /// Whether the database answers (for `/ready`).

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::app::{App, AppError, CommandContext};
+use crate::app::{App, AppError, CommandContext, ComponentState};
 use crate::domain::names::SessionId;
 use crate::domain::principal::{Principal, PrincipalKind};
 use crate::domain::session::UpsertSession;
@@ -94,6 +94,7 @@ impl From<AppError> for Refusal {
 pub async fn run(app: App, config: CommandsConfig) {
     let mut backoff = Duration::from_millis(200);
     loop {
+        app.messaging.set_commands(ComponentState::Connecting);
         match consume(&app, &config).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(error) => {
@@ -150,6 +151,7 @@ async fn consume(app: &App, config: &CommandsConfig) -> lapin::Result<()> {
         )
         .await?;
     tracing::info!(queue = %config.queue(), "consuming commands");
+    app.messaging.set_commands(ComponentState::Up);
     while let Some(delivery) = deliveries.next().await {
         handle(app, config, &channel, delivery?).await?;
     }

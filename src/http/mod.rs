@@ -186,7 +186,7 @@ fn allowed_methods(base_path: &str, path: &str) -> Option<&'static str> {
         ["api", "assets", "infos"] => "GET, HEAD, POST",
         ["api", "assets", _, "events"] | ["api", "sessions", _, "assets"] => "GET, HEAD",
         ["api", "sessions", _] => "GET, HEAD, PUT, DELETE",
-        ["health"] | ["ready"] | ["doc", ..] => "GET, HEAD",
+        ["health"] | ["ready"] | ["metrics"] | ["doc", ..] => "GET, HEAD",
         _ => return None,
     })
 }

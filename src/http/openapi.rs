@@ -36,6 +36,7 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         assets::asset_events,
         ops::health,
         ops::ready,
+        ops::metrics,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, SessionInfo, AssetInfo, Actor, PrincipalKind,

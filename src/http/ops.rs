@@ -1,4 +1,4 @@
-//! Operational endpoints: liveness and readiness.
+//! Operational endpoints: liveness, readiness, metrics.
 
 use serde_json::json;
 use warp::filters::BoxedFilter;
@@ -9,8 +9,9 @@ use super::{get_or_head, with_context, Context};
 
 pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     let health = warp::path!("health").and(get_or_head()).map(health);
-    let ready = warp::path!("ready").and(get_or_head()).and(with_context(ctx)).then(ready);
-    health.or(ready).unify().boxed()
+    let ready = warp::path!("ready").and(get_or_head()).and(with_context(ctx.clone())).then(ready);
+    let metrics = warp::path!("metrics").and(get_or_head()).and(with_context(ctx)).then(metrics);
+    health.or(ready).unify().or(metrics).unify().boxed()
 }
 
 /// The process is up and serving.
@@ -19,17 +20,47 @@ pub fn health() -> warp::reply::Response {
     warp::reply::json(&json!({"status": "ok"})).into_response()
 }
 
-/// Ready to serve requests: Postgres answers.
+/// Ready to serve requests: Postgres answers. The broker's state is reported too
+/// (`relay`, `commands`: up, standby, connecting or disabled) but does not make this
+/// 503: requests succeed without it, and events wait in Postgres for the relay.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
-    (status = 200, description = "every dependency answers"),
-    (status = 503, description = "a dependency is down"),
+    (status = 200, description = "the database answers"),
+    (status = 503, description = "the database is down"),
 ))]
 pub async fn ready(ctx: Context) -> warp::reply::Response {
     let database_ok = ctx.app.database_ready().await;
     let body = json!({
         "status": if database_ok { "ready" } else { "unavailable" },
-        "checks": { "database": if database_ok { "ok" } else { "unreachable" } },
+        "checks": {
+            "database": if database_ok { "ok" } else { "unreachable" },
+            "relay": ctx.app.messaging.relay().as_str(),
+            "commands": ctx.app.messaging.commands().as_str(),
+        },
     });
     let status = if database_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+/// Prometheus text format: how far the relay is behind.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "metrics in the Prometheus text format", content_type = "text/plain"),
+    (status = 503, description = "the database is down"),
+))]
+pub async fn metrics(ctx: Context) -> warp::reply::Response {
+    let Ok((events, oldest_seconds)) = ctx.app.relay_lag().await else {
+        return warp::reply::with_status(
+            warp::reply::json(&json!({"error": {"code": "unavailable", "message": "the database is unreachable"}})),
+            StatusCode::SERVICE_UNAVAILABLE,
+        )
+        .into_response();
+    };
+    let body = format!(
+        "# HELP assetd_relay_lag_events Events committed but not yet published to the broker.\n\
+         # TYPE assetd_relay_lag_events gauge\n\
+         assetd_relay_lag_events {events}\n\
+         # HELP assetd_relay_lag_seconds Age of the oldest event not yet published (0 when none).\n\
+         # TYPE assetd_relay_lag_seconds gauge\n\
+         assetd_relay_lag_seconds {oldest_seconds:.3}\n"
+    );
+    warp::reply::with_header(body, "content-type", "text/plain; version=0.0.4").into_response()
 }

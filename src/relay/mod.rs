@@ -16,6 +16,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::json;
 
+use crate::app::ComponentState;
 use crate::config::DatabaseConfig;
 use crate::eventstore::{self, GlobalPosition, RecordedEvent};
 
@@ -27,6 +28,8 @@ const CHECKPOINT: &str = "relay";
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
+    /// Where the relay reports its state (shown by `/ready`).
+    pub status: std::sync::Arc<crate::app::MessagingStatus>,
     pub database_url: String,
     pub amqp_url: String,
     /// The topic exchange events go to (`<prefix>.events`).
@@ -54,6 +57,7 @@ enum RelayError {
 pub async fn run(config: RelayConfig) {
     let mut backoff = Duration::from_millis(200);
     loop {
+        config.status.set_relay(ComponentState::Connecting);
         match lead_and_publish(&config).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(error) => {
@@ -76,6 +80,7 @@ async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
     let result = async {
         let led: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await?.get(0);
         if !led {
+            config.status.set_relay(ComponentState::Standby);
             tokio::time::sleep(Duration::from_secs(1)).await;
             return Ok(());
         }
@@ -91,6 +96,7 @@ async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
                 FieldTable::default(),
             )
             .await?;
+        config.status.set_relay(ComponentState::Up);
         loop {
             let published = publish_pass(&client, &channel, &config.exchange).await?;
             if published == 0 {

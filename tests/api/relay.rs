@@ -95,11 +95,21 @@ impl Listener {
     }
 }
 
+/// `assetd_relay_lag_events` from `/metrics`.
+async fn relay_lag(app: &TestApp) -> i64 {
+    let response = app.get("", "/metrics").await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let line = text.lines().find(|l| l.starts_with("assetd_relay_lag_events ")).expect("the lag metric");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 #[tokio::test]
 async fn every_upload_from_concurrent_clients_is_published() {
     let app = TestApp::spawn().await;
     let mut listener = Listener::bind().await;
     let relay = tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig {
+        status: Default::default(),
         database_url: app.db.url.clone(),
         amqp_url: amqp_url(),
         exchange: listener.exchange.clone(),
@@ -149,6 +159,7 @@ async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back(
     let app = TestApp::spawn().await;
     let mut listener = Listener::bind().await;
     let config = assetd::relay::RelayConfig {
+        status: app.ctx.app.messaging.clone(),
         database_url: app.db.url.clone(),
         // Nothing listens there.
         amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
@@ -162,6 +173,12 @@ async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back(
             app.upload(&token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![1; 10]).await;
         assert_eq!(response.status(), 200);
     }
+    // /ready still answers 200 and says the relay cannot reach the broker; /metrics
+    // shows every event waiting (100 uploads and the session's registration).
+    let ready: Value = app.get("", "/ready").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["checks"]["relay"], "connecting", "{ready}");
+    assert_eq!(relay_lag(&app).await, 101);
     unreachable.abort();
     let _ = unreachable.await;
 
@@ -171,6 +188,13 @@ async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back(
     let ids: HashSet<&String> =
         received.iter().filter(|(key, _, _)| key == "asset.uploaded").map(|(_, id, _)| id).collect();
     assert_eq!(ids.len(), 100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while relay_lag(&app).await != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the relay's checkpoint did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready: Value = app.get("", "/ready").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["relay"], "up", "{ready}");
     relay.abort();
     listener.delete().await;
 }
@@ -184,6 +208,7 @@ async fn an_event_committed_after_later_ones_is_not_skipped() {
     let app = TestApp::spawn().await;
     let mut listener = Listener::bind().await;
     let relay = tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig {
+        status: Default::default(),
         database_url: app.db.url.clone(),
         amqp_url: amqp_url(),
         exchange: listener.exchange.clone(),

@@ -241,3 +241,62 @@ async fn an_event_committed_after_later_ones_is_not_skipped() {
     relay.abort();
     listener.delete().await;
 }
+
+/// Two relays on one database: one publishes, the other stands by (no duplicates);
+/// when the publishing one dies, the other takes over.
+#[tokio::test]
+async fn one_relay_publishes_at_a_time_and_another_takes_over() {
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let relay = |status: std::sync::Arc<assetd::app::MessagingStatus>| {
+        tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig {
+            status,
+            database_url: app.db.url.clone(),
+            amqp_url: amqp_url(),
+            exchange: listener.exchange.clone(),
+            idle_poll: Duration::from_millis(20),
+        }))
+    };
+    let (first_status, second_status) = (std::sync::Arc::default(), std::sync::Arc::default());
+    let first = relay(std::sync::Arc::clone(&first_status));
+    let second = relay(std::sync::Arc::clone(&second_status));
+    let (_, token) = app.session_with_user(1).await;
+    let upload = |n: usize| {
+        let (app, token) = (&app, &token);
+        async move {
+            let response =
+                app.upload(token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![1; 10]).await;
+            assert_eq!(response.status(), 200);
+        }
+    };
+    for n in 0..30 {
+        upload(n).await;
+    }
+    let uploads = |m: &[(String, String, Value)]| m.iter().filter(|(key, _, _)| key == "asset.uploaded").count();
+    let received = listener.receive_until(|m| uploads(m) >= 30).await;
+    // Give a second publisher, if there were one, time to send its copies.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let states = [first_status.relay(), second_status.relay()];
+    use assetd::app::ComponentState::{Standby, Up};
+    assert!(states == [Up, Standby] || states == [Standby, Up], "{states:?}");
+
+    let (leader, survivor) = if states[0] == Up { (first, second) } else { (second, first) };
+    leader.abort();
+    let _ = leader.await;
+    for n in 30..60 {
+        upload(n).await;
+    }
+    let first_ids: HashSet<String> =
+        received.iter().filter(|(key, _, _)| key == "asset.uploaded").map(|(_, id, _)| id.clone()).collect();
+    assert_eq!(first_ids.len(), 30);
+    let new_uploads = |m: &[(String, String, Value)]| {
+        m.iter().filter(|(key, id, _)| key == "asset.uploaded" && !first_ids.contains(id)).count()
+    };
+    let more = listener.receive_until(|m| new_uploads(m) >= 30).await;
+    // The standby relay never published, and the survivor started from the leader's
+    // checkpoint: nothing of the first 30 comes again.
+    assert!(more.iter().all(|(_, id, _)| !first_ids.contains(id)), "an event was published twice");
+    assert_eq!(uploads(&received), 30, "no event published twice while one relay led");
+    survivor.abort();
+    listener.delete().await;
+}

@@ -300,3 +300,81 @@ async fn one_relay_publishes_at_a_time_and_another_takes_over() {
     survivor.abort();
     listener.delete().await;
 }
+
+/// `assetd serve` running only its relay, on the test's database and exchange prefix.
+fn relay_process(app: &TestApp, prefix: &str, data_dir: &std::path::Path) -> tokio::process::Child {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
+        .arg("serve")
+        .env("ASSETD_DATABASE_URL", &app.db.url)
+        .env("ASSETD_JWT_SECRET", crate::helpers::JWT_SECRET)
+        .env("ASSETD_URL_SIGNING_KEY", "k")
+        .env("ASSETD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ASSETD_DATA_DIR", data_dir)
+        .env("ASSETD_AMQP_URL", amqp_url())
+        .env("ASSETD_AMQP_PREFIX", prefix)
+        .env("ASSETD_RELAY", "true")
+        .env("ASSETD_COMMANDS", "false")
+        .env("ASSETD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The relay's process killed with SIGKILL while events are being published: after a
+/// restart every event arrives at least once, and each stream's events in order.
+#[tokio::test]
+async fn after_a_sigkill_every_event_arrives_in_stream_order() {
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let prefix = listener.exchange.trim_end_matches(".events").to_owned();
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut relay = relay_process(&app, &prefix, data_dir.path());
+    let (_, token) = app.session_with_user(1).await;
+
+    // Uploads and renames keep coming while the relay publishes; it is killed midway.
+    let mut received = Vec::new();
+    for round in 0..2 {
+        for n in 0..40 {
+            let info: Value = app
+                .upload(&token, &json!({"id_session": 1, "asset_name": format!("a{round}-{n}")}), "f.bin", vec![1; 10])
+                .await
+                .json()
+                .await
+                .unwrap();
+            let rename =
+                json!({"file_asset": {"asset_uuid": info["asset_uuid"], "asset_original_filename": "renamed.bin"}});
+            assert_eq!(app.post_json(&token, "/api/assets/infos", &rename).await.status(), 200);
+        }
+        if round == 0 {
+            received.extend(listener.receive_until(|m| m.len() >= 10).await);
+            relay.start_kill().unwrap();
+            relay.wait().await.unwrap();
+            relay = relay_process(&app, &prefix, data_dir.path());
+        }
+    }
+
+    let client = app.ctx.app.pool.get().await.unwrap();
+    let all: HashSet<String> =
+        client.query("SELECT id::text FROM events", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let seen = |m: &[(String, String, Value)], earlier: &[(String, String, Value)]| {
+        earlier.iter().chain(m).map(|(_, id, _)| id.clone()).collect::<HashSet<_>>()
+    };
+    let rest = listener.receive_until(|m| seen(m, &received).is_superset(&all)).await;
+    received.extend(rest);
+    // Per stream, the first delivery of each event comes in version order.
+    let mut first_seen = HashSet::new();
+    let mut last_version: std::collections::HashMap<String, i64> = Default::default();
+    for (_, id, body) in &received {
+        if first_seen.insert(id.clone()) {
+            let stream = body["stream"].as_str().unwrap().to_owned();
+            let version = body["version"].as_i64().unwrap();
+            let previous = last_version.insert(stream.clone(), version).unwrap_or(0);
+            assert!(version > previous, "{stream}: version {version} after {previous}");
+        }
+    }
+    relay.start_kill().unwrap();
+    listener.delete().await;
+}

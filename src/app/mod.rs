@@ -548,8 +548,9 @@ impl App {
             .query_one(
                 "SELECT count(*), coalesce(extract(epoch FROM now() - min(e.recorded_at))::float8, 0)
                  FROM events e
-                 WHERE (e.tx, e.position) > coalesce(
-                     (SELECT (c.tx, c.position) FROM checkpoints c WHERE c.name = 'relay'), ('0'::xid8, 0::bigint))",
+                 WHERE (e.tx, e.position) > (
+                     coalesce((SELECT c.tx FROM checkpoints c WHERE c.name = 'relay'), '0'::xid8),
+                     coalesce((SELECT c.position FROM checkpoints c WHERE c.name = 'relay'), 0))",
                 &[],
             )
             .await?;

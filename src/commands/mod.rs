@@ -80,14 +80,33 @@ enum Refusal {
 
 impl From<AppError> for Refusal {
     fn from(error: AppError) -> Self {
+        // Postgres refusing the data itself (classes 22, data exception, and 23,
+        // integrity constraint) will refuse it again: not worth a retry.
+        let refused_data =
+            |e: &tokio_postgres::Error| e.as_db_error().is_some_and(|db| matches!(&db.code().code()[..2], "22" | "23"));
         match error {
             AppError::Domain(DomainError::NotFound(what)) => Refusal::Invalid(format!("{what} not found")),
             AppError::Domain(other) => Refusal::Invalid(other.to_string()),
             AppError::Forbidden(message) => Refusal::Invalid(message),
             AppError::EventStore(e) if e.is_conflict() => Refusal::Transient(e.to_string()),
+            AppError::Database(ref e) if refused_data(e) => Refusal::Invalid(error.to_string()),
+            AppError::CorruptEvent(_) | AppError::Projection(_) | AppError::EventStore(_) => {
+                Refusal::Invalid(error.to_string())
+            }
             other => Refusal::Transient(other.to_string()),
         }
     }
+}
+
+/// An AMQP id (message or correlation id) fit to record in the events' metadata: the
+/// request-id rules of the HTTP edge; anything else is replaced.
+fn plain_id(value: Option<&lapin::types::ShortString>) -> Option<String> {
+    value
+        .map(|v| v.as_str())
+        .filter(|v| {
+            (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+        })
+        .map(str::to_owned)
 }
 
 /// Consumes commands until the task is dropped, reconnecting with backoff.
@@ -140,6 +159,8 @@ pub async fn declare(channel: &Channel, config: &CommandsConfig) -> lapin::Resul
 async fn consume(app: &App, config: &CommandsConfig) -> lapin::Result<()> {
     let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
+    // Dead letters and replies are confirmed before the command is acked.
+    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
     declare(&channel, config).await?;
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let mut deliveries = channel
@@ -171,6 +192,7 @@ async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery:
             properties = properties.with_correlation_id(correlation_id.clone());
         }
         let body = serde_json::to_vec(&reply).expect("JSON values serialize");
+        // A lost reply is not worth redelivering the command for: not checked.
         channel
             .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, properties)
             .await?
@@ -184,8 +206,23 @@ async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery:
             tracing::info!(%reason, "dead-lettering a command");
             let mut headers = delivery.properties.headers().clone().unwrap_or_default();
             headers.insert("x-assetd-error".into(), AMQPValue::LongString(reason.as_str().into()));
-            let properties = delivery.properties.clone().with_headers(headers);
-            channel
+            // What identifies the command, without the sender's TTL: kept in the dead
+            // queue until someone looks.
+            let original = &delivery.properties;
+            let mut properties = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
+            if let Some(kind) = original.kind() {
+                properties = properties.with_type(kind.clone());
+            }
+            if let Some(content_type) = original.content_type() {
+                properties = properties.with_content_type(content_type.clone());
+            }
+            if let Some(message_id) = original.message_id() {
+                properties = properties.with_message_id(message_id.clone());
+            }
+            if let Some(correlation_id) = original.correlation_id() {
+                properties = properties.with_correlation_id(correlation_id.clone());
+            }
+            let confirmed = channel
                 .basic_publish(
                     "".into(),
                     config.dead_queue().as_str().into(),
@@ -195,7 +232,12 @@ async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery:
                 )
                 .await?
                 .await?;
-            delivery.ack(BasicAckOptions::default()).await?;
+            if confirmed.is_ack() {
+                delivery.ack(BasicAckOptions::default()).await?;
+            } else {
+                // Not safely in the dead queue: let the broker dead-letter it (no header).
+                delivery.reject(lapin::options::BasicRejectOptions { requeue: false }).await?;
+            }
         }
         Err(Refusal::Transient(reason)) => {
             tracing::warn!(%reason, "a command failed for now; back to the queue");
@@ -214,16 +256,11 @@ fn command_name(delivery: &Delivery) -> String {
 async fn run_command(app: &App, delivery: &Delivery) -> Result<Value, Refusal> {
     let principal =
         Principal { kind: PrincipalKind::Service, uuid: Uuid::nil(), name: "amqp-commands".into(), superadmin: false };
-    let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string());
+    let message_id = plain_id(delivery.properties.message_id().as_ref());
     let request_id = message_id.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
     let ctx = CommandContext {
         actor: principal.actor(),
-        correlation_id: delivery
-            .properties
-            .correlation_id()
-            .as_ref()
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| request_id.clone()),
+        correlation_id: plain_id(delivery.properties.correlation_id().as_ref()).unwrap_or_else(|| request_id.clone()),
         request_id,
         causation_id: message_id,
     };

@@ -25,6 +25,8 @@ const BATCH: i64 = 500;
 /// Arbitrary, fixed: the advisory lock key only one relay may hold.
 const LEADER_LOCK: i64 = 0x6173_7365_7464_0001;
 const CHECKPOINT: &str = "relay";
+/// How long a publish may wait for the broker's confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
@@ -56,11 +58,12 @@ enum RelayError {
 /// starts over (with backoff) after any failure.
 pub async fn run(config: RelayConfig) {
     let mut backoff = Duration::from_millis(200);
+    config.status.set_relay(ComponentState::Connecting);
     loop {
-        config.status.set_relay(ComponentState::Connecting);
         match lead_and_publish(&config).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(error) => {
+                config.status.set_relay(ComponentState::Connecting);
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "relay stopped; starting over");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -100,6 +103,10 @@ async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
         loop {
             let published = publish_pass(&client, &channel, &config.exchange).await?;
             if published == 0 {
+                // Idle: notice a lost broker now, not at the next event (and let /ready say so).
+                if !channel.status().connected() {
+                    return Err(RelayError::Setup("the broker connection was lost".into()));
+                }
                 tokio::time::sleep(config.idle_poll).await;
             }
         }
@@ -134,7 +141,11 @@ async fn publish_pass(
         confirms.push((event.id, confirm));
     }
     for (id, confirm) in confirms {
-        if !confirm.await?.is_ack() {
+        // A broker that stops answering must not hold the leadership forever.
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| RelayError::Setup(format!("no confirm for event {id} within {CONFIRM_TIMEOUT:?}")))??;
+        if !confirmation.is_ack() {
             return Err(RelayError::Nacked(id));
         }
     }
@@ -148,7 +159,8 @@ async fn checkpoint(client: &deadpool_postgres::Client) -> Result<GlobalPosition
         None => GlobalPosition::START,
         Some(row) => {
             let tx: String = row.get(0);
-            GlobalPosition { tx: tx.parse().unwrap_or(0), position: row.get(1) }
+            let tx = tx.parse().map_err(|_| RelayError::Setup(format!("unreadable checkpoint tx {tx}")))?;
+            GlobalPosition { tx, position: row.get(1) }
         }
     })
 }

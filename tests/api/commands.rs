@@ -135,6 +135,27 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     assert_eq!((correlation.as_str(), reply["ok"].clone()), ("c5", json!(true)), "{reply}");
     assert_eq!(app.get(&app.service_token(), "/api/sessions/5").await.status(), 404);
 
+    // Ids that cannot be recorded as sent (a NUL, say) are replaced, not fatal: the
+    // command still runs once, and is not retried forever.
+    channel
+        .basic_publish(
+            config.queue().as_str().into(),
+            "session.upsert".into(),
+            BasicPublishOptions::default(),
+            json!({"id_session": 6, "session_name": "odd ids"}).to_string().as_bytes(),
+            BasicProperties::default()
+                .with_reply_to(replies.name().clone())
+                .with_correlation_id("bad\u{0}id".into())
+                .with_message_id("also bad\u{0}".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (_, reply) = reply_of(&next(&mut replies_consumer).await);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(app.get(&app.service_token(), "/api/sessions/6").await.status(), 200);
+
     worker.abort();
     for queue in [config.queue(), config.dead_queue()] {
         let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;

@@ -25,8 +25,8 @@ use uuid::Uuid;
 use crate::app::{App, AppError, CommandContext, ComponentState};
 use crate::domain::names::SessionId;
 use crate::domain::principal::{Principal, PrincipalKind};
-use crate::domain::session::UpsertSession;
 use crate::domain::DomainError;
+use crate::http::sessions::SessionBody;
 
 /// Commands handled at once per consumer.
 const PREFETCH: u16 = 16;
@@ -45,22 +45,6 @@ impl CommandsConfig {
     pub fn dead_queue(&self) -> String {
         format!("{}.commands.dead", self.prefix)
     }
-}
-
-/// `session.upsert`: the body of `PUT /sessions/{id_session}` plus `id_session`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SessionUpsert {
-    id_session: i64,
-    session_name: String,
-    session_uuid: Option<Uuid>,
-    id_creator_uuid: Option<Uuid>,
-    #[serde(default)]
-    session_users: Vec<Uuid>,
-    #[serde(default)]
-    session_participants: Vec<Uuid>,
-    #[serde(default)]
-    session_devices: Vec<Uuid>,
 }
 
 /// `session.delete`.
@@ -267,17 +251,15 @@ async fn run_command(app: &App, delivery: &Delivery) -> Result<Value, Refusal> {
     let invalid = |error: serde_json::Error| Refusal::Invalid(format!("invalid body: {error}"));
     match command_name(delivery).as_str() {
         "session.upsert" => {
-            let body: SessionUpsert = serde_json::from_slice(&delivery.data).map_err(invalid)?;
-            let id_session = SessionId::new(body.id_session).map_err(|e| Refusal::Invalid(e.to_string()))?;
-            let command = UpsertSession {
-                id_session,
-                session_name: body.session_name,
-                session_uuid: body.session_uuid,
-                id_creator_uuid: body.id_creator_uuid,
-                session_users: body.session_users,
-                session_participants: body.session_participants,
-                session_devices: body.session_devices,
-            };
+            // The body of `PUT /sessions/{id_session}`, with `id_session` in it.
+            let mut body: serde_json::Map<String, Value> = serde_json::from_slice(&delivery.data).map_err(invalid)?;
+            let id_session = body
+                .remove("id_session")
+                .and_then(|id| id.as_i64())
+                .ok_or_else(|| Refusal::Invalid("invalid body: id_session must be an integer".into()))?;
+            let id_session = SessionId::new(id_session).map_err(|e| Refusal::Invalid(e.to_string()))?;
+            let command =
+                serde_json::from_value::<SessionBody>(Value::Object(body)).map_err(invalid)?.into_command(id_session);
             let session = app.upsert_session(&principal, &ctx, command).await?;
             Ok(serde_json::to_value(session).expect("sessions serialize"))
         }

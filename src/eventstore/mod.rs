@@ -263,18 +263,15 @@ pub async fn read_all(
     after: GlobalPosition,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    read_global(client, after, limit, "AND tx < pg_snapshot_xmin(pg_current_snapshot())").await
-}
-
-/// Up to `limit` events after `after` in `(tx, position)` order, as the caller's snapshot
-/// sees them, with no wait for running transactions. For a reader inside one
-/// REPEATABLE READ transaction that sees a fixed set of commits (replay).
-pub async fn read_all_in_snapshot(
-    client: &impl GenericClient,
-    after: GlobalPosition,
-    limit: i64,
-) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    read_global(client, after, limit, "").await
+    let statement = format!(
+        "SELECT {SELECT_COLUMNS} FROM events
+         WHERE (events.tx, events.position) > ($1::text::xid8, $2) AND tx < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY events.tx, events.position
+         LIMIT $3"
+    );
+    let statement = client.prepare_cached(&statement).await?;
+    let rows = client.query(&statement, &[&after.tx.to_string(), &after.position, &limit]).await?;
+    rows.iter().map(recorded_from_row).collect()
 }
 
 /// Every event the caller's snapshot sees, in `(tx, position)` order, streamed from one
@@ -289,23 +286,6 @@ pub async fn stream_all_in_snapshot(
     let no_params: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
     let rows = client.query_raw(&statement, no_params).await?;
     Ok(rows.map_err(EventStoreError::from).and_then(|row| futures::future::ready(recorded_from_row(&row))))
-}
-
-async fn read_global(
-    client: &impl GenericClient,
-    after: GlobalPosition,
-    limit: i64,
-    horizon: &str,
-) -> Result<Vec<RecordedEvent>, EventStoreError> {
-    let statement = format!(
-        "SELECT {SELECT_COLUMNS} FROM events
-         WHERE (events.tx, events.position) > ($1::text::xid8, $2) {horizon}
-         ORDER BY events.tx, events.position
-         LIMIT $3"
-    );
-    let statement = client.prepare_cached(&statement).await?;
-    let rows = client.query(&statement, &[&after.tx.to_string(), &after.position, &limit]).await?;
-    rows.iter().map(recorded_from_row).collect()
 }
 
 /// The event store over a connection pool, for callers that do not need their own

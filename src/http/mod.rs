@@ -10,7 +10,7 @@ pub mod error;
 pub mod openapi;
 mod ops;
 pub mod request_id;
-mod sessions;
+pub mod sessions;
 mod upload;
 
 use std::convert::Infallible;

@@ -32,6 +32,21 @@ pub struct SessionBody {
     pub session_devices: Vec<Uuid>,
 }
 
+impl SessionBody {
+    /// The upsert command this body asks for (HTTP `PUT` and the AMQP `session.upsert`).
+    pub fn into_command(self, id_session: SessionId) -> UpsertSession {
+        UpsertSession {
+            id_session,
+            session_name: self.session_name,
+            session_uuid: self.session_uuid,
+            id_creator_uuid: self.id_creator_uuid,
+            session_users: self.session_users,
+            session_participants: self.session_participants,
+            session_devices: self.session_devices,
+        }
+    }
+}
+
 /// A page of a session's assets.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AssetPage {
@@ -124,16 +139,7 @@ async fn put_session(
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
-    let body: SessionBody = body.parse().await?;
-    let command = UpsertSession {
-        id_session,
-        session_name: body.session_name,
-        session_uuid: body.session_uuid,
-        id_creator_uuid: body.id_creator_uuid,
-        session_users: body.session_users,
-        session_participants: body.session_participants,
-        session_devices: body.session_devices,
-    };
+    let command = body.parse::<SessionBody>().await?.into_command(id_session);
     let session =
         ctx.app.upsert_session(&principal, &CommandContext::for_request(&principal, &request_id), command).await?;
     Ok(warp::reply::json(&session))

@@ -332,22 +332,34 @@ impl Rebuilt {
 
     /// Writes the rows with binary COPY into the (emptied) tables.
     async fn write(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<(), ProjectionError> {
-        let sink = tx.copy_in(&format!("COPY sessions ({}) FROM STDIN (FORMAT binary)", SessionRow::COLUMNS)).await?;
-        let writer = BinaryCopyInWriter::new(sink, &SessionRow::TYPES);
-        futures::pin_mut!(writer);
-        for row in self.sessions.values() {
-            writer.as_mut().write(&row.values()).await?;
-        }
-        writer.finish().await?;
-        let sink = tx.copy_in(&format!("COPY assets ({}) FROM STDIN (FORMAT binary)", AssetRow::COLUMNS)).await?;
-        let writer = BinaryCopyInWriter::new(sink, &AssetRow::TYPES);
-        futures::pin_mut!(writer);
-        for row in self.assets.values() {
-            writer.as_mut().write(&row.values()).await?;
-        }
-        writer.finish().await?;
-        Ok(())
+        copy_in(
+            tx,
+            "sessions",
+            SessionRow::COLUMNS,
+            &SessionRow::TYPES,
+            self.sessions.values().map(SessionRow::values),
+        )
+        .await?;
+        copy_in(tx, "assets", AssetRow::COLUMNS, &AssetRow::TYPES, self.assets.values().map(AssetRow::values)).await
     }
+}
+
+/// `COPY table (columns) FROM STDIN` in binary, one row per item of `rows`.
+async fn copy_in<'a, const N: usize>(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    columns: &str,
+    types: &[Type; N],
+    rows: impl Iterator<Item = [&'a (dyn ToSql + Sync); N]>,
+) -> Result<(), ProjectionError> {
+    let sink = tx.copy_in(&format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary)")).await?;
+    let writer = BinaryCopyInWriter::new(sink, types);
+    futures::pin_mut!(writer);
+    for row in rows {
+        writer.as_mut().write(&row).await?;
+    }
+    writer.finish().await?;
+    Ok(())
 }
 
 /// Empties the read models and rebuilds them from every event, in one transaction so

@@ -13,11 +13,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::TestApp;
-
-fn amqp_url() -> String {
-    std::env::var("ASSETD_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+use crate::helpers::{amqp_url, TestApp};
 
 async fn next(consumer: &mut Consumer) -> Delivery {
     let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())

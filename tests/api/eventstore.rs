@@ -1,6 +1,7 @@
 //! The event store: expected versions, typed conflicts, stream reads, and the global log
 //! in commit order without skipping a late-committing transaction.
 
+use futures::TryStreamExt;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -220,6 +221,7 @@ async fn the_global_log_is_ordered_by_transaction_id_as_a_number() {
     assert_eq!(after_nine.iter().map(|e| e.tx).collect::<Vec<_>>(), vec![10, 100]);
     let mut tx_client = app.ctx.app.pool.get().await.unwrap();
     let snapshot = tx_client.transaction().await.unwrap();
-    let replayed = assetd::eventstore::read_all_in_snapshot(&snapshot, GlobalPosition::START, 10).await.unwrap();
+    let replayed: Vec<_> =
+        assetd::eventstore::stream_all_in_snapshot(&snapshot).await.unwrap().try_collect().await.unwrap();
     assert_eq!(replayed.iter().map(|e| e.tx).collect::<Vec<_>>(), vec![9, 10, 100]);
 }

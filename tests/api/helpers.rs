@@ -14,6 +14,11 @@ use uuid::Uuid;
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
 
+/// The RabbitMQ the AMQP tests use (each on names of its own).
+pub fn amqp_url() -> String {
+    std::env::var("ASSETD_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
 /// The Postgres server the tests create their databases on.
 pub fn server_url() -> String {
     std::env::var("ASSETD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())

@@ -13,11 +13,7 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::TestApp;
-
-fn amqp_url() -> String {
-    std::env::var("ASSETD_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
+use crate::helpers::{amqp_url, TestApp};
 
 /// A consumer on an exchange of the test's own, bound to everything.
 struct Listener {
@@ -95,6 +91,38 @@ impl Listener {
     }
 }
 
+/// A relay in this process, on the test's database and the listener's exchange.
+fn start_relay(
+    app: &TestApp,
+    listener: &Listener,
+    status: std::sync::Arc<assetd::app::MessagingStatus>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(assetd::relay::run(relay_config(app, listener, status)))
+}
+
+fn relay_config(
+    app: &TestApp,
+    listener: &Listener,
+    status: std::sync::Arc<assetd::app::MessagingStatus>,
+) -> assetd::relay::RelayConfig {
+    assetd::relay::RelayConfig {
+        status,
+        database_url: app.db.url.clone(),
+        amqp_url: amqp_url(),
+        exchange: listener.exchange.clone(),
+        idle_poll: Duration::from_millis(20),
+    }
+}
+
+/// Uploads assets `a<n>` for each n to session 1, one after the other; each must succeed.
+async fn upload_each(app: &TestApp, token: &str, numbers: std::ops::Range<usize>) {
+    for n in numbers {
+        let response =
+            app.upload(token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![1; 10]).await;
+        assert_eq!(response.status(), 200);
+    }
+}
+
 /// `assetd_relay_lag_events` from `/metrics`.
 async fn relay_lag(app: &TestApp) -> i64 {
     let response = app.get("", "/metrics").await;
@@ -108,13 +136,7 @@ async fn relay_lag(app: &TestApp) -> i64 {
 async fn every_upload_from_concurrent_clients_is_published() {
     let app = TestApp::spawn().await;
     let mut listener = Listener::bind().await;
-    let relay = tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig {
-        status: Default::default(),
-        database_url: app.db.url.clone(),
-        amqp_url: amqp_url(),
-        exchange: listener.exchange.clone(),
-        idle_poll: Duration::from_millis(50),
-    }));
+    let relay = start_relay(&app, &listener, Default::default());
     let (_, token) = app.session_with_user(1).await;
     let statuses: Vec<u16> = futures::stream::iter(0..200)
         .map(|n| {
@@ -158,21 +180,14 @@ async fn every_upload_from_concurrent_clients_is_published() {
 async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back() {
     let app = TestApp::spawn().await;
     let mut listener = Listener::bind().await;
+    // Nothing listens on port 1.
     let config = assetd::relay::RelayConfig {
-        status: app.ctx.app.messaging.clone(),
-        database_url: app.db.url.clone(),
-        // Nothing listens there.
         amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
-        exchange: listener.exchange.clone(),
-        idle_poll: Duration::from_millis(50),
+        ..relay_config(&app, &listener, app.ctx.app.messaging.clone())
     };
     let unreachable = tokio::spawn(assetd::relay::run(config.clone()));
     let (_, token) = app.session_with_user(1).await;
-    for n in 0..100 {
-        let response =
-            app.upload(&token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![1; 10]).await;
-        assert_eq!(response.status(), 200);
-    }
+    upload_each(&app, &token, 0..100).await;
     // /ready still answers 200 and says the relay cannot reach the broker; /metrics
     // shows every event waiting (100 uploads and the session's registration).
     let ready: Value = app.get("", "/ready").await.json().await.unwrap();
@@ -207,13 +222,7 @@ async fn an_event_committed_after_later_ones_is_not_skipped() {
 
     let app = TestApp::spawn().await;
     let mut listener = Listener::bind().await;
-    let relay = tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig {
-        status: Default::default(),
-        database_url: app.db.url.clone(),
-        amqp_url: amqp_url(),
-        exchange: listener.exchange.clone(),
-        idle_poll: Duration::from_millis(20),
-    }));
+    let relay = start_relay(&app, &listener, Default::default());
     let mut held_client = app.ctx.app.pool.get().await.unwrap();
     let held = held_client.transaction().await.unwrap();
     let late = Uuid::new_v4();
@@ -221,11 +230,7 @@ async fn an_event_committed_after_later_ones_is_not_skipped() {
     eventstore::append(&held, "late-1", ExpectedVersion::NoStream, &[event]).await.unwrap();
 
     let (_, token) = app.session_with_user(1).await;
-    for n in 0..20 {
-        let response =
-            app.upload(&token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![1; 10]).await;
-        assert_eq!(response.status(), 200);
-    }
+    upload_each(&app, &token, 0..20).await;
     // The relay polls meanwhile: it must not move its checkpoint past the open transaction.
     tokio::time::sleep(Duration::from_millis(500)).await;
     held.commit().await.unwrap();
@@ -248,30 +253,11 @@ async fn an_event_committed_after_later_ones_is_not_skipped() {
 async fn one_relay_publishes_at_a_time_and_another_takes_over() {
     let app = TestApp::spawn().await;
     let mut listener = Listener::bind().await;
-    let relay = |status: std::sync::Arc<assetd::app::MessagingStatus>| {
-        tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig {
-            status,
-            database_url: app.db.url.clone(),
-            amqp_url: amqp_url(),
-            exchange: listener.exchange.clone(),
-            idle_poll: Duration::from_millis(20),
-        }))
-    };
     let (first_status, second_status) = (std::sync::Arc::default(), std::sync::Arc::default());
-    let first = relay(std::sync::Arc::clone(&first_status));
-    let second = relay(std::sync::Arc::clone(&second_status));
+    let first = start_relay(&app, &listener, std::sync::Arc::clone(&first_status));
+    let second = start_relay(&app, &listener, std::sync::Arc::clone(&second_status));
     let (_, token) = app.session_with_user(1).await;
-    let upload = |n: usize| {
-        let (app, token) = (&app, &token);
-        async move {
-            let response =
-                app.upload(token, &json!({"id_session": 1, "asset_name": format!("a{n}")}), "f.bin", vec![1; 10]).await;
-            assert_eq!(response.status(), 200);
-        }
-    };
-    for n in 0..30 {
-        upload(n).await;
-    }
+    upload_each(&app, &token, 0..30).await;
     let uploads = |m: &[(String, String, Value)]| m.iter().filter(|(key, _, _)| key == "asset.uploaded").count();
     let received = listener.receive_until(|m| uploads(m) >= 30).await;
     // Give a second publisher, if there were one, time to send its copies.
@@ -283,9 +269,7 @@ async fn one_relay_publishes_at_a_time_and_another_takes_over() {
     let (leader, survivor) = if states[0] == Up { (first, second) } else { (second, first) };
     leader.abort();
     let _ = leader.await;
-    for n in 30..60 {
-        upload(n).await;
-    }
+    upload_each(&app, &token, 30..60).await;
     let first_ids: HashSet<String> =
         received.iter().filter(|(key, _, _)| key == "asset.uploaded").map(|(_, id, _)| id.clone()).collect();
     assert_eq!(first_ids.len(), 30);

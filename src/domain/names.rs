@@ -11,6 +11,7 @@ pub const MAX_NAME_CHARS: usize = 255;
 pub const MAX_DIRECTORY_CHARS: usize = 1024;
 pub const MAX_TAGS: usize = 64;
 pub const MAX_TAG_CHARS: usize = 128;
+pub const MAX_MEDIA_TYPE_BYTES: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -173,7 +174,12 @@ impl Directory {
                 return Err(InvalidValue::new(FIELD, "must not contain blank segments"));
             }
         }
-        Ok(Self(format!("/{}", segments.join("/"))))
+        // Bounded as stored (a leading slash may be added), so a stored one parses again.
+        let normalised = format!("/{}", segments.join("/"));
+        if normalised.chars().count() > MAX_DIRECTORY_CHARS {
+            return Err(InvalidValue::new(FIELD, format!("must be at most {MAX_DIRECTORY_CHARS} characters")));
+        }
+        Ok(Self(normalised))
     }
     pub fn as_str(&self) -> &str {
         &self.0
@@ -198,19 +204,21 @@ pub struct MediaType(String);
 
 impl MediaType {
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
-        let parsed: mime_guess::mime::Mime =
-            value.parse().map_err(|_| InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'"))?;
-        if value.len() > 255 || value.chars().any(char::is_control) {
-            return Err(InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'"));
+        let invalid = || InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'");
+        if value.len() > MAX_MEDIA_TYPE_BYTES || value.chars().any(char::is_control) {
+            return Err(invalid());
         }
-        Ok(Self(parsed.essence_str().to_owned()).with_params_of(&parsed))
-    }
-    fn with_params_of(self, parsed: &mime_guess::mime::Mime) -> Self {
-        if parsed.params().next().is_some() {
-            Self(parsed.to_string())
-        } else {
-            self
+        let parsed: mime_guess::mime::Mime = value.parse().map_err(|_| invalid())?;
+        if parsed.subtype().as_str().is_empty() {
+            return Err(invalid()); // the mime crate takes "text/"
         }
+        let normalised =
+            if parsed.params().next().is_some() { parsed.to_string() } else { parsed.essence_str().to_owned() };
+        // Bounded as stored (normalising may add spaces), so a stored one parses again.
+        if normalised.len() > MAX_MEDIA_TYPE_BYTES {
+            return Err(invalid());
+        }
+        Ok(Self(normalised))
     }
     /// The type for a file name, from its extension; `application/octet-stream` otherwise.
     pub fn guess_from_filename(name: &FileName) -> Self {
@@ -303,6 +311,100 @@ impl From<Sha256Hex> for String {
     }
 }
 
+// JSON Schemas of the value types, for the contract files in `events/` (see
+// `crate::contract`). They describe the values as stored and published, i.e. already
+// normalised; a property test below holds each schema to its `parse`.
+
+/// Characters no name may hold: C0/C1 controls (what `char::is_control` means).
+const CONTROL_CHARS: &str = r"\u0000-\u001F\u007F-\u009F";
+/// Bidi overrides and isolates, refused in display names.
+const BIDI_CHARS: &str = r"\u202A-\u202E\u2066-\u2069";
+
+macro_rules! json_schema_of {
+    ($type:ty, $name:literal, $schema:expr) => {
+        impl schemars::JsonSchema for $type {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                $name.into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                let schema: serde_json::Value = $schema;
+                schemars::Schema::try_from(schema).expect("a JSON Schema object")
+            }
+        }
+    };
+}
+
+fn display_name_schema(description: &str, also_forbidden: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "string",
+        "description": description,
+        "minLength": 1,
+        "maxLength": MAX_NAME_CHARS,
+        "allOf": [
+            {"pattern": format!("^[^{CONTROL_CHARS}{BIDI_CHARS}{also_forbidden}]*$")},
+            {"pattern": r"\S"},
+        ],
+    })
+}
+
+json_schema_of!(
+    SessionId,
+    "SessionId",
+    serde_json::json!({
+        "type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX,
+        "description": "OpenTera's session id",
+    })
+);
+json_schema_of!(FileName, "FileName", {
+    let mut schema = display_name_schema("a file name: one path segment", r"/\\");
+    schema["not"] = serde_json::json!({"enum": [".", ".."]});
+    schema
+});
+json_schema_of!(AssetName, "AssetName", {
+    let mut schema = display_name_schema("the asset's display name; no '..' path segment", "");
+    schema["not"] = serde_json::json!({"pattern": r"(^|[/\\])\.\.([/\\]|$)"});
+    schema
+});
+json_schema_of!(Directory, "Directory", {
+    let segment = format!(r"[^/\\{CONTROL_CHARS}]+");
+    serde_json::json!({
+        "type": "string",
+        "description": "a virtual folder: '/' or '/a/b' (no '.', '..' or blank segment)",
+        "maxLength": MAX_DIRECTORY_CHARS,
+        "pattern": format!("^/({segment}(/{segment})*)?$"),
+        "not": {"pattern": r"/(\.{1,2}|\s+)(/|$)"},
+    })
+});
+json_schema_of!(
+    MediaType,
+    "MediaType",
+    serde_json::json!({
+        "type": "string",
+        "description": "a MIME type such as 'application/zip', parameters after ';'",
+        "maxLength": MAX_MEDIA_TYPE_BYTES,
+        "pattern": format!(r"^[^\s/;{CONTROL_CHARS}]+/[^\s/;{CONTROL_CHARS}]+(\s*;[^{CONTROL_CHARS}]*)?$"),
+    })
+);
+json_schema_of!(
+    Tags,
+    "Tags",
+    serde_json::json!({
+        "type": "array",
+        "maxItems": MAX_TAGS,
+        "items": {
+            "type": "string", "minLength": 1, "maxLength": MAX_TAG_CHARS,
+            "pattern": format!("^[^{CONTROL_CHARS}]*$"),
+        },
+    })
+);
+json_schema_of!(
+    Sha256Hex,
+    "Sha256Hex",
+    serde_json::json!({
+        "type": "string", "pattern": "^[0-9a-f]{64}$", "description": "SHA-256 of the bytes, lower-case hex",
+    })
+);
+
 /// Free-form JSON (asset metadata) must be storable as Postgres `jsonb`, which refuses
 /// the NUL character anywhere in a string or key.
 pub fn check_storable_json(field: &'static str, value: &serde_json::Value) -> Result<(), InvalidValue> {
@@ -366,6 +468,9 @@ mod tests {
         assert!(Directory::parse("/a/../b").is_err());
         assert!(Directory::parse("/a/./b").is_err());
         assert!(Directory::parse("/a\0").is_err());
+        // Bounded as stored: a leading slash added must not make it unreadable.
+        assert!(Directory::parse(&"a".repeat(MAX_DIRECTORY_CHARS)).is_err());
+        assert!(Directory::parse(&format!("/{}", "a".repeat(MAX_DIRECTORY_CHARS - 1))).is_ok());
     }
 
     #[test]
@@ -373,6 +478,7 @@ mod tests {
         assert_eq!(MediaType::parse("application/zip").unwrap().as_str(), "application/zip");
         assert_eq!(MediaType::parse("text/plain; charset=utf-8").unwrap().as_str(), "text/plain; charset=utf-8");
         assert!(MediaType::parse("not a type").is_err());
+        assert!(MediaType::parse("text/").is_err());
         let guessed = MediaType::guess_from_filename(&FileName::parse("clip.mp4").unwrap());
         assert_eq!(guessed.as_str(), "video/mp4");
         let unknown = MediaType::guess_from_filename(&FileName::parse("blob.zzqq").unwrap());
@@ -394,7 +500,80 @@ mod tests {
         assert!(check_storable_json("metadata", &json!({"a": ["x\0"]})).is_err());
     }
 
+    /// A compiled validator for `T`'s JSON Schema, built once per type.
+    fn validator<T: schemars::JsonSchema>() -> &'static jsonschema::Validator {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        static VALIDATORS: OnceLock<Mutex<HashMap<String, &'static jsonschema::Validator>>> = OnceLock::new();
+        let mut validators = VALIDATORS.get_or_init(Default::default).lock().unwrap();
+        validators.entry(T::schema_name().into_owned()).or_insert_with(|| {
+            let schema = schemars::SchemaGenerator::default().into_root_schema_for::<T>();
+            Box::leak(Box::new(jsonschema::validator_for(schema.as_value()).expect("a valid schema")))
+        })
+    }
+
+    /// The schema accepts exactly the values as stored: those `parse` accepts and leaves
+    /// unchanged. Whatever `parse` accepts is stored in a form that parses again to
+    /// itself (so replay can always read it back) and that the schema accepts. With
+    /// `exact == false` the schema may accept more than `parse` does.
+    fn schema_agrees_with_parse<T: schemars::JsonSchema + serde::Serialize>(
+        input: &str,
+        parse: fn(&str) -> Result<T, InvalidValue>,
+        exact: bool,
+    ) -> Result<(), TestCaseError> {
+        let stored = |value: &T| serde_json::to_value(value).unwrap().as_str().unwrap().to_owned();
+        let accepted = validator::<T>().is_valid(&serde_json::json!(input));
+        match parse(input) {
+            Ok(value) => {
+                let stored_form = stored(&value);
+                let again = parse(&stored_form);
+                prop_assert!(again.is_ok(), "{input:?} is stored as {stored_form:?}, which does not parse");
+                prop_assert_eq!(stored(&again.unwrap()), stored_form.clone());
+                prop_assert!(
+                    validator::<T>().is_valid(&serde_json::json!(stored_form)),
+                    "schema refuses {stored_form:?}"
+                );
+                if stored_form == input {
+                    prop_assert!(accepted);
+                } else if exact {
+                    prop_assert!(!accepted, "schema accepts the unnormalised {input:?}");
+                }
+            }
+            Err(_) if exact => prop_assert!(!accepted, "schema accepts {input:?}, parse refuses it"),
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Short strings of the characters the rules are about, and long ones near the bounds.
+    fn tricky_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[-a./\\\\ \\t\\x00\\n\\x7f\\u{85}\\u{a0}\\u{202e}\\u{2067}é;=+]{0,10}",
+            "[a/]{250,260}",
+            "/?[a/]{1018,1030}",
+            "[a-z+.-]{1,8}/[a-z+.-]{0,8}(;|; )?[a-z]{0,4}=?[a-zA-Z0-9\"]{0,6}",
+            "[a-z]{1,3}/[a-z;= ]{240,260}",
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn value_schemas_accept_exactly_the_stored_values(input in tricky_text()) {
+            schema_agrees_with_parse(&input, FileName::parse, true)?;
+            schema_agrees_with_parse(&input, AssetName::parse, true)?;
+            schema_agrees_with_parse(&input, Directory::parse, true)?;
+            schema_agrees_with_parse(&input, MediaType::parse, false)?;
+            schema_agrees_with_parse(&input, Sha256Hex::parse, true)?;
+            schema_agrees_with_parse(&input.repeat(64).chars().take(64).collect::<String>(), Sha256Hex::parse, true)?;
+        }
+
+        #[test]
+        fn tag_and_session_id_schemas_match_their_rules(tags in prop::collection::vec(tricky_text(), 0..70), id in any::<i64>()) {
+            let accepted = validator::<Tags>().is_valid(&serde_json::json!(tags));
+            prop_assert_eq!(accepted, Tags::parse(tags.clone()).is_ok(), "{:?}", tags);
+            prop_assert_eq!(validator::<SessionId>().is_valid(&serde_json::json!(id)), SessionId::new(id).is_ok());
+        }
+
         #[test]
         fn accepted_file_names_are_single_safe_segments(name in "\\PC{0,300}") {
             if let Ok(parsed) = FileName::parse(&name) {

@@ -1,4 +1,4 @@
-//! The command line: `assetd serve | migrate | replay | openapi | token`.
+//! The command line: `assetd serve | migrate | replay | openapi | contract | token`.
 
 use std::time::Duration;
 
@@ -32,6 +32,14 @@ enum Command {
     Openapi {
         #[arg(long, env = "ASSETD_BASE_PATH", default_value = "/file")]
         base_path: String,
+    },
+    /// Write the AMQP contract files: AsyncAPI document and JSON Schemas.
+    Contract {
+        /// The directory to write `asyncapi.json` and `schemas/` into.
+        #[arg(long, default_value = "events")]
+        out: std::path::PathBuf,
+        #[arg(long, env = "ASSETD_AMQP_PREFIX", default_value = "assetd")]
+        prefix: String,
     },
     /// Mint a principal token for development and tests.
     Token(TokenArgs),
@@ -78,6 +86,12 @@ pub async fn run() -> anyhow::Result<()> {
         }
         Command::Openapi { base_path } => {
             println!("{}", serde_json::to_string_pretty(&http::openapi::document(&base_path))?);
+            Ok(())
+        }
+        Command::Contract { out, prefix } => {
+            let written = crate::contract::write(&out, &prefix)
+                .with_context(|| format!("writing the contract files to {}", out.display()))?;
+            println!("{written} file(s) written to {}", out.display());
             Ok(())
         }
         Command::Token(args) => {

@@ -12,6 +12,7 @@ pub mod blobs;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod contract;
 pub mod domain;
 pub mod eventstore;
 pub mod http;

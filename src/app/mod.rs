@@ -7,7 +7,6 @@
 use std::sync::Arc;
 
 use deadpool_postgres::{GenericClient, Pool, Transaction};
-use serde_json::json;
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, TokenError};
@@ -78,14 +77,32 @@ impl CommandContext {
     }
 
     fn metadata(&self) -> serde_json::Value {
-        json!({
-            "actor": self.actor,
-            "correlation_id": self.correlation_id,
-            "causation_id": self.causation_id,
-            "request_id": self.request_id,
-            "service_version": env!("CARGO_PKG_VERSION"),
+        serde_json::to_value(EventMetadata {
+            actor: self.actor,
+            correlation_id: self.correlation_id.clone(),
+            causation_id: self.causation_id.clone(),
+            request_id: self.request_id.clone(),
+            service_version: env!("CARGO_PKG_VERSION").to_owned(),
         })
+        .expect("metadata serializes")
     }
+}
+
+/// The `metadata` of every event assetd records: who, and the ids that tie it to the
+/// request or message that caused it.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct EventMetadata {
+    pub actor: Actor,
+    /// The HTTP request's X-Request-Id, or the AMQP command's message id.
+    pub request_id: String,
+    /// Shared by everything one request or command caused: the command message's
+    /// `correlation_id` (else its id); for HTTP, the request id.
+    pub correlation_id: String,
+    /// The AMQP message id of the command that caused it; null for HTTP requests.
+    #[schemars(required, extend("type" = ["string", "null"]))]
+    pub causation_id: Option<String>,
+    /// assetd's version that recorded it.
+    pub service_version: String,
 }
 
 /// An aggregate folded from its stream.

@@ -18,15 +18,17 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::app::{App, AppError, CommandContext, ComponentState};
 use crate::domain::names::SessionId;
 use crate::domain::principal::{Principal, PrincipalKind};
+use crate::domain::session::UpsertSession;
 use crate::domain::DomainError;
-use crate::http::sessions::SessionBody;
+use crate::http::sessions::{SessionBody, SessionDeletedReply};
+use crate::projections::read::SessionInfo;
 
 /// Commands handled at once per consumer.
 const PREFETCH: u16 = 16;
@@ -47,11 +49,65 @@ impl CommandsConfig {
     }
 }
 
+/// `session.upsert`'s body is `PUT /sessions/{id_session}`'s ([`SessionBody`]) with
+/// `id_session` in it: parsed by [`parse_session_upsert`], described by
+/// [`session_upsert_schema`].
+pub const SESSION_UPSERT: &str = "session.upsert";
+pub const SESSION_DELETE: &str = "session.delete";
+
 /// `session.delete`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SessionDelete {
-    id_session: i64,
+pub struct SessionDelete {
+    pub id_session: SessionId,
+}
+
+/// The reply to a command with `reply_to` (sent with its `correlation_id`).
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct CommandReply<Result> {
+    pub ok: bool,
+    /// Why the command was refused (`ok: false`); it is also in the dead queue.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the command did (`ok: true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Result>,
+}
+
+/// What a command that ran gives back.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum CommandResult {
+    /// `session.upsert`: the session as registered.
+    Session(SessionInfo),
+    /// `session.delete`.
+    SessionDeleted(SessionDeletedReply),
+}
+
+fn parse_session_upsert(body: &[u8]) -> Result<UpsertSession, Refusal> {
+    let invalid = |error: serde_json::Error| Refusal::Invalid(format!("invalid body: {error}"));
+    let mut body: serde_json::Map<String, Value> = serde_json::from_slice(body).map_err(invalid)?;
+    let id_session = body
+        .remove("id_session")
+        .and_then(|id| id.as_i64())
+        .ok_or_else(|| Refusal::Invalid("invalid body: id_session must be an integer".into()))?;
+    let id_session = SessionId::new(id_session).map_err(|e| Refusal::Invalid(e.to_string()))?;
+    Ok(serde_json::from_value::<SessionBody>(Value::Object(body)).map_err(invalid)?.into_command(id_session))
+}
+
+/// The JSON Schema of `session.upsert`: [`SessionBody`]'s with a required `id_session`.
+pub fn session_upsert_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = generator.root_schema_for::<SessionBody>();
+    let id_session = generator.subschema_for::<SessionId>();
+    let object = schema.as_object_mut().expect("SessionBody's schema is an object");
+    object.insert("title".into(), json!("session.upsert"));
+    if let Some(Value::Object(properties)) = object.get_mut("properties") {
+        properties.insert("id_session".into(), id_session.to_value());
+    }
+    if let Some(Value::Array(required)) = object.get_mut("required") {
+        required.insert(0, json!("id_session"));
+    }
+    schema
 }
 
 /// Why a command was not run.
@@ -126,7 +182,7 @@ pub async fn declare(channel: &Channel, config: &CommandsConfig) -> lapin::Resul
             FieldTable::default(),
         )
         .await?;
-    for command in ["session.upsert", "session.delete"] {
+    for command in [SESSION_UPSERT, SESSION_DELETE] {
         channel
             .queue_bind(
                 config.queue().as_str().into(),
@@ -166,8 +222,8 @@ async fn consume(app: &App, config: &CommandsConfig) -> lapin::Result<()> {
 async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery: Delivery) -> lapin::Result<()> {
     let outcome = run_command(app, &delivery).await;
     let reply = match &outcome {
-        Ok(result) => Some(json!({"ok": true, "result": result})),
-        Err(Refusal::Invalid(error)) => Some(json!({"ok": false, "error": error})),
+        Ok(result) => Some(CommandReply { ok: true, error: None, result: Some(result) }),
+        Err(Refusal::Invalid(error)) => Some(CommandReply { ok: false, error: Some(error.clone()), result: None }),
         Err(Refusal::Transient(_)) => None,
     };
     if let (Some(reply), Some(reply_to)) = (reply, delivery.properties.reply_to()) {
@@ -237,7 +293,7 @@ fn command_name(delivery: &Delivery) -> String {
     delivery.properties.kind().as_ref().map(|k| k.to_string()).unwrap_or_else(|| delivery.routing_key.to_string())
 }
 
-async fn run_command(app: &App, delivery: &Delivery) -> Result<Value, Refusal> {
+async fn run_command(app: &App, delivery: &Delivery) -> Result<CommandResult, Refusal> {
     let principal =
         Principal { kind: PrincipalKind::Service, uuid: Uuid::nil(), name: "amqp-commands".into(), superadmin: false };
     let message_id = plain_id(delivery.properties.message_id().as_ref());
@@ -248,26 +304,17 @@ async fn run_command(app: &App, delivery: &Delivery) -> Result<Value, Refusal> {
         request_id,
         causation_id: message_id,
     };
-    let invalid = |error: serde_json::Error| Refusal::Invalid(format!("invalid body: {error}"));
     match command_name(delivery).as_str() {
-        "session.upsert" => {
-            // The body of `PUT /sessions/{id_session}`, with `id_session` in it.
-            let mut body: serde_json::Map<String, Value> = serde_json::from_slice(&delivery.data).map_err(invalid)?;
-            let id_session = body
-                .remove("id_session")
-                .and_then(|id| id.as_i64())
-                .ok_or_else(|| Refusal::Invalid("invalid body: id_session must be an integer".into()))?;
-            let id_session = SessionId::new(id_session).map_err(|e| Refusal::Invalid(e.to_string()))?;
-            let command =
-                serde_json::from_value::<SessionBody>(Value::Object(body)).map_err(invalid)?.into_command(id_session);
-            let session = app.upsert_session(&principal, &ctx, command).await?;
-            Ok(serde_json::to_value(session).expect("sessions serialize"))
+        SESSION_UPSERT => {
+            let command = parse_session_upsert(&delivery.data)?;
+            Ok(CommandResult::Session(app.upsert_session(&principal, &ctx, command).await?))
         }
-        "session.delete" => {
-            let body: SessionDelete = serde_json::from_slice(&delivery.data).map_err(invalid)?;
-            let id_session = SessionId::new(body.id_session).map_err(|e| Refusal::Invalid(e.to_string()))?;
-            let deleted = app.delete_session(&principal, &ctx, id_session).await?;
-            Ok(json!({"id_session": id_session.get(), "deleted_assets": deleted}))
+        SESSION_DELETE => {
+            let body: SessionDelete = serde_json::from_slice(&delivery.data)
+                .map_err(|error| Refusal::Invalid(format!("invalid body: {error}")))?;
+            let id_session = body.id_session;
+            let deleted_assets = app.delete_session(&principal, &ctx, id_session).await?;
+            Ok(CommandResult::SessionDeleted(SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
         }
         other => Err(Refusal::Invalid(format!("unknown command {other:?}"))),
     }

@@ -11,7 +11,7 @@ use super::principal::Actor;
 use super::{domain_events, DomainError};
 
 /// Where an asset's bytes came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AssetSource {
     Upload,
@@ -30,7 +30,7 @@ impl AssetSource {
 }
 
 /// The payload of `AssetUploaded`: all a consumer needs to know about the new asset.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AssetUploaded {
     pub asset_uuid: Uuid,
     pub id_session: SessionId,
@@ -47,7 +47,7 @@ pub struct AssetUploaded {
     pub asset_source: AssetSource,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AssetRenamed {
     pub asset_uuid: Uuid,
     pub id_session: SessionId,
@@ -56,14 +56,14 @@ pub struct AssetRenamed {
 }
 
 /// Why an asset was deleted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeletionReason {
     Requested,
     SessionDeleted,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AssetDeleted {
     pub asset_uuid: Uuid,
     pub id_session: SessionId,

@@ -31,12 +31,25 @@ pub trait DomainEvent: Sized {
     fn from_parts(event_type: &str, data: &serde_json::Value) -> Option<Result<Self, serde_json::Error>>;
 }
 
+/// Visits the payload type of each event type of an aggregate (for the JSON Schemas
+/// of the contract files).
+pub trait PayloadVisitor {
+    fn visit<Payload: schemars::JsonSchema>(&mut self, event_type: &'static str);
+}
+
 /// Implements [`DomainEvent`] for an enum whose variants each wrap one payload struct,
 /// with the variant name as the event type.
 macro_rules! domain_events {
     ($enum:ident { $($variant:ident($payload:ty)),+ $(,)? }) => {
         #[derive(Debug, Clone, PartialEq)]
         pub enum $enum { $($variant($payload)),+ }
+
+        impl $enum {
+            /// Every event type of this aggregate with its payload type.
+            pub fn visit_payloads(visitor: &mut impl $crate::domain::PayloadVisitor) {
+                $(visitor.visit::<$payload>(stringify!($variant));)+
+            }
+        }
 
         impl $crate::domain::DomainEvent for $enum {
             fn event_type(&self) -> &'static str {

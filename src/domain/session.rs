@@ -10,14 +10,19 @@ use super::principal::{Principal, PrincipalKind};
 use super::{domain_events, DomainError};
 
 /// Everything a session registration says; the full state after each event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SessionDetails {
     pub id_session: SessionId,
     pub session_uuid: Uuid,
+    /// Trimmed, without control characters.
+    #[schemars(length(min = 1, max = MAX_SESSION_NAME_CHARS), regex(pattern = r"^[^\s\u0000-\u001F\u007F-\u009F]([^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F])?$"))]
     pub session_name: String,
     pub id_creator_uuid: Option<Uuid>,
+    #[schemars(length(max = MAX_SESSION_MEMBERS))]
     pub session_users: Vec<Uuid>,
+    #[schemars(length(max = MAX_SESSION_MEMBERS))]
     pub session_participants: Vec<Uuid>,
+    #[schemars(length(max = MAX_SESSION_MEMBERS))]
     pub session_devices: Vec<Uuid>,
 }
 
@@ -38,7 +43,7 @@ impl SessionDetails {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SessionDeleted {
     pub id_session: SessionId,
     pub session_uuid: Uuid,
@@ -130,6 +135,36 @@ fn dedup(mut ids: Vec<Uuid>) -> Vec<Uuid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The schema of the published `SessionRegistered` takes exactly the names the
+        /// rules let through, as stored (trimmed).
+        #[test]
+        fn session_name_schema_matches_the_rules(name in "[a \t\x00\x7f\u{85}\u{a0}é]{0,6}|a{250,260}") {
+            let schema = schemars::SchemaGenerator::default().into_root_schema_for::<SessionDetails>();
+            let validator = jsonschema::validator_for(schema.as_value()).unwrap();
+            let details = |session_name: &str| {
+                let details = SessionDetails {
+                    id_session: SessionId::new(7).unwrap(),
+                    session_uuid: Uuid::nil(),
+                    session_name: session_name.to_owned(),
+                    id_creator_uuid: None,
+                    session_users: vec![],
+                    session_participants: vec![],
+                    session_devices: vec![],
+                };
+                serde_json::to_value(details).unwrap()
+            };
+            match Session::default().handle_upsert(upsert(&name), Uuid::nil()) {
+                Ok(events) => {
+                    let SessionEvent::SessionRegistered(stored) = &events[0] else { panic!("{events:?}") };
+                    prop_assert!(validator.is_valid(&serde_json::to_value(stored).unwrap()));
+                }
+                Err(_) => prop_assert!(!validator.is_valid(&details(name.trim()))),
+            }
+        }
+    }
 
     fn upsert(name: &str) -> UpsertSession {
         UpsertSession {

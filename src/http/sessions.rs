@@ -18,9 +18,11 @@ use crate::domain::session::UpsertSession;
 use crate::projections::read::{AssetInfo, ListingCursor, SessionInfo};
 
 /// The body of `PUT /sessions/{id_session}`.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionBody {
+    /// 1 to 255 characters once trimmed, no control characters.
+    #[schemars(regex(pattern = r"\S"))]
     pub session_name: String,
     pub session_uuid: Option<Uuid>,
     pub id_creator_uuid: Option<Uuid>,
@@ -63,7 +65,7 @@ pub struct ListedAsset {
     pub access_token: String,
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct SessionDeletedReply {
     pub id_session: i64,
     /// The assets deleted with the session.

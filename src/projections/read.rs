@@ -10,7 +10,7 @@ use crate::domain::principal::{Actor, PrincipalKind};
 use crate::domain::session::SessionDetails;
 
 /// A registered session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct SessionInfo {
     pub id_session: i64,
     pub session_uuid: Uuid,

@@ -14,7 +14,6 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
-use serde_json::json;
 
 use crate::app::ComponentState;
 use crate::config::DatabaseConfig;
@@ -188,18 +187,35 @@ pub fn routing_key(event_type: &str) -> String {
     key
 }
 
-/// The message body of EVENTS.md.
+/// The message body of EVENTS.md. Published with the stored `data` and `metadata`;
+/// `crate::contract` derives each event's JSON Schema from it with their types.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct EventMessage<Data, Metadata> {
+    /// Unique; also the AMQP `message_id`. Deliveries are at least once: dedupe by it.
+    pub event_id: uuid::Uuid,
+    pub event_type: String,
+    /// `session-<id_session>` or `asset-<uuid>`.
+    pub stream: String,
+    /// The event's number in its stream: 1, 2, …
+    pub version: i64,
+    /// Position in the global log (increasing in commit order within a transaction).
+    pub position: i64,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    pub data: Data,
+    pub metadata: Metadata,
+}
+
 pub fn envelope(event: &RecordedEvent) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "event_id": event.id,
-        "event_type": event.event_type,
-        "stream": event.stream,
-        "version": event.version,
-        "position": event.position,
-        "recorded_at": event.recorded_at,
-        "data": event.data,
-        "metadata": event.metadata,
-    }))
+    serde_json::to_vec(&EventMessage {
+        event_id: event.id,
+        event_type: event.event_type.clone(),
+        stream: event.stream.clone(),
+        version: event.version,
+        position: event.position,
+        recorded_at: event.recorded_at,
+        data: &event.data,
+        metadata: &event.metadata,
+    })
     .expect("JSON values serialize")
 }
 

@@ -13,7 +13,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{amqp_url, TestApp};
+use crate::helpers::{amqp_url, assert_conforms, contract_validator, TestApp};
 
 async fn next(consumer: &mut Consumer) -> Delivery {
     let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
@@ -74,16 +74,21 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
                 .unwrap();
         }
     };
-    let reply_of = |delivery: &Delivery| -> (String, Value) {
-        (
-            delivery.properties.correlation_id().as_ref().unwrap().to_string(),
-            serde_json::from_slice(&delivery.data).unwrap(),
-        )
+    // A reply, checked against the command's reply schema.
+    let reply_of = |delivery: &Delivery, command: &str| -> (String, Value) {
+        let reply: Value = serde_json::from_slice(&delivery.data).unwrap();
+        assert_conforms(&format!("schemas/commands/{command}.reply.json"), &reply);
+        (delivery.properties.correlation_id().as_ref().unwrap().to_string(), reply)
     };
+    // Valid commands conform to their schema; the invalid ones sent below do not.
+    let upsert_5 = json!({"id_session": 5, "session_name": "via amqp"});
+    assert_conforms("schemas/commands/session.upsert.json", &upsert_5);
+    assert_conforms("schemas/commands/session.delete.json", &json!({"id_session": 5}));
+    assert!(!contract_validator("schemas/commands/session.upsert.json").is_valid(&json!({"id_session": 5, "bogus": 1})));
 
     // A valid upsert: the session exists, as if registered over HTTP.
-    send("session.upsert", json!({"id_session": 5, "session_name": "via amqp"}).to_string().into_bytes(), "c1").await;
-    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await);
+    send("session.upsert", upsert_5.to_string().into_bytes(), "c1").await;
+    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await, "session.upsert");
     assert_eq!(correlation, "c1");
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(reply["result"]["id_session"], 5);
@@ -96,7 +101,7 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
         [b"not json".to_vec(), json!({"id_session": 5, "bogus": 1}).to_string().into_bytes()].into_iter().enumerate()
     {
         send("session.upsert", body.clone(), if n == 0 { "c2" } else { "c3" }).await;
-        let (_, reply) = reply_of(&next(&mut replies_consumer).await);
+        let (_, reply) = reply_of(&next(&mut replies_consumer).await, "session.upsert");
         assert_eq!(reply["ok"], false, "{reply}");
         assert!(reply["error"].as_str().unwrap().contains("invalid body"), "{reply}");
         let dead_letter = next(&mut dead).await;
@@ -123,11 +128,11 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     let dead_letter = next(&mut dead).await;
     assert_eq!(dead_letter.properties.kind().as_ref().unwrap().as_str(), "session.explode");
     send("session.delete", json!({"id_session": 999}).to_string().into_bytes(), "c4").await;
-    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await);
+    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await, "session.delete");
     assert_eq!((correlation.as_str(), reply["ok"].clone()), ("c4", json!(false)), "{reply}");
     next(&mut dead).await;
     send("session.delete", json!({"id_session": 5}).to_string().into_bytes(), "c5").await;
-    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await);
+    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await, "session.delete");
     assert_eq!((correlation.as_str(), reply["ok"].clone()), ("c5", json!(true)), "{reply}");
     assert_eq!(app.get(&app.service_token(), "/api/sessions/5").await.status(), 404);
 
@@ -148,7 +153,7 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
         .unwrap()
         .await
         .unwrap();
-    let (_, reply) = reply_of(&next(&mut replies_consumer).await);
+    let (_, reply) = reply_of(&next(&mut replies_consumer).await, "session.upsert");
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(app.get(&app.service_token(), "/api/sessions/6").await.status(), 200);
 

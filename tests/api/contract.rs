@@ -25,6 +25,98 @@ async fn checked_in_openapi_matches_the_code() {
     );
 }
 
+/// `events/` (AsyncAPI document and JSON Schemas) is what `assetd contract` writes:
+/// the same files, no more, no less.
+#[tokio::test]
+async fn checked_in_amqp_contract_matches_the_code() {
+    let out = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
+        .args(["contract", "--out"])
+        .arg(out.path())
+        .env_remove("ASSETD_AMQP_PREFIX")
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let generated = contract_files(out.path());
+    let checked_in = contract_files(&repo_file("events"));
+    let names = |files: &std::collections::BTreeMap<String, String>| files.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&checked_in), names(&generated), "events/ is stale: run `cargo run -- contract` and commit it");
+    for (name, text) in &generated {
+        assert!(&checked_in[name] == text, "events/{name} is stale: run `cargo run -- contract` and commit it");
+    }
+    assert!(generated.len() >= 11, "{:?}", names(&generated));
+}
+
+/// `asyncapi.json` and every `.json` under `schemas/`, by relative path.
+fn contract_files(dir: &std::path::Path) -> std::collections::BTreeMap<String, String> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.join("schemas")];
+    files.insert("asyncapi.json".to_owned(), std::fs::read_to_string(dir.join("asyncapi.json")).unwrap_or_default());
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                let name = path.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                files.insert(name, std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// The AsyncAPI document is a valid AsyncAPI 3.0 document (the official JSON Schema,
+/// bindings included), every reference in it resolves, every schema in it is a valid
+/// JSON Schema, and every event type assetd records has a channel and a schema file.
+#[test]
+fn asyncapi_document_is_valid_and_complete() {
+    let document: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_file("events/asyncapi.json")).unwrap()).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_file("tests/fixtures/asyncapi-3.0.0.schema.json")).unwrap())
+            .unwrap();
+    let validator = jsonschema::validator_for(&meta).expect("the AsyncAPI 3.0.0 schema compiles");
+    let errors: Vec<String> =
+        validator.iter_errors(&document).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "not a valid AsyncAPI 3.0.0 document: {errors:#?}");
+
+    let mut references = Vec::new();
+    collect_references(&document, &mut references);
+    assert!(references.len() > 20);
+    for reference in references {
+        let pointer = reference.strip_prefix('#').unwrap_or_else(|| panic!("external reference {reference}"));
+        assert!(document.pointer(pointer).is_some(), "{reference} does not resolve");
+    }
+    for (name, schema) in document["components"]["schemas"].as_object().unwrap() {
+        jsonschema::draft7::new(schema).unwrap_or_else(|e| panic!("components/schemas/{name}: {e}"));
+    }
+    for event_type in
+        ["SessionRegistered", "SessionUpdated", "SessionDeleted", "AssetUploaded", "AssetRenamed", "AssetDeleted"]
+    {
+        let key = assetd::relay::routing_key(event_type);
+        assert!(
+            document["channels"].as_object().unwrap().values().any(|c| c["address"] == key),
+            "no channel for {key}"
+        );
+        assert!(repo_file(&format!("events/schemas/events/{key}.json")).exists(), "no schema for {key}");
+    }
+}
+
+fn collect_references(value: &Value, into: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::String(reference)) = map.get("$ref") {
+                into.push(reference.clone());
+            }
+            map.values().for_each(|v| collect_references(v, into));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_references(v, into)),
+        _ => {}
+    }
+}
+
 /// The document served at /file/doc/openapi.json is the checked-in one, and every path
 /// of the API is in it.
 #[tokio::test]

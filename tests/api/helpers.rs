@@ -19,6 +19,38 @@ pub fn amqp_url() -> String {
     std::env::var("ASSETD_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// Asserts that `message` conforms to the checked-in schema `events/<schema>` (kept
+/// current by the contract test), listing every violation.
+pub fn assert_conforms(schema: &str, message: &Value) {
+    let errors: Vec<String> =
+        contract_validator(schema).iter_errors(message).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "message does not conform to {schema}: {errors:#?}\n{message:#}");
+}
+
+/// The validator of the checked-in schema `events/<schema>`, compiled once.
+pub fn contract_validator(schema: &str) -> std::sync::Arc<jsonschema::Validator> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static VALIDATORS: OnceLock<Mutex<HashMap<String, Arc<jsonschema::Validator>>>> = OnceLock::new();
+    VALIDATORS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(schema.to_owned())
+        .or_insert_with(|| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("events").join(schema);
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("no schema {}: {e}", path.display()));
+            Arc::new(jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap())
+        })
+        .clone()
+}
+
+/// Asserts that an event message conforms to its event type's schema (there must be one).
+pub fn assert_event_conforms(message: &Value) {
+    let event_type = message["event_type"].as_str().unwrap_or_else(|| panic!("no event_type in {message}"));
+    assert_conforms(&format!("schemas/events/{}.json", assetd::relay::routing_key(event_type)), message);
+}
+
 /// The Postgres server the tests create their databases on.
 pub fn server_url() -> String {
     std::env::var("ASSETD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())

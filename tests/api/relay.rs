@@ -13,7 +13,7 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{amqp_url, TestApp};
+use crate::helpers::{amqp_url, assert_event_conforms, TestApp};
 
 /// A consumer on an exchange of the test's own, bound to everything.
 struct Listener {
@@ -79,6 +79,8 @@ impl Listener {
             delivery.ack(BasicAckOptions::default()).await.unwrap();
             let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
             let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+            assert_event_conforms(&body);
+            assert_eq!(delivery.routing_key.as_str(), assetd::relay::routing_key(body["event_type"].as_str().unwrap()));
             received.push((delivery.routing_key.to_string(), message_id, body));
         }
         received
@@ -226,8 +228,16 @@ async fn an_event_committed_after_later_ones_is_not_skipped() {
     let mut held_client = app.ctx.app.pool.get().await.unwrap();
     let held = held_client.transaction().await.unwrap();
     let late = Uuid::new_v4();
-    let event = NewEvent { id: late, event_type: "LateEvent".into(), data: json!({}), metadata: json!({}) };
-    eventstore::append(&held, "late-1", ExpectedVersion::NoStream, &[event]).await.unwrap();
+    // A real event type (every message received is checked against its schema).
+    let event = NewEvent {
+        id: late,
+        event_type: "SessionRegistered".into(),
+        data: json!({"id_session": 77, "session_uuid": Uuid::new_v4(), "session_name": "late", "id_creator_uuid": null,
+                     "session_users": [], "session_participants": [], "session_devices": []}),
+        metadata: json!({"actor": {"kind": "service", "uuid": Uuid::nil()}, "request_id": "late",
+                         "correlation_id": "late", "causation_id": null, "service_version": "test"}),
+    };
+    eventstore::append(&held, "session-77", ExpectedVersion::NoStream, &[event]).await.unwrap();
 
     let (_, token) = app.session_with_user(1).await;
     upload_each(&app, &token, 0..20).await;
@@ -243,6 +253,59 @@ async fn an_event_committed_after_later_ones_is_not_skipped() {
     let late_at = received.iter().position(|(_, id, _)| *id == late.to_string()).unwrap();
     let first_upload = received.iter().position(|(key, _, _)| key == "asset.uploaded").unwrap();
     assert!(late_at < first_upload, "late event at {late_at}, first upload at {first_upload}");
+    relay.abort();
+    listener.delete().await;
+}
+
+/// Every event type assetd records reaches the exchange, each message conforming to
+/// its schema in `events/` (checked by the listener) with the AMQP properties of
+/// EVENTS.md.
+#[tokio::test]
+async fn every_event_type_is_published_as_its_schema_says() {
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let relay = start_relay(&app, &listener, Default::default());
+    let (user, token) = app.session_with_user(3).await; // SessionRegistered
+    let service = app.service_token();
+    let renamed_session = json!({"session_name": "renamed session", "session_users": [user]});
+    let updated = app.put_session(&service, 3, &renamed_session).await;
+    assert_eq!(updated.status(), 200); // SessionUpdated
+    let first = app
+        .upload(
+            &token,
+            &json!({"id_session": 3, "asset_name": "a", "directory": "/day 1", "tags": ["x"],
+                    "metadata": {"k": [1, null]}, "asset_datetime": "2026-01-02T03:04:05Z"}),
+            "a.txt",
+            b"one".to_vec(),
+        )
+        .await;
+    assert_eq!(first.status(), 200); // AssetUploaded
+    let first: Value = first.json().await.unwrap();
+    let second = app.upload_ok(&token, 3, "b.bin", b"two").await;
+    let rename = json!({"file_asset": {"asset_uuid": first["asset_uuid"], "asset_original_filename": "c.txt"}});
+    assert_eq!(app.post_json(&token, "/api/assets/infos", &rename).await.status(), 200); // AssetRenamed
+    let deleted = app.delete(&token, &format!("/api/assets?uuid={}", second["asset_uuid"].as_str().unwrap())).await;
+    assert_eq!(deleted.status(), 200); // AssetDeleted (requested)
+                                       // SessionDeleted, and AssetDeleted (session_deleted) for the asset left.
+    assert_eq!(app.delete(&service, "/api/sessions/3").await.status(), 200);
+
+    let types = |m: &[(String, String, Value)]| {
+        m.iter().map(|(_, _, body)| body["event_type"].as_str().unwrap().to_owned()).collect::<HashSet<_>>()
+    };
+    let asset_deletions = |m: &[(String, String, Value)]| m.iter().filter(|(key, _, _)| key == "asset.deleted").count();
+    let received = listener.receive_until(|m| types(m).contains("SessionDeleted") && asset_deletions(m) == 2).await;
+    let expected =
+        ["SessionRegistered", "SessionUpdated", "AssetUploaded", "AssetRenamed", "AssetDeleted", "SessionDeleted"];
+    assert_eq!(types(&received), expected.iter().map(|t| t.to_string()).collect::<HashSet<_>>());
+    let reasons: HashSet<&str> = received
+        .iter()
+        .filter(|(key, _, _)| key == "asset.deleted")
+        .map(|(_, _, body)| body["data"]["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, HashSet::from(["requested", "session_deleted"]));
+    for (_, message_id, body) in &received {
+        assert_eq!(*message_id, body["event_id"].as_str().unwrap());
+    }
     relay.abort();
     listener.delete().await;
 }

@@ -1,0 +1,428 @@
+//! The AMQP contract files of `events/` (`assetd contract`): an AsyncAPI 3 document for
+//! the events exchange, the commands queue, its dead queue and the replies, and a JSON
+//! Schema (draft-07, AsyncAPI's schema dialect) per event, command and reply. All are
+//! generated from the Rust types that produce or parse the messages, so they cannot
+//! drift from the code; a test fails when the checked-in files are stale, and the AMQP
+//! tests validate every message they receive against them.
+
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde_json::{json, Map, Value};
+
+use crate::app::EventMetadata;
+use crate::commands::{self, CommandReply, SessionDelete};
+use crate::domain::asset::AssetEvent;
+use crate::domain::session::SessionEvent;
+use crate::domain::PayloadVisitor;
+use crate::http::sessions::SessionDeletedReply;
+use crate::projections::read::SessionInfo;
+use crate::relay::{routing_key, EventMessage};
+
+/// A file to write under the contract directory (`events/`).
+pub struct ContractFile {
+    /// Relative to the contract directory, with `/` separators.
+    pub path: String,
+    pub content: Value,
+}
+
+/// The JSON Schema of one message, and where it goes.
+struct MessageSchema {
+    /// The AMQP routing key / command name, e.g. `asset.uploaded`.
+    name: String,
+    /// Event type or command name, as in the AMQP `type` property.
+    message_type: String,
+    /// `schemas/...json`.
+    path: String,
+    schema: Schema,
+}
+
+fn generator() -> SchemaGenerator {
+    // Inlined: every schema file stands alone, and the AsyncAPI document embeds them
+    // as they are.
+    SchemaSettings::draft07().with(|settings| settings.inline_subschemas = true).into_generator()
+}
+
+/// Streams an aggregate's events are recorded in (`stream` of the envelope).
+const SESSION_STREAM: &str = "^session-[1-9][0-9]*$";
+const ASSET_STREAM: &str = "^asset-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
+
+struct EventSchemas {
+    stream_pattern: &'static str,
+    schemas: Vec<MessageSchema>,
+}
+
+impl PayloadVisitor for EventSchemas {
+    fn visit<Payload: JsonSchema>(&mut self, event_type: &'static str) {
+        let mut schema = generator().into_root_schema_for::<EventMessage<Payload, EventMetadata>>();
+        let key = routing_key(event_type);
+        schema.insert("title".into(), json!(event_type));
+        schema.insert(
+            "description".into(),
+            json!(format!(
+                "The body of the events exchange's messages with routing key `{key}` (AMQP type `{event_type}`)."
+            )),
+        );
+        let properties = schema.get_mut("properties").and_then(Value::as_object_mut).expect("an object schema");
+        properties.insert("event_type".into(), json!({"const": event_type}));
+        properties.insert("stream".into(), json!({"type": "string", "pattern": self.stream_pattern}));
+        self.schemas.push(MessageSchema {
+            path: format!("schemas/events/{key}.json"),
+            name: key,
+            message_type: event_type.to_owned(),
+            schema,
+        });
+    }
+}
+
+fn event_schemas() -> Vec<MessageSchema> {
+    let mut sessions = EventSchemas { stream_pattern: SESSION_STREAM, schemas: vec![] };
+    SessionEvent::visit_payloads(&mut sessions);
+    let mut assets = EventSchemas { stream_pattern: ASSET_STREAM, schemas: vec![] };
+    AssetEvent::visit_payloads(&mut assets);
+    sessions.schemas.into_iter().chain(assets.schemas).collect()
+}
+
+/// A command with its reply.
+struct CommandSchemas {
+    command: MessageSchema,
+    reply: MessageSchema,
+}
+
+fn command_schemas() -> Vec<CommandSchemas> {
+    fn titled(mut schema: Schema, title: &str, description: &str) -> Schema {
+        schema.insert("title".into(), json!(title));
+        schema.insert("description".into(), json!(description));
+        schema
+    }
+    fn message(name: &str, schema: Schema) -> MessageSchema {
+        MessageSchema {
+            path: format!("schemas/commands/{name}.json"),
+            name: name.to_owned(),
+            message_type: name.to_owned(),
+            schema,
+        }
+    }
+    let upsert = commands::SESSION_UPSERT;
+    let delete = commands::SESSION_DELETE;
+    let reply_description = "The reply to a command sent with `reply_to`, with its `correlation_id`.";
+    vec![
+        CommandSchemas {
+            command: message(
+                upsert,
+                titled(
+                    commands::session_upsert_schema(&mut generator()),
+                    upsert,
+                    "Register or update a session: the body of `PUT /file/api/sessions/{id_session}` with `id_session`.",
+                ),
+            ),
+            reply: message(
+                &format!("{upsert}.reply"),
+                titled(
+                    generator().into_root_schema_for::<CommandReply<SessionInfo>>(),
+                    &format!("{upsert} reply"),
+                    reply_description,
+                ),
+            ),
+        },
+        CommandSchemas {
+            command: message(
+                delete,
+                titled(
+                    generator().into_root_schema_for::<SessionDelete>(),
+                    delete,
+                    "Delete a session and all its assets, as `DELETE /file/api/sessions/{id_session}`.",
+                ),
+            ),
+            reply: message(
+                &format!("{delete}.reply"),
+                titled(
+                    generator().into_root_schema_for::<CommandReply<SessionDeletedReply>>(),
+                    &format!("{delete} reply"),
+                    reply_description,
+                ),
+            ),
+        },
+    ]
+}
+
+/// `asset.uploaded` → `assetUploaded`: AsyncAPI keys for channels and operations.
+fn camel(name: &str) -> String {
+    let mut out = String::new();
+    let mut upper = false;
+    for c in name.chars() {
+        if c == '.' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A schema as embedded in the AsyncAPI document (no `$schema` of its own).
+fn embedded(schema: &Schema) -> Value {
+    let mut value = schema.clone().to_value();
+    if let Some(object) = value.as_object_mut() {
+        object.remove("$schema");
+    }
+    value
+}
+
+const AMQP_BINDING: &str = "0.3.0";
+
+/// Every contract file, for the AMQP names under `prefix` (`ASSETD_AMQP_PREFIX`).
+pub fn files(prefix: &str) -> Vec<ContractFile> {
+    let events = event_schemas();
+    let commands = command_schemas();
+    let events_exchange = format!("{prefix}.events");
+    let commands_queue = format!("{prefix}.commands");
+    let dead_queue = format!("{prefix}.commands.dead");
+
+    let mut channels = Map::new();
+    let mut operations = Map::new();
+    let mut schemas = Map::new();
+    let mut messages = Map::new();
+    let mut add_message = |message: &MessageSchema, summary: String, extra: Value| {
+        let schema_key = camel(&message.name);
+        schemas.insert(schema_key.clone(), embedded(&message.schema));
+        let mut body = json!({
+            "name": message.message_type,
+            "title": message.message_type,
+            "summary": summary,
+            "contentType": "application/json",
+            "payload": {"$ref": format!("#/components/schemas/{schema_key}")},
+            "bindings": {"amqp": {"messageType": message.message_type, "bindingVersion": AMQP_BINDING}},
+        });
+        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
+        messages.insert(schema_key, body);
+    };
+    let message_ref = |name: &str| json!({"$ref": format!("#/components/messages/{}", camel(name))});
+
+    for event in &events {
+        let key = camel(&event.name);
+        add_message(
+            event,
+            format!("A `{}` event, published once committed.", event.message_type),
+            json!({"correlationId": {
+                "description": "The AMQP correlation_id property: the correlation id of the event's metadata.",
+                "location": "$message.payload#/metadata/correlation_id",
+            }}),
+        );
+        channels.insert(
+            key.clone(),
+            json!({
+                "address": event.name,
+                "title": format!("{} events", event.message_type),
+                "description": format!(
+                    "Messages with routing key `{}` on the `{events_exchange}` topic exchange. Bind a queue of your \
+                     own with this key (or `asset.*`, `#`). At least once: dedupe by `event_id` (also the AMQP \
+                     `message_id`); order is kept per stream.",
+                    event.name
+                ),
+                "messages": {key.clone(): message_ref(&event.name)},
+                "bindings": {"amqp": {
+                    "is": "routingKey",
+                    "exchange": {"name": events_exchange, "type": "topic", "durable": true, "autoDelete": false, "vhost": "/"},
+                    "bindingVersion": AMQP_BINDING,
+                }},
+            }),
+        );
+        operations.insert(
+            format!("publish{}", capitalised(&key)),
+            json!({
+                "action": "send",
+                "title": format!("Publish {}", event.message_type),
+                "summary": "The outbox relay publishes each committed event, persistent, with publisher confirms.",
+                "channel": {"$ref": format!("#/channels/{key}")},
+                "messages": [{"$ref": format!("#/channels/{key}/messages/{key}")}],
+                "bindings": {"amqp": {"deliveryMode": 2, "mandatory": false, "bindingVersion": AMQP_BINDING}},
+            }),
+        );
+    }
+
+    let command_correlation = json!({"correlationId": {
+        "description": "The AMQP correlation_id property; copied to the reply and recorded in the events' metadata.",
+        "location": "$message.header#/correlation_id",
+    }});
+    let mut command_messages = Map::new();
+    let mut dead_messages = Map::new();
+    let mut reply_messages = Map::new();
+    for command in &commands {
+        add_message(
+            &command.command,
+            format!("The `{}` command; AMQP `type` (or routing key) `{}`.", command.command.name, command.command.name),
+            command_correlation.clone(),
+        );
+        add_message(&command.reply, format!("The reply to `{}`.", command.command.name), command_correlation.clone());
+        let key = camel(&command.command.name);
+        command_messages.insert(key.clone(), message_ref(&command.command.name));
+        reply_messages.insert(camel(&command.reply.name), message_ref(&command.reply.name));
+        dead_messages
+            .insert(key, json!({"$ref": format!("#/components/messages/{}", dead_key(&command.command.name))}));
+    }
+    for command in &commands {
+        let key = camel(&command.command.name);
+        let mut dead = messages[&key].clone();
+        dead["summary"] = json!(format!("A refused `{}` command, as sent.", command.command.name));
+        dead["headers"] = json!({
+            "type": "object",
+            "properties": {"x-assetd-error": {"type": "string", "description": "Why the command was refused."}},
+            "required": ["x-assetd-error"],
+        });
+        messages.insert(dead_key(&command.command.name), dead);
+    }
+    let queue_binding = |name: &str| {
+        json!({"amqp": {
+            "is": "queue",
+            "queue": {"name": name, "durable": true, "exclusive": false, "autoDelete": false, "vhost": "/"},
+            "bindingVersion": AMQP_BINDING,
+        }})
+    };
+    channels.insert(
+        "commands".into(),
+        json!({
+            "address": commands_queue,
+            "title": "Commands",
+            "description": format!(
+                "Send commands to the `{commands_queue}` direct exchange with the command's name as routing key \
+                 (or straight to the `{commands_queue}` queue with the name as AMQP `type`). Consumed with manual acks; \
+                 a command that fails for a passing reason (database unreachable) is retried."
+            ),
+            "messages": command_messages,
+            "bindings": queue_binding(&commands_queue),
+        }),
+    );
+    channels.insert(
+        "deadCommands".into(),
+        json!({
+            "address": dead_queue,
+            "title": "Refused commands",
+            "description": "Commands that cannot run as sent (not JSON, unknown, invalid, refused by the rules), \
+                            with an `x-assetd-error` header saying why. They never block the commands queue.",
+            "messages": dead_messages,
+            "bindings": queue_binding(&dead_queue),
+        }),
+    );
+    channels.insert(
+        "commandReplies".into(),
+        json!({
+            "address": null,
+            "title": "Command replies",
+            "description": "The queue named by a command's `reply_to` property: `{ok, error?, result?}` with the \
+                            command's `correlation_id`.",
+            "messages": reply_messages,
+        }),
+    );
+    let all_commands: Vec<Value> = commands
+        .iter()
+        .map(|c| json!({"$ref": format!("#/channels/commands/messages/{}", camel(&c.command.name))}))
+        .collect();
+    let all_replies: Vec<Value> = commands
+        .iter()
+        .map(|c| json!({"$ref": format!("#/channels/commandReplies/messages/{}", camel(&c.reply.name))}))
+        .collect();
+    let all_dead: Vec<Value> = commands
+        .iter()
+        .map(|c| json!({"$ref": format!("#/channels/deadCommands/messages/{}", camel(&c.command.name))}))
+        .collect();
+    operations.insert(
+        "consumeCommands".into(),
+        json!({
+            "action": "receive",
+            "title": "Run commands",
+            "summary": "Runs each command as the HTTP endpoint would (same domain rules); replies when asked.",
+            "channel": {"$ref": "#/channels/commands"},
+            "messages": all_commands,
+            "bindings": {"amqp": {"ack": true, "bindingVersion": AMQP_BINDING}},
+            "reply": {
+                "address": {
+                    "description": "The command's reply_to property.",
+                    "location": "$message.header#/reply_to",
+                },
+                "channel": {"$ref": "#/channels/commandReplies"},
+                "messages": all_replies,
+            },
+        }),
+    );
+    operations.insert(
+        "deadLetterCommands".into(),
+        json!({
+            "action": "send",
+            "title": "Dead-letter refused commands",
+            "summary": "A refused command is moved, body unchanged, with the reason in the `x-assetd-error` header.",
+            "channel": {"$ref": "#/channels/deadCommands"},
+            "messages": all_dead,
+            "bindings": {"amqp": {"deliveryMode": 2, "mandatory": false, "bindingVersion": AMQP_BINDING}},
+        }),
+    );
+
+    let asyncapi = json!({
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "assetd events and commands",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": format!(
+                "What assetd publishes and consumes on RabbitMQ (EVENTS.md). Names carry the prefix \
+                 `ASSETD_AMQP_PREFIX`, here `{prefix}`. Generated by `assetd contract` from the Rust types; \
+                 each message's schema is also in `events/schemas/`."
+            ),
+        },
+        "defaultContentType": "application/json",
+        "servers": {"rabbitmq": {
+            "host": "127.0.0.1:5672",
+            "protocol": "amqp",
+            "protocolVersion": "0.9.1",
+            "description": "The broker of `ASSETD_AMQP_URL`.",
+        }},
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": schemas, "messages": messages},
+    });
+
+    let mut files = vec![ContractFile { path: "asyncapi.json".into(), content: asyncapi }];
+    let every_schema = events.into_iter().chain(commands.into_iter().flat_map(|c| [c.command, c.reply]));
+    files.extend(every_schema.map(|message| ContractFile { path: message.path, content: message.schema.to_value() }));
+    files
+}
+
+fn dead_key(command: &str) -> String {
+    format!("{}Refused", camel(command))
+}
+
+fn capitalised(name: &str) -> String {
+    let mut chars = name.chars();
+    chars.next().map(|first| first.to_uppercase().chain(chars).collect()).unwrap_or_default()
+}
+
+/// Writes the files under `dir`, replacing any schema file that is no longer generated.
+pub fn write(dir: &std::path::Path, prefix: &str) -> std::io::Result<usize> {
+    let files = files(prefix);
+    let schemas_dir = dir.join("schemas");
+    if schemas_dir.exists() {
+        std::fs::remove_dir_all(&schemas_dir)?;
+    }
+    for file in &files {
+        let path = dir.join(&file.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let text = serde_json::to_string_pretty(&file.content).expect("JSON values serialize") + "\n";
+        std::fs::write(path, text)?;
+    }
+    Ok(files.len())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_become_asyncapi_keys() {
+        assert_eq!(super::camel("asset.uploaded"), "assetUploaded");
+        assert_eq!(super::camel("session.upsert.reply"), "sessionUpsertReply");
+        assert_eq!(super::capitalised("assetUploaded"), "AssetUploaded");
+    }
+}

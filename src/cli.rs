@@ -140,19 +140,21 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ctx = build_context(&config).await?;
     let listener = std::net::TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, base_path = %config.base_path, "assetd serving");
-    let relay = config.relay.then(|| {
+    let broker = (config.relay || config.commands)
+        .then(|| crate::broker::Broker::start(&config.amqp_url, ctx.app.messaging.clone()));
+    let relay = broker.clone().filter(|_| config.relay).map(|broker| {
         tokio::spawn(crate::relay::run(crate::relay::RelayConfig {
             status: ctx.app.messaging.clone(),
             database_url: config.database.database_url.clone(),
-            amqp_url: config.amqp_url.clone(),
+            broker,
             exchange: format!("{}.events", config.amqp_prefix),
             idle_poll: Duration::from_millis(200),
         }))
     });
-    let commands = config.commands.then(|| {
+    let commands = broker.filter(|_| config.commands).map(|broker| {
         tokio::spawn(crate::commands::run(
             ctx.app.clone(),
-            crate::commands::CommandsConfig { amqp_url: config.amqp_url.clone(), prefix: config.amqp_prefix.clone() },
+            crate::commands::CommandsConfig { broker, prefix: config.amqp_prefix.clone() },
         ))
     });
     http::serve(ctx, listener, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds)).await?;

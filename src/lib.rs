@@ -9,6 +9,7 @@
 pub mod app;
 pub mod auth;
 pub mod blobs;
+pub mod broker;
 pub mod cli;
 pub mod commands;
 pub mod config;

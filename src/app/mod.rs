@@ -233,9 +233,10 @@ pub struct App {
     pub messaging: Arc<MessagingStatus>,
 }
 
-/// The broker as this process's relay and command consumer see it.
+/// The broker connection and what uses it, as `/ready` shows them.
 #[derive(Debug, Default)]
 pub struct MessagingStatus {
+    broker: std::sync::atomic::AtomicU8,
     relay: std::sync::atomic::AtomicU8,
     commands: std::sync::atomic::AtomicU8,
 }
@@ -275,6 +276,12 @@ impl ComponentState {
 }
 
 impl MessagingStatus {
+    pub fn set_broker(&self, state: ComponentState) {
+        self.broker.store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn broker(&self) -> ComponentState {
+        ComponentState::from_u8(self.broker.load(std::sync::atomic::Ordering::Relaxed))
+    }
     pub fn set_relay(&self, state: ComponentState) {
         self.relay.store(state as u8, std::sync::atomic::Ordering::Relaxed);
     }

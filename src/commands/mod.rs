@@ -17,7 +17,7 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -35,7 +35,8 @@ const PREFETCH: u16 = 16;
 
 #[derive(Clone, Debug)]
 pub struct CommandsConfig {
-    pub amqp_url: String,
+    /// Where its channel comes from (shared with the relay).
+    pub broker: crate::broker::Broker,
     /// Names: `<prefix>.commands` (exchange and queue), `<prefix>.commands.dead`.
     pub prefix: String,
 }
@@ -196,11 +197,10 @@ pub async fn declare(channel: &Channel, config: &CommandsConfig) -> lapin::Resul
     Ok(())
 }
 
-async fn consume(app: &App, config: &CommandsConfig) -> lapin::Result<()> {
-    let connection = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    // Dead letters and replies are confirmed before the command is acked.
-    channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await?;
+async fn consume(app: &App, config: &CommandsConfig) -> Result<(), crate::broker::BrokerError> {
+    // Held while consuming. In confirm mode: dead letters and replies are confirmed
+    // before the command is acked.
+    let channel = config.broker.channel().await?;
     declare(&channel, config).await?;
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let mut deliveries = channel

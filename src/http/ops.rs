@@ -21,8 +21,9 @@ pub fn health() -> warp::reply::Response {
 }
 
 /// Ready to serve requests: Postgres answers. The broker's state is reported too
-/// (`relay`, `commands`: up, standby, connecting or disabled) but does not make this
-/// 503: requests succeed without it, and events wait in Postgres for the relay.
+/// (`broker`: up, connecting or disabled; `relay`, `commands`: up, standby,
+/// connecting or disabled) but does not make this 503: requests succeed without it,
+/// and events wait in Postgres for the relay.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
     (status = 200, description = "the database answers"),
     (status = 503, description = "the database is down"),
@@ -33,6 +34,7 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
         "status": if database_ok { "ready" } else { "unavailable" },
         "checks": {
             "database": if database_ok { "ok" } else { "unreachable" },
+            "broker": ctx.app.messaging.broker().as_str(),
             "relay": ctx.app.messaging.relay().as_str(),
             "commands": ctx.app.messaging.commands().as_str(),
         },

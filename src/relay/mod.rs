@@ -11,11 +11,12 @@
 
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, ExchangeKind};
 
 use crate::app::ComponentState;
+use crate::broker::{Broker, BrokerError};
 use crate::config::DatabaseConfig;
 use crate::eventstore::{self, GlobalPosition, RecordedEvent};
 
@@ -32,7 +33,8 @@ pub struct RelayConfig {
     /// Where the relay reports its state (shown by `/ready`).
     pub status: std::sync::Arc<crate::app::MessagingStatus>,
     pub database_url: String,
-    pub amqp_url: String,
+    /// Where its channel comes from (shared with the command consumer).
+    pub broker: Broker,
     /// The topic exchange events go to (`<prefix>.events`).
     pub exchange: String,
     /// How long to wait when there is nothing to publish.
@@ -47,6 +49,8 @@ enum RelayError {
     EventStore(#[from] eventstore::EventStoreError),
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("broker: {0}")]
+    Channel(#[from] BrokerError),
     #[error("the broker refused event {0}")]
     Nacked(uuid::Uuid),
     #[error("{0}")]
@@ -87,9 +91,8 @@ async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
             return Ok(());
         }
         tracing::info!(exchange = %config.exchange, "relay leading");
-        let broker = Connection::connect(&config.amqp_url, ConnectionProperties::default()).await?;
-        let channel = broker.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        // Confirm mode; dropped with the term (a broken one is discarded by the pool).
+        let channel = config.broker.channel().await?;
         channel
             .exchange_declare(
                 config.exchange.as_str().into(),

@@ -41,7 +41,7 @@ async fn consumer(channel: &Channel, queue: &str) -> Consumer {
 async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     let app = TestApp::spawn().await;
     let config = assetd::commands::CommandsConfig {
-        amqp_url: amqp_url(),
+        broker: assetd::broker::Broker::start(&amqp_url(), app.ctx.app.messaging.clone()),
         prefix: format!("assetd_test_{}", Uuid::new_v4().simple()),
     };
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();

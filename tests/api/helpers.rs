@@ -19,6 +19,56 @@ pub fn amqp_url() -> String {
     std::env::var("ASSETD_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// A TCP proxy to the test RabbitMQ that a test can cut (every connection through it
+/// dropped, new ones refused) and restore: a broker restart as assetd sees it, without
+/// touching the machine's broker under other tests.
+pub struct BrokerProxy {
+    port: u16,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl BrokerProxy {
+    pub async fn start() -> Self {
+        let target = amqp_url()
+            .split('@')
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .expect("ASSETD_TEST_AMQP_URL like amqp://user:pass@host:port/vhost")
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let state = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if *state.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let mut cut_now = state.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_now.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut }
+    }
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
 /// Asserts that `message` conforms to the checked-in schema `events/<schema>` (kept
 /// current by the contract test), listing every violation.
 pub fn assert_conforms(schema: &str, message: &Value) {

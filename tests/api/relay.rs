@@ -13,7 +13,9 @@ use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{amqp_url, assert_event_conforms, TestApp};
+use assetd::broker::Broker;
+
+use crate::helpers::{amqp_url, assert_conforms, assert_event_conforms, BrokerProxy, TestApp};
 
 /// A consumer on an exchange of the test's own, bound to everything.
 struct Listener {
@@ -99,18 +101,20 @@ fn start_relay(
     listener: &Listener,
     status: std::sync::Arc<assetd::app::MessagingStatus>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(assetd::relay::run(relay_config(app, listener, status)))
+    let broker = Broker::start(&amqp_url(), status.clone());
+    tokio::spawn(assetd::relay::run(relay_config(app, listener, status, broker)))
 }
 
 fn relay_config(
     app: &TestApp,
     listener: &Listener,
     status: std::sync::Arc<assetd::app::MessagingStatus>,
+    broker: Broker,
 ) -> assetd::relay::RelayConfig {
     assetd::relay::RelayConfig {
         status,
         database_url: app.db.url.clone(),
-        amqp_url: amqp_url(),
+        broker,
         exchange: listener.exchange.clone(),
         idle_poll: Duration::from_millis(20),
     }
@@ -176,30 +180,29 @@ async fn every_upload_from_concurrent_clients_is_published() {
     listener.delete().await;
 }
 
-/// With the broker unreachable, uploads still succeed; once it can be reached, every
-/// event recorded meanwhile is published (the checkpoint never moved past them).
+/// With the broker unreachable, uploads still succeed; once it can be reached, the
+/// same relay (no restart) publishes every event recorded meanwhile (the checkpoint
+/// never moved past them).
 #[tokio::test]
 async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back() {
     let app = TestApp::spawn().await;
     let mut listener = Listener::bind().await;
-    // Nothing listens on port 1.
-    let config = assetd::relay::RelayConfig {
-        amqp_url: "amqp://guest:guest@127.0.0.1:1/%2f".into(),
-        ..relay_config(&app, &listener, app.ctx.app.messaging.clone())
-    };
-    let unreachable = tokio::spawn(assetd::relay::run(config.clone()));
+    let proxy = BrokerProxy::start().await;
+    proxy.cut();
+    let status = app.ctx.app.messaging.clone();
+    let broker = Broker::start(&proxy.url(), status.clone());
+    let relay = tokio::spawn(assetd::relay::run(relay_config(&app, &listener, status, broker)));
     let (_, token) = app.session_with_user(1).await;
     upload_each(&app, &token, 0..100).await;
-    // /ready still answers 200 and says the relay cannot reach the broker; /metrics
-    // shows every event waiting (100 uploads and the session's registration).
+    // /ready still answers 200 and says the broker cannot be reached; /metrics shows
+    // every event waiting (100 uploads and the session's registration).
     let ready: Value = app.get("", "/ready").await.json().await.unwrap();
     assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["checks"]["broker"], "connecting", "{ready}");
     assert_eq!(ready["checks"]["relay"], "connecting", "{ready}");
     assert_eq!(relay_lag(&app).await, 101);
-    unreachable.abort();
-    let _ = unreachable.await;
 
-    let relay = tokio::spawn(assetd::relay::run(assetd::relay::RelayConfig { amqp_url: amqp_url(), ..config }));
+    proxy.restore();
     let received =
         listener.receive_until(|m| m.iter().filter(|(key, _, _)| key == "asset.uploaded").count() >= 100).await;
     let ids: HashSet<&String> =
@@ -211,9 +214,106 @@ async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ready: Value = app.get("", "/ready").await.json().await.unwrap();
-    assert_eq!(ready["checks"]["relay"], "up", "{ready}");
+    assert_eq!((&ready["checks"]["broker"], &ready["checks"]["relay"]), (&json!("up"), &json!("up")), "{ready}");
     relay.abort();
     listener.delete().await;
+}
+
+/// The broker "restarts" (every connection to it dropped, new ones refused for a
+/// while) under a running relay and command consumer sharing one pooled connection:
+/// uploads keep succeeding, `/ready` says the broker is being reconnected, and once it
+/// is back both recover by themselves: every event arrives, and a command sent during
+/// the outage runs and is answered.
+#[tokio::test]
+async fn relay_and_commands_recover_by_themselves_after_a_broker_restart() {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+    use lapin::BasicProperties;
+
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let proxy = BrokerProxy::start().await;
+    let status = app.ctx.app.messaging.clone();
+    let broker = Broker::start(&proxy.url(), status.clone());
+    let relay = tokio::spawn(assetd::relay::run(relay_config(&app, &listener, status.clone(), broker.clone())));
+    let commands_config = assetd::commands::CommandsConfig {
+        broker: broker.clone(),
+        prefix: listener.exchange.trim_end_matches(".events").to_owned(),
+    };
+    let commands = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), commands_config.clone()));
+    let (_, token) = app.session_with_user(1).await;
+    upload_each(&app, &token, 0..10).await;
+    let uploads = |m: &[(String, String, Value)]| {
+        m.iter().filter(|(key, _, _)| key == "asset.uploaded").map(|(_, id, _)| id.clone()).collect::<HashSet<_>>()
+    };
+    let before = uploads(&listener.receive_until(|m| uploads(m).len() == 10).await);
+    wait_for_state(&app, "commands", "up").await;
+
+    proxy.cut();
+    wait_for_state(&app, "broker", "connecting").await;
+    upload_each(&app, &token, 10..60).await;
+    // A command sent meanwhile (straight to the broker) waits in the queue.
+    let channel = listener.connection.create_channel().await.unwrap();
+    let replies = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .basic_publish(
+            commands_config.queue().as_str().into(),
+            "session.upsert".into(),
+            BasicPublishOptions::default(),
+            json!({"id_session": 2, "session_name": "sent during the outage"}).to_string().as_bytes(),
+            BasicProperties::default().with_reply_to(replies.name().clone()).with_correlation_id("outage".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.get(&app.service_token(), "/api/sessions/2").await.status(), 404, "ran without a broker?");
+
+    proxy.restore();
+    let during = uploads(&listener.receive_until(|m| uploads(m).difference(&before).count() == 50).await);
+    assert_eq!(before.union(&during).count(), 60);
+    let mut reply_consumer = channel
+        .basic_consume(replies.name().clone(), "replies".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(30), reply_consumer.next())
+        .await
+        .expect("a reply once the broker is back")
+        .unwrap()
+        .unwrap();
+    let reply: Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_conforms("schemas/commands/session.upsert.reply.json", &reply);
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(app.get(&app.service_token(), "/api/sessions/2").await.status(), 200);
+    wait_for_state(&app, "broker", "up").await;
+    wait_for_state(&app, "relay", "up").await;
+    wait_for_state(&app, "commands", "up").await;
+    // The relay's and the consumer's channels (and the keeper's) share the pool.
+    assert!(broker.open_channels() <= 3, "{} channels", broker.open_channels());
+
+    relay.abort();
+    commands.abort();
+    for queue in [commands_config.queue(), commands_config.dead_queue()] {
+        let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
+    }
+    let _ = channel.exchange_delete(commands_config.queue().as_str().into(), Default::default()).await;
+    listener.delete().await;
+}
+
+/// Waits (up to 30 s) until `/ready` shows `component` in `state`.
+async fn wait_for_state(app: &TestApp, component: &str, state: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready: Value = app.get("", "/ready").await.json().await.unwrap();
+        if ready["checks"][component] == state {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{component} never {state}: {ready}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// An event whose transaction commits after later ones is published too: the relay's

@@ -1,0 +1,212 @@
+//! The process's connection to RabbitMQ: one AMQP connection, opened on first use and
+//! opened again when lost, and a bb8 pool of channels on it (publisher confirms on).
+//! The relay and the command consumer take their channels from here; a channel found
+//! broken (its connection lost with the broker's restart) is dropped by the pool, and
+//! the next one asked for reconnects. A keeper task checks the connection every second
+//! and reconnects with backoff (logged), so it comes back by itself even while nothing
+//! uses it; `/ready` shows its state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
+
+use crate::app::{ComponentState, MessagingStatus};
+
+/// Channels one process may hold at once (the relay's, the consumer's, replies…).
+const MAX_CHANNELS: u32 = 16;
+/// How long asking for a channel may take. The pool keeps trying to connect meanwhile.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening the connection, or a channel on it, may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pooled channel: back to the pool when dropped (or discarded if broken).
+pub type PooledChannel = bb8::PooledConnection<'static, ChannelManager>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker did not answer within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// Cheap to clone: all clones share the connection and the pool.
+#[derive(Clone)]
+pub struct Broker {
+    pool: bb8::Pool<ChannelManager>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("state", &self.pool.state()).finish()
+    }
+}
+
+impl Broker {
+    /// Starts connecting (in the background; must be called on a Tokio runtime).
+    pub fn start(url: &str, status: Arc<MessagingStatus>) -> Self {
+        let manager =
+            ChannelManager { url: url.to_owned(), connection: tokio::sync::Mutex::new(None), status: status.clone() };
+        status.set_broker(ComponentState::Connecting);
+        let pool = bb8::Pool::builder()
+            .max_size(MAX_CHANNELS)
+            .min_idle(None)
+            .connection_timeout(CHECKOUT_TIMEOUT)
+            .test_on_check_out(true)
+            .error_sink(Box::new(LogErrors))
+            .build_unchecked(manager);
+        let broker = Self { pool };
+        tokio::spawn(broker.clone().keep_connected());
+        broker
+    }
+
+    async fn keep_connected(self) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            // Checking a channel out validates it; a broken one makes the pool reconnect.
+            match self.channel().await {
+                Ok(channel) => {
+                    drop(channel);
+                    backoff = Duration::from_millis(200);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "broker unreachable");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// A channel in confirm mode, connecting (again) first if needed.
+    pub async fn channel(&self) -> Result<PooledChannel, BrokerError> {
+        self.pool.get_owned().await.map_err(|error| match error {
+            bb8::RunError::User(error) => error,
+            bb8::RunError::TimedOut => BrokerError::TimedOut(CHECKOUT_TIMEOUT),
+        })
+    }
+
+    /// Channels open (idle or in use), for tests and diagnostics.
+    pub fn open_channels(&self) -> u32 {
+        self.pool.state().connections
+    }
+}
+
+/// The pool reports failed connection attempts here (a checkout only times out).
+#[derive(Debug, Clone, Copy)]
+struct LogErrors;
+
+impl bb8::ErrorSink<BrokerError> for LogErrors {
+    fn sink(&self, error: BrokerError) {
+        tracing::debug!(%error, "opening a broker channel failed");
+    }
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BrokerError>> {
+        Box::new(*self)
+    }
+}
+
+/// A channel and the status of the connection it is on: a channel of a lost
+/// connection does not always learn of it, the connection does.
+pub struct BrokerChannel {
+    channel: Channel,
+    connection: lapin::ConnectionStatus,
+}
+
+impl BrokerChannel {
+    fn usable(&self) -> bool {
+        self.channel.status().connected() && self.connection.connected()
+    }
+}
+
+impl std::ops::Deref for BrokerChannel {
+    type Target = Channel;
+    fn deref(&self) -> &Channel {
+        &self.channel
+    }
+}
+
+/// bb8's view of the broker: its "connections" are channels on one shared AMQP
+/// connection.
+pub struct ChannelManager {
+    url: String,
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    status: Arc<MessagingStatus>,
+}
+
+impl ChannelManager {
+    /// The live connection, opened now if there is none.
+    async fn connected(&self) -> Result<Arc<Connection>, BrokerError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref().filter(|connection| connection.status().connected()) {
+            return Ok(connection.clone());
+        }
+        *slot = None;
+        let opened =
+            tokio::time::timeout(OPEN_TIMEOUT, Connection::connect(&self.url, ConnectionProperties::default()))
+                .await
+                .map_err(|_| BrokerError::TimedOut(OPEN_TIMEOUT))
+                .and_then(|opened| opened.map_err(BrokerError::from));
+        match opened {
+            Ok(connection) => {
+                tracing::info!("broker connected");
+                self.status.set_broker(ComponentState::Up);
+                watch(&connection, self.status.clone());
+                let connection = Arc::new(connection);
+                *slot = Some(connection.clone());
+                Ok(connection)
+            }
+            Err(error) => {
+                self.status.set_broker(ComponentState::Connecting);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Logs a lost connection and shows it in `/ready` at once, not at the next use.
+fn watch(connection: &Connection, status: Arc<MessagingStatus>) {
+    let mut events = connection.events_listener();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(error) = event {
+                tracing::warn!(%error, "broker connection lost; reconnecting");
+                status.set_broker(ComponentState::Connecting);
+                break;
+            }
+        }
+    });
+}
+
+impl bb8::ManageConnection for ChannelManager {
+    type Connection = BrokerChannel;
+    type Error = BrokerError;
+
+    async fn connect(&self) -> Result<BrokerChannel, BrokerError> {
+        let connection = self.connected().await?;
+        let open = async {
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>(channel)
+        };
+        let channel =
+            tokio::time::timeout(OPEN_TIMEOUT, open).await.map_err(|_| BrokerError::TimedOut(OPEN_TIMEOUT))??;
+        Ok(BrokerChannel { channel, connection: connection.status().clone() })
+    }
+
+    async fn is_valid(&self, channel: &mut BrokerChannel) -> Result<(), BrokerError> {
+        if channel.usable() {
+            Ok(())
+        } else {
+            Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Error, "pooled channel"))
+                .into())
+        }
+    }
+
+    fn has_broken(&self, channel: &mut BrokerChannel) -> bool {
+        !channel.usable()
+    }
+}

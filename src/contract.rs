@@ -291,7 +291,9 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
             "description": format!(
                 "Send commands to the `{commands_queue}` direct exchange with the command's name as routing key \
                  (or straight to the `{commands_queue}` queue with the name as AMQP `type`). Consumed with manual acks; \
-                 a command that fails for a passing reason (database unreachable) is retried."
+                 a command that fails for a passing reason (database unreachable) is retried. Give each command a \
+                 `message_id`: a message whose id already ran is not run again (its reply says `duplicate: true`), so \
+                 redeliveries and retries are safe."
             ),
             "messages": command_messages,
             "bindings": queue_binding(&commands_queue),

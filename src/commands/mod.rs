@@ -27,6 +27,7 @@ use crate::domain::names::SessionId;
 use crate::domain::principal::{Principal, PrincipalKind};
 use crate::domain::session::UpsertSession;
 use crate::domain::DomainError;
+use crate::eventstore;
 use crate::http::sessions::{SessionBody, SessionDeletedReply};
 use crate::projections::read::SessionInfo;
 
@@ -67,6 +68,11 @@ pub struct SessionDelete {
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct CommandReply<Result> {
     pub ok: bool,
+    /// Present (true) when a command with this `message_id` had already run: it was
+    /// not run again, and `result` is the current state.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[schemars(default)]
+    pub duplicate: bool,
     /// Why the command was refused (`ok: false`); it is also in the dead queue.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -222,8 +228,14 @@ async fn consume(app: &App, config: &CommandsConfig) -> Result<(), crate::broker
 async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery: Delivery) -> lapin::Result<()> {
     let outcome = run_command(app, &delivery).await;
     let reply = match &outcome {
-        Ok(result) => Some(CommandReply { ok: true, error: None, result: Some(result) }),
-        Err(Refusal::Invalid(error)) => Some(CommandReply { ok: false, error: Some(error.clone()), result: None }),
+        Ok(Ran::Now(result)) => Some(CommandReply { ok: true, duplicate: false, error: None, result: Some(result) }),
+        Ok(Ran::Before(result)) => {
+            tracing::info!(message_id = ?delivery.properties.message_id(), "command already run; not run again");
+            Some(CommandReply { ok: true, duplicate: true, error: None, result: result.as_ref() })
+        }
+        Err(Refusal::Invalid(error)) => {
+            Some(CommandReply { ok: false, duplicate: false, error: Some(error.clone()), result: None })
+        }
         Err(Refusal::Transient(_)) => None,
     };
     if let (Some(reply), Some(reply_to)) = (reply, delivery.properties.reply_to()) {
@@ -293,7 +305,15 @@ fn command_name(delivery: &Delivery) -> String {
     delivery.properties.kind().as_ref().map(|k| k.to_string()).unwrap_or_else(|| delivery.routing_key.to_string())
 }
 
-async fn run_command(app: &App, delivery: &Delivery) -> Result<CommandResult, Refusal> {
+/// A command that was run, now or by an earlier delivery of the same message.
+enum Ran {
+    Now(CommandResult),
+    /// With what it gave then, as far as it can be told now (the session's current
+    /// state; none if it is gone).
+    Before(Option<CommandResult>),
+}
+
+async fn run_command(app: &App, delivery: &Delivery) -> Result<Ran, Refusal> {
     let principal =
         Principal { kind: PrincipalKind::Service, uuid: Uuid::nil(), name: "amqp-commands".into(), superadmin: false };
     let message_id = plain_id(delivery.properties.message_id().as_ref());
@@ -304,17 +324,40 @@ async fn run_command(app: &App, delivery: &Delivery) -> Result<CommandResult, Re
         request_id,
         causation_id: message_id,
     };
+    // The events an earlier delivery of this very message caused (redelivered after a
+    // lost ack, or sent twice by its publisher): it is not run again.
+    let earlier = match &ctx.causation_id {
+        Some(message_id) => {
+            let client = app.pool.get().await.map_err(AppError::from)?;
+            eventstore::read_caused_by(&client, message_id).await.map_err(AppError::from)?
+        }
+        None => vec![],
+    };
     match command_name(delivery).as_str() {
         SESSION_UPSERT => {
             let command = parse_session_upsert(&delivery.data)?;
-            Ok(CommandResult::Session(app.upsert_session(&principal, &ctx, command).await?))
+            if !earlier.is_empty() {
+                let current = app.session_for(&principal, command.id_session).await.ok();
+                return Ok(Ran::Before(current.map(CommandResult::Session)));
+            }
+            Ok(Ran::Now(CommandResult::Session(app.upsert_session(&principal, &ctx, command).await?)))
         }
         SESSION_DELETE => {
             let body: SessionDelete = serde_json::from_slice(&delivery.data)
                 .map_err(|error| Refusal::Invalid(format!("invalid body: {error}")))?;
             let id_session = body.id_session;
+            if !earlier.is_empty() {
+                let deleted_assets = earlier
+                    .iter()
+                    .filter(|event| event.event_type == "AssetDeleted")
+                    .filter_map(|event| event.data.get("asset_uuid")?.as_str()?.parse().ok())
+                    .collect();
+                let result = SessionDeletedReply { id_session: id_session.get(), deleted_assets };
+                return Ok(Ran::Before(Some(CommandResult::SessionDeleted(result))));
+            }
             let deleted_assets = app.delete_session(&principal, &ctx, id_session).await?;
-            Ok(CommandResult::SessionDeleted(SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
+            let result = SessionDeletedReply { id_session: id_session.get(), deleted_assets };
+            Ok(Ran::Now(CommandResult::SessionDeleted(result)))
         }
         other => Err(Refusal::Invalid(format!("unknown command {other:?}"))),
     }

@@ -255,6 +255,19 @@ pub async fn read_stream(
     client.query(&statement, &[&stream, &after_version]).await?.iter().map(recorded_from_row).collect()
 }
 
+/// The events recorded with `causation_id` in their metadata (what one command
+/// message caused), in commit order.
+pub async fn read_caused_by(
+    client: &impl GenericClient,
+    causation_id: &str,
+) -> Result<Vec<RecordedEvent>, EventStoreError> {
+    let statement = format!(
+        "SELECT {SELECT_COLUMNS} FROM events WHERE metadata->>'causation_id' = $1 ORDER BY events.tx, events.position"
+    );
+    let statement = client.prepare_cached(&statement).await?;
+    client.query(&statement, &[&causation_id]).await?.iter().map(recorded_from_row).collect()
+}
+
 /// Up to `limit` events after `after` in commit order. Only transactions that finished
 /// before every transaction still running are returned, so a later call from the last
 /// returned position never misses an event that commits late.

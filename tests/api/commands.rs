@@ -157,6 +157,47 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(app.get(&app.service_token(), "/api/sessions/6").await.status(), 200);
 
+    // The same message twice (a redelivery after a lost ack, or a publisher's retry):
+    // run once; the second answer says so, with the current state.
+    let send_with_id = |command: &'static str, body: Value, message_id: &'static str| {
+        let (channel, config, reply_to) = (&channel, &config, replies.name().clone());
+        async move {
+            channel
+                .basic_publish(
+                    config.queue().as_str().into(),
+                    command.into(),
+                    BasicPublishOptions::default(),
+                    body.to_string().as_bytes(),
+                    BasicProperties::default()
+                        .with_reply_to(reply_to)
+                        .with_correlation_id(message_id.into())
+                        .with_message_id(message_id.into()),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    let (_, token) = app.session_with_user(8).await;
+    let asset = app.upload_ok(&token, 8, "kept.bin", b"kept").await;
+    for attempt in 0..2 {
+        send_with_id("session.upsert", json!({"id_session": 9, "session_name": format!("try {attempt}")}), "m-up")
+            .await;
+        let (_, reply) = reply_of(&next(&mut replies_consumer).await, "session.upsert");
+        assert_eq!(reply["ok"], true, "{reply}");
+        assert_eq!(reply["result"]["session_name"], "try 0", "{reply}");
+        assert_eq!(reply.get("duplicate").is_some(), attempt == 1, "{reply}");
+
+        send_with_id("session.delete", json!({"id_session": 8}), "m-del").await;
+        let (_, reply) = reply_of(&next(&mut replies_consumer).await, "session.delete");
+        assert_eq!(reply["ok"], true, "not refused as not found the second time: {reply}");
+        assert_eq!(reply["result"]["deleted_assets"], json!([asset["asset_uuid"]]), "{reply}");
+        assert_eq!(reply.get("duplicate").is_some(), attempt == 1, "{reply}");
+    }
+    assert_eq!(app.scalar("SELECT count(*) FROM events WHERE stream = 'session-9'").await, 1);
+    assert_eq!(app.scalar("SELECT count(*) FROM events WHERE stream = 'session-8'").await, 2);
+
     worker.abort();
     for queue in [config.queue(), config.dead_queue()] {
         let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;

@@ -303,6 +303,52 @@ async fn relay_and_commands_recover_by_themselves_after_a_broker_restart() {
     listener.delete().await;
 }
 
+/// The broker refusing a message (nack: here a queue bound to the exchange that is
+/// full and rejects publishes) holds the relay back: it tries again, never moves its
+/// checkpoint past the refused event; once the broker takes it, everything arrives.
+#[tokio::test]
+async fn events_the_broker_refuses_are_retried_not_skipped() {
+    use lapin::types::AMQPValue;
+
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let channel = listener.connection.create_channel().await.unwrap();
+    let blocker = format!("{}.blocker", listener.exchange);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+    channel.queue_declare(blocker.as_str().into(), QueueDeclareOptions::default(), arguments).await.unwrap();
+    channel
+        .queue_bind(
+            blocker.as_str().into(),
+            listener.exchange.as_str().into(),
+            "asset.uploaded".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let relay = start_relay(&app, &listener, app.ctx.app.messaging.clone());
+    let (_, token) = app.session_with_user(1).await;
+    upload_each(&app, &token, 0..5).await;
+    listener.receive_until(|m| m.iter().any(|(key, _, _)| key == "session.registered")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(relay_lag(&app).await, 5, "the refused uploads are still waiting");
+
+    channel.queue_delete(blocker.as_str().into(), Default::default()).await.unwrap();
+    let uploads = |m: &[(String, String, Value)]| {
+        m.iter().filter(|(key, _, _)| key == "asset.uploaded").map(|(_, id, _)| id.clone()).collect::<HashSet<_>>()
+    };
+    listener.receive_until(|m| uploads(m).len() == 5).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while relay_lag(&app).await != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the relay's checkpoint did not catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.abort();
+    listener.delete().await;
+}
+
 /// Waits (up to 30 s) until `/ready` shows `component` in `state`.
 async fn wait_for_state(app: &TestApp, component: &str, state: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -31,12 +31,15 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error("the broker did not answer within {0:?}")]
     TimedOut(Duration),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Cheap to clone: all clones share the connection and the pool.
 #[derive(Clone)]
 pub struct Broker {
     pool: bb8::Pool<ChannelManager>,
+    status: Arc<MessagingStatus>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -48,8 +51,11 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// Starts connecting (in the background; must be called on a Tokio runtime).
     pub fn start(url: &str, status: Arc<MessagingStatus>) -> Self {
-        let manager =
-            ChannelManager { url: url.to_owned(), connection: tokio::sync::Mutex::new(None), status: status.clone() };
+        let manager = ChannelManager {
+            url: url.to_owned(),
+            connection: tokio::sync::Mutex::new(Slot::default()),
+            status: status.clone(),
+        };
         status.set_broker(ComponentState::Connecting);
         let pool = bb8::Pool::builder()
             .max_size(MAX_CHANNELS)
@@ -58,7 +64,7 @@ impl Broker {
             .test_on_check_out(true)
             .error_sink(Box::new(LogErrors))
             .build_unchecked(manager);
-        let broker = Self { pool };
+        let broker = Self { pool, status };
         tokio::spawn(broker.clone().keep_connected());
         broker
     }
@@ -69,6 +75,10 @@ impl Broker {
             // Checking a channel out validates it; a broken one makes the pool reconnect.
             match self.channel().await {
                 Ok(channel) => {
+                    // The live connection's state (an earlier one's watcher may have
+                    // reported its loss after this one opened).
+                    let state = if channel.connection.blocked() { ComponentState::Blocked } else { ComponentState::Up };
+                    self.status.set_broker(state);
                     drop(channel);
                     backoff = Duration::from_millis(200);
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -88,6 +98,12 @@ impl Broker {
             bb8::RunError::User(error) => error,
             bb8::RunError::TimedOut => BrokerError::TimedOut(CHECKOUT_TIMEOUT),
         })
+    }
+
+    /// A channel of the shared connection that is not pooled: for a consumer, which
+    /// closes it when done rather than hand a consuming channel to someone else.
+    pub async fn dedicated_channel(&self) -> Result<BrokerChannel, BrokerError> {
+        self.pool.dedicated_connection().await
     }
 
     /// Channels open (idle or in use), for tests and diagnostics.
@@ -117,7 +133,8 @@ pub struct BrokerChannel {
 }
 
 impl BrokerChannel {
-    fn usable(&self) -> bool {
+    /// The channel and its connection are open.
+    pub fn usable(&self) -> bool {
         self.channel.status().connected() && self.connection.connected()
     }
 }
@@ -133,49 +150,91 @@ impl std::ops::Deref for BrokerChannel {
 /// connection.
 pub struct ChannelManager {
     url: String,
-    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    connection: tokio::sync::Mutex<Slot>,
     status: Arc<MessagingStatus>,
 }
 
+/// The connection, or the attempt to open it.
+#[derive(Default)]
+struct Slot {
+    open: Option<Arc<Connection>>,
+    /// An attempt still running, with when it started. Not dropped while running
+    /// (lapin has already started the connection's I/O thread, which a dropped attempt
+    /// would leave behind), unless stalled for [`ABANDON_CONNECT_AFTER`].
+    opening: Option<(tokio::task::JoinHandle<lapin::Result<Connection>>, tokio::time::Instant)>,
+}
+
+/// A handshake the broker never finishes is given up (its thread leaked) after this.
+const ABANDON_CONNECT_AFTER: Duration = Duration::from_secs(120);
+
 impl ChannelManager {
     /// The live connection, opened now if there is none.
-    async fn connected(&self) -> Result<Arc<Connection>, BrokerError> {
+    async fn live_connection(&self) -> Result<Arc<Connection>, BrokerError> {
         let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref().filter(|connection| connection.status().connected()) {
+        if let Some(connection) = slot.open.as_ref().filter(|connection| connection.status().connected()) {
             return Ok(connection.clone());
         }
-        *slot = None;
-        let opened =
-            tokio::time::timeout(OPEN_TIMEOUT, Connection::connect(&self.url, ConnectionProperties::default()))
-                .await
-                .map_err(|_| BrokerError::TimedOut(OPEN_TIMEOUT))
-                .and_then(|opened| opened.map_err(BrokerError::from));
+        slot.open = None;
+        if slot.opening.as_ref().is_some_and(|(_, started)| started.elapsed() > ABANDON_CONNECT_AFTER) {
+            tracing::warn!("the broker never finished a handshake; giving up on it");
+            if let Some((attempt, _)) = slot.opening.take() {
+                attempt.abort();
+            }
+        }
+        let (attempt, _) = slot.opening.get_or_insert_with(|| {
+            let url = self.url.clone();
+            let attempt = tokio::spawn(async move { Connection::connect(&url, ConnectionProperties::default()).await });
+            (attempt, tokio::time::Instant::now())
+        });
+        let opened = match tokio::time::timeout(OPEN_TIMEOUT, attempt).await {
+            Err(_) => return Err(BrokerError::TimedOut(OPEN_TIMEOUT)), // still trying
+            Ok(joined) => {
+                slot.opening = None;
+                joined.map_err(|error| BrokerError::Unavailable(format!("connecting: {error}")))?
+            }
+        };
         match opened {
             Ok(connection) => {
                 tracing::info!("broker connected");
                 self.status.set_broker(ComponentState::Up);
                 watch(&connection, self.status.clone());
                 let connection = Arc::new(connection);
-                *slot = Some(connection.clone());
+                slot.open = Some(connection.clone());
                 Ok(connection)
             }
             Err(error) => {
                 self.status.set_broker(ComponentState::Connecting);
-                Err(error)
+                Err(error.into())
             }
         }
     }
 }
 
-/// Logs a lost connection and shows it in `/ready` at once, not at the next use.
+/// Logs a lost or blocked connection and shows it in `/ready` at once, not at the next
+/// use. An error of one channel (the connection still up) is not the connection's.
 fn watch(connection: &Connection, status: Arc<MessagingStatus>) {
     let mut events = connection.events_listener();
+    let connection_status = connection.status().clone();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
-            if let lapin::Event::Error(error) = event {
-                tracing::warn!(%error, "broker connection lost; reconnecting");
-                status.set_broker(ComponentState::Connecting);
-                break;
+            match event {
+                lapin::Event::Error(error) if connection_status.connected() => {
+                    tracing::debug!(%error, "a broker channel failed");
+                }
+                lapin::Event::Error(error) => {
+                    tracing::warn!(%error, "broker connection lost; reconnecting");
+                    status.set_broker(ComponentState::Connecting);
+                    break;
+                }
+                lapin::Event::ConnectionBlocked(reason) => {
+                    tracing::warn!(%reason, "the broker blocks publishing (resource alarm)");
+                    status.set_broker(ComponentState::Blocked);
+                }
+                lapin::Event::ConnectionUnblocked => {
+                    tracing::info!("the broker unblocked publishing");
+                    status.set_broker(ComponentState::Up);
+                }
+                _ => {}
             }
         }
     });
@@ -186,7 +245,7 @@ impl bb8::ManageConnection for ChannelManager {
     type Error = BrokerError;
 
     async fn connect(&self) -> Result<BrokerChannel, BrokerError> {
-        let connection = self.connected().await?;
+        let connection = self.live_connection().await?;
         let open = async {
             let channel = connection.create_channel().await?;
             channel.confirm_select(ConfirmSelectOptions::default()).await?;

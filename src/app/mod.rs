@@ -253,6 +253,8 @@ pub enum ComponentState {
     Standby = 2,
     /// Connected and working.
     Up = 3,
+    /// Connected, but the broker refuses publishing for now (its resource alarm).
+    Blocked = 4,
 }
 
 impl ComponentState {
@@ -261,6 +263,7 @@ impl ComponentState {
             1 => Self::Connecting,
             2 => Self::Standby,
             3 => Self::Up,
+            4 => Self::Blocked,
             _ => Self::Disabled,
         }
     }
@@ -271,6 +274,7 @@ impl ComponentState {
             Self::Connecting => "connecting",
             Self::Standby => "standby",
             Self::Up => "up",
+            Self::Blocked => "blocked",
         }
     }
 }

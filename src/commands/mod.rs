@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::app::{App, AppError, CommandContext, ComponentState};
+use crate::broker::BrokerError;
 use crate::domain::names::SessionId;
 use crate::domain::principal::{Principal, PrincipalKind};
 use crate::domain::session::UpsertSession;
@@ -161,8 +162,12 @@ pub async fn run(app: App, config: CommandsConfig) {
     let mut backoff = Duration::from_millis(200);
     loop {
         app.messaging.set_commands(ComponentState::Connecting);
-        match consume(&app, &config).await {
-            Ok(()) => backoff = Duration::from_millis(200),
+        let result = consume(&app, &config).await;
+        if app.messaging.commands() == ComponentState::Up {
+            backoff = Duration::from_millis(200); // it had been working
+        }
+        match result {
+            Ok(()) => {}
             Err(error) => {
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "command consumer stopped; starting over");
                 tokio::time::sleep(backoff).await;
@@ -203,30 +208,71 @@ pub async fn declare(channel: &Channel, config: &CommandsConfig) -> lapin::Resul
     Ok(())
 }
 
-async fn consume(app: &App, config: &CommandsConfig) -> Result<(), crate::broker::BrokerError> {
-    // Held while consuming. In confirm mode: dead letters and replies are confirmed
-    // before the command is acked.
-    let channel = config.broker.channel().await?;
-    declare(&channel, config).await?;
-    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let mut deliveries = channel
-        .basic_consume(
+/// How long one broker operation of the consumer (a reply, a dead letter, an ack) may
+/// take before the consumer starts over (a blocked or silent connection).
+const BROKER_OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest `x-assetd-error` (and reply `error`): the reason may quote the input.
+const MAX_REASON_BYTES: usize = 1024;
+
+async fn bounded<T>(operation: impl std::future::Future<Output = lapin::Result<T>>) -> Result<T, BrokerError> {
+    Ok(tokio::time::timeout(BROKER_OP_TIMEOUT, operation)
+        .await
+        .map_err(|_| BrokerError::TimedOut(BROKER_OP_TIMEOUT))??)
+}
+
+/// Consumes until the broker connection fails or a command fails for a passing reason
+/// (the database unreachable): then its channel is closed, so the commands it held go
+/// back to the queue for other processes, and `run` starts over once the database
+/// answers.
+async fn consume(app: &App, config: &CommandsConfig) -> Result<(), BrokerError> {
+    if !app.database_ready().await {
+        return Err(BrokerError::Unavailable("the database is unreachable; not taking commands".into()));
+    }
+    // A channel of its own (a consumer must not go back to the pool). In confirm
+    // mode: dead letters and replies are confirmed before the command is acked.
+    let channel = config.broker.dedicated_channel().await?;
+    let result = async {
+        bounded(declare(&channel, config)).await?;
+        bounded(channel.basic_qos(PREFETCH, BasicQosOptions::default())).await?;
+        let mut deliveries = bounded(channel.basic_consume(
             config.queue().as_str().into(),
             "assetd".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
-        )
+        ))
         .await?;
-    tracing::info!(queue = %config.queue(), "consuming commands");
-    app.messaging.set_commands(ComponentState::Up);
-    while let Some(delivery) = deliveries.next().await {
-        handle(app, config, &channel, delivery?).await?;
+        tracing::info!(queue = %config.queue(), "consuming commands");
+        app.messaging.set_commands(ComponentState::Up);
+        while let Some(delivery) = deliveries.next().await {
+            if let Handled::RetryLater(reason) = handle(app, config, &channel, delivery?).await? {
+                return Err(BrokerError::Unavailable(reason));
+            }
+        }
+        Ok(())
     }
-    Ok(())
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "consumer stopped".into())).await;
+    result
 }
 
-async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery: Delivery) -> lapin::Result<()> {
-    let outcome = run_command(app, &delivery).await;
+/// What became of one delivery.
+enum Handled {
+    Done,
+    /// Back in the queue: the consumer should stop for a while.
+    RetryLater(String),
+}
+
+async fn handle(
+    app: &App,
+    config: &CommandsConfig,
+    channel: &Channel,
+    delivery: Delivery,
+) -> Result<Handled, BrokerError> {
+    let outcome = run_command(app, &delivery).await.map_err(|refusal| match refusal {
+        Refusal::Invalid(reason) => Refusal::Invalid(truncated(reason, MAX_REASON_BYTES)),
+        transient => transient,
+    });
+    let command = truncated(command_name(&delivery), 255);
     let reply = match &outcome {
         Ok(Ran::Now(result)) => Some(CommandReply { ok: true, duplicate: false, error: None, result: Some(result) }),
         Ok(Ran::Before(result)) => {
@@ -239,32 +285,41 @@ async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery:
         Err(Refusal::Transient(_)) => None,
     };
     if let (Some(reply), Some(reply_to)) = (reply, delivery.properties.reply_to()) {
-        let mut properties = BasicProperties::default().with_content_type("application/json".into());
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_type(format!("{command}.reply").as_str().into());
         if let Some(correlation_id) = delivery.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
         let body = serde_json::to_vec(&reply).expect("JSON values serialize");
-        // A lost reply is not worth redelivering the command for: not checked.
-        channel
-            .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, properties)
-            .await?
-            .await?;
+        // A reply the broker could not take is not worth running the command again for
+        // (the events say what happened): its confirm is awaited, not checked.
+        let publish = async {
+            channel
+                .basic_publish("".into(), reply_to.as_str().into(), BasicPublishOptions::default(), &body, properties)
+                .await?
+                .await
+        };
+        bounded(publish).await?;
     }
     match outcome {
         Ok(_) => {
-            delivery.ack(BasicAckOptions::default()).await?;
+            bounded(delivery.ack(BasicAckOptions::default())).await?;
         }
         Err(Refusal::Invalid(reason)) => {
             tracing::info!(%reason, "dead-lettering a command");
-            let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+            // Bounded headers: the sender's own are not kept (with ours they could
+            // exceed the broker's frame size, which closes the whole connection).
+            let mut headers = FieldTable::default();
             headers.insert("x-assetd-error".into(), AMQPValue::LongString(reason.as_str().into()));
+            headers.insert("x-assetd-command".into(), AMQPValue::LongString(command.as_str().into()));
             // What identifies the command, without the sender's TTL: kept in the dead
             // queue until someone looks.
             let original = &delivery.properties;
-            let mut properties = BasicProperties::default().with_headers(headers).with_delivery_mode(2);
-            if let Some(kind) = original.kind() {
-                properties = properties.with_type(kind.clone());
-            }
+            let mut properties = BasicProperties::default()
+                .with_headers(headers)
+                .with_delivery_mode(2)
+                .with_type(command.as_str().into());
             if let Some(content_type) = original.content_type() {
                 properties = properties.with_content_type(content_type.clone());
             }
@@ -274,30 +329,45 @@ async fn handle(app: &App, config: &CommandsConfig, channel: &Channel, delivery:
             if let Some(correlation_id) = original.correlation_id() {
                 properties = properties.with_correlation_id(correlation_id.clone());
             }
-            let confirmed = channel
-                .basic_publish(
-                    "".into(),
-                    config.dead_queue().as_str().into(),
-                    BasicPublishOptions::default(),
-                    &delivery.data,
-                    properties,
-                )
-                .await?
-                .await?;
-            if confirmed.is_ack() {
-                delivery.ack(BasicAckOptions::default()).await?;
+            let publish = async {
+                channel
+                    .basic_publish(
+                        "".into(),
+                        config.dead_queue().as_str().into(),
+                        BasicPublishOptions::default(),
+                        &delivery.data,
+                        properties,
+                    )
+                    .await?
+                    .await
+            };
+            if bounded(publish).await?.is_ack() {
+                bounded(delivery.ack(BasicAckOptions::default())).await?;
             } else {
                 // Not safely in the dead queue: let the broker dead-letter it (no header).
-                delivery.reject(lapin::options::BasicRejectOptions { requeue: false }).await?;
+                bounded(delivery.reject(lapin::options::BasicRejectOptions { requeue: false })).await?;
             }
         }
         Err(Refusal::Transient(reason)) => {
             tracing::warn!(%reason, "a command failed for now; back to the queue");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+            bounded(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await?;
+            return Ok(Handled::RetryLater(reason));
         }
     }
-    Ok(())
+    Ok(Handled::Done)
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn truncated(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// The command's name: the message's `type`, else its routing key.

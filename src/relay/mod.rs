@@ -106,7 +106,7 @@ async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
             let published = publish_pass(&client, &channel, &config.exchange).await?;
             if published == 0 {
                 // Idle: notice a lost broker now, not at the next event (and let /ready say so).
-                if !channel.status().connected() {
+                if !channel.usable() {
                     return Err(RelayError::Setup("the broker connection was lost".into()));
                 }
                 tokio::time::sleep(config.idle_poll).await;
@@ -129,26 +129,30 @@ async fn publish_pass(
     let events = eventstore::read_all(client, after, BATCH).await?;
     let Some(last) = events.last() else { return Ok(0) };
     // Published in order on one channel (the broker keeps that order), then confirmed.
+    // A broker that stops answering (or blocks us) must not hold the leadership forever.
+    let silent = |what: &str| RelayError::Setup(format!("the broker did not {what} within {CONFIRM_TIMEOUT:?}"));
     let mut confirms = Vec::with_capacity(events.len());
     for event in &events {
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key(&event.event_type).as_str().into(),
-                BasicPublishOptions::default(),
-                &envelope(event),
-                properties(event),
-            )
-            .await?;
-        confirms.push((event.id, confirm));
+        let body = envelope(event);
+        let publish = channel.basic_publish(
+            exchange.into(),
+            routing_key(&event.event_type).as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            properties(event),
+        );
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish).await.map_err(|_| silent("take a message"))??;
+        confirms.push(confirm);
     }
-    for (id, confirm) in confirms {
-        // A broker that stops answering must not hold the leadership forever.
-        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-            .await
-            .map_err(|_| RelayError::Setup(format!("no confirm for event {id} within {CONFIRM_TIMEOUT:?}")))??;
+    for (index, confirm) in confirms.into_iter().enumerate() {
+        let confirmation =
+            tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await.map_err(|_| silent("confirm a message"))??;
         if !confirmation.is_ack() {
-            return Err(RelayError::Nacked(id));
+            // What was confirmed before it is not published again.
+            if let Some(confirmed) = index.checked_sub(1) {
+                save_checkpoint(client, events[confirmed].global_position()).await?;
+            }
+            return Err(RelayError::Nacked(events[index].id));
         }
     }
     save_checkpoint(client, last.global_position()).await?;

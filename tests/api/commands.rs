@@ -205,3 +205,123 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     let _ = channel.exchange_delete(config.queue().as_str().into(), ExchangeDeleteOptions::default()).await;
     let _ = connection.close(200, "done".into()).await;
 }
+
+/// `assetd serve` consuming commands on `prefix` (the real binary: its thread stacks
+/// are what a hostile command tests).
+fn commands_process(app: &TestApp, prefix: &str, data_dir: &std::path::Path) -> tokio::process::Child {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
+        .arg("serve")
+        .env("ASSETD_DATABASE_URL", &app.db.url)
+        .env("ASSETD_JWT_SECRET", crate::helpers::JWT_SECRET)
+        .env("ASSETD_URL_SIGNING_KEY", "k")
+        .env("ASSETD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("ASSETD_DATA_DIR", data_dir)
+        .env("ASSETD_AMQP_URL", amqp_url())
+        .env("ASSETD_AMQP_PREFIX", prefix)
+        .env("ASSETD_RELAY", "false")
+        .env("ASSETD_COMMANDS", "true")
+        .env("ASSETD_LOG", "warn")
+        .env_remove("RUST_MIN_STACK")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Commands built to break the consumer: headers nested 17,000 tables deep
+/// (parsed recursively by the AMQP client), a reason that would quote 140 KB of input,
+/// headers filling most of a frame (which, copied into the dead letter with the
+/// reason, would exceed the broker's frame size and cost the whole connection). Each is
+/// dead-lettered, the process lives, and the valid command after them runs.
+#[tokio::test]
+async fn hostile_commands_are_dead_lettered_without_harm() {
+    // This process's AMQP client serialises the nested headers recursively too: its
+    // I/O threads get a large stack from .cargo/config.toml.
+    let app = TestApp::spawn().await;
+    let prefix = format!("assetd_test_{}", Uuid::new_v4().simple());
+    let config = assetd::commands::CommandsConfig {
+        broker: assetd::broker::Broker::start(&amqp_url(), Default::default()),
+        prefix: prefix.clone(),
+    };
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    assetd::commands::declare(&channel, &config).await.unwrap();
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut process = commands_process(&app, &prefix, data_dir.path());
+    let replies = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    let mut replies_consumer = consumer(&channel, replies.name().as_str()).await;
+    let mut dead = consumer(&channel, &config.dead_queue()).await;
+    let publish = |body: Vec<u8>, headers: FieldTable, correlation_id: &'static str| {
+        let (channel, config, reply_to) = (&channel, &config, replies.name().clone());
+        async move {
+            channel
+                .basic_publish(
+                    config.queue().as_str().into(),
+                    "session.upsert".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default()
+                        .with_headers(headers)
+                        .with_reply_to(reply_to)
+                        .with_correlation_id(correlation_id.into()),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+
+    // 17,000 levels of 7 bytes: close to the broker's 128 KiB frame (1,500 used to
+    // crash the process).
+    let mut nested = FieldTable::default();
+    for _ in 0..17_000 {
+        let mut outer = FieldTable::default();
+        outer.insert("n".into(), AMQPValue::FieldTable(nested));
+        nested = outer;
+    }
+    publish(b"not json".to_vec(), nested, "nested").await;
+    let long_input = json!({"id_session": 1, "session_name": ["A".repeat(140_000)]}).to_string().into_bytes();
+    publish(long_input, FieldTable::default(), "long").await;
+    let mut padded = FieldTable::default();
+    padded.insert("pad".into(), AMQPValue::LongString("h".repeat(130_000).as_str().into()));
+    publish(b"not json".to_vec(), padded, "padded").await;
+    publish(
+        json!({"id_session": 3, "session_name": "after them"}).to_string().into_bytes(),
+        FieldTable::default(),
+        "ok",
+    )
+    .await;
+
+    let mut answered = std::collections::HashMap::new();
+    for _ in 0..4 {
+        let reply = next(&mut replies_consumer).await;
+        let correlation_id = reply.properties.correlation_id().as_ref().unwrap().to_string();
+        let body: Value = serde_json::from_slice(&reply.data).unwrap();
+        assert_conforms("schemas/commands/session.upsert.reply.json", &body);
+        answered.insert(correlation_id, body);
+    }
+    for refused in ["nested", "long", "padded"] {
+        assert_eq!(answered[refused]["ok"], false, "{refused}: {}", answered[refused]);
+        assert!(answered[refused]["error"].as_str().unwrap().len() <= 1100, "{refused}: error not bounded");
+        let dead_letter = next(&mut dead).await;
+        let headers = dead_letter.properties.headers().clone().unwrap();
+        assert!(headers.inner().contains_key("x-assetd-error"), "{refused}");
+        assert_eq!(headers.inner().get("x-assetd-command"), Some(&AMQPValue::LongString("session.upsert".into())));
+    }
+    assert_eq!(answered["ok"]["ok"], true, "{}", answered["ok"]);
+    assert_eq!(app.get(&app.service_token(), "/api/sessions/3").await.status(), 200);
+    assert!(process.try_wait().unwrap().is_none(), "assetd died");
+
+    process.kill().await.unwrap();
+    for queue in [config.queue(), config.dead_queue()] {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let _ = channel.exchange_delete(config.queue().as_str().into(), ExchangeDeleteOptions::default()).await;
+    let _ = connection.close(200, "done".into()).await;
+}

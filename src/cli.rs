@@ -38,7 +38,9 @@ enum Command {
         /// The directory to write `asyncapi.json` and `schemas/` into.
         #[arg(long, default_value = "events")]
         out: std::path::PathBuf,
-        #[arg(long, env = "ASSETD_AMQP_PREFIX", default_value = "assetd")]
+        /// The AMQP names' prefix (not read from ASSETD_AMQP_PREFIX: the checked-in
+        /// files use the default).
+        #[arg(long, default_value = "assetd")]
         prefix: String,
     },
     /// Mint a principal token for development and tests.
@@ -111,7 +113,12 @@ pub async fn run() -> anyhow::Result<()> {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ASSETD_LOG").unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// Builds the application from `config`: pool, migrations, blob store.

@@ -221,7 +221,8 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
                 "description": format!(
                     "Messages with routing key `{}` on the `{events_exchange}` topic exchange. Bind a queue of your \
                      own with this key (or `asset.*`, `#`). At least once: dedupe by `event_id` (also the AMQP \
-                     `message_id`); order is kept per stream.",
+                     `message_id`); the first delivery of each event comes in its stream's order. `position` orders \
+                     events within one transaction only: do not use it as a cursor.",
                     event.name
                 ),
                 "messages": {key.clone(): message_ref(&event.name)},
@@ -245,10 +246,14 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
         );
     }
 
-    let command_correlation = json!({"correlationId": {
-        "description": "The AMQP correlation_id property; copied to the reply and recorded in the events' metadata.",
-        "location": "$message.header#/correlation_id",
-    }});
+    // AMQP properties (correlation_id, reply_to, message_id) are not application headers:
+    // AsyncAPI's runtime expressions cannot point at them, so they are described.
+    let command_properties = json!({"description":
+        "AMQP properties: `message_id` (recorded as the events' causation_id; a message whose id already ran is not \
+         run again), `correlation_id` (copied to the reply, recorded in the events' metadata), `reply_to` (where the \
+         reply goes), `type` (the command's name when sent straight to the queue)."});
+    let reply_properties = json!({"description":
+        "Sent to the command's `reply_to` with its `correlation_id` and AMQP `type` `<command>.reply`."});
     let mut command_messages = Map::new();
     let mut dead_messages = Map::new();
     let mut reply_messages = Map::new();
@@ -256,9 +261,9 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
         add_message(
             &command.command,
             format!("The `{}` command; AMQP `type` (or routing key) `{}`.", command.command.name, command.command.name),
-            command_correlation.clone(),
+            command_properties.clone(),
         );
-        add_message(&command.reply, format!("The reply to `{}`.", command.command.name), command_correlation.clone());
+        add_message(&command.reply, format!("The reply to `{}`.", command.command.name), reply_properties.clone());
         let key = camel(&command.command.name);
         command_messages.insert(key.clone(), message_ref(&command.command.name));
         reply_messages.insert(camel(&command.reply.name), message_ref(&command.reply.name));
@@ -267,12 +272,25 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
     }
     for command in &commands {
         let key = camel(&command.command.name);
+        let name = format!("{} (refused)", command.command.name);
         let mut dead = messages[&key].clone();
-        dead["summary"] = json!(format!("A refused `{}` command, as sent.", command.command.name));
+        dead["name"] = json!(name);
+        dead["title"] = json!(name);
+        dead["summary"] = json!(format!("A refused `{}` command: its body as sent.", command.command.name));
+        dead["description"] = json!(
+            "Refused because it could not run as sent, so its body is any bytes (the command's schema is what it \
+             should have been). AMQP `type`, `message_id`, `correlation_id` and `content_type` are the command's; \
+             the sender's own headers are not kept. Without `x-assetd-error`, the broker dead-lettered it itself \
+             (see its `x-death` header)."
+        );
+        dead["payload"] = json!({});
+        dead.as_object_mut().expect("a message object").remove("contentType");
         dead["headers"] = json!({
             "type": "object",
-            "properties": {"x-assetd-error": {"type": "string", "description": "Why the command was refused."}},
-            "required": ["x-assetd-error"],
+            "properties": {
+                "x-assetd-error": {"type": "string", "maxLength": 1030, "description": "Why the command was refused."},
+                "x-assetd-command": {"type": "string", "description": "The command's name (its type or routing key)."},
+            },
         });
         messages.insert(dead_key(&command.command.name), dead);
     }
@@ -291,7 +309,10 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
             "description": format!(
                 "Send commands to the `{commands_queue}` direct exchange with the command's name as routing key \
                  (or straight to the `{commands_queue}` queue with the name as AMQP `type`). Consumed with manual acks; \
-                 a command that fails for a passing reason (database unreachable) is retried. Give each command a \
+                 a command that fails for a passing reason (database unreachable) is retried. The queue is declared \
+                 with `x-dead-letter-exchange: \"\"` and `x-dead-letter-routing-key: {dead_queue}`: declare it \
+                 the same way or not at all. Routing keys other than the commands' are unroutable on the exchange \
+                 (publish with `mandatory` to hear of it). Give each command a \
                  `message_id`: a message whose id already ran is not run again (its reply says `duplicate: true`), so \
                  redeliveries and retries are safe."
             ),
@@ -401,12 +422,19 @@ fn capitalised(name: &str) -> String {
     chars.next().map(|first| first.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
-/// Writes the files under `dir`, replacing any schema file that is no longer generated.
+/// Writes the files under `dir`, and removes the `.json` files of its schema folders
+/// that are no longer generated (an event type renamed, say). Nothing else is touched.
 pub fn write(dir: &std::path::Path, prefix: &str) -> std::io::Result<usize> {
     let files = files(prefix);
-    let schemas_dir = dir.join("schemas");
-    if schemas_dir.exists() {
-        std::fs::remove_dir_all(&schemas_dir)?;
+    for folder in ["schemas/events", "schemas/commands"] {
+        for entry in std::fs::read_dir(dir.join(folder)).into_iter().flatten() {
+            let path = entry?.path();
+            let relative = path.strip_prefix(dir).unwrap_or(&path).to_string_lossy().replace('\\', "/");
+            let generated = files.iter().any(|file| file.path == relative);
+            if path.extension().is_some_and(|ext| ext == "json") && !generated {
+                std::fs::remove_file(&path)?;
+            }
+        }
     }
     for file in &files {
         let path = dir.join(&file.path);

@@ -63,6 +63,13 @@ impl std::fmt::Display for SessionId {
     }
 }
 
+/// Characters no text value may hold: C0/C1 controls and U+FEFF (an invisible
+/// "zero-width no-break space" that JSON Schema's `\s` counts as blank and `trim` does
+/// not: refused, so that every schema agrees with the code).
+pub fn is_forbidden_char(c: char) -> bool {
+    c.is_control() || c == '\u{feff}'
+}
+
 /// Checks shared by every human-visible name: not blank, bounded, no control characters
 /// (NUL, newlines, escapes) and no invisible bidi overrides that disguise extensions.
 fn check_display_name(field: &'static str, value: &str) -> Result<(), InvalidValue> {
@@ -72,10 +79,9 @@ fn check_display_name(field: &'static str, value: &str) -> Result<(), InvalidVal
     if value.chars().count() > MAX_NAME_CHARS {
         return Err(InvalidValue::new(field, format!("must be at most {MAX_NAME_CHARS} characters")));
     }
-    if value
-        .chars()
-        .any(|c| c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c))
-    {
+    if value.chars().any(|c| {
+        is_forbidden_char(c) || ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c)
+    }) {
         return Err(InvalidValue::new(field, "must not contain control characters"));
     }
     Ok(())
@@ -162,7 +168,7 @@ impl Directory {
         if value.chars().count() > MAX_DIRECTORY_CHARS {
             return Err(InvalidValue::new(FIELD, format!("must be at most {MAX_DIRECTORY_CHARS} characters")));
         }
-        if value.chars().any(char::is_control) || value.contains('\\') {
+        if value.chars().any(is_forbidden_char) || value.contains('\\') {
             return Err(InvalidValue::new(FIELD, "must not contain control characters or '\\'"));
         }
         let segments: Vec<&str> = value.split('/').filter(|s| !s.is_empty()).collect();
@@ -205,7 +211,7 @@ pub struct MediaType(String);
 impl MediaType {
     pub fn parse(value: &str) -> Result<Self, InvalidValue> {
         let invalid = || InvalidValue::new("asset_type", "must be a MIME type like 'application/zip'");
-        if value.len() > MAX_MEDIA_TYPE_BYTES || value.chars().any(char::is_control) {
+        if value.len() > MAX_MEDIA_TYPE_BYTES || value.chars().any(is_forbidden_char) {
             return Err(invalid());
         }
         let parsed: mime_guess::mime::Mime = value.parse().map_err(|_| invalid())?;
@@ -254,7 +260,7 @@ impl Tags {
             return Err(InvalidValue::new("tags", format!("at most {MAX_TAGS} tags")));
         }
         for tag in &tags {
-            if tag.is_empty() || tag.chars().count() > MAX_TAG_CHARS || tag.chars().any(char::is_control) {
+            if tag.is_empty() || tag.chars().count() > MAX_TAG_CHARS || tag.chars().any(is_forbidden_char) {
                 return Err(InvalidValue::new(
                     "tags",
                     format!("each tag must be 1 to {MAX_TAG_CHARS} characters without control characters"),
@@ -315,8 +321,8 @@ impl From<Sha256Hex> for String {
 // `crate::contract`). They describe the values as stored and published, i.e. already
 // normalised; a property test below holds each schema to its `parse`.
 
-/// Characters no name may hold: C0/C1 controls (what `char::is_control` means).
-const CONTROL_CHARS: &str = r"\u0000-\u001F\u007F-\u009F";
+/// Characters no text value may hold ([`is_forbidden_char`]).
+pub const CONTROL_CHARS: &str = r"\u0000-\u001F\u007F-\u009F\uFEFF";
 /// Bidi overrides and isolates, refused in display names.
 const BIDI_CHARS: &str = r"\u202A-\u202E\u2066-\u2069";
 
@@ -548,7 +554,7 @@ mod tests {
     /// Short strings of the characters the rules are about, and long ones near the bounds.
     fn tricky_text() -> impl Strategy<Value = String> {
         prop_oneof![
-            "[-a./\\\\ \\t\\x00\\n\\x7f\\u{85}\\u{a0}\\u{202e}\\u{2067}é;=+]{0,10}",
+            "[-a./\\\\ \\t\\x00\\n\\x7f\\u{85}\\u{a0}\\u{feff}\\u{202e}\\u{2067}é;=+]{0,10}",
             "[a/]{250,260}",
             "/?[a/]{1018,1030}",
             "[a-z+.-]{1,8}/[a-z+.-]{0,8}(;|; )?[a-z]{0,4}=?[a-zA-Z0-9\"]{0,6}",

@@ -15,7 +15,7 @@ pub struct SessionDetails {
     pub id_session: SessionId,
     pub session_uuid: Uuid,
     /// Trimmed, without control characters.
-    #[schemars(length(min = 1, max = MAX_SESSION_NAME_CHARS), regex(pattern = r"^[^\s\u0000-\u001F\u007F-\u009F]([^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F])?$"))]
+    #[schemars(length(min = 1, max = MAX_SESSION_NAME_CHARS), regex(pattern = r"^[^\s\u0000-\u001F\u007F-\u009F\uFEFF]([^\u0000-\u001F\u007F-\u009F\uFEFF]*[^\s\u0000-\u001F\u007F-\u009F\uFEFF])?$"))]
     pub session_name: String,
     pub id_creator_uuid: Option<Uuid>,
     #[schemars(length(max = MAX_SESSION_MEMBERS))]
@@ -90,7 +90,10 @@ impl Session {
     /// state names a session uuid. Returns no event when nothing would change.
     pub fn handle_upsert(&self, command: UpsertSession, new_uuid: Uuid) -> Result<Vec<SessionEvent>, DomainError> {
         let name = command.session_name.trim();
-        if name.is_empty() || name.chars().count() > MAX_SESSION_NAME_CHARS || name.chars().any(char::is_control) {
+        if name.is_empty()
+            || name.chars().count() > MAX_SESSION_NAME_CHARS
+            || name.chars().any(super::names::is_forbidden_char)
+        {
             return Err(DomainError::Invalid(format!(
                 "session_name: must be 1 to {MAX_SESSION_NAME_CHARS} characters without control characters"
             )));
@@ -141,7 +144,7 @@ mod tests {
         /// The schema of the published `SessionRegistered` takes exactly the names the
         /// rules let through, as stored (trimmed).
         #[test]
-        fn session_name_schema_matches_the_rules(name in "[a \t\x00\x7f\u{85}\u{a0}é]{0,6}|a{250,260}") {
+        fn session_name_schema_matches_the_rules(name in "[a \t\x00\x7f\u{85}\u{a0}\u{feff}é]{0,6}|a{250,260}") {
             let schema = schemars::SchemaGenerator::default().into_root_schema_for::<SessionDetails>();
             let validator = jsonschema::validator_for(schema.as_value()).unwrap();
             let details = |session_name: &str| {

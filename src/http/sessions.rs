@@ -22,15 +22,21 @@ use crate::projections::read::{AssetInfo, ListingCursor, SessionInfo};
 #[serde(deny_unknown_fields)]
 pub struct SessionBody {
     /// 1 to 255 characters once trimmed, no control characters.
-    #[schemars(regex(pattern = r"\S"))]
+    #[schemars(regex(
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F\uFEFF]*[^\s\u0000-\u001F\u007F-\u009F\uFEFF][^\u0000-\u001F\u007F-\u009F\uFEFF]*$"
+    ))]
     pub session_name: String,
     pub session_uuid: Option<Uuid>,
     pub id_creator_uuid: Option<Uuid>,
+    /// Members: at most 10,000 in the three lists together.
     #[serde(default)]
+    #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
     pub session_users: Vec<Uuid>,
     #[serde(default)]
+    #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
     pub session_participants: Vec<Uuid>,
     #[serde(default)]
+    #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
     pub session_devices: Vec<Uuid>,
 }
 

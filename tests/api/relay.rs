@@ -82,7 +82,17 @@ impl Listener {
             let message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default();
             let body: Value = serde_json::from_slice(&delivery.data).unwrap();
             assert_event_conforms(&body);
-            assert_eq!(delivery.routing_key.as_str(), assetd::relay::routing_key(body["event_type"].as_str().unwrap()));
+            // EVENTS.md's properties.
+            let event_type = body["event_type"].as_str().unwrap();
+            let properties = &delivery.properties;
+            assert_eq!(delivery.routing_key.as_str(), assetd::relay::routing_key(event_type));
+            assert_eq!(properties.kind().as_ref().map(|t| t.as_str()), Some(event_type));
+            assert_eq!(properties.content_type().as_ref().map(|t| t.as_str()), Some("application/json"));
+            assert_eq!(*properties.delivery_mode(), Some(2), "persistent");
+            assert_eq!(
+                properties.correlation_id().as_ref().map(|c| c.as_str()),
+                body["metadata"]["correlation_id"].as_str()
+            );
             received.push((delivery.routing_key.to_string(), message_id, body));
         }
         received

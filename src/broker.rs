@@ -40,6 +40,8 @@ pub enum BrokerError {
 pub struct Broker {
     pool: bb8::Pool<ChannelManager>,
     status: Arc<MessagingStatus>,
+    /// Why the last attempt to open a channel failed: bb8 only says "timed out".
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -51,6 +53,7 @@ impl std::fmt::Debug for Broker {
 impl Broker {
     /// Starts connecting (in the background; must be called on a Tokio runtime).
     pub fn start(url: &str, status: Arc<MessagingStatus>) -> Self {
+        let last_error = Arc::new(std::sync::Mutex::new(None));
         let manager = ChannelManager {
             url: url.to_owned(),
             connection: tokio::sync::Mutex::new(Slot::default()),
@@ -62,9 +65,9 @@ impl Broker {
             .min_idle(None)
             .connection_timeout(CHECKOUT_TIMEOUT)
             .test_on_check_out(true)
-            .error_sink(Box::new(LogErrors))
+            .error_sink(Box::new(RememberErrors(last_error.clone())))
             .build_unchecked(manager);
-        let broker = Self { pool, status };
+        let broker = Self { pool, status, last_error };
         tokio::spawn(broker.clone().keep_connected());
         broker
     }
@@ -75,6 +78,7 @@ impl Broker {
             // Checking a channel out validates it; a broken one makes the pool reconnect.
             match self.channel().await {
                 Ok(channel) => {
+                    *self.last_error.lock().expect("not poisoned") = None;
                     // The live connection's state (an earlier one's watcher may have
                     // reported its loss after this one opened).
                     let state = if channel.connection.blocked() { ComponentState::Blocked } else { ComponentState::Up };
@@ -96,7 +100,12 @@ impl Broker {
     pub async fn channel(&self) -> Result<PooledChannel, BrokerError> {
         self.pool.get_owned().await.map_err(|error| match error {
             bb8::RunError::User(error) => error,
-            bb8::RunError::TimedOut => BrokerError::TimedOut(CHECKOUT_TIMEOUT),
+            bb8::RunError::TimedOut => match self.last_error.lock().expect("not poisoned").clone() {
+                Some(reason) => {
+                    BrokerError::Unavailable(format!("no broker channel within {CHECKOUT_TIMEOUT:?}: {reason}"))
+                }
+                None => BrokerError::TimedOut(CHECKOUT_TIMEOUT),
+            },
         })
     }
 
@@ -112,16 +121,18 @@ impl Broker {
     }
 }
 
-/// The pool reports failed connection attempts here (a checkout only times out).
-#[derive(Debug, Clone, Copy)]
-struct LogErrors;
+/// The pool reports failed attempts here, not to the caller (whose checkout only times
+/// out): kept so that the timeout can say why.
+#[derive(Debug, Clone)]
+struct RememberErrors(Arc<std::sync::Mutex<Option<String>>>);
 
-impl bb8::ErrorSink<BrokerError> for LogErrors {
+impl bb8::ErrorSink<BrokerError> for RememberErrors {
     fn sink(&self, error: BrokerError) {
         tracing::debug!(%error, "opening a broker channel failed");
+        *self.0.lock().expect("not poisoned") = Some(error.to_string());
     }
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BrokerError>> {
-        Box::new(*self)
+        Box::new(self.clone())
     }
 }
 

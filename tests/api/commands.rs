@@ -325,3 +325,69 @@ async fn hostile_commands_are_dead_lettered_without_harm() {
     let _ = channel.exchange_delete(config.queue().as_str().into(), ExchangeDeleteOptions::default()).await;
     let _ = connection.close(200, "done".into()).await;
 }
+
+/// A process whose database is unreachable takes no commands (they would only go back
+/// to the queue, late and out of order): they wait for a process that can run them.
+#[tokio::test]
+async fn a_process_without_its_database_leaves_commands_to_others() {
+    use assetd::app::{App, ComponentState};
+    use assetd::auth::Authenticator;
+    use assetd::blobs::BlobStore;
+    use assetd::config::DatabaseConfig;
+
+    let prefix = format!("assetd_test_{}", Uuid::new_v4().simple());
+    // A pool pointed at a closed port stands in for a database that went away.
+    let database =
+        DatabaseConfig { database_url: "postgres://postgres@127.0.0.1:1/assetd".into(), database_pool_size: 2 };
+    let data_dir = tempfile::tempdir().unwrap();
+    let cut_off = App::new(
+        database.pool().unwrap(),
+        BlobStore::open(data_dir.path()).await.unwrap(),
+        Authenticator::new(crate::helpers::JWT_SECRET),
+        60,
+    );
+    let config = |app: &App| assetd::commands::CommandsConfig {
+        broker: assetd::broker::Broker::start(&amqp_url(), app.messaging.clone()),
+        prefix: prefix.clone(),
+    };
+    let cut_off_config = config(&cut_off);
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    assetd::commands::declare(&channel, &cut_off_config).await.unwrap();
+    let stranded = tokio::spawn(assetd::commands::run(cut_off.clone(), cut_off_config.clone()));
+    let body = json!({"id_session": 4, "session_name": "waits"}).to_string();
+    channel
+        .basic_publish(
+            cut_off_config.queue().as_str().into(),
+            "session.upsert".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let queue =
+        channel.queue_declare(cut_off_config.queue().as_str().into(), passive, FieldTable::default()).await.unwrap();
+    assert_eq!(queue.message_count(), 1, "the command was taken by a process that cannot run it");
+    assert_eq!(cut_off.messaging.commands(), ComponentState::Connecting);
+
+    let app = TestApp::spawn().await;
+    let healthy = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), config(&app.ctx.app)));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while app.get(&app.service_token(), "/api/sessions/4").await.status() != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "the healthy process never ran the command");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    stranded.abort();
+    healthy.abort();
+    for queue in [cut_off_config.queue(), cut_off_config.dead_queue()] {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let _ = channel.exchange_delete(cut_off_config.queue().as_str().into(), ExchangeDeleteOptions::default()).await;
+    let _ = connection.close(200, "done".into()).await;
+}

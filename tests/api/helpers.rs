@@ -21,14 +21,18 @@ pub fn amqp_url() -> String {
 
 /// A TCP proxy to the test RabbitMQ that a test can cut (every connection through it
 /// dropped, new ones refused) and restore: a broker restart as assetd sees it, without
-/// touching the machine's broker under other tests.
+/// touching the machine's broker under other tests. It can also hold what the broker
+/// sends (publisher confirms among it) while what the client sends still flows: messages
+/// are routed, their confirms are not yet seen.
 pub struct BrokerProxy {
     port: u16,
     cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    held: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl BrokerProxy {
     pub async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let target = amqp_url()
             .split('@')
             .nth(1)
@@ -38,25 +42,43 @@ impl BrokerProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
-        let state = cut.clone();
+        let held = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let (cut_state, held_state) = (cut.clone(), held.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
-                if *state.borrow() {
+                let Ok((inbound, _)) = listener.accept().await else { return };
+                if *cut_state.borrow() {
                     continue; // refused: dropped at once
                 }
-                let mut cut_now = state.subscribe();
+                let mut cut_now = cut_state.subscribe();
+                let mut held = held_state.subscribe();
                 let target = target.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_broker, mut to_broker) = outbound.into_split();
+                    let upstream = tokio::io::copy(&mut from_client, &mut to_broker);
+                    let downstream = async {
+                        let mut buffer = vec![0; 64 * 1024];
+                        loop {
+                            let read = from_broker.read(&mut buffer).await?;
+                            if read == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            // What arrives while held is passed on once released.
+                            let _ = held.wait_for(|held| !*held).await;
+                            to_client.write_all(&buffer[..read]).await?;
+                        }
+                    };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = upstream => {}
+                        _ = downstream => {}
                         _ = cut_now.wait_for(|cut| *cut) => {}
                     }
                 });
             }
         });
-        Self { port, cut }
+        Self { port, cut, held }
     }
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
@@ -66,6 +88,13 @@ impl BrokerProxy {
     }
     pub fn restore(&self) {
         self.cut.send_replace(false);
+    }
+    /// Holds back what the broker sends until [`BrokerProxy::release`].
+    pub fn hold_answers(&self) {
+        self.held.send_replace(true);
+    }
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 }
 

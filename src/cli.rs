@@ -149,33 +149,57 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, base_path = %config.base_path, "assetd serving");
     let broker = (config.relay || config.commands)
         .then(|| crate::broker::Broker::start(&config.amqp_url, ctx.app.messaging.clone()));
+    // At the signal: the command consumer stops taking commands. Once the requests
+    // have finished: the relay publishes what they recorded, then stops.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let (flushing, flush) = tokio::sync::watch::channel(false);
     let relay = broker.clone().filter(|_| config.relay).map(|broker| {
-        tokio::spawn(crate::relay::run(crate::relay::RelayConfig {
+        let config = crate::relay::RelayConfig {
             status: ctx.app.messaging.clone(),
             database_url: config.database.database_url.clone(),
             broker,
             exchange: format!("{}.events", config.amqp_prefix),
             idle_poll: Duration::from_millis(200),
-        }))
+        };
+        tokio::spawn(crate::relay::run(config, flush))
     });
     let commands = broker.filter(|_| config.commands).map(|broker| {
-        tokio::spawn(crate::commands::run(
-            ctx.app.clone(),
-            crate::commands::CommandsConfig { broker, prefix: config.amqp_prefix.clone() },
-        ))
+        let config = crate::commands::CommandsConfig { broker, prefix: config.amqp_prefix.clone() };
+        tokio::spawn(crate::commands::run(ctx.app.clone(), config, stop))
     });
-    http::serve(ctx, listener, shutdown_signal(), Duration::from_secs(config.shutdown_grace_seconds)).await?;
-    // A command being handled when stopped is unacked: the broker hands it out again.
+    let messaging = ctx.app.messaging.clone();
+    let signal = async move {
+        shutdown_signal().await;
+        stopping.send_replace(true);
+    };
+    http::serve(ctx, listener, signal, Duration::from_secs(config.shutdown_grace_seconds)).await?;
+    // A command still unacked when abandoned goes back to the queue, for whoever runs next.
     if let Some(commands) = commands {
-        commands.abort();
+        finish_or_abandon(commands, "the command consumer").await;
     }
-    // Whatever it had not confirmed is published again by the next relay.
+    // Whatever the relay had not confirmed is published again by the next relay; one
+    // that cannot reach the broker has nothing to flush to.
     if let Some(relay) = relay {
-        relay.abort();
+        if messaging.relay() == crate::app::ComponentState::Connecting {
+            relay.abort();
+        } else {
+            flushing.send_replace(true);
+            finish_or_abandon(relay, "the relay (events not yet published wait for the next relay)").await;
+        }
     }
 
     tracing::info!("assetd stopped");
     Ok(())
+}
+
+/// How long the AMQP side may take to finish at shutdown.
+const AMQP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn finish_or_abandon(mut task: tokio::task::JoinHandle<()>, what: &str) {
+    if tokio::time::timeout(AMQP_SHUTDOWN_TIMEOUT, &mut task).await.is_err() {
+        tracing::warn!(timeout = ?AMQP_SHUTDOWN_TIMEOUT, "{what} did not finish in time; stopped");
+        task.abort();
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

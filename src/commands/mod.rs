@@ -157,24 +157,27 @@ fn plain_id(value: Option<&lapin::types::ShortString>) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Consumes commands until the task is dropped, reconnecting with backoff.
-pub async fn run(app: App, config: CommandsConfig) {
+/// Consumes commands until the task is dropped or `stop` turns true (then the command
+/// being handled is finished, the ones prefetched go back to the queue, and it
+/// returns), reconnecting with backoff. A dropped sender never stops it.
+pub async fn run(app: App, config: CommandsConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
-    loop {
+    while !*stop.borrow() {
         app.messaging.set_commands(ComponentState::Connecting);
-        let result = consume(&app, &config).await;
+        let result = consume(&app, &config, &mut stop).await;
         if app.messaging.commands() == ComponentState::Up {
             backoff = Duration::from_millis(200); // it had been working
         }
-        match result {
-            Ok(()) => {}
-            Err(error) => {
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "command consumer stopped; starting over");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+        if let Err(error) = result {
+            tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "command consumer stopped; starting over");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                Ok(_) = stop.wait_for(|stop| *stop) => {}
             }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
+    app.messaging.set_commands(ComponentState::Disabled);
 }
 
 /// Declares the topology (idempotently): exchange, queue with its dead-letter route,
@@ -220,11 +223,15 @@ async fn bounded<T>(operation: impl std::future::Future<Output = lapin::Result<T
         .map_err(|_| BrokerError::TimedOut(BROKER_OP_TIMEOUT))??)
 }
 
-/// Consumes until the broker connection fails or a command fails for a passing reason
-/// (the database unreachable): then its channel is closed, so the commands it held go
+/// Consumes until `stop`, the broker connection fails or a command fails for a passing
+/// reason (the database unreachable): then its channel is closed, so the commands it held go
 /// back to the queue for other processes, and `run` starts over once the database
 /// answers.
-async fn consume(app: &App, config: &CommandsConfig) -> Result<(), BrokerError> {
+async fn consume(
+    app: &App,
+    config: &CommandsConfig,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), BrokerError> {
     if !app.database_ready().await {
         return Err(BrokerError::Unavailable("the database is unreachable; not taking commands".into()));
     }
@@ -243,12 +250,16 @@ async fn consume(app: &App, config: &CommandsConfig) -> Result<(), BrokerError> 
         .await?;
         tracing::info!(queue = %config.queue(), "consuming commands");
         app.messaging.set_commands(ComponentState::Up);
-        while let Some(delivery) = deliveries.next().await {
+        loop {
+            let delivery = tokio::select! {
+                delivery = deliveries.next() => delivery,
+                Ok(_) = stop.wait_for(|stop| *stop) => return Ok(()),
+            };
+            let Some(delivery) = delivery else { return Ok(()) };
             if let Handled::RetryLater(reason) = handle(app, config, &channel, delivery?).await? {
                 return Err(BrokerError::Unavailable(reason));
             }
         }
-        Ok(())
     }
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "consumer stopped".into())).await;

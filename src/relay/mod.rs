@@ -8,6 +8,9 @@
 //! Only one relay publishes at a time across processes: each holds a session-level
 //! advisory lock on a connection of its own; when the holder dies its connection
 //! closes, the lock is released, and another process's relay takes over.
+//!
+//! At shutdown (`flush`), the relay publishes what is committed, so that the last
+//! requests' events do not wait for the next start, then returns.
 
 use std::time::Duration;
 
@@ -57,14 +60,28 @@ enum RelayError {
     Setup(String),
 }
 
-/// Runs the relay until the task is dropped: waits to lead, connects, publishes;
-/// starts over (with backoff) after any failure.
-pub async fn run(config: RelayConfig) {
+/// How a leadership term ended without failing.
+enum Term {
+    /// Another relay leads: try again later.
+    Standby,
+    /// Asked to flush, and nothing is left to publish (or another relay leads).
+    Flushed,
+}
+
+/// Runs the relay until the task is dropped, or until `flush` turns true and it has
+/// published everything committed: waits to lead, connects, publishes; starts over
+/// (with backoff) after any failure. A flush cannot finish while the broker is down:
+/// the caller bounds it.
+pub async fn run(config: RelayConfig, flush: tokio::sync::watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(200);
     config.status.set_relay(ComponentState::Connecting);
     loop {
-        match lead_and_publish(&config).await {
-            Ok(()) => backoff = Duration::from_millis(200),
+        match lead_and_publish(&config, &flush).await {
+            Ok(Term::Standby) => backoff = Duration::from_millis(200),
+            Ok(Term::Flushed) => {
+                config.status.set_relay(ComponentState::Disabled);
+                return;
+            }
             Err(error) => {
                 config.status.set_relay(ComponentState::Connecting);
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "relay stopped; starting over");
@@ -75,8 +92,11 @@ pub async fn run(config: RelayConfig) {
     }
 }
 
-/// One leadership term: returns Ok when another relay leads (to try again later).
-async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
+/// One leadership term.
+async fn lead_and_publish(
+    config: &RelayConfig,
+    flush: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Term, RelayError> {
     // A pool of one, for this term only: dropping it closes the connection, which is
     // what releases the lock.
     let pool = DatabaseConfig { database_url: config.database_url.clone(), database_pool_size: 1 }
@@ -86,9 +106,12 @@ async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
     let result = async {
         let led: bool = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await?.get(0);
         if !led {
+            if *flush.borrow() {
+                return Ok(Term::Flushed); // the leader publishes
+            }
             config.status.set_relay(ComponentState::Standby);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            return Ok(());
+            return Ok(Term::Standby);
         }
         tracing::info!(exchange = %config.exchange, "relay leading");
         // Confirm mode; dropped with the term (a broken one is discarded by the pool).
@@ -105,6 +128,10 @@ async fn lead_and_publish(config: &RelayConfig) -> Result<(), RelayError> {
         loop {
             let published = publish_pass(&client, &channel, &config.exchange).await?;
             if published == 0 {
+                if *flush.borrow() {
+                    tracing::info!("relay flushed: every committed event is published");
+                    return Ok(Term::Flushed);
+                }
                 // Idle: notice a lost broker now, not at the next event (and let /ready say so).
                 if !channel.usable() {
                     return Err(RelayError::Setup("the broker connection was lost".into()));

@@ -13,7 +13,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{amqp_url, assert_conforms, contract_validator, TestApp};
+use crate::helpers::{amqp_url, assert_conforms, contract_validator, never_stop, TestApp};
 
 async fn next(consumer: &mut Consumer) -> Delivery {
     let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
@@ -47,7 +47,7 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     assetd::commands::declare(&channel, &config).await.unwrap();
-    let worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), config.clone()));
+    let worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), config.clone(), never_stop()));
 
     let replies = channel
         .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
@@ -354,7 +354,7 @@ async fn a_process_without_its_database_leaves_commands_to_others() {
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     assetd::commands::declare(&channel, &cut_off_config).await.unwrap();
-    let stranded = tokio::spawn(assetd::commands::run(cut_off.clone(), cut_off_config.clone()));
+    let stranded = tokio::spawn(assetd::commands::run(cut_off.clone(), cut_off_config.clone(), never_stop()));
     let body = json!({"id_session": 4, "session_name": "waits"}).to_string();
     channel
         .basic_publish(
@@ -376,7 +376,7 @@ async fn a_process_without_its_database_leaves_commands_to_others() {
     assert_eq!(cut_off.messaging.commands(), ComponentState::Connecting);
 
     let app = TestApp::spawn().await;
-    let healthy = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), config(&app.ctx.app)));
+    let healthy = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), config(&app.ctx.app), never_stop()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while app.get(&app.service_token(), "/api/sessions/4").await.status() != 200 {
         assert!(tokio::time::Instant::now() < deadline, "the healthy process never ran the command");

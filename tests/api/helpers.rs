@@ -19,6 +19,11 @@ pub fn amqp_url() -> String {
     std::env::var("ASSETD_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// A stop signal that never comes, for the relay and the command consumer.
+pub fn never_stop() -> tokio::sync::watch::Receiver<bool> {
+    tokio::sync::watch::channel(false).1
+}
+
 /// A TCP proxy to the test RabbitMQ that a test can cut (every connection through it
 /// dropped, new ones refused) and restore: a broker restart as assetd sees it, without
 /// touching the machine's broker under other tests. It can also hold what the broker

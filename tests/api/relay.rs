@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use assetd::broker::Broker;
 
-use crate::helpers::{amqp_url, assert_conforms, assert_event_conforms, BrokerProxy, TestApp};
+use crate::helpers::{amqp_url, assert_conforms, assert_event_conforms, never_stop, BrokerProxy, TestApp};
 
 /// A consumer on an exchange of the test's own, bound to everything.
 struct Listener {
@@ -112,7 +112,7 @@ fn start_relay(
     status: std::sync::Arc<assetd::app::MessagingStatus>,
 ) -> tokio::task::JoinHandle<()> {
     let broker = Broker::start(&amqp_url(), status.clone());
-    tokio::spawn(assetd::relay::run(relay_config(app, listener, status, broker)))
+    tokio::spawn(assetd::relay::run(relay_config(app, listener, status, broker), never_stop()))
 }
 
 fn relay_config(
@@ -201,7 +201,7 @@ async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back(
     proxy.cut();
     let status = app.ctx.app.messaging.clone();
     let broker = Broker::start(&proxy.url(), status.clone());
-    let relay = tokio::spawn(assetd::relay::run(relay_config(&app, &listener, status, broker)));
+    let relay = tokio::spawn(assetd::relay::run(relay_config(&app, &listener, status, broker), never_stop()));
     let (_, token) = app.session_with_user(1).await;
     upload_each(&app, &token, 0..100).await;
     // /ready still answers 200 and says the broker cannot be reached; /metrics shows
@@ -218,11 +218,7 @@ async fn events_recorded_while_the_broker_is_unreachable_arrive_when_it_is_back(
     let ids: HashSet<&String> =
         received.iter().filter(|(key, _, _)| key == "asset.uploaded").map(|(_, id, _)| id).collect();
     assert_eq!(ids.len(), 100);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while relay_lag(&app).await != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the relay's checkpoint did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_all_published(&app).await;
     let ready: Value = app.get("", "/ready").await.json().await.unwrap();
     assert_eq!((&ready["checks"]["broker"], &ready["checks"]["relay"]), (&json!("up"), &json!("up")), "{ready}");
     relay.abort();
@@ -244,12 +240,13 @@ async fn relay_and_commands_recover_by_themselves_after_a_broker_restart() {
     let proxy = BrokerProxy::start().await;
     let status = app.ctx.app.messaging.clone();
     let broker = Broker::start(&proxy.url(), status.clone());
-    let relay = tokio::spawn(assetd::relay::run(relay_config(&app, &listener, status.clone(), broker.clone())));
+    let relay =
+        tokio::spawn(assetd::relay::run(relay_config(&app, &listener, status.clone(), broker.clone()), never_stop()));
     let commands_config = assetd::commands::CommandsConfig {
         broker: broker.clone(),
         prefix: listener.exchange.trim_end_matches(".events").to_owned(),
     };
-    let commands = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), commands_config.clone()));
+    let commands = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), commands_config.clone(), never_stop()));
     let (_, token) = app.session_with_user(1).await;
     upload_each(&app, &token, 0..10).await;
     let uploads = |m: &[(String, String, Value)]| {
@@ -350,11 +347,7 @@ async fn events_the_broker_refuses_are_retried_not_skipped() {
         m.iter().filter(|(key, _, _)| key == "asset.uploaded").map(|(_, id, _)| id.clone()).collect::<HashSet<_>>()
     };
     listener.receive_until(|m| uploads(m).len() == 5).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while relay_lag(&app).await != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the relay's checkpoint did not catch up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_all_published(&app).await;
     relay.abort();
     listener.delete().await;
 }
@@ -527,6 +520,15 @@ fn relay_process(app: &TestApp, amqp_url: &str, prefix: &str, data_dir: &std::pa
         .unwrap()
 }
 
+/// Waits (30 s at most) until the relay's checkpoint is past every committed event.
+async fn wait_until_all_published(app: &TestApp) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while relay_lag(app).await != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the relay's checkpoint did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Uploads and renames assets `a<n>` (two events each) to session 1.
 async fn upload_and_rename_each(app: &TestApp, token: &str, numbers: std::ops::Range<usize>) {
     for n in numbers {
@@ -556,11 +558,7 @@ async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stre
     let (_, token) = app.session_with_user(1).await;
     // The relay leads and has published (and had confirmed) the session's event.
     let mut received = listener.receive_until(|m| !m.is_empty()).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while relay_lag(&app).await != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the first event's checkpoint was never saved");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_all_published(&app).await;
 
     proxy.hold_answers();
     upload_and_rename_each(&app, &token, 0..20).await;
@@ -601,5 +599,33 @@ async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stre
         }
     }
     relay.start_kill().unwrap();
+    listener.delete().await;
+}
+
+/// SIGTERM: before exiting, the relay publishes what the process's last requests
+/// recorded (here the broker's confirms are held back until after the signal, so
+/// without that flush the checkpoint would be left behind).
+#[tokio::test]
+async fn sigterm_publishes_every_committed_event_before_exiting() {
+    let app = TestApp::spawn().await;
+    let mut listener = Listener::bind().await;
+    let prefix = listener.exchange.trim_end_matches(".events").to_owned();
+    let data_dir = tempfile::tempdir().unwrap();
+    let proxy = BrokerProxy::start().await;
+    let mut relay = relay_process(&app, &proxy.url(), &prefix, data_dir.path());
+    let (_, token) = app.session_with_user(1).await;
+    listener.receive_until(|m| !m.is_empty()).await;
+    wait_until_all_published(&app).await;
+
+    proxy.hold_answers();
+    upload_and_rename_each(&app, &token, 0..5).await;
+    listener.receive_until(|m| !m.is_empty()).await; // publishing, awaiting confirms
+    let pid = relay.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.release();
+    let exit = tokio::time::timeout(Duration::from_secs(20), relay.wait()).await.expect("exits").unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(relay_lag(&app).await, 0, "exited with committed events not published");
     listener.delete().await;
 }

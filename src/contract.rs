@@ -207,7 +207,7 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
         let key = camel(&event.name);
         add_message(
             event,
-            format!("A `{}` event, published once committed.", event.message_type),
+            format!("Published once an event of type `{}` is committed.", event.message_type),
             json!({"correlationId": {
                 "description": "The AMQP correlation_id property: the correlation id of the event's metadata.",
                 "location": "$message.payload#/metadata/correlation_id",
@@ -220,10 +220,11 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
                 "title": format!("{} events", event.message_type),
                 "description": format!(
                     "Messages with routing key `{}` on the `{events_exchange}` topic exchange. Bind a queue of your \
-                     own with this key (or `asset.*`, `#`). At least once: dedupe by `event_id` (also the AMQP \
+                     own with this key (or `{}.*`, `#`). At least once: dedupe by `event_id` (also the AMQP \
                      `message_id`); the first delivery of each event comes in its stream's order. `position` orders \
                      events within one transaction only: do not use it as a cursor.",
-                    event.name
+                    event.name,
+                    event.name.split('.').next().unwrap_or_default(),
                 ),
                 "messages": {key.clone(): message_ref(&event.name)},
                 "bindings": {"amqp": {
@@ -248,19 +249,34 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
 
     // AMQP properties (correlation_id, reply_to, message_id) are not application headers:
     // AsyncAPI's runtime expressions cannot point at them, so they are described.
-    let command_properties = json!({"description":
-        "AMQP properties: `message_id` (recorded as the events' causation_id; a message whose id already ran is not \
-         run again), `correlation_id` (copied to the reply, recorded in the events' metadata), `reply_to` (where the \
-         reply goes), `type` (the command's name when sent straight to the queue)."});
-    let reply_properties = json!({"description":
-        "Sent to the command's `reply_to` with its `correlation_id` and AMQP `type` `<command>.reply`."});
+    let correlation_id = json!({
+        "description": "The AMQP correlation_id property (a property, not a header: AsyncAPI can only point at headers).",
+        "location": "$message.header#/correlation_id",
+    });
+    let command_properties = json!({
+        "description":
+            "AMQP properties: `message_id` (recorded as the events' causation_id; it names one command: a message \
+             whose id already ran is not run again, one whose id ran another command or another session's is \
+             refused), `correlation_id` (copied to the reply, recorded in the events' metadata), `reply_to` (where \
+             the reply goes), `app_id` (optional: the sending service's uuid, recorded as the events' actor; else \
+             the nil uuid), `type` (the command's name when sent straight to the queue; through the exchange the \
+             routing key names it, and a `type` that names another command is refused).",
+        "correlationId": correlation_id,
+    });
+    let reply_properties = json!({
+        "description": "Sent to the command's `reply_to` with its `correlation_id` and AMQP `type` `<command>.reply`.",
+        "correlationId": correlation_id,
+    });
     let mut command_messages = Map::new();
     let mut dead_messages = Map::new();
     let mut reply_messages = Map::new();
     for command in &commands {
         add_message(
             &command.command,
-            format!("The `{}` command; AMQP `type` (or routing key) `{}`.", command.command.name, command.command.name),
+            format!(
+                "The `{}` command: the routing key on the commands exchange, or the AMQP `type`.",
+                command.command.name
+            ),
             command_properties.clone(),
         );
         add_message(&command.reply, format!("The reply to `{}`.", command.command.name), reply_properties.clone());
@@ -289,7 +305,7 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
             "type": "object",
             "properties": {
                 "x-assetd-error": {"type": "string", "maxLength": 1030, "description": "Why the command was refused."},
-                "x-assetd-command": {"type": "string", "description": "The command's name (its type or routing key)."},
+                "x-assetd-command": {"type": "string", "description": "The command's name (its routing key on the exchange, else its type)."},
             },
         });
         messages.insert(dead_key(&command.command.name), dead);
@@ -305,10 +321,10 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
         "commands".into(),
         json!({
             "address": commands_queue,
-            "title": "Commands",
+            "title": "Commands queue",
             "description": format!(
-                "Send commands to the `{commands_queue}` direct exchange with the command's name as routing key \
-                 (or straight to the `{commands_queue}` queue with the name as AMQP `type`). Consumed with manual acks; \
+                "The queue the `{commands_queue}` direct exchange feeds (see the channels of each command). A \
+                 command may also be sent straight to it, with its name as AMQP `type`. Consumed with manual acks; \
                  a command that fails for a passing reason (database unreachable) is retried. The queue is declared \
                  with `x-dead-letter-exchange: \"\"` and `x-dead-letter-routing-key: {dead_queue}`: declare it \
                  the same way or not at all. Routing keys other than the commands' are unroutable on the exchange \
@@ -341,6 +357,11 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
             "messages": reply_messages,
         }),
     );
+    let reply_address = json!({
+        "description": "The command's AMQP reply_to property (a property, not a header: AsyncAPI can only point at \
+                        headers).",
+        "location": "$message.header#/reply_to",
+    });
     let all_commands: Vec<Value> = commands
         .iter()
         .map(|c| json!({"$ref": format!("#/channels/commands/messages/{}", camel(&c.command.name))}))
@@ -357,16 +378,13 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
         "consumeCommands".into(),
         json!({
             "action": "receive",
-            "title": "Run commands",
+            "title": "Run commands sent straight to the queue",
             "summary": "Runs each command as the HTTP endpoint would (same domain rules); replies when asked.",
             "channel": {"$ref": "#/channels/commands"},
             "messages": all_commands,
             "bindings": {"amqp": {"ack": true, "bindingVersion": AMQP_BINDING}},
             "reply": {
-                "address": {
-                    "description": "The command's reply_to property.",
-                    "location": "$message.header#/reply_to",
-                },
+                "address": reply_address,
                 "channel": {"$ref": "#/channels/commandReplies"},
                 "messages": all_replies,
             },
@@ -383,6 +401,46 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
             "bindings": {"amqp": {"deliveryMode": 2, "mandatory": false, "bindingVersion": AMQP_BINDING}},
         }),
     );
+
+    // The usual way in: the commands exchange, with the command's name as routing key.
+    for command in &commands {
+        let key = camel(&command.command.name);
+        let channel = format!("{key}Command");
+        channels.insert(
+            channel.clone(),
+            json!({
+                "address": command.command.name,
+                "title": format!("{} commands", command.command.name),
+                "description": format!(
+                    "Messages with routing key `{}` on the `{commands_queue}` direct exchange (durable), which \
+                     routes them to the `{commands_queue}` queue.",
+                    command.command.name
+                ),
+                "messages": {key.clone(): message_ref(&command.command.name)},
+                "bindings": {"amqp": {
+                    "is": "routingKey",
+                    "exchange": {"name": commands_queue, "type": "direct", "durable": true, "autoDelete": false, "vhost": "/"},
+                    "bindingVersion": AMQP_BINDING,
+                }},
+            }),
+        );
+        operations.insert(
+            format!("run{}", capitalised(&key)),
+            json!({
+                "action": "receive",
+                "title": format!("Run {}", command.command.name),
+                "summary": "Runs the command as the HTTP endpoint would (same domain rules); replies when asked.",
+                "channel": {"$ref": format!("#/channels/{channel}")},
+                "messages": [{"$ref": format!("#/channels/{channel}/messages/{key}")}],
+                "bindings": {"amqp": {"ack": true, "bindingVersion": AMQP_BINDING}},
+                "reply": {
+                    "address": reply_address.clone(),
+                    "channel": {"$ref": "#/channels/commandReplies"},
+                    "messages": [{"$ref": format!("#/channels/commandReplies/messages/{}", camel(&command.reply.name))}],
+                },
+            }),
+        );
+    }
 
     let asyncapi = json!({
         "asyncapi": "3.0.0",

@@ -146,8 +146,8 @@ impl From<AppError> for Refusal {
     }
 }
 
-/// An AMQP id (message or correlation id) fit to record in the events' metadata: the
-/// request-id rules of the HTTP edge; anything else is replaced.
+/// An AMQP id (message or correlation id) fit to use as a request id: the request-id
+/// rules of the HTTP edge; anything else is replaced.
 fn plain_id(value: Option<&lapin::types::ShortString>) -> Option<String> {
     value
         .map(|v| v.as_str())
@@ -155,6 +155,22 @@ fn plain_id(value: Option<&lapin::types::ShortString>) -> Option<String> {
             (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
         })
         .map(str::to_owned)
+}
+
+/// A message id as recorded in the events (`causation_id`), by which a command sent
+/// again is recognised: any id, with control characters and `\` escaped (Postgres
+/// cannot store NUL in JSON), so that one id always records the same way and two ids
+/// never record alike.
+fn recorded_message_id(value: Option<&lapin::types::ShortString>) -> Option<String> {
+    let value = value.map(|v| v.as_str()).filter(|v| !v.is_empty())?;
+    Some(value.chars().fold(String::with_capacity(value.len()), |mut recorded, c| {
+        if c.is_control() || c == '\\' {
+            recorded.extend(c.escape_unicode());
+        } else {
+            recorded.push(c);
+        }
+        recorded
+    }))
 }
 
 /// Consumes commands until the task is dropped or `stop` turns true (then the command
@@ -279,13 +295,16 @@ async fn handle(
     channel: &Channel,
     delivery: Delivery,
 ) -> Result<Handled, BrokerError> {
-    let outcome = run_command(app, &delivery).await.map_err(|refusal| match refusal {
+    let outcome = run_command(app, config, &delivery).await.map_err(|refusal| match refusal {
         Refusal::Invalid(reason) => Refusal::Invalid(truncated(reason, MAX_REASON_BYTES)),
         transient => transient,
     });
-    let command = truncated(command_name(&delivery), 255);
+    let command = truncated(command_name(&delivery, config), 255);
     let reply = match &outcome {
-        Ok(Ran::Now(result)) => Some(CommandReply { ok: true, duplicate: false, error: None, result: Some(result) }),
+        Ok(Ran::Now(result)) => {
+            tracing::info!(%command, message_id = ?delivery.properties.message_id(), "command ran");
+            Some(CommandReply { ok: true, duplicate: false, error: None, result: Some(result) })
+        }
         Ok(Ran::Before(result)) => {
             tracing::info!(message_id = ?delivery.properties.message_id(), "command already run; not run again");
             Some(CommandReply { ok: true, duplicate: true, error: None, result: result.as_ref() })
@@ -381,9 +400,38 @@ fn truncated(mut text: String, max: usize) -> String {
     text
 }
 
-/// The command's name: the message's `type`, else its routing key.
-fn command_name(delivery: &Delivery) -> String {
-    delivery.properties.kind().as_ref().map(|k| k.to_string()).unwrap_or_else(|| delivery.routing_key.to_string())
+/// The command a message asks for: through the commands exchange, its routing key;
+/// sent straight to the queue (or dead-lettered back to it), its `type`.
+fn command_name(delivery: &Delivery, config: &CommandsConfig) -> String {
+    match delivery.properties.kind() {
+        Some(kind) if delivery.exchange.as_str() != config.queue() => kind.to_string(),
+        _ => delivery.routing_key.to_string(),
+    }
+}
+
+/// A `type` that names another command than the routing key it was sent with: which
+/// one was meant cannot be told.
+fn contradicting_type(delivery: &Delivery, config: &CommandsConfig) -> Option<Refusal> {
+    let kind = delivery.properties.kind().as_ref()?;
+    let routing_key = delivery.routing_key.as_str();
+    (delivery.exchange.as_str() == config.queue() && kind.as_str() != routing_key).then(|| {
+        Refusal::Invalid(format!("the type property {:?} contradicts the routing key {routing_key:?}", kind.as_str()))
+    })
+}
+
+/// Whether the events an earlier delivery of this message id caused are this command's:
+/// some on the session's stream of `session_types`, the rest of `other_types`. If not,
+/// the id was used for another command (or another session).
+fn caused_by_this_command(
+    earlier: &[eventstore::RecordedEvent],
+    id_session: SessionId,
+    session_types: &[&str],
+    other_types: &[&str],
+) -> bool {
+    let stream = id_session.stream();
+    let on_session = |e: &&eventstore::RecordedEvent| e.stream == stream && session_types.contains(&&*e.event_type);
+    earlier.iter().any(|e| on_session(&e))
+        && earlier.iter().all(|e| on_session(&e) || other_types.contains(&&*e.event_type))
 }
 
 /// A command that was run, now or by an earlier delivery of the same message.
@@ -394,11 +442,20 @@ enum Ran {
     Before(Option<CommandResult>),
 }
 
-async fn run_command(app: &App, delivery: &Delivery) -> Result<Ran, Refusal> {
-    let principal =
-        Principal { kind: PrincipalKind::Service, uuid: Uuid::nil(), name: "amqp-commands".into(), superadmin: false };
-    let message_id = plain_id(delivery.properties.message_id().as_ref());
-    let request_id = message_id.clone().unwrap_or_else(|| Uuid::new_v4().to_string());
+async fn run_command(app: &App, config: &CommandsConfig, delivery: &Delivery) -> Result<Ran, Refusal> {
+    if let Some(refusal) = contradicting_type(delivery, config) {
+        return Err(refusal);
+    }
+    // The sending service may name itself (its uuid) in `app_id`.
+    let sender = delivery.properties.app_id().as_ref().and_then(|id| id.as_str().parse().ok());
+    let principal = Principal {
+        kind: PrincipalKind::Service,
+        uuid: sender.unwrap_or(Uuid::nil()),
+        name: "amqp-commands".into(),
+        superadmin: false,
+    };
+    let message_id = recorded_message_id(delivery.properties.message_id().as_ref());
+    let request_id = plain_id(delivery.properties.message_id().as_ref()).unwrap_or_else(|| Uuid::new_v4().to_string());
     let ctx = CommandContext {
         actor: principal.actor(),
         correlation_id: plain_id(delivery.properties.correlation_id().as_ref()).unwrap_or_else(|| request_id.clone()),
@@ -414,10 +471,20 @@ async fn run_command(app: &App, delivery: &Delivery) -> Result<Ran, Refusal> {
         }
         None => vec![],
     };
-    match command_name(delivery).as_str() {
+    let reused = || {
+        Refusal::Invalid(format!(
+            "message_id {:?} was already used by another command; give each command an id of its own",
+            ctx.causation_id.as_deref().unwrap_or_default()
+        ))
+    };
+    match command_name(delivery, config).as_str() {
         SESSION_UPSERT => {
             let command = parse_session_upsert(&delivery.data)?;
             if !earlier.is_empty() {
+                if !caused_by_this_command(&earlier, command.id_session, &["SessionRegistered", "SessionUpdated"], &[])
+                {
+                    return Err(reused());
+                }
                 let current = app.session_for(&principal, command.id_session).await.ok();
                 return Ok(Ran::Before(current.map(CommandResult::Session)));
             }
@@ -428,6 +495,9 @@ async fn run_command(app: &App, delivery: &Delivery) -> Result<Ran, Refusal> {
                 .map_err(|error| Refusal::Invalid(format!("invalid body: {error}")))?;
             let id_session = body.id_session;
             if !earlier.is_empty() {
+                if !caused_by_this_command(&earlier, id_session, &["SessionDeleted"], &["AssetDeleted"]) {
+                    return Err(reused());
+                }
                 let deleted_assets = earlier
                     .iter()
                     .filter(|event| event.event_type == "AssetDeleted")

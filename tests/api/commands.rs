@@ -37,49 +37,95 @@ async fn consumer(channel: &Channel, queue: &str) -> Consumer {
         .unwrap()
 }
 
+/// A test's own commands topology, with consumers of the replies and of the dead queue.
+struct Bus {
+    config: assetd::commands::CommandsConfig,
+    connection: Connection,
+    channel: Channel,
+    reply_to: lapin::types::ShortString,
+    replies: Consumer,
+    dead: Consumer,
+}
+
+impl Bus {
+    async fn declare(config: assetd::commands::CommandsConfig) -> Self {
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        assetd::commands::declare(&channel, &config).await.unwrap();
+        let exclusive = QueueDeclareOptions { exclusive: true, ..Default::default() };
+        let reply_to = channel.queue_declare("".into(), exclusive, FieldTable::default()).await.unwrap().name().clone();
+        let replies = consumer(&channel, reply_to.as_str()).await;
+        let dead = consumer(&channel, &config.dead_queue()).await;
+        Self { config, connection, channel, reply_to, replies, dead }
+    }
+
+    /// Publishes `body` to the commands exchange with `routing_key` (or, with `None`,
+    /// straight to the queue), replies to come to [`Bus::reply`].
+    async fn publish(&self, routing_key: Option<&str>, body: &[u8], properties: BasicProperties) {
+        let queue = self.config.queue();
+        let (exchange, routing_key) = match routing_key {
+            Some(key) => (queue.as_str(), key),
+            None => ("", queue.as_str()),
+        };
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties.with_reply_to(self.reply_to.clone()),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// `command` with `body`, its `correlation_id` (and `message_id`, when given).
+    async fn send(&self, command: &str, body: &Value, correlation_id: &str, message_id: Option<&str>) {
+        let mut properties = BasicProperties::default().with_correlation_id(correlation_id.into());
+        if let Some(message_id) = message_id {
+            properties = properties.with_message_id(message_id.into());
+        }
+        self.publish(Some(command), body.to_string().as_bytes(), properties).await;
+    }
+
+    /// The next reply, checked against `command`'s reply schema, with its correlation id.
+    async fn reply(&mut self, command: &str) -> (String, Value) {
+        let delivery = next(&mut self.replies).await;
+        let reply: Value = serde_json::from_slice(&delivery.data).unwrap();
+        assert_conforms(&format!("schemas/commands/{command}.reply.json"), &reply);
+        (delivery.properties.correlation_id().as_ref().map(|c| c.to_string()).unwrap_or_default(), reply)
+    }
+
+    async fn dead_letter(&mut self) -> Delivery {
+        next(&mut self.dead).await
+    }
+
+    async fn delete(self) {
+        for queue in [self.config.queue(), self.config.dead_queue()] {
+            let _ = self.channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        let _ =
+            self.channel.exchange_delete(self.config.queue().as_str().into(), ExchangeDeleteOptions::default()).await;
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// A command consumer of this test's app, on names of its own.
+fn commands_config(app: &TestApp) -> assetd::commands::CommandsConfig {
+    assetd::commands::CommandsConfig {
+        broker: assetd::broker::Broker::start(&amqp_url(), app.ctx.app.messaging.clone()),
+        prefix: format!("assetd_test_{}", Uuid::new_v4().simple()),
+    }
+}
+
 #[tokio::test]
 async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     let app = TestApp::spawn().await;
-    let config = assetd::commands::CommandsConfig {
-        broker: assetd::broker::Broker::start(&amqp_url(), app.ctx.app.messaging.clone()),
-        prefix: format!("assetd_test_{}", Uuid::new_v4().simple()),
-    };
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    assetd::commands::declare(&channel, &config).await.unwrap();
-    let worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), config.clone(), never_stop()));
+    let mut bus = Bus::declare(commands_config(&app)).await;
+    let worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), never_stop()));
 
-    let replies = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .unwrap();
-    let mut replies_consumer = consumer(&channel, replies.name().as_str()).await;
-    let mut dead = consumer(&channel, &config.dead_queue()).await;
-    let send = |command: &'static str, body: Vec<u8>, correlation_id: &'static str| {
-        let channel = &channel;
-        let config = &config;
-        let reply_to = replies.name().clone();
-        async move {
-            channel
-                .basic_publish(
-                    config.queue().as_str().into(),
-                    command.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default().with_reply_to(reply_to).with_correlation_id(correlation_id.into()),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
-    // A reply, checked against the command's reply schema.
-    let reply_of = |delivery: &Delivery, command: &str| -> (String, Value) {
-        let reply: Value = serde_json::from_slice(&delivery.data).unwrap();
-        assert_conforms(&format!("schemas/commands/{command}.reply.json"), &reply);
-        (delivery.properties.correlation_id().as_ref().unwrap().to_string(), reply)
-    };
     // Valid commands conform to their schema; the invalid ones sent below do not.
     let upsert_5 = json!({"id_session": 5, "session_name": "via amqp"});
     assert_conforms("schemas/commands/session.upsert.json", &upsert_5);
@@ -87,8 +133,8 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     assert!(!contract_validator("schemas/commands/session.upsert.json").is_valid(&json!({"id_session": 5, "bogus": 1})));
 
     // A valid upsert: the session exists, as if registered over HTTP.
-    send("session.upsert", upsert_5.to_string().into_bytes(), "c1").await;
-    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await, "session.upsert");
+    bus.send("session.upsert", &upsert_5, "c1", None).await;
+    let (correlation, reply) = bus.reply("session.upsert").await;
     assert_eq!(correlation, "c1");
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(reply["result"]["id_session"], 5);
@@ -97,14 +143,15 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     assert_eq!(session.json::<Value>().await.unwrap()["session_name"], "via amqp");
 
     // Not JSON, then a field that does not exist: each answered, dead-lettered with why.
-    for (n, body) in
-        [b"not json".to_vec(), json!({"id_session": 5, "bogus": 1}).to_string().into_bytes()].into_iter().enumerate()
+    for (body, correlation_id) in
+        [(b"not json".to_vec(), "c2"), (json!({"id_session": 5, "bogus": 1}).to_string().into_bytes(), "c3")]
     {
-        send("session.upsert", body.clone(), if n == 0 { "c2" } else { "c3" }).await;
-        let (_, reply) = reply_of(&next(&mut replies_consumer).await, "session.upsert");
+        let properties = BasicProperties::default().with_correlation_id(correlation_id.into());
+        bus.publish(Some("session.upsert"), &body, properties).await;
+        let (_, reply) = bus.reply("session.upsert").await;
         assert_eq!(reply["ok"], false, "{reply}");
         assert!(reply["error"].as_str().unwrap().contains("invalid body"), "{reply}");
-        let dead_letter = next(&mut dead).await;
+        let dead_letter = bus.dead_letter().await;
         assert_eq!(dead_letter.data, body);
         let headers = dead_letter.properties.headers().clone().unwrap();
         let why = headers.inner().get("x-assetd-error").cloned();
@@ -113,97 +160,111 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
 
     // An unknown command (sent to the queue by its name), refused by the rules: the
     // queue is not blocked, and a valid delete that follows still runs.
-    channel
-        .basic_publish(
-            "".into(),
-            config.queue().as_str().into(),
-            BasicPublishOptions::default(),
-            b"{}",
-            BasicProperties::default().with_type("session.explode".into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let dead_letter = next(&mut dead).await;
+    bus.publish(None, b"{}", BasicProperties::default().with_type("session.explode".into())).await;
+    let dead_letter = bus.dead_letter().await;
     assert_eq!(dead_letter.properties.kind().as_ref().unwrap().as_str(), "session.explode");
-    send("session.delete", json!({"id_session": 999}).to_string().into_bytes(), "c4").await;
-    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await, "session.delete");
+    let (_, reply) = bus.reply("session.upsert").await; // the shape every refusal has
+    assert_eq!(reply["error"], "unknown command \"session.explode\"", "{reply}");
+    bus.send("session.delete", &json!({"id_session": 999}), "c4", None).await;
+    let (correlation, reply) = bus.reply("session.delete").await;
     assert_eq!((correlation.as_str(), reply["ok"].clone()), ("c4", json!(false)), "{reply}");
-    next(&mut dead).await;
-    send("session.delete", json!({"id_session": 5}).to_string().into_bytes(), "c5").await;
-    let (correlation, reply) = reply_of(&next(&mut replies_consumer).await, "session.delete");
+    bus.dead_letter().await;
+    bus.send("session.delete", &json!({"id_session": 5}), "c5", None).await;
+    let (correlation, reply) = bus.reply("session.delete").await;
     assert_eq!((correlation.as_str(), reply["ok"].clone()), ("c5", json!(true)), "{reply}");
     assert_eq!(app.get(&app.service_token(), "/api/sessions/5").await.status(), 404);
 
-    // Ids that cannot be recorded as sent (a NUL, say) are replaced, not fatal: the
-    // command still runs once, and is not retried forever.
-    channel
-        .basic_publish(
-            config.queue().as_str().into(),
-            "session.upsert".into(),
-            BasicPublishOptions::default(),
-            json!({"id_session": 6, "session_name": "odd ids"}).to_string().as_bytes(),
-            BasicProperties::default()
-                .with_reply_to(replies.name().clone())
-                .with_correlation_id("bad\u{0}id".into())
-                .with_message_id("also bad\u{0}".into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let (_, reply) = reply_of(&next(&mut replies_consumer).await, "session.upsert");
+    // A correlation id that cannot be recorded as sent (a NUL) is replaced, not fatal:
+    // the command runs once, and is not retried forever.
+    bus.send("session.upsert", &json!({"id_session": 6, "session_name": "odd ids"}), "bad\u{0}id", None).await;
+    let (_, reply) = bus.reply("session.upsert").await;
     assert_eq!(reply["ok"], true, "{reply}");
     assert_eq!(app.get(&app.service_token(), "/api/sessions/6").await.status(), 200);
 
     // The same message twice (a redelivery after a lost ack, or a publisher's retry):
-    // run once; the second answer says so, with the current state.
-    let send_with_id = |command: &'static str, body: Value, message_id: &'static str| {
-        let (channel, config, reply_to) = (&channel, &config, replies.name().clone());
-        async move {
-            channel
-                .basic_publish(
-                    config.queue().as_str().into(),
-                    command.into(),
-                    BasicPublishOptions::default(),
-                    body.to_string().as_bytes(),
-                    BasicProperties::default()
-                        .with_reply_to(reply_to)
-                        .with_correlation_id(message_id.into())
-                        .with_message_id(message_id.into()),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
-    };
+    // run once; the second answer says so, with the current state. Any message id
+    // counts, even one with a NUL (recorded escaped).
     let (_, token) = app.session_with_user(8).await;
     let asset = app.upload_ok(&token, 8, "kept.bin", b"kept").await;
     for attempt in 0..2 {
-        send_with_id("session.upsert", json!({"id_session": 9, "session_name": format!("try {attempt}")}), "m-up")
-            .await;
-        let (_, reply) = reply_of(&next(&mut replies_consumer).await, "session.upsert");
+        let upsert = json!({"id_session": 9, "session_name": format!("try {attempt}")});
+        bus.send("session.upsert", &upsert, "up", Some("orders/9 ✓")).await;
+        let (_, reply) = bus.reply("session.upsert").await;
         assert_eq!(reply["ok"], true, "{reply}");
         assert_eq!(reply["result"]["session_name"], "try 0", "{reply}");
         assert_eq!(reply.get("duplicate").is_some(), attempt == 1, "{reply}");
 
-        send_with_id("session.delete", json!({"id_session": 8}), "m-del").await;
-        let (_, reply) = reply_of(&next(&mut replies_consumer).await, "session.delete");
+        bus.send("session.delete", &json!({"id_session": 8}), "del", Some("del\u{0}8")).await;
+        let (_, reply) = bus.reply("session.delete").await;
         assert_eq!(reply["ok"], true, "not refused as not found the second time: {reply}");
         assert_eq!(reply["result"]["deleted_assets"], json!([asset["asset_uuid"]]), "{reply}");
         assert_eq!(reply.get("duplicate").is_some(), attempt == 1, "{reply}");
     }
     assert_eq!(app.scalar("SELECT count(*) FROM events WHERE stream = 'session-9'").await, 1);
     assert_eq!(app.scalar("SELECT count(*) FROM events WHERE stream = 'session-8'").await, 2);
+    let causation = "SELECT count(*) FROM events WHERE metadata->>'causation_id' = ";
+    assert_eq!(app.scalar(&format!("{causation} 'orders/9 ✓'")).await, 1);
+    assert_eq!(app.scalar(&format!("{causation} 'del\\u{{0}}8'")).await, 2, "SessionDeleted and AssetDeleted");
 
     worker.abort();
-    for queue in [config.queue(), config.dead_queue()] {
-        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-    }
-    let _ = channel.exchange_delete(config.queue().as_str().into(), ExchangeDeleteOptions::default()).await;
-    let _ = connection.close(200, "done".into()).await;
+    bus.delete().await;
+}
+
+/// A message id names one command: sent again with another command, or for another
+/// session, it is refused (not answered as if it had run). Through the exchange, the
+/// routing key names the command, and a `type` that says otherwise is refused. The
+/// sender may name itself (its service uuid) in `app_id`: it is the events' actor.
+#[tokio::test]
+async fn message_ids_routing_keys_and_senders_are_not_mistaken() {
+    let app = TestApp::spawn().await;
+    let mut bus = Bus::declare(commands_config(&app)).await;
+    let worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), never_stop()));
+    let service = Uuid::new_v4();
+    let as_service = BasicProperties::default().with_app_id(service.to_string().as_str().into());
+
+    bus.publish(
+        Some("session.upsert"),
+        json!({"id_session": 30, "session_name": "kept"}).to_string().as_bytes(),
+        as_service.clone().with_message_id("reused".into()),
+    )
+    .await;
+    assert_eq!(bus.reply("session.upsert").await.1["ok"], true);
+    let actor = app.scalar_json("SELECT metadata->'actor' FROM events WHERE stream = 'session-30'").await;
+    assert_eq!(actor, json!({"kind": "service", "uuid": service}));
+
+    // The id again, for a delete of that session, then for an upsert of another one.
+    bus.send("session.delete", &json!({"id_session": 30}), "reused-for-delete", Some("reused")).await;
+    let (_, reply) = bus.reply("session.delete").await;
+    assert_eq!(reply["ok"], false, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("already used by another command"), "{reply}");
+    bus.dead_letter().await;
+    bus.send("session.upsert", &json!({"id_session": 31, "session_name": "new"}), "reused-elsewhere", Some("reused"))
+        .await;
+    assert_eq!(bus.reply("session.upsert").await.1["ok"], false);
+    bus.dead_letter().await;
+    assert_eq!(app.get(&app.service_token(), "/api/sessions/30").await.status(), 200, "deleted by a reused id");
+    assert_eq!(app.get(&app.service_token(), "/api/sessions/31").await.status(), 404);
+
+    // Routing key `session.upsert`, type `session.delete`: neither is run.
+    let contradicting = BasicProperties::default().with_type("session.delete".into());
+    bus.publish(Some("session.upsert"), json!({"id_session": 30}).to_string().as_bytes(), contradicting).await;
+    let (_, reply) = bus.reply("session.upsert").await;
+    assert!(reply["error"].as_str().unwrap().contains("contradicts the routing key"), "{reply}");
+    let dead_letter = bus.dead_letter().await;
+    let headers = dead_letter.properties.headers().clone().unwrap();
+    assert_eq!(headers.inner().get("x-assetd-command"), Some(&AMQPValue::LongString("session.upsert".into())));
+    assert_eq!(app.get(&app.service_token(), "/api/sessions/30").await.status(), 200);
+    // A type that agrees is fine; without `app_id` the actor is the nil uuid.
+    let agreeing = BasicProperties::default().with_type("session.delete".into());
+    bus.publish(Some("session.delete"), json!({"id_session": 30}).to_string().as_bytes(), agreeing).await;
+    assert_eq!(bus.reply("session.delete").await.1["ok"], true);
+    let actor = app
+        .scalar_json("SELECT metadata->'actor' FROM events WHERE stream = 'session-30' AND type = 'SessionDeleted'")
+        .await;
+    assert_eq!(actor, json!({"kind": "service", "uuid": Uuid::nil()}));
+
+    worker.abort();
+    bus.delete().await;
 }
 
 /// `assetd serve` consuming commands on `prefix` (the real binary: its thread stacks
@@ -240,41 +301,13 @@ async fn hostile_commands_are_dead_lettered_without_harm() {
     // This process's AMQP client serialises the nested headers recursively too: its
     // I/O threads get a large stack from .cargo/config.toml.
     let app = TestApp::spawn().await;
-    let prefix = format!("assetd_test_{}", Uuid::new_v4().simple());
-    let config = assetd::commands::CommandsConfig {
-        broker: assetd::broker::Broker::start(&amqp_url(), Default::default()),
-        prefix: prefix.clone(),
-    };
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    assetd::commands::declare(&channel, &config).await.unwrap();
+    let mut bus = Bus::declare(commands_config(&app)).await;
     let data_dir = tempfile::tempdir().unwrap();
-    let mut process = commands_process(&app, &prefix, data_dir.path());
-    let replies = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .unwrap();
-    let mut replies_consumer = consumer(&channel, replies.name().as_str()).await;
-    let mut dead = consumer(&channel, &config.dead_queue()).await;
+    let mut process = commands_process(&app, &bus.config.prefix, data_dir.path());
     let publish = |body: Vec<u8>, headers: FieldTable, correlation_id: &'static str| {
-        let (channel, config, reply_to) = (&channel, &config, replies.name().clone());
-        async move {
-            channel
-                .basic_publish(
-                    config.queue().as_str().into(),
-                    "session.upsert".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default()
-                        .with_headers(headers)
-                        .with_reply_to(reply_to)
-                        .with_correlation_id(correlation_id.into()),
-                )
-                .await
-                .unwrap()
-                .await
-                .unwrap();
-        }
+        let properties = BasicProperties::default().with_headers(headers).with_correlation_id(correlation_id.into());
+        let bus = &bus;
+        async move { bus.publish(Some("session.upsert"), &body, properties).await }
     };
 
     // 17,000 levels of 7 bytes: close to the broker's 128 KiB frame (1,500 used to
@@ -300,16 +333,13 @@ async fn hostile_commands_are_dead_lettered_without_harm() {
 
     let mut answered = std::collections::HashMap::new();
     for _ in 0..4 {
-        let reply = next(&mut replies_consumer).await;
-        let correlation_id = reply.properties.correlation_id().as_ref().unwrap().to_string();
-        let body: Value = serde_json::from_slice(&reply.data).unwrap();
-        assert_conforms("schemas/commands/session.upsert.reply.json", &body);
-        answered.insert(correlation_id, body);
+        let (correlation_id, reply) = bus.reply("session.upsert").await;
+        answered.insert(correlation_id, reply);
     }
     for refused in ["nested", "long", "padded"] {
         assert_eq!(answered[refused]["ok"], false, "{refused}: {}", answered[refused]);
         assert!(answered[refused]["error"].as_str().unwrap().len() <= 1100, "{refused}: error not bounded");
-        let dead_letter = next(&mut dead).await;
+        let dead_letter = bus.dead_letter().await;
         let headers = dead_letter.properties.headers().clone().unwrap();
         assert!(headers.inner().contains_key("x-assetd-error"), "{refused}");
         assert_eq!(headers.inner().get("x-assetd-command"), Some(&AMQPValue::LongString("session.upsert".into())));
@@ -319,11 +349,7 @@ async fn hostile_commands_are_dead_lettered_without_harm() {
     assert!(process.try_wait().unwrap().is_none(), "assetd died");
 
     process.kill().await.unwrap();
-    for queue in [config.queue(), config.dead_queue()] {
-        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-    }
-    let _ = channel.exchange_delete(config.queue().as_str().into(), ExchangeDeleteOptions::default()).await;
-    let _ = connection.close(200, "done".into()).await;
+    bus.delete().await;
 }
 
 /// A process whose database is unreachable takes no commands (they would only go back

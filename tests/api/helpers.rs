@@ -336,6 +336,11 @@ impl TestApp {
         client.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    pub async fn scalar_json(&self, sql: &str) -> Value {
+        let client = self.ctx.app.pool.get().await.unwrap();
+        client.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
     pub async fn event_count(&self) -> i64 {
         self.scalar("SELECT count(*) FROM events").await
     }

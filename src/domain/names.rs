@@ -434,17 +434,32 @@ pub fn check_storable_datetime(
     value: chrono::DateTime<chrono::Utc>,
 ) -> Result<chrono::DateTime<chrono::Utc>, InvalidValue> {
     use chrono::Datelike;
-    if (1..=9999).contains(&value.year()) {
-        Ok(value)
-    } else {
-        Err(InvalidValue::new(field, "must be a date-time between the years 1 and 9999"))
+    match storable(value) {
+        Some(value) if (1..=9999).contains(&value.year()) => Ok(value),
+        _ => Err(InvalidValue::new(field, "must be a date-time between the years 1 and 9999")),
     }
+}
+
+/// `value` as Postgres keeps it: to the microsecond, a leap second as the next second.
+/// Events record it so, so that they and the read models say the same.
+pub fn storable(value: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp_micros(value.timestamp_micros())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn stored_date_times_are_what_postgres_keeps() {
+        let parse = |text: &str| chrono::DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&chrono::Utc);
+        let stored = |text: &str| check_storable_datetime("t", parse(text)).map(|t| t.to_rfc3339());
+        assert_eq!(stored("2026-01-02T03:04:05.123456789Z").unwrap(), "2026-01-02T03:04:05.123456+00:00");
+        assert_eq!(stored("2016-12-31T23:59:60Z").unwrap(), "2017-01-01T00:00:00+00:00");
+        assert!(stored("9999-12-31T23:59:60Z").is_err(), "rolls over into the year 10000");
+        assert!(stored("9999-12-31T23:59:59.999999Z").is_ok());
+    }
 
     #[test]
     fn file_names_refuse_paths_nul_and_overlong() {

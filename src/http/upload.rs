@@ -176,7 +176,8 @@ async fn upload(
                 asset_type,
                 asset_file_size: stored.size,
                 asset_sha256: stored.sha256,
-                asset_datetime: plan.asset_datetime,
+                // Recorded when not given, so that the event says what the read model shows.
+                asset_datetime: plan.asset_datetime.or_else(|| crate::domain::names::storable(chrono::Utc::now())),
                 directory: plan.directory,
                 tags: plan.tags,
                 metadata: plan.metadata,

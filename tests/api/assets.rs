@@ -386,3 +386,50 @@ async fn a_configured_public_url_is_not_overridden_by_request_headers() {
     let uuid = info["asset_uuid"].as_str().unwrap();
     assert_eq!(info["asset_url"], format!("https://files.example.org/file/api/assets?asset_uuid={uuid}"));
 }
+
+/// The `AssetUploaded` event and the asset's info say the same `asset_datetime`: the
+/// upload time when none is given, a leap second as the next second, to the microsecond;
+/// one that rolls over into the year 10000 is refused.
+#[tokio::test]
+async fn the_event_and_the_info_agree_on_the_asset_datetime() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    for (given, shown) in [
+        (None, None),
+        (Some("2016-12-31T23:59:60Z"), Some("2017-01-01T00:00:00Z")),
+        (Some("2026-01-02T03:04:05.123456789+02:00"), Some("2026-01-02T01:04:05.123456Z")),
+    ] {
+        let mut file_asset = json!({"id_session": 1, "asset_name": "n"});
+        if let Some(given) = given {
+            file_asset["asset_datetime"] = json!(given);
+        }
+        let response = app.upload(&token, &file_asset, "f.bin", vec![1]).await;
+        assert_eq!(response.status(), 200, "{given:?}");
+        let info: Value = response.json().await.unwrap();
+        let recorded = app
+            .scalar_json(&format!(
+                "SELECT data->'asset_datetime' FROM events WHERE stream = 'asset-{}'",
+                info["asset_uuid"].as_str().unwrap()
+            ))
+            .await;
+        let parse = |value: &Value| chrono::DateTime::parse_from_rfc3339(value.as_str().unwrap()).unwrap();
+        assert_eq!(
+            parse(&recorded),
+            parse(&info["asset_datetime"]),
+            "{given:?}: {recorded} vs {}",
+            info["asset_datetime"]
+        );
+        if let Some(shown) = shown {
+            assert_eq!(info["asset_datetime"], shown);
+        }
+    }
+    let response = app
+        .upload(
+            &token,
+            &json!({"id_session": 1, "asset_name": "n", "asset_datetime": "9999-12-31T23:59:60Z"}),
+            "f",
+            vec![1],
+        )
+        .await;
+    assert_error(response, 422, "invalid_field").await;
+}

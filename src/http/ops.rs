@@ -49,12 +49,9 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
     (status = 503, description = "the database is down"),
 ))]
 pub async fn metrics(ctx: Context) -> warp::reply::Response {
-    let Ok((events, oldest_seconds)) = ctx.app.relay_lag().await else {
-        return warp::reply::with_status(
-            warp::reply::json(&json!({"error": {"code": "unavailable", "message": "the database is unreachable"}})),
-            StatusCode::SERVICE_UNAVAILABLE,
-        )
-        .into_response();
+    let (events, oldest_seconds) = match ctx.app.relay_lag().await {
+        Ok(lag) => lag,
+        Err(error) => return super::error::ApiError::unavailable(error).into_response(),
     };
     let body = format!(
         "# HELP assetd_relay_lag_events Events committed but not yet published to the broker.\n\

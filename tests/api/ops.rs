@@ -77,6 +77,9 @@ async fn ready_is_503_when_postgres_is_unreachable() {
         .await
         .unwrap();
     crate::helpers::assert_error(response, 503, "unavailable").await;
+    // So do the metrics, which read the relay's lag from the database.
+    let metrics = reqwest::get(format!("http://{addr}/file/metrics")).await.unwrap();
+    crate::helpers::assert_error(metrics, 503, "unavailable").await;
 }
 
 async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {

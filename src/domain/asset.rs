@@ -63,10 +63,20 @@ pub enum DeletionReason {
     SessionDeleted,
 }
 
+/// The payload of `AssetDeleted`: which asset it was, so that a consumer can say what
+/// was deleted without having kept it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AssetDeleted {
     pub asset_uuid: Uuid,
     pub id_session: SessionId,
+    /// The asset's name, file name and folder when deleted (absent only from events
+    /// recorded before these fields were added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_name: Option<AssetName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_original_filename: Option<FileName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<Directory>,
     pub asset_sha256: Sha256Hex,
     pub asset_file_size: u64,
     pub reason: DeletionReason,
@@ -132,6 +142,9 @@ impl Asset {
         Ok(vec![AssetEvent::AssetDeleted(AssetDeleted {
             asset_uuid: live.asset_uuid,
             id_session: live.id_session,
+            asset_name: Some(live.asset_name.clone()),
+            asset_original_filename: Some(live.asset_original_filename.clone()),
+            directory: Some(live.directory.clone()),
             asset_sha256: live.asset_sha256.clone(),
             asset_file_size: live.asset_file_size,
             reason,
@@ -195,6 +208,27 @@ mod tests {
         assert_eq!(after.handle_delete(DeletionReason::Requested), Err(DomainError::NotFound("asset")));
         assert_eq!(after.handle_rename(FileName::parse("x").unwrap()), Err(DomainError::NotFound("asset")));
         assert_eq!(Asset::default().handle_delete(DeletionReason::Requested), Err(DomainError::NotFound("asset")));
+    }
+
+    #[test]
+    fn deletions_say_what_was_deleted_and_older_ones_still_read() {
+        let asset = given(&[AssetEvent::AssetUploaded(uploaded())]);
+        let renamed = asset.handle_rename(FileName::parse("new.zip").unwrap()).unwrap();
+        let mut after = asset.clone();
+        renamed.iter().for_each(|e| after.apply(e));
+        let [AssetEvent::AssetDeleted(deleted)] = &after.handle_delete(DeletionReason::Requested).unwrap()[..] else {
+            panic!("one AssetDeleted")
+        };
+        assert_eq!(deleted.asset_name.as_ref().map(AssetName::as_str), Some("Asset Name"));
+        assert_eq!(deleted.asset_original_filename.as_ref().map(FileName::as_str), Some("new.zip"));
+        assert_eq!(deleted.directory, Some(Directory::root()));
+        // As recorded before those fields existed.
+        let older = serde_json::json!({"asset_uuid": Uuid::new_v4(), "id_session": 1, "asset_sha256": "a".repeat(64),
+                                       "asset_file_size": 3, "reason": "requested"});
+        let AssetEvent::AssetDeleted(older) = AssetEvent::from_parts("AssetDeleted", &older).unwrap().unwrap() else {
+            panic!("an AssetDeleted")
+        };
+        assert_eq!(older.asset_name, None);
     }
 
     #[test]

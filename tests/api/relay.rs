@@ -446,12 +446,20 @@ async fn every_event_type_is_published_as_its_schema_says() {
     let expected =
         ["SessionRegistered", "SessionUpdated", "AssetUploaded", "AssetRenamed", "AssetDeleted", "SessionDeleted"];
     assert_eq!(types(&received), expected.iter().map(|t| t.to_string()).collect::<HashSet<_>>());
-    let reasons: HashSet<&str> = received
+    let deletions: HashSet<(&str, &str, &str)> = received
         .iter()
         .filter(|(key, _, _)| key == "asset.deleted")
-        .map(|(_, _, body)| body["data"]["reason"].as_str().unwrap())
+        .map(|(_, _, body)| {
+            let data = &body["data"];
+            (
+                data["reason"].as_str().unwrap(),
+                data["asset_original_filename"].as_str().unwrap(),
+                data["directory"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(reasons, HashSet::from(["requested", "session_deleted"]));
+    // Each says what was deleted: the name it had then, its folder.
+    assert_eq!(deletions, HashSet::from([("requested", "b.bin", "/"), ("session_deleted", "c.txt", "/day 1")]));
     for (_, message_id, body) in &received {
         assert_eq!(*message_id, body["event_id"].as_str().unwrap());
     }

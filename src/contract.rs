@@ -227,11 +227,7 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
                     event.name.split('.').next().unwrap_or_default(),
                 ),
                 "messages": {key.clone(): message_ref(&event.name)},
-                "bindings": {"amqp": {
-                    "is": "routingKey",
-                    "exchange": {"name": events_exchange, "type": "topic", "durable": true, "autoDelete": false, "vhost": "/"},
-                    "bindingVersion": AMQP_BINDING,
-                }},
+                "bindings": routing_key_binding(&events_exchange, "topic"),
             }),
         );
         operations.insert(
@@ -417,11 +413,7 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
                     command.command.name
                 ),
                 "messages": {key.clone(): message_ref(&command.command.name)},
-                "bindings": {"amqp": {
-                    "is": "routingKey",
-                    "exchange": {"name": commands_queue, "type": "direct", "durable": true, "autoDelete": false, "vhost": "/"},
-                    "bindingVersion": AMQP_BINDING,
-                }},
+                "bindings": routing_key_binding(&commands_queue, "direct"),
             }),
         );
         operations.insert(
@@ -469,6 +461,15 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
     let every_schema = events.into_iter().chain(commands.into_iter().flat_map(|c| [c.command, c.reply]));
     files.extend(every_schema.map(|message| ContractFile { path: message.path, content: message.schema.to_value() }));
     files
+}
+
+/// The AMQP binding of a channel that is a routing key on a durable exchange.
+fn routing_key_binding(exchange: &str, kind: &str) -> Value {
+    json!({"amqp": {
+        "is": "routingKey",
+        "exchange": {"name": exchange, "type": kind, "durable": true, "autoDelete": false, "vhost": "/"},
+        "bindingVersion": AMQP_BINDING,
+    }})
 }
 
 fn dead_key(command: &str) -> String {

@@ -537,6 +537,41 @@ async fn wait_until_all_published(app: &TestApp) {
     }
 }
 
+/// `assetd serve` running only its relay, reaching the broker through a proxy, with
+/// session 1 registered and its event published and confirmed.
+struct ProxiedRelay {
+    app: TestApp,
+    listener: Listener,
+    proxy: BrokerProxy,
+    process: tokio::process::Child,
+    prefix: String,
+    data_dir: tempfile::TempDir,
+    /// A token of session 1's user.
+    token: String,
+    /// What the listener has received so far (the session's registration).
+    received: Vec<(String, String, Value)>,
+}
+
+impl ProxiedRelay {
+    async fn start() -> Self {
+        let app = TestApp::spawn().await;
+        let mut listener = Listener::bind().await;
+        let prefix = listener.exchange.trim_end_matches(".events").to_owned();
+        let data_dir = tempfile::tempdir().unwrap();
+        let proxy = BrokerProxy::start().await;
+        let process = relay_process(&app, &proxy.url(), &prefix, data_dir.path());
+        let (_, token) = app.session_with_user(1).await;
+        let received = listener.receive_until(|m| !m.is_empty()).await;
+        wait_until_all_published(&app).await;
+        Self { app, listener, proxy, process, prefix, data_dir, token, received }
+    }
+
+    /// Another relay process, once the last one has exited.
+    fn restart(&mut self) {
+        self.process = relay_process(&self.app, &self.proxy.url(), &self.prefix, self.data_dir.path());
+    }
+}
+
 /// Uploads and renames assets `a<n>` (two events each) to session 1.
 async fn upload_and_rename_each(app: &TestApp, token: &str, numbers: std::ops::Range<usize>) {
     for n in numbers {
@@ -557,30 +592,24 @@ async fn upload_and_rename_each(app: &TestApp, token: &str, numbers: std::ops::R
 /// and each stream's first deliveries come in version order.
 #[tokio::test]
 async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stream_order() {
-    let app = TestApp::spawn().await;
-    let mut listener = Listener::bind().await;
-    let prefix = listener.exchange.trim_end_matches(".events").to_owned();
-    let data_dir = tempfile::tempdir().unwrap();
-    let proxy = BrokerProxy::start().await;
-    let mut relay = relay_process(&app, &proxy.url(), &prefix, data_dir.path());
-    let (_, token) = app.session_with_user(1).await;
-    // The relay leads and has published (and had confirmed) the session's event.
-    let mut received = listener.receive_until(|m| !m.is_empty()).await;
-    wait_until_all_published(&app).await;
+    let mut relay = ProxiedRelay::start().await;
+    let (app, token) = (&relay.app, relay.token.clone());
 
-    proxy.hold_answers();
-    upload_and_rename_each(&app, &token, 0..20).await;
+    relay.proxy.hold_answers();
+    upload_and_rename_each(app, &token, 0..20).await;
     // Published: some have reached the queue. Not confirmed: the checkpoint stays.
-    let unconfirmed = listener.receive_until(|m| !m.is_empty()).await;
+    let unconfirmed = relay.listener.receive_until(|m| !m.is_empty()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(relay_lag(&app).await, 40, "the relay moved its checkpoint without confirms");
-    relay.start_kill().unwrap();
-    relay.wait().await.unwrap();
+    assert_eq!(relay_lag(app).await, 40, "the relay moved its checkpoint without confirms");
+    relay.process.start_kill().unwrap();
+    relay.process.wait().await.unwrap();
+    let mut received = std::mem::take(&mut relay.received);
     received.extend(unconfirmed.iter().cloned());
-    proxy.release();
+    relay.proxy.release();
 
-    relay = relay_process(&app, &proxy.url(), &prefix, data_dir.path());
-    upload_and_rename_each(&app, &token, 20..40).await;
+    relay.restart();
+    let app = &relay.app;
+    upload_and_rename_each(app, &token, 20..40).await;
     let client = app.ctx.app.pool.get().await.unwrap();
     let all: HashSet<String> =
         client.query("SELECT id::text FROM events", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
@@ -588,7 +617,7 @@ async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stre
     let seen = |m: &[(String, String, Value)], earlier: &[(String, String, Value)]| {
         earlier.iter().chain(m).map(|(_, id, _)| id.clone()).collect::<HashSet<_>>()
     };
-    let after_restart = listener.receive_until(|m| seen(m, &received).is_superset(&all)).await;
+    let after_restart = relay.listener.receive_until(|m| seen(m, &received).is_superset(&all)).await;
     // At least once: what was published but unconfirmed when the relay died comes again.
     let again: HashSet<&String> = after_restart.iter().map(|(_, id, _)| id).collect();
     for (_, id, _) in &unconfirmed {
@@ -606,8 +635,8 @@ async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stre
             assert!(version > previous, "{stream}: version {version} after {previous}");
         }
     }
-    relay.start_kill().unwrap();
-    listener.delete().await;
+    relay.process.start_kill().unwrap();
+    relay.listener.delete().await;
 }
 
 /// SIGTERM: before exiting, the relay publishes what the process's last requests
@@ -615,25 +644,16 @@ async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stre
 /// without that flush the checkpoint would be left behind).
 #[tokio::test]
 async fn sigterm_publishes_every_committed_event_before_exiting() {
-    let app = TestApp::spawn().await;
-    let mut listener = Listener::bind().await;
-    let prefix = listener.exchange.trim_end_matches(".events").to_owned();
-    let data_dir = tempfile::tempdir().unwrap();
-    let proxy = BrokerProxy::start().await;
-    let mut relay = relay_process(&app, &proxy.url(), &prefix, data_dir.path());
-    let (_, token) = app.session_with_user(1).await;
-    listener.receive_until(|m| !m.is_empty()).await;
-    wait_until_all_published(&app).await;
-
-    proxy.hold_answers();
-    upload_and_rename_each(&app, &token, 0..5).await;
-    listener.receive_until(|m| !m.is_empty()).await; // publishing, awaiting confirms
-    let pid = relay.id().unwrap().to_string();
+    let mut relay = ProxiedRelay::start().await;
+    relay.proxy.hold_answers();
+    upload_and_rename_each(&relay.app, &relay.token, 0..5).await;
+    relay.listener.receive_until(|m| !m.is_empty()).await; // publishing, awaiting confirms
+    let pid = relay.process.id().unwrap().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.release();
-    let exit = tokio::time::timeout(Duration::from_secs(20), relay.wait()).await.expect("exits").unwrap();
+    relay.proxy.release();
+    let exit = tokio::time::timeout(Duration::from_secs(20), relay.process.wait()).await.expect("exits").unwrap();
     assert!(exit.success(), "{exit:?}");
-    assert_eq!(relay_lag(&app).await, 0, "exited with committed events not published");
-    listener.delete().await;
+    assert_eq!(relay_lag(&relay.app).await, 0, "exited with committed events not published");
+    relay.listener.delete().await;
 }

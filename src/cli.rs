@@ -173,18 +173,21 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         stopping.send_replace(true);
     };
     http::serve(ctx, listener, signal, Duration::from_secs(config.shutdown_grace_seconds)).await?;
+    // The consumer, then the relay, within one bound.
+    let deadline = tokio::time::Instant::now() + AMQP_SHUTDOWN_TIMEOUT;
     // A command still unacked when abandoned goes back to the queue, for whoever runs next.
     if let Some(commands) = commands {
-        finish_or_abandon(commands, "the command consumer").await;
+        finish_or_abandon(commands, deadline, "the command consumer").await;
     }
     // Whatever the relay had not confirmed is published again by the next relay; one
     // that cannot reach the broker has nothing to flush to.
     if let Some(relay) = relay {
         if messaging.relay() == crate::app::ComponentState::Connecting {
+            tracing::warn!("the broker is unreachable: events not yet published wait for the next relay");
             relay.abort();
         } else {
             flushing.send_replace(true);
-            finish_or_abandon(relay, "the relay (events not yet published wait for the next relay)").await;
+            finish_or_abandon(relay, deadline, "the relay (events not yet published wait for the next relay)").await;
         }
     }
 
@@ -192,11 +195,11 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How long the AMQP side may take to finish at shutdown.
+/// How long the AMQP side may take to finish at shutdown, once requests have finished.
 const AMQP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
-async fn finish_or_abandon(mut task: tokio::task::JoinHandle<()>, what: &str) {
-    if tokio::time::timeout(AMQP_SHUTDOWN_TIMEOUT, &mut task).await.is_err() {
+async fn finish_or_abandon(mut task: tokio::task::JoinHandle<()>, deadline: tokio::time::Instant, what: &str) {
+    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
         tracing::warn!(timeout = ?AMQP_SHUTDOWN_TIMEOUT, "{what} did not finish in time; stopped");
         task.abort();
     }

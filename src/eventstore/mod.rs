@@ -287,6 +287,23 @@ pub async fn read_all(
     rows.iter().map(recorded_from_row).collect()
 }
 
+/// The position of the last event committed so far (as the caller's statement sees it),
+/// which a reader of the global log may not be allowed to read yet: see [`read_all`].
+pub async fn last_committed(client: &impl GenericClient) -> Result<Option<GlobalPosition>, EventStoreError> {
+    let row = client
+        .query_opt(
+            "SELECT tx::text AS tx_text, position FROM events ORDER BY events.tx DESC, events.position DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    row.map(|row| {
+        let tx: String = row.get(0);
+        let tx = tx.parse().map_err(|_| EventStoreError::Corrupt(format!("unreadable tx {tx}")))?;
+        Ok(GlobalPosition { tx, position: row.get(1) })
+    })
+    .transpose()
+}
+
 /// Every event the caller's snapshot sees, in `(tx, position)` order, streamed from one
 /// query (replay: a fixed set of commits inside one REPEATABLE READ transaction).
 /// Without their metadata (`null`): read models are made from the payload alone, and

@@ -125,12 +125,27 @@ async fn lead_and_publish(
             )
             .await?;
         config.status.set_relay(ComponentState::Up);
+        // Once flushing: the last event committed when the flush began, which must be
+        // published before the relay stops (None: there are no events).
+        let mut flush_until: Option<Option<GlobalPosition>> = None;
         loop {
             let published = publish_pass(&client, &channel, &config.exchange).await?;
             if published == 0 {
                 if *flush.borrow() {
-                    tracing::info!("relay flushed: every committed event is published");
-                    return Ok(Term::Flushed);
+                    // Nothing to read is not enough: the log holds back events committed
+                    // after a transaction still running (in any database of the
+                    // cluster); those are waited for.
+                    if flush_until.is_none() {
+                        flush_until = Some(eventstore::last_committed(&client).await?);
+                    }
+                    let done = match flush_until.flatten() {
+                        None => true,
+                        Some(last) => checkpoint(&client).await? >= last,
+                    };
+                    if done {
+                        tracing::info!("relay flushed: every committed event is published");
+                        return Ok(Term::Flushed);
+                    }
                 }
                 // Idle: notice a lost broker now, not at the next event (and let /ready say so).
                 if !channel.usable() {

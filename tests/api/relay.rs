@@ -640,18 +640,26 @@ async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stre
 }
 
 /// SIGTERM: before exiting, the relay publishes what the process's last requests
-/// recorded (here the broker's confirms are held back until after the signal, so
-/// without that flush the checkpoint would be left behind).
+/// recorded. Here the broker's confirms are held back until after the signal, and the
+/// last events are held back from the global log by an older transaction still open
+/// (as any transaction of the cluster can): the relay waits for both, then exits.
 #[tokio::test]
 async fn sigterm_publishes_every_committed_event_before_exiting() {
     let mut relay = ProxiedRelay::start().await;
     relay.proxy.hold_answers();
     upload_and_rename_each(&relay.app, &relay.token, 0..5).await;
     relay.listener.receive_until(|m| !m.is_empty()).await; // publishing, awaiting confirms
+    let mut older_client = relay.app.ctx.app.pool.get().await.unwrap();
+    let older = older_client.transaction().await.unwrap();
+    older.query_one("SELECT pg_current_xact_id()", &[]).await.unwrap();
+    upload_and_rename_each(&relay.app, &relay.token, 5..6).await;
+
     let pid = relay.process.id().unwrap().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.proxy.release();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    older.commit().await.unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(20), relay.process.wait()).await.expect("exits").unwrap();
     assert!(exit.success(), "{exit:?}");
     assert_eq!(relay_lag(&relay.app).await, 0, "exited with committed events not published");

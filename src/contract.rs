@@ -251,12 +251,13 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
     });
     let command_properties = json!({
         "description":
-            "AMQP properties: `message_id` (recorded as the events' causation_id; it names one command: a message \
-             whose id already ran is not run again, one whose id ran another command or another session's is \
-             refused), `correlation_id` (copied to the reply, recorded in the events' metadata), `reply_to` (where \
-             the reply goes), `app_id` (optional: the sending service's uuid, recorded as the events' actor; else \
-             the nil uuid), `type` (the command's name when sent straight to the queue; through the exchange the \
-             routing key names it, and a `type` that names another command is refused).",
+            "AMQP properties: `message_id` (recorded as the events' causation_id; it names one command as sent: a \
+             message whose id already ran with the same command and body is answered, not run again, even from \
+             another process and even if it changed nothing; an id that ran another command or body is refused), \
+             `correlation_id` (copied to the reply, recorded in the events' metadata), `reply_to` (where the reply \
+             goes), `app_id` (optional: the sending service's uuid, recorded as the events' actor; anything else \
+             counts as the nil uuid), `type` (the command's name when sent straight to the queue; through the \
+             exchange the routing key names it, and a `type` that names another command is refused).",
         "correlationId": correlation_id,
     });
     let reply_properties = json!({
@@ -326,7 +327,7 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
                  the same way or not at all. Routing keys other than the commands' are unroutable on the exchange \
                  (publish with `mandatory` to hear of it). Give each command a \
                  `message_id`: a message whose id already ran is not run again (its reply says `duplicate: true`), so \
-                 redeliveries and retries are safe."
+                 redeliveries and retries (of the same body) are safe."
             ),
             "messages": command_messages,
             "bindings": queue_binding(&commands_queue),

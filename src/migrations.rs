@@ -7,6 +7,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "events", include_str!("migrations/0001_events.sql")),
     (2, "projections", include_str!("migrations/0002_projections.sql")),
     (3, "causation_index", include_str!("migrations/0003_causation_index.sql")),
+    (4, "command_receipts", include_str!("migrations/0004_command_receipts.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

@@ -49,6 +49,8 @@ pub enum AppError {
     TaskFailed(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    #[error("message {0:?} was already received")]
+    AlreadyReceived(String),
 }
 
 impl AppError {
@@ -63,7 +65,17 @@ pub struct CommandContext {
     pub actor: Actor,
     pub request_id: String,
     pub correlation_id: String,
-    pub causation_id: Option<String>,
+    /// The message the command came in (AMQP); none for HTTP requests.
+    pub message: Option<ReceivedMessage>,
+}
+
+/// A command's message, run once per id: see [`receive_once`].
+#[derive(Debug, Clone)]
+pub struct ReceivedMessage {
+    /// As recorded: also the events' `causation_id`.
+    pub id: String,
+    pub command: &'static str,
+    pub body_sha256: String,
 }
 
 impl CommandContext {
@@ -72,7 +84,7 @@ impl CommandContext {
             actor: principal.actor(),
             request_id: request_id.to_owned(),
             correlation_id: request_id.to_owned(),
-            causation_id: None,
+            message: None,
         }
     }
 
@@ -80,7 +92,7 @@ impl CommandContext {
         serde_json::to_value(EventMetadata {
             actor: self.actor,
             correlation_id: self.correlation_id.clone(),
-            causation_id: self.causation_id.clone(),
+            causation_id: self.message.as_ref().map(|message| message.id.clone()),
             request_id: self.request_id.clone(),
             service_version: env!("CARGO_PKG_VERSION").to_owned(),
         })
@@ -180,6 +192,24 @@ fn new_events<E: DomainEvent>(ctx: &CommandContext, events: &[E]) -> Vec<NewEven
             metadata: metadata.clone(),
         })
         .collect()
+}
+
+/// In a command's transaction, first: records its message's receipt, or finds that the
+/// message was already received ([`AppError::AlreadyReceived`]). A copy being run at the
+/// same time elsewhere makes this wait until that transaction ends.
+async fn receive_once(tx: &Transaction<'_>, ctx: &CommandContext) -> Result<(), AppError> {
+    let Some(message) = &ctx.message else { return Ok(()) };
+    let inserted = tx
+        .execute(
+            "INSERT INTO command_receipts (message_id, command, body_sha256) VALUES ($1, $2, $3)
+             ON CONFLICT (message_id) DO NOTHING",
+            &[&message.id, &message.command, &message.body_sha256],
+        )
+        .await?;
+    if inserted == 0 {
+        return Err(AppError::AlreadyReceived(message.id.clone()));
+    }
+    Ok(())
 }
 
 /// Runs `body` in a transaction, committing on success and retrying it whole on a
@@ -347,6 +377,7 @@ impl App {
         }
         let id = command.id_session;
         let session = in_transaction!(self, |tx| {
+            receive_once(&tx, ctx).await?;
             stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_upsert(command.clone(), Uuid::new_v4())).await?;
             read::session(&tx, id).await?.ok_or(AppError::Domain(DomainError::NotFound("session")))
         });
@@ -367,6 +398,7 @@ impl App {
             return Err(AppError::Forbidden("only services may delete sessions".into()));
         }
         let deleted = in_transaction!(self, |tx| {
+            receive_once(&tx, ctx).await?;
             stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_delete()).await?;
             let uuids = read::live_asset_uuids(&tx, id).await?;
             for uuid in &uuids {

@@ -20,9 +20,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::app::{App, AppError, CommandContext, ComponentState};
+use crate::app::{App, AppError, CommandContext, ComponentState, ReceivedMessage};
 use crate::broker::BrokerError;
 use crate::domain::names::SessionId;
 use crate::domain::principal::{Principal, PrincipalKind};
@@ -187,8 +188,9 @@ pub async fn run(app: App, config: CommandsConfig, mut stop: tokio::sync::watch:
         if let Err(error) = result {
             tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "command consumer stopped; starting over");
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                biased;
                 Ok(_) = stop.wait_for(|stop| *stop) => {}
+                _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
@@ -267,9 +269,11 @@ async fn consume(
         tracing::info!(queue = %config.queue(), "consuming commands");
         app.messaging.set_commands(ComponentState::Up);
         loop {
+            // Biased: once stopped, no more of the deliveries already prefetched.
             let delivery = tokio::select! {
-                delivery = deliveries.next() => delivery,
+                biased;
                 Ok(_) = stop.wait_for(|stop| *stop) => return Ok(()),
+                delivery = deliveries.next() => delivery,
             };
             let Some(delivery) = delivery else { return Ok(()) };
             if let Handled::RetryLater(reason) = handle(app, config, &channel, delivery?).await? {
@@ -300,13 +304,14 @@ async fn handle(
         transient => transient,
     });
     let command = truncated(command_name(&delivery, config), 255);
+    let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str()).unwrap_or_default();
     let reply = match &outcome {
         Ok(Ran::Now(result)) => {
-            tracing::info!(%command, message_id = ?delivery.properties.message_id(), "command ran");
+            tracing::info!(%command, message_id, "command ran");
             Some(CommandReply { ok: true, duplicate: false, error: None, result: Some(result) })
         }
         Ok(Ran::Before(result)) => {
-            tracing::info!(message_id = ?delivery.properties.message_id(), "command already run; not run again");
+            tracing::info!(%command, message_id, "command already run; not run again");
             Some(CommandReply { ok: true, duplicate: true, error: None, result: result.as_ref() })
         }
         Err(Refusal::Invalid(error)) => {
@@ -315,9 +320,11 @@ async fn handle(
         Err(Refusal::Transient(_)) => None,
     };
     if let (Some(reply), Some(reply_to)) = (reply, delivery.properties.reply_to()) {
+        // Persistent: a durable reply queue keeps it across a broker restart.
         let mut properties = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_type(format!("{command}.reply").as_str().into());
+            .with_type(format!("{command}.reply").as_str().into())
+            .with_delivery_mode(2);
         if let Some(correlation_id) = delivery.properties.correlation_id() {
             properties = properties.with_correlation_id(correlation_id.clone());
         }
@@ -337,7 +344,7 @@ async fn handle(
             bounded(delivery.ack(BasicAckOptions::default())).await?;
         }
         Err(Refusal::Invalid(reason)) => {
-            tracing::info!(%reason, "dead-lettering a command");
+            tracing::info!(%command, message_id, %reason, "dead-lettering a command");
             // Bounded headers: the sender's own are not kept (with ours they could
             // exceed the broker's frame size, which closes the whole connection).
             let mut headers = FieldTable::default();
@@ -379,7 +386,7 @@ async fn handle(
             }
         }
         Err(Refusal::Transient(reason)) => {
-            tracing::warn!(%reason, "a command failed for now; back to the queue");
+            tracing::warn!(%command, message_id, %reason, "a command failed for now; back to the queue");
             bounded(delivery.nack(BasicNackOptions { requeue: true, ..Default::default() })).await?;
             return Ok(Handled::RetryLater(reason));
         }
@@ -409,29 +416,20 @@ fn command_name(delivery: &Delivery, config: &CommandsConfig) -> String {
     }
 }
 
-/// A `type` that names another command than the routing key it was sent with: which
-/// one was meant cannot be told.
-fn contradicting_type(delivery: &Delivery, config: &CommandsConfig) -> Option<Refusal> {
-    let kind = delivery.properties.kind().as_ref()?;
+/// Why the command a message asks for cannot be told: a `type` that names another
+/// command than the routing key it was sent with, or no `type` on a message sent
+/// straight to the queue.
+fn unclear_command(delivery: &Delivery, config: &CommandsConfig) -> Option<Refusal> {
+    let kind = delivery.properties.kind().as_ref().map(|kind| kind.as_str());
     let routing_key = delivery.routing_key.as_str();
-    (delivery.exchange.as_str() == config.queue() && kind.as_str() != routing_key).then(|| {
-        Refusal::Invalid(format!("the type property {:?} contradicts the routing key {routing_key:?}", kind.as_str()))
-    })
-}
-
-/// Whether the events an earlier delivery of this message id caused are this command's:
-/// some on the session's stream of `session_types`, the rest of `other_types`. If not,
-/// the id was used for another command (or another session).
-fn caused_by_this_command(
-    earlier: &[eventstore::RecordedEvent],
-    id_session: SessionId,
-    session_types: &[&str],
-    other_types: &[&str],
-) -> bool {
-    let stream = id_session.stream();
-    let on_session = |e: &&eventstore::RecordedEvent| e.stream == stream && session_types.contains(&&*e.event_type);
-    earlier.iter().any(|e| on_session(&e))
-        && earlier.iter().all(|e| on_session(&e) || other_types.contains(&&*e.event_type))
+    if delivery.exchange.as_str() != config.queue() {
+        return kind.is_none().then(|| {
+            Refusal::Invalid("a command sent straight to the queue names itself in the AMQP type property".into())
+        });
+    }
+    let kind = kind?;
+    (kind != routing_key)
+        .then(|| Refusal::Invalid(format!("the type property {kind:?} contradicts the routing key {routing_key:?}")))
 }
 
 /// A command that was run, now or by an earlier delivery of the same message.
@@ -442,10 +440,38 @@ enum Ran {
     Before(Option<CommandResult>),
 }
 
+/// A command as parsed from its message.
+enum Command {
+    Upsert(UpsertSession),
+    Delete(SessionId),
+}
+
+impl Command {
+    fn parse(name: &str, body: &[u8]) -> Result<Self, Refusal> {
+        match name {
+            SESSION_UPSERT => Ok(Self::Upsert(parse_session_upsert(body)?)),
+            SESSION_DELETE => {
+                let body: SessionDelete =
+                    serde_json::from_slice(body).map_err(|error| Refusal::Invalid(format!("invalid body: {error}")))?;
+                Ok(Self::Delete(body.id_session))
+            }
+            other => Err(Refusal::Invalid(format!("unknown command {other:?}"))),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Upsert(_) => SESSION_UPSERT,
+            Self::Delete(_) => SESSION_DELETE,
+        }
+    }
+}
+
 async fn run_command(app: &App, config: &CommandsConfig, delivery: &Delivery) -> Result<Ran, Refusal> {
-    if let Some(refusal) = contradicting_type(delivery, config) {
+    if let Some(refusal) = unclear_command(delivery, config) {
         return Err(refusal);
     }
+    let command = Command::parse(&command_name(delivery, config), &delivery.data)?;
     // The sending service may name itself (its uuid) in `app_id`.
     let sender = delivery.properties.app_id().as_ref().and_then(|id| id.as_str().parse().ok());
     let principal = Principal {
@@ -454,62 +480,72 @@ async fn run_command(app: &App, config: &CommandsConfig, delivery: &Delivery) ->
         name: "amqp-commands".into(),
         superadmin: false,
     };
-    let message_id = recorded_message_id(delivery.properties.message_id().as_ref());
     let request_id = plain_id(delivery.properties.message_id().as_ref()).unwrap_or_else(|| Uuid::new_v4().to_string());
+    let message = recorded_message_id(delivery.properties.message_id().as_ref()).map(|id| ReceivedMessage {
+        id,
+        command: command.name(),
+        body_sha256: hex::encode(Sha256::digest(&delivery.data)),
+    });
     let ctx = CommandContext {
         actor: principal.actor(),
         correlation_id: plain_id(delivery.properties.correlation_id().as_ref()).unwrap_or_else(|| request_id.clone()),
         request_id,
-        causation_id: message_id,
+        message,
     };
-    // The events an earlier delivery of this very message caused (redelivered after a
-    // lost ack, or sent twice by its publisher): it is not run again.
-    let earlier = match &ctx.causation_id {
-        Some(message_id) => {
-            let client = app.pool.get().await.map_err(AppError::from)?;
-            eventstore::read_caused_by(&client, message_id).await.map_err(AppError::from)?
+    // The application records the message's receipt with the command's events, or
+    // finds it there: a message sent again (redelivered after a lost ack, or retried by
+    // its sender) is answered, not run again.
+    let outcome = match &command {
+        Command::Upsert(upsert) => {
+            app.upsert_session(&principal, &ctx, upsert.clone()).await.map(CommandResult::Session)
         }
-        None => vec![],
+        Command::Delete(id_session) => app.delete_session(&principal, &ctx, *id_session).await.map(|deleted_assets| {
+            CommandResult::SessionDeleted(SessionDeletedReply { id_session: id_session.get(), deleted_assets })
+        }),
     };
-    let reused = || {
-        Refusal::Invalid(format!(
-            "message_id {:?} was already used by another command; give each command an id of its own",
-            ctx.causation_id.as_deref().unwrap_or_default()
-        ))
-    };
-    match command_name(delivery, config).as_str() {
-        SESSION_UPSERT => {
-            let command = parse_session_upsert(&delivery.data)?;
-            if !earlier.is_empty() {
-                if !caused_by_this_command(&earlier, command.id_session, &["SessionRegistered", "SessionUpdated"], &[])
-                {
-                    return Err(reused());
-                }
-                let current = app.session_for(&principal, command.id_session).await.ok();
-                return Ok(Ran::Before(current.map(CommandResult::Session)));
-            }
-            Ok(Ran::Now(CommandResult::Session(app.upsert_session(&principal, &ctx, command).await?)))
-        }
-        SESSION_DELETE => {
-            let body: SessionDelete = serde_json::from_slice(&delivery.data)
-                .map_err(|error| Refusal::Invalid(format!("invalid body: {error}")))?;
-            let id_session = body.id_session;
-            if !earlier.is_empty() {
-                if !caused_by_this_command(&earlier, id_session, &["SessionDeleted"], &["AssetDeleted"]) {
-                    return Err(reused());
-                }
-                let deleted_assets = earlier
-                    .iter()
-                    .filter(|event| event.event_type == "AssetDeleted")
-                    .filter_map(|event| event.data.get("asset_uuid")?.as_str()?.parse().ok())
-                    .collect();
-                let result = SessionDeletedReply { id_session: id_session.get(), deleted_assets };
-                return Ok(Ran::Before(Some(CommandResult::SessionDeleted(result))));
-            }
-            let deleted_assets = app.delete_session(&principal, &ctx, id_session).await?;
-            let result = SessionDeletedReply { id_session: id_session.get(), deleted_assets };
-            Ok(Ran::Now(CommandResult::SessionDeleted(result)))
-        }
-        other => Err(Refusal::Invalid(format!("unknown command {other:?}"))),
+    match outcome {
+        Ok(result) => Ok(Ran::Now(result)),
+        Err(AppError::AlreadyReceived(message_id)) => ran_before(app, &principal, &ctx, &command, &message_id).await,
+        Err(error) => Err(error.into()),
     }
+}
+
+/// The answer to a message received before: what its command did, if it is this very
+/// command (the same name and body); an id used for another command is refused.
+async fn ran_before(
+    app: &App,
+    principal: &Principal,
+    ctx: &CommandContext,
+    command: &Command,
+    message_id: &str,
+) -> Result<Ran, Refusal> {
+    let client = app.pool.get().await.map_err(AppError::from)?;
+    let receipt = client
+        .query_opt("SELECT command, body_sha256 FROM command_receipts WHERE message_id = $1", &[&message_id])
+        .await
+        .map_err(AppError::from)?;
+    let same = receipt.is_some_and(|row| {
+        let message = ctx.message.as_ref();
+        Some(row.get::<_, &str>(0)) == message.map(|m| m.command)
+            && Some(row.get::<_, &str>(1)) == message.map(|m| m.body_sha256.as_str())
+    });
+    if !same {
+        return Err(Refusal::Invalid(format!(
+            "message_id \"{message_id}\" was already used by another command; give each command an id of its own"
+        )));
+    }
+    let result = match command {
+        Command::Upsert(upsert) => app.session_for(principal, upsert.id_session).await.ok().map(CommandResult::Session),
+        Command::Delete(id_session) => {
+            let deleted_assets = eventstore::read_caused_by(&client, message_id)
+                .await
+                .map_err(AppError::from)?
+                .iter()
+                .filter(|event| event.event_type == "AssetDeleted")
+                .filter_map(|event| event.data.get("asset_uuid")?.as_str()?.parse().ok())
+                .collect();
+            Some(CommandResult::SessionDeleted(SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
+        }
+    };
+    Ok(Ran::Before(result))
 }

@@ -95,6 +95,7 @@ impl Bus {
         let delivery = next(&mut self.replies).await;
         let reply: Value = serde_json::from_slice(&delivery.data).unwrap();
         assert_conforms(&format!("schemas/commands/{command}.reply.json"), &reply);
+        assert_eq!(*delivery.properties.delivery_mode(), Some(2), "replies are persistent");
         (delivery.properties.correlation_id().as_ref().map(|c| c.to_string()).unwrap_or_default(), reply)
     }
 
@@ -165,6 +166,11 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     assert_eq!(dead_letter.properties.kind().as_ref().unwrap().as_str(), "session.explode");
     let (_, reply) = bus.reply("session.upsert").await; // the shape every refusal has
     assert_eq!(reply["error"], "unknown command \"session.explode\"", "{reply}");
+    // Straight to the queue without a type: which command is meant cannot be told.
+    bus.publish(None, json!({"id_session": 5}).to_string().as_bytes(), BasicProperties::default()).await;
+    bus.dead_letter().await;
+    let (_, reply) = bus.reply("session.delete").await;
+    assert!(reply["error"].as_str().unwrap().contains("names itself in the AMQP type"), "{reply}");
     bus.send("session.delete", &json!({"id_session": 999}), "c4", None).await;
     let (correlation, reply) = bus.reply("session.delete").await;
     assert_eq!((correlation.as_str(), reply["ok"].clone()), ("c4", json!(false)), "{reply}");
@@ -187,11 +193,10 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     let (_, token) = app.session_with_user(8).await;
     let asset = app.upload_ok(&token, 8, "kept.bin", b"kept").await;
     for attempt in 0..2 {
-        let upsert = json!({"id_session": 9, "session_name": format!("try {attempt}")});
-        bus.send("session.upsert", &upsert, "up", Some("orders/9 ✓")).await;
+        bus.send("session.upsert", &json!({"id_session": 9, "session_name": "once"}), "up", Some("orders/9 ✓")).await;
         let (_, reply) = bus.reply("session.upsert").await;
         assert_eq!(reply["ok"], true, "{reply}");
-        assert_eq!(reply["result"]["session_name"], "try 0", "{reply}");
+        assert_eq!(reply["result"]["session_name"], "once", "{reply}");
         assert_eq!(reply.get("duplicate").is_some(), attempt == 1, "{reply}");
 
         bus.send("session.delete", &json!({"id_session": 8}), "del", Some("del\u{0}8")).await;
@@ -206,12 +211,24 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     assert_eq!(app.scalar(&format!("{causation} 'orders/9 ✓'")).await, 1);
     assert_eq!(app.scalar(&format!("{causation} 'del\\u{{0}}8'")).await, 2, "SessionDeleted and AssetDeleted");
 
+    // A command that changed nothing is remembered too: sent again after a later
+    // change, it does not undo it.
+    let unchanged = json!({"id_session": 9, "session_name": "once"});
+    bus.send("session.upsert", &unchanged, "no-op", Some("no-op-9")).await;
+    assert!(bus.reply("session.upsert").await.1.get("duplicate").is_none());
+    let renamed = app.put_session(&app.service_token(), 9, &json!({"session_name": "renamed over HTTP"})).await;
+    assert_eq!(renamed.status(), 200);
+    bus.send("session.upsert", &unchanged, "no-op again", Some("no-op-9")).await;
+    let (_, reply) = bus.reply("session.upsert").await;
+    assert_eq!(reply["duplicate"], true, "{reply}");
+    assert_eq!(reply["result"]["session_name"], "renamed over HTTP", "{reply}");
+
     worker.abort();
     bus.delete().await;
 }
 
-/// A message id names one command: sent again with another command, or for another
-/// session, it is refused (not answered as if it had run). Through the exchange, the
+/// A message id names one command as sent: with another command, another session or
+/// another body, it is refused (not answered as if it had run). Through the exchange, the
 /// routing key names the command, and a `type` that says otherwise is refused. The
 /// sender may name itself (its service uuid) in `app_id`: it is the events' actor.
 #[tokio::test]
@@ -232,7 +249,8 @@ async fn message_ids_routing_keys_and_senders_are_not_mistaken() {
     let actor = app.scalar_json("SELECT metadata->'actor' FROM events WHERE stream = 'session-30'").await;
     assert_eq!(actor, json!({"kind": "service", "uuid": service}));
 
-    // The id again, for a delete of that session, then for an upsert of another one.
+    // The id again, for a delete of that session, an upsert of another one, and the
+    // same upsert with another name.
     bus.send("session.delete", &json!({"id_session": 30}), "reused-for-delete", Some("reused")).await;
     let (_, reply) = bus.reply("session.delete").await;
     assert_eq!(reply["ok"], false, "{reply}");
@@ -242,7 +260,13 @@ async fn message_ids_routing_keys_and_senders_are_not_mistaken() {
         .await;
     assert_eq!(bus.reply("session.upsert").await.1["ok"], false);
     bus.dead_letter().await;
-    assert_eq!(app.get(&app.service_token(), "/api/sessions/30").await.status(), 200, "deleted by a reused id");
+    bus.send("session.upsert", &json!({"id_session": 30, "session_name": "changed"}), "reused-body", Some("reused"))
+        .await;
+    assert_eq!(bus.reply("session.upsert").await.1["ok"], false);
+    bus.dead_letter().await;
+    let session = app.get(&app.service_token(), "/api/sessions/30").await;
+    assert_eq!(session.status(), 200, "deleted by a reused id");
+    assert_eq!(session.json::<Value>().await.unwrap()["session_name"], "kept");
     assert_eq!(app.get(&app.service_token(), "/api/sessions/31").await.status(), 404);
 
     // Routing key `session.upsert`, type `session.delete`: neither is run.
@@ -416,4 +440,85 @@ async fn a_process_without_its_database_leaves_commands_to_others() {
     }
     let _ = channel.exchange_delete(cut_off_config.queue().as_str().into(), ExchangeDeleteOptions::default()).await;
     let _ = connection.close(200, "done".into()).await;
+}
+
+/// Two copies of one message run at once by two processes (a redelivery while the
+/// first copy is still running): one runs, the other is answered as a duplicate, not
+/// refused because the session it deletes is gone.
+#[tokio::test]
+async fn copies_of_one_message_running_at_once_are_answered_as_one() {
+    let app = TestApp::spawn().await;
+    let mut bus = Bus::declare(commands_config(&app)).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let database = assetd::config::DatabaseConfig { database_url: app.db.url.clone(), database_pool_size: 4 };
+    let other_process = assetd::app::App::new(
+        database.pool().unwrap(),
+        assetd::blobs::BlobStore::open(data_dir.path()).await.unwrap(),
+        assetd::auth::Authenticator::new(crate::helpers::JWT_SECRET),
+        60,
+    );
+    let other_config = assetd::commands::CommandsConfig {
+        broker: assetd::broker::Broker::start(&amqp_url(), other_process.messaging.clone()),
+        prefix: bus.config.prefix.clone(),
+    };
+    let workers = [
+        tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), never_stop())),
+        tokio::spawn(assetd::commands::run(other_process.clone(), other_config, never_stop())),
+    ];
+    for messaging in [&app.ctx.app.messaging, &other_process.messaging] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while messaging.commands() != assetd::app::ComponentState::Up {
+            assert!(tokio::time::Instant::now() < deadline, "a consumer never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    app.session_with_user(40).await;
+
+    // The session's stream lock, held: each copy (one per consumer, dispatched in turn)
+    // waits, the first for that lock, the second for the first's receipt.
+    let mut client = app.ctx.app.pool.get().await.unwrap();
+    let lock = client.transaction().await.unwrap();
+    lock.execute("SELECT pg_advisory_xact_lock(hashtextextended('session-40', 0))", &[]).await.unwrap();
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    for (copy, correlation_id) in ["first", "second"].into_iter().enumerate() {
+        bus.send("session.delete", &json!({"id_session": 40}), correlation_id, Some("delete-40")).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while app.scalar(waiting).await != copy as i64 + 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the {correlation_id} copy never reached the lock");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    lock.rollback().await.unwrap();
+
+    let replies = [bus.reply("session.delete").await.1, bus.reply("session.delete").await.1];
+    assert!(replies.iter().all(|reply| reply["ok"] == true), "{replies:?}");
+    assert_eq!(replies.iter().filter(|reply| reply.get("duplicate").is_some()).count(), 1, "{replies:?}");
+    assert_eq!(app.scalar("SELECT count(*) FROM events WHERE type = 'SessionDeleted'").await, 1);
+
+    workers.iter().for_each(|worker| worker.abort());
+    bus.delete().await;
+}
+
+/// Stopped (SIGTERM), the consumer returns and takes no more commands: what is sent
+/// afterwards waits in the queue for the next process.
+#[tokio::test]
+async fn a_stopped_consumer_takes_no_more_commands() {
+    let app = TestApp::spawn().await;
+    let mut bus = Bus::declare(commands_config(&app)).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), stopped));
+    bus.send("session.upsert", &json!({"id_session": 50, "session_name": "before"}), "before", None).await;
+    assert_eq!(bus.reply("session.upsert").await.1["ok"], true);
+
+    stop.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(10), &mut worker).await.expect("the consumer returns").unwrap();
+    assert_eq!(app.ctx.app.messaging.commands(), assetd::app::ComponentState::Disabled);
+    bus.send("session.upsert", &json!({"id_session": 51, "session_name": "after"}), "after", None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let queue = bus.channel.queue_declare(bus.config.queue().as_str().into(), passive, FieldTable::default()).await;
+    assert_eq!(queue.unwrap().message_count(), 1, "the command sent after the stop waits in the queue");
+    assert_eq!(app.get(&app.service_token(), "/api/sessions/51").await.status(), 404);
+    bus.delete().await;
 }

@@ -443,12 +443,8 @@ pub async fn store_upload_via(
 
     let mut blob = app.blobs.create_temp();
     blob.write(asset_uuid.as_bytes()).await.unwrap();
-    let context = CommandContext {
-        actor: principal.actor(),
-        request_id: "r".into(),
-        correlation_id: "r".into(),
-        causation_id: None,
-    };
+    let context =
+        CommandContext { actor: principal.actor(), request_id: "r".into(), correlation_id: "r".into(), message: None };
     app.store_upload(principal, &context, blob, asset_uuid, |stored| AssetUploaded {
         asset_uuid,
         id_session: SessionId::new(id_session).unwrap(),

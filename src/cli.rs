@@ -173,11 +173,13 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         stopping.send_replace(true);
     };
     http::serve(ctx, listener, signal, Duration::from_secs(config.shutdown_grace_seconds)).await?;
-    // The consumer, then the relay, within one bound.
+    // The consumer, then the relay, within one bound; the consumer gets half of it at
+    // most, so that the relay always has time to flush.
     let deadline = tokio::time::Instant::now() + AMQP_SHUTDOWN_TIMEOUT;
     // A command still unacked when abandoned goes back to the queue, for whoever runs next.
     if let Some(commands) = commands {
-        finish_or_abandon(commands, deadline, "the command consumer").await;
+        let consumer_deadline = tokio::time::Instant::now() + AMQP_SHUTDOWN_TIMEOUT / 2;
+        finish_or_abandon(commands, consumer_deadline, "the command consumer").await;
     }
     // Whatever the relay had not confirmed is published again by the next relay; one
     // that cannot reach the broker has nothing to flush to.

@@ -252,7 +252,8 @@ pub fn files(prefix: &str) -> Vec<ContractFile> {
     let command_properties = json!({
         "description":
             "AMQP properties: `message_id` (recorded as the events' causation_id; it names one command as sent: a \
-             message whose id already ran with the same command and body is answered, not run again, even from \
+             message whose id already ran with the same command and body (key order and white space aside) is \
+             answered, not run again, even from
              another process and even if it changed nothing; an id that ran another command or body is refused), \
              `correlation_id` (copied to the reply, recorded in the events' metadata), `reply_to` (where the reply \
              goes), `app_id` (optional: the sending service's uuid, recorded as the events' actor; anything else \

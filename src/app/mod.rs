@@ -194,11 +194,18 @@ fn new_events<E: DomainEvent>(ctx: &CommandContext, events: &[E]) -> Vec<NewEven
         .collect()
 }
 
-/// In a command's transaction, first: records its message's receipt, or finds that the
-/// message was already received ([`AppError::AlreadyReceived`]). A copy being run at the
-/// same time elsewhere makes this wait until that transaction ends.
-async fn receive_once(tx: &Transaction<'_>, ctx: &CommandContext) -> Result<(), AppError> {
+/// In a command's transaction, first: takes the lock of `stream` (the one the command
+/// starts from), then records the message's receipt, or finds that the message was
+/// already received ([`AppError::AlreadyReceived`]). A copy being run at the same time
+/// elsewhere waits on that lock until its transaction ends. The lock comes first: the
+/// receipt gives the transaction an id, and a transaction with an id holds back the
+/// global log (and conflicts with the lock holder's append) while it waits.
+async fn receive_once(tx: &Transaction<'_>, ctx: &CommandContext, stream: &str) -> Result<(), AppError> {
     let Some(message) = &ctx.message else { return Ok(()) };
+    // A message's command does not wait for long: it goes back to the queue instead,
+    // and the consumer is not held up.
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{}ms'", MESSAGE_LOCK_TIMEOUT.as_millis())).await?;
+    eventstore::lock_stream(tx, stream).await?;
     let inserted = tx
         .execute(
             "INSERT INTO command_receipts (message_id, command, body_sha256) VALUES ($1, $2, $3)
@@ -211,6 +218,9 @@ async fn receive_once(tx: &Transaction<'_>, ctx: &CommandContext) -> Result<(), 
     }
     Ok(())
 }
+
+/// The longest a command from a message waits for a lock.
+const MESSAGE_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs `body` in a transaction, committing on success and retrying it whole on a
 /// version conflict.
@@ -377,7 +387,7 @@ impl App {
         }
         let id = command.id_session;
         let session = in_transaction!(self, |tx| {
-            receive_once(&tx, ctx).await?;
+            receive_once(&tx, ctx, &id.stream()).await?;
             stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_upsert(command.clone(), Uuid::new_v4())).await?;
             read::session(&tx, id).await?.ok_or(AppError::Domain(DomainError::NotFound("session")))
         });
@@ -398,7 +408,7 @@ impl App {
             return Err(AppError::Forbidden("only services may delete sessions".into()));
         }
         let deleted = in_transaction!(self, |tx| {
-            receive_once(&tx, ctx).await?;
+            receive_once(&tx, ctx, &id.stream()).await?;
             stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_delete()).await?;
             let uuids = read::live_asset_uuids(&tx, id).await?;
             for uuid in &uuids {

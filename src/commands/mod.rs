@@ -129,17 +129,29 @@ enum Refusal {
 
 impl From<AppError> for Refusal {
     fn from(error: AppError) -> Self {
+        use crate::eventstore::EventStoreError;
+        use crate::projections::ProjectionError;
         // Postgres refusing the data itself (classes 22, data exception, and 23,
-        // integrity constraint) will refuse it again: not worth a retry.
+        // integrity constraint) will refuse it again: not worth a retry. Any other
+        // database failure (unreachable, a lock not had in time) may pass.
         let refused_data =
             |e: &tokio_postgres::Error| e.as_db_error().is_some_and(|db| matches!(&db.code().code()[..2], "22" | "23"));
         match error {
             AppError::Domain(DomainError::NotFound(what)) => Refusal::Invalid(format!("{what} not found")),
             AppError::Domain(other) => Refusal::Invalid(other.to_string()),
             AppError::Forbidden(message) => Refusal::Invalid(message),
-            AppError::EventStore(e) if e.is_conflict() => Refusal::Transient(e.to_string()),
-            AppError::Database(ref e) if refused_data(e) => Refusal::Invalid(error.to_string()),
-            AppError::CorruptEvent(_) | AppError::Projection(_) | AppError::EventStore(_) => {
+            AppError::EventStore(ref e) if e.is_conflict() => Refusal::Transient(error.to_string()),
+            AppError::Database(ref e)
+            | AppError::EventStore(EventStoreError::Database(ref e))
+            | AppError::Projection(ProjectionError::Database(ref e))
+            | AppError::Projection(ProjectionError::EventStore(EventStoreError::Database(ref e))) => {
+                if refused_data(e) {
+                    Refusal::Invalid(error.to_string())
+                } else {
+                    Refusal::Transient(error.to_string())
+                }
+            }
+            AppError::CorruptEvent(_) | AppError::Projection(_) | AppError::EventStore(EventStoreError::Corrupt(_)) => {
                 Refusal::Invalid(error.to_string())
             }
             other => Refusal::Transient(other.to_string()),
@@ -299,11 +311,11 @@ async fn handle(
     channel: &Channel,
     delivery: Delivery,
 ) -> Result<Handled, BrokerError> {
-    let outcome = run_command(app, config, &delivery).await.map_err(|refusal| match refusal {
+    let outcome = run_command(app, &delivery).await.map_err(|refusal| match refusal {
         Refusal::Invalid(reason) => Refusal::Invalid(truncated(reason, MAX_REASON_BYTES)),
         transient => transient,
     });
-    let command = truncated(command_name(&delivery, config), 255);
+    let command = truncated(command_name(&delivery), 255);
     let message_id = delivery.properties.message_id().as_ref().map(|id| id.as_str()).unwrap_or_default();
     let reply = match &outcome {
         Ok(Ran::Now(result)) => {
@@ -407,11 +419,11 @@ fn truncated(mut text: String, max: usize) -> String {
     text
 }
 
-/// The command a message asks for: through the commands exchange, its routing key;
-/// sent straight to the queue (or dead-lettered back to it), its `type`.
-fn command_name(delivery: &Delivery, config: &CommandsConfig) -> String {
+/// The command a message asks for: sent straight to the queue (the default exchange),
+/// its `type`; through an exchange, its routing key.
+fn command_name(delivery: &Delivery) -> String {
     match delivery.properties.kind() {
-        Some(kind) if delivery.exchange.as_str() != config.queue() => kind.to_string(),
+        Some(kind) if delivery.exchange.as_str().is_empty() => kind.to_string(),
         _ => delivery.routing_key.to_string(),
     }
 }
@@ -419,10 +431,10 @@ fn command_name(delivery: &Delivery, config: &CommandsConfig) -> String {
 /// Why the command a message asks for cannot be told: a `type` that names another
 /// command than the routing key it was sent with, or no `type` on a message sent
 /// straight to the queue.
-fn unclear_command(delivery: &Delivery, config: &CommandsConfig) -> Option<Refusal> {
+fn unclear_command(delivery: &Delivery) -> Option<Refusal> {
     let kind = delivery.properties.kind().as_ref().map(|kind| kind.as_str());
     let routing_key = delivery.routing_key.as_str();
-    if delivery.exchange.as_str() != config.queue() {
+    if delivery.exchange.as_str().is_empty() {
         return kind.is_none().then(|| {
             Refusal::Invalid("a command sent straight to the queue names itself in the AMQP type property".into())
         });
@@ -438,6 +450,23 @@ enum Ran {
     /// With what it gave then, as far as it can be told now (the session's current
     /// state; none if it is gone).
     Before(Option<CommandResult>),
+}
+
+/// A JSON body written one way whatever its key order and white space (it parsed as
+/// JSON: the command did), so that a sender's retry, serialised anew, is the same body.
+fn canonical_json(body: &[u8]) -> String {
+    fn sorted(value: Value) -> Value {
+        match value {
+            Value::Object(object) => {
+                let mut entries: Vec<(String, Value)> = object.into_iter().collect();
+                entries.sort_by(|(a, _), (b, _)| a.cmp(b));
+                Value::Object(entries.into_iter().map(|(key, value)| (key, sorted(value))).collect())
+            }
+            Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+            other => other,
+        }
+    }
+    serde_json::from_slice(body).map(sorted).map(|value| value.to_string()).unwrap_or_default()
 }
 
 /// A command as parsed from its message.
@@ -467,11 +496,11 @@ impl Command {
     }
 }
 
-async fn run_command(app: &App, config: &CommandsConfig, delivery: &Delivery) -> Result<Ran, Refusal> {
-    if let Some(refusal) = unclear_command(delivery, config) {
+async fn run_command(app: &App, delivery: &Delivery) -> Result<Ran, Refusal> {
+    if let Some(refusal) = unclear_command(delivery) {
         return Err(refusal);
     }
-    let command = Command::parse(&command_name(delivery, config), &delivery.data)?;
+    let command = Command::parse(&command_name(delivery), &delivery.data)?;
     // The sending service may name itself (its uuid) in `app_id`.
     let sender = delivery.properties.app_id().as_ref().and_then(|id| id.as_str().parse().ok());
     let principal = Principal {
@@ -484,7 +513,7 @@ async fn run_command(app: &App, config: &CommandsConfig, delivery: &Delivery) ->
     let message = recorded_message_id(delivery.properties.message_id().as_ref()).map(|id| ReceivedMessage {
         id,
         command: command.name(),
-        body_sha256: hex::encode(Sha256::digest(&delivery.data)),
+        body_sha256: hex::encode(Sha256::digest(canonical_json(&delivery.data).as_bytes())),
     });
     let ctx = CommandContext {
         actor: principal.actor(),

@@ -130,23 +130,24 @@ async fn lead_and_publish(
         let mut flush_until: Option<Option<GlobalPosition>> = None;
         loop {
             let published = publish_pass(&client, &channel, &config.exchange).await?;
-            if published == 0 {
-                if *flush.borrow() {
-                    // Nothing to read is not enough: the log holds back events committed
-                    // after a transaction still running (in any database of the
-                    // cluster); those are waited for.
-                    if flush_until.is_none() {
-                        flush_until = Some(eventstore::last_committed(&client).await?);
-                    }
-                    let done = match flush_until.flatten() {
-                        None => true,
-                        Some(last) => checkpoint(&client).await? >= last,
-                    };
-                    if done {
-                        tracing::info!("relay flushed: every committed event is published");
-                        return Ok(Term::Flushed);
-                    }
+            if *flush.borrow() {
+                // Nothing left to read is not enough: the log holds back events
+                // committed after a transaction still running (in any database of the
+                // cluster); those are waited for. Events committed later (by other
+                // processes) are not: the next relay publishes them.
+                if flush_until.is_none() {
+                    flush_until = Some(eventstore::last_committed(&client).await?);
                 }
+                let done = match flush_until.flatten() {
+                    None => true,
+                    Some(last) => checkpoint(&client).await? >= last,
+                };
+                if done {
+                    tracing::info!("relay flushed: every committed event is published");
+                    return Ok(Term::Flushed);
+                }
+            }
+            if published == 0 {
                 // Idle: notice a lost broker now, not at the next event (and let /ready say so).
                 if !channel.usable() {
                     return Err(RelayError::Setup("the broker connection was lost".into()));

@@ -121,11 +121,17 @@ fn commands_config(app: &TestApp) -> assetd::commands::CommandsConfig {
     }
 }
 
+/// A bus of its own, and a command consumer of `app` on it.
+async fn consuming(app: &TestApp) -> (Bus, tokio::task::JoinHandle<()>) {
+    let bus = Bus::declare(commands_config(app)).await;
+    let worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), never_stop()));
+    (bus, worker)
+}
+
 #[tokio::test]
 async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
     let app = TestApp::spawn().await;
-    let mut bus = Bus::declare(commands_config(&app)).await;
-    let worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), never_stop()));
+    let (mut bus, worker) = consuming(&app).await;
 
     // Valid commands conform to their schema; the invalid ones sent below do not.
     let upsert_5 = json!({"id_session": 5, "session_name": "via amqp"});
@@ -234,8 +240,7 @@ async fn session_commands_run_reply_and_dead_letter_what_is_invalid() {
 #[tokio::test]
 async fn message_ids_routing_keys_and_senders_are_not_mistaken() {
     let app = TestApp::spawn().await;
-    let mut bus = Bus::declare(commands_config(&app)).await;
-    let worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), never_stop()));
+    let (mut bus, worker) = consuming(&app).await;
     let service = Uuid::new_v4();
     let as_service = BasicProperties::default().with_app_id(service.to_string().as_str().into());
 
@@ -248,6 +253,10 @@ async fn message_ids_routing_keys_and_senders_are_not_mistaken() {
     assert_eq!(bus.reply("session.upsert").await.1["ok"], true);
     let actor = app.scalar_json("SELECT metadata->'actor' FROM events WHERE stream = 'session-30'").await;
     assert_eq!(actor, json!({"kind": "service", "uuid": service}));
+    // The sender's retry, serialised anew (other key order, white space): the same body.
+    let reserialised = br#"{ "session_name" : "kept",  "id_session" : 30 }"#;
+    bus.publish(Some("session.upsert"), reserialised, as_service.clone().with_message_id("reused".into())).await;
+    assert_eq!(bus.reply("session.upsert").await.1["duplicate"], true);
 
     // The id again, for a delete of that session, an upsert of another one, and the
     // same upsert with another name.
@@ -475,12 +484,16 @@ async fn copies_of_one_message_running_at_once_are_answered_as_one() {
     app.session_with_user(40).await;
 
     // The session's stream lock, held: each copy (one per consumer, dispatched in turn)
-    // waits, the first for that lock, the second for the first's receipt.
+    // waits for it; the one that gets it second finds the other's receipt.
     let mut client = app.ctx.app.pool.get().await.unwrap();
     let lock = client.transaction().await.unwrap();
     lock.execute("SELECT pg_advisory_xact_lock(hashtextextended('session-40', 0))", &[]).await.unwrap();
     let waiting =
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    // Waiting without a transaction id: a transaction with one would hold back the
+    // global log (every event after it) for as long as it waits.
+    let waiting_with_an_id = "SELECT count(*) FROM pg_stat_activity
+        WHERE datname = current_database() AND wait_event_type = 'Lock' AND backend_xid IS NOT NULL";
     for (copy, correlation_id) in ["first", "second"].into_iter().enumerate() {
         bus.send("session.delete", &json!({"id_session": 40}), correlation_id, Some("delete-40")).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -489,6 +502,7 @@ async fn copies_of_one_message_running_at_once_are_answered_as_one() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    assert_eq!(app.scalar(waiting_with_an_id).await, 0);
     lock.rollback().await.unwrap();
 
     let replies = [bus.reply("session.delete").await.1, bus.reply("session.delete").await.1];
@@ -520,5 +534,28 @@ async fn a_stopped_consumer_takes_no_more_commands() {
     let queue = bus.channel.queue_declare(bus.config.queue().as_str().into(), passive, FieldTable::default()).await;
     assert_eq!(queue.unwrap().message_count(), 1, "the command sent after the stop waits in the queue");
     assert_eq!(app.get(&app.service_token(), "/api/sessions/51").await.status(), 404);
+    bus.delete().await;
+}
+
+/// A command that cannot have its session's lock within the bound (5 s) goes back to
+/// the queue, not to the dead letters, and runs once the lock is free.
+#[tokio::test]
+async fn a_command_kept_waiting_for_a_lock_goes_back_to_the_queue() {
+    let app = TestApp::spawn().await;
+    let (mut bus, worker) = consuming(&app).await;
+    let mut client = app.ctx.app.pool.get().await.unwrap();
+    let lock = client.transaction().await.unwrap();
+    lock.execute("SELECT pg_advisory_xact_lock(hashtextextended('session-70', 0))", &[]).await.unwrap();
+
+    bus.send("session.upsert", &json!({"id_session": 70, "session_name": "waited"}), "waits", Some("m-70")).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    lock.rollback().await.unwrap();
+    let (correlation, reply) = bus.reply("session.upsert").await;
+    assert_eq!((correlation.as_str(), &reply["ok"]), ("waits", &json!(true)), "{reply}");
+    assert!(reply.get("duplicate").is_none(), "{reply}");
+    let dead_letter = tokio::time::timeout(Duration::from_millis(500), bus.dead.next()).await;
+    assert!(dead_letter.is_err(), "dead-lettered while it only had to wait");
+
+    worker.abort();
     bus.delete().await;
 }

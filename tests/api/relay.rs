@@ -658,7 +658,15 @@ async fn sigterm_publishes_every_committed_event_before_exiting() {
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.proxy.release();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // It has published all it may read (the last upload's two events are held back),
+    // and waits for the rest rather than exit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while relay_lag(&relay.app).await != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "the relay did not publish what it may read");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(relay.process.try_wait().unwrap().is_none(), "exited before the held-back events were published");
     older.commit().await.unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(20), relay.process.wait()).await.expect("exits").unwrap();
     assert!(exit.success(), "{exit:?}");

@@ -673,3 +673,22 @@ async fn sigterm_publishes_every_committed_event_before_exiting() {
     assert_eq!(relay_lag(&relay.app).await, 0, "exited with committed events not published");
     relay.listener.delete().await;
 }
+
+/// SIGTERM with the broker unreachable: nothing can be flushed, so the process does not
+/// wait for the relay; the events stay for the next relay.
+#[tokio::test]
+async fn sigterm_without_a_broker_exits_at_once() {
+    let app = TestApp::spawn().await;
+    let proxy = BrokerProxy::start().await;
+    proxy.cut();
+    let data_dir = tempfile::tempdir().unwrap();
+    let prefix = format!("assetd_test_{}", Uuid::new_v4().simple());
+    let mut relay = relay_process(&app, &proxy.url(), &prefix, data_dir.path());
+    app.session_with_user(1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // serving, the relay connecting
+    let pid = relay.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exit = tokio::time::timeout(Duration::from_secs(5), relay.wait()).await.expect("exits at once").unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(relay_lag(&app).await, 1, "the session's event waits for the next relay");
+}

@@ -64,6 +64,9 @@ struct TokenArgs {
     lifetime: i64,
     #[arg(long, env = "ASSETD_JWT_SECRET", hide_env_values = true)]
     jwt_secret: String,
+    /// The lifetimes `serve` accepts: a longer token would be refused, so it is not minted.
+    #[command(flatten)]
+    limits: crate::auth::TokenLimits,
 }
 
 pub async fn run() -> anyhow::Result<()> {
@@ -99,6 +102,14 @@ pub async fn run() -> anyhow::Result<()> {
         Command::Token(args) => {
             let kind =
                 PrincipalKind::parse(&args.kind).context("--kind must be user, participant, device or service")?;
+            anyhow::ensure!(!args.superadmin || kind == PrincipalKind::User, "only users can be superadmins");
+            let limits = args.limits;
+            anyhow::ensure!(
+                args.lifetime <= limits.max_lifetime(kind),
+                "--lifetime: at most {} s for a {} token (see ASSETD_MAX_*_TOKEN_LIFETIME)",
+                limits.max_lifetime(kind),
+                kind.as_str()
+            );
             let principal = Principal {
                 kind,
                 uuid: args.sub.unwrap_or_else(Uuid::new_v4),
@@ -132,7 +143,8 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
     let blobs = BlobStore::open(&config.data_dir)
         .await
         .with_context(|| format!("opening the data dir {}", config.data_dir.display()))?;
-    let app = App::new(pool, blobs, Authenticator::new(&config.jwt_secret), config.asset_token_ttl);
+    let auth = Authenticator::with_limits(&config.jwt_secret, config.token_limits);
+    let app = App::new(pool, blobs, auth, config.asset_token_ttl);
     let settings = HttpSettings {
         base_path: config.base_path.clone(),
         max_upload_size: config.max_upload_size,

@@ -48,6 +48,9 @@ pub struct ServeConfig {
     /// X-Forwarded-* headers when unset.
     #[arg(long, env = "ASSETD_PUBLIC_URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
+    /// How long principal tokens may live, by kind.
+    #[command(flatten)]
+    pub token_limits: crate::auth::TokenLimits,
     /// Lifetime of the asset access tokens handed out, in seconds.
     #[arg(long, env = "ASSETD_ASSET_TOKEN_TTL", default_value_t = 3600)]
     pub asset_token_ttl: i64,

@@ -525,6 +525,12 @@ impl App {
         Ok(infos)
     }
 
+    /// The access rule for one asset: privileged principals reach every asset; members
+    /// reach the assets of the session's current registration (not those of an earlier
+    /// registration of the same id, deleted with it); an `access_token` opens a live asset
+    /// it names to anyone, for as long as the one who asked for the token could still
+    /// reach it (a token grants what its requester could do when it is used, within its
+    /// lifetime). A bad token is reported only if the caller is not let in anyway.
     async fn check_asset_access(
         &self,
         client: &impl GenericClient,
@@ -532,17 +538,6 @@ impl App {
         asset: &AssetInfo,
         access_token: Option<&str>,
     ) -> Result<(), AppError> {
-        // A valid token naming the asset is enough; a bad one is reported only if
-        // session access does not let the caller in anyway.
-        let token_refusal = match access_token.filter(|t| !t.is_empty()) {
-            None => None,
-            Some(token) => match self.auth.asset_token_grants(token, asset.asset_uuid) {
-                Ok(true) => return Ok(()),
-                Ok(false) => Some(AppError::Forbidden("the access_token does not name this asset".into())),
-                Err(TokenError::Expired) => Some(AppError::AccessTokenExpired("the access_token has expired".into())),
-                Err(TokenError::Invalid) => Some(AppError::Forbidden("the access_token is invalid".into())),
-            },
-        };
         if principal.is_privileged() {
             return Ok(());
         }
@@ -550,10 +545,26 @@ impl App {
             Ok(id) => read::session(client, id).await?,
             Err(_) => None,
         };
-        if session.and_then(|s| s.details()).is_some_and(|d| d.grants(principal)) {
+        let admits = |who: &Principal| {
+            session.as_ref().is_some_and(|s| s.owns(asset) && s.details().is_some_and(|d| d.grants(who)))
+        };
+        if admits(principal) {
             return Ok(());
         }
-        Err(token_refusal.unwrap_or_else(|| AppError::Forbidden(format!("no access to asset {}", asset.asset_uuid))))
+        let Some(token) = access_token.filter(|t| !t.is_empty()) else {
+            return Err(AppError::Forbidden(format!("no access to asset {}", asset.asset_uuid)));
+        };
+        Err(match self.auth.asset_grant(token) {
+            Ok(grant) if !grant.names(asset.asset_uuid) => {
+                AppError::Forbidden("the access_token does not name this asset".into())
+            }
+            // What a token opens ends with the asset: its infos and history too.
+            Ok(_) if !asset.is_available() => AppError::Domain(DomainError::NotFound("asset")),
+            Ok(grant) if grant.requester.is_privileged() || admits(&grant.requester) => return Ok(()),
+            Ok(_) => AppError::Forbidden("the access_token's requester no longer has access to this asset".into()),
+            Err(TokenError::Expired) => AppError::AccessTokenExpired("the access_token has expired".into()),
+            Err(_) => AppError::Forbidden("the access_token is invalid".into()),
+        })
     }
 
     pub async fn rename_asset(
@@ -600,8 +611,10 @@ impl App {
         Ok(eventstore::read_stream(&client, &asset_stream(uuid), 0).await?)
     }
 
-    pub fn asset_token(&self, uuid: Uuid) -> String {
-        self.auth.mint_asset_token(&[uuid], self.asset_token_ttl)
+    /// An access token for the asset, asked for by `requester` (see
+    /// [`App::check_asset_access`] for what it grants).
+    pub fn asset_token(&self, uuid: Uuid, requester: &Principal) -> String {
+        self.auth.mint_asset_token(&[uuid], requester, self.asset_token_ttl)
     }
 
     async fn remove_blob(&self, uuid: Uuid) {

@@ -89,11 +89,7 @@ async fn work(pool: Pool, receiver: Arc<Mutex<mpsc::UnboundedReceiver<PendingUpl
             }
             batch
         };
-        // In a task of its own: a panic fails this batch's uploads (their replies are
-        // dropped: 503), never the worker.
-        if let Err(error) = tokio::spawn(record_batch(pool.clone(), batch)).await {
-            tracing::error!(%error, "recording a batch of uploads panicked");
-        }
+        record_batch(pool.clone(), batch).await;
     }
 }
 
@@ -102,41 +98,47 @@ struct Db<'a> {
     pool: &'a Pool,
 }
 
+/// Records a batch and answers each of its uploads. Whatever one upload carries, it can
+/// fail only itself: a batch that fails in a way one upload could have caused (a
+/// statement refused, a row that does not read back, even a panic) is recorded again
+/// upload by upload, each in a task of its own.
 async fn record_batch(pool: Pool, batch: Vec<PendingUpload>) {
-    let db = Db { pool: &pool };
     let (uploads, replies): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|p| ((p.principal, p.ctx, p.uploaded), p.reply)).unzip();
-    match record_together(&db, &uploads, Locks::Skip).await {
-        Ok(outcomes) => {
-            for ((reply, outcome), upload) in replies.into_iter().zip(outcomes).zip(uploads) {
+    let uploads = Arc::new(uploads);
+    // In a task of its own: a panic fails this attempt, never the worker.
+    let together = {
+        let (pool, uploads) = (pool.clone(), uploads.clone());
+        tokio::spawn(async move { record_together(&Db { pool: &pool }, &uploads, Locks::Skip).await }).await
+    };
+    match together {
+        Ok(Ok(outcomes)) => {
+            for (index, (reply, outcome)) in replies.into_iter().zip(outcomes).enumerate() {
                 match outcome {
                     Some(outcome) => {
                         let _ = reply.send(outcome);
                     }
                     // Its session is being changed: wait for that on its own, not here.
                     None => {
-                        let pool = pool.clone();
-                        tokio::spawn(async move {
-                            let outcome = record_alone(&Db { pool: &pool }, &upload).await;
-                            let _ = reply.send(outcome);
-                        });
+                        tokio::spawn(answer_alone(pool.clone(), uploads.clone(), index, reply));
                     }
                 }
             }
         }
-        Err(error) if uploads.len() == 1 => {
+        Ok(Err(error)) if uploads.len() == 1 => {
             let _ = replies.into_iter().next().expect("one reply").send(Err(error));
         }
-        Err(error) if could_be_one_uploads_fault(&error) => {
+        Ok(Err(error)) if could_be_one_uploads_fault(&error) => {
             tracing::warn!(%error, uploads = uploads.len(), "recording a batch of uploads failed; recording them one by one");
-            let alone = uploads.iter().map(|upload| record_alone(&db, upload));
-            for (reply, outcome) in replies.into_iter().zip(futures::future::join_all(alone).await) {
-                let _ = reply.send(outcome);
-            }
+            record_one_by_one(pool, uploads, replies).await;
+        }
+        Err(panic) => {
+            tracing::error!(error = %panic, uploads = uploads.len(), "recording a batch of uploads panicked; recording them one by one");
+            record_one_by_one(pool, uploads, replies).await;
         }
         // The database is unreachable, or the commit's fate unknown: the same for all,
         // at once (one by one would wait for the pool once per upload).
-        Err(error) => {
+        Ok(Err(error)) => {
             let unknown = matches!(error, AppError::CommitOutcomeUnknown(_));
             for reply in replies {
                 let _ = reply.send(Err(if unknown {
@@ -149,16 +151,55 @@ async fn record_batch(pool: Pool, batch: Vec<PendingUpload>) {
     }
 }
 
+async fn record_one_by_one(
+    pool: Pool,
+    uploads: Arc<Vec<Upload>>,
+    replies: Vec<oneshot::Sender<Result<AssetInfo, AppError>>>,
+) {
+    let alone =
+        replies.into_iter().enumerate().map(|(index, reply)| answer_alone(pool.clone(), uploads.clone(), index, reply));
+    futures::future::join_all(alone).await;
+}
+
+/// Records `uploads[index]` on its own, in a task of its own (a panic fails only it),
+/// and answers it.
+async fn answer_alone(
+    pool: Pool,
+    uploads: Arc<Vec<Upload>>,
+    index: usize,
+    reply: oneshot::Sender<Result<AssetInfo, AppError>>,
+) {
+    let outcome = tokio::spawn(async move { record_alone(&Db { pool: &pool }, &uploads[index]).await })
+        .await
+        .unwrap_or_else(|panic| Err(AppError::TaskFailed(format!("recording the upload panicked: {panic}"))));
+    let _ = reply.send(outcome);
+}
+
 /// Whether a failed batch may have failed because of one of its uploads (a statement
-/// Postgres refused, a version conflict), so that recording each alone is worth it.
+/// Postgres refused, a version conflict, a row that did not read back), so that
+/// recording each alone is worth it; not when the database is unreachable.
 fn could_be_one_uploads_fault(error: &AppError) -> bool {
     match error {
-        AppError::Database(e) | AppError::EventStore(EventStoreError::Database(e)) => e.as_db_error().is_some(),
-        AppError::Projection(ProjectionError::Database(e)) => e.as_db_error().is_some(),
+        AppError::Database(e)
+        | AppError::EventStore(EventStoreError::Database(e))
+        | AppError::Projection(ProjectionError::Database(e)) => !database_unreachable(e),
         AppError::EventStore(EventStoreError::Pool(_)) => false,
-        AppError::EventStore(_) | AppError::Projection(_) => true,
+        AppError::EventStore(_) | AppError::Projection(_) | AppError::TaskFailed(_) => true,
         _ => false,
     }
+}
+
+/// Whether `error` says the database is going away or cannot be reached (rather than
+/// that it refused or returned something).
+fn database_unreachable(error: &tokio_postgres::Error) -> bool {
+    use std::error::Error;
+    if error.is_closed() || error.source().is_some_and(|source| source.is::<std::io::Error>()) {
+        return true;
+    }
+    error.code().is_some_and(|code| {
+        let code = code.code();
+        code.starts_with("08") || code.starts_with("57P")
+    })
 }
 
 type Upload = (Principal, CommandContext, AssetUploaded);

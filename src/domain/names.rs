@@ -411,21 +411,49 @@ json_schema_of!(
     })
 );
 
-/// Free-form JSON (asset metadata) must be storable as Postgres `jsonb`, which refuses
-/// the NUL character anywhere in a string or key.
+/// How deeply free-form JSON may nest. Stored inside an event's payload and read back
+/// by parsers with a nesting limit of their own (serde_json's is 128), so it must stay
+/// well below that.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+/// Free-form JSON (asset metadata) must be storable as Postgres `jsonb` and read back
+/// as the same value: no NUL character in any string or key (`jsonb` refuses it), a
+/// bounded nesting depth (see [`MAX_JSON_DEPTH`]), and numbers that survive `jsonb`'s
+/// decimal form (it keeps `1e308` as 309 plain digits, which must parse to the same
+/// `f64` again). A value that passes can never fail the reading of a row.
 pub fn check_storable_json(field: &'static str, value: &serde_json::Value) -> Result<(), InvalidValue> {
+    check_storable_json_at(field, value, 0)
+}
+
+fn check_storable_json_at(field: &'static str, value: &serde_json::Value, depth: usize) -> Result<(), InvalidValue> {
+    use serde_json::Value;
     let nul = || InvalidValue::new(field, "must not contain the NUL character (\\u0000)");
+    if depth > MAX_JSON_DEPTH {
+        return Err(InvalidValue::new(field, format!("must not nest deeper than {MAX_JSON_DEPTH} levels")));
+    }
     match value {
-        serde_json::Value::String(text) if text.contains('\0') => Err(nul()),
-        serde_json::Value::Array(items) => items.iter().try_for_each(|item| check_storable_json(field, item)),
-        serde_json::Value::Object(map) => map.iter().try_for_each(|(key, item)| {
+        Value::String(text) if text.contains('\0') => Err(nul()),
+        Value::Number(number) => match number.as_f64() {
+            Some(float) if number.is_f64() && !reads_back_from_plain_decimal(float) => {
+                Err(InvalidValue::new(field, format!("the number {number} cannot be stored exactly")))
+            }
+            _ => Ok(()),
+        },
+        Value::Array(items) => items.iter().try_for_each(|item| check_storable_json_at(field, item, depth + 1)),
+        Value::Object(map) => map.iter().try_for_each(|(key, item)| {
             if key.contains('\0') {
                 return Err(nul());
             }
-            check_storable_json(field, item)
+            check_storable_json_at(field, item, depth + 1)
         }),
         _ => Ok(()),
     }
+}
+
+/// Whether `value`, written as Postgres writes a `jsonb` number (plain decimal, no
+/// exponent: what Rust's `Display` for `f64` prints too), parses back to itself.
+fn reads_back_from_plain_decimal(value: f64) -> bool {
+    value.is_finite() && serde_json::from_str::<f64>(&value.to_string()).is_ok_and(|again| again == value)
 }
 
 /// The date-times we store: years 1 to 9999 (Postgres and every client can hold them).
@@ -519,6 +547,35 @@ mod tests {
         assert!(check_storable_json("metadata", &json!({"a": [1, "b", {"c": null}]})).is_ok());
         assert!(check_storable_json("metadata", &json!({"a\0": 1})).is_err());
         assert!(check_storable_json("metadata", &json!({"a": ["x\0"]})).is_err());
+    }
+
+    #[test]
+    fn json_nests_only_so_deep() {
+        let nested = |depth: usize| (0..depth).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]));
+        assert!(check_storable_json("metadata", &serde_json::json!({"a": nested(MAX_JSON_DEPTH - 1)})).is_ok());
+        assert!(check_storable_json("metadata", &serde_json::json!({"a": nested(MAX_JSON_DEPTH)})).is_err());
+    }
+
+    #[test]
+    fn extreme_numbers_read_back_from_postgres_decimal_form() {
+        // As jsonb returns them: plain decimals, hundreds of digits long.
+        for value in [f64::MAX, f64::MIN, f64::MIN_POSITIVE, 5e-324, 1e300, -1e-300, 0.1, 1e15] {
+            assert!(reads_back_from_plain_decimal(value), "{value:e}");
+            let number = serde_json::json!({ "n": value });
+            assert!(check_storable_json("metadata", &number).is_ok(), "{value:e}");
+        }
+        let postgres_form_of_max = format!("17976931348623157{}", "0".repeat(292));
+        assert_eq!(serde_json::from_str::<f64>(&postgres_form_of_max).unwrap(), f64::MAX);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+        #[test]
+        fn every_finite_double_reads_back_from_its_plain_decimal(bits in any::<u64>()) {
+            let value = f64::from_bits(bits);
+            prop_assume!(value.is_finite());
+            prop_assert!(reads_back_from_plain_decimal(value), "{:e}", value);
+        }
     }
 
     /// A compiled validator for `T`'s JSON Schema, built once per type.

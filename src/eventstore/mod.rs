@@ -88,17 +88,17 @@ impl EventStoreError {
 const SELECT_COLUMNS: &str = "position, tx::text AS tx_text, stream, version, id, type, data, metadata, recorded_at";
 
 fn recorded_from_row(row: &tokio_postgres::Row) -> Result<RecordedEvent, EventStoreError> {
-    let tx: String = row.get(1);
+    let tx: String = row.try_get(1)?;
     Ok(RecordedEvent {
-        position: row.get(0),
+        position: row.try_get(0)?,
         tx: tx.parse().map_err(|_| EventStoreError::Corrupt(format!("tx {tx}")))?,
-        stream: row.get(2),
-        version: row.get(3),
-        id: row.get(4),
-        event_type: row.get(5),
-        data: row.get(6),
-        metadata: row.get(7),
-        recorded_at: row.get(8),
+        stream: row.try_get(2)?,
+        version: row.try_get(3)?,
+        id: row.try_get(4)?,
+        event_type: row.try_get(5)?,
+        data: row.try_get(6)?,
+        metadata: row.try_get(7)?,
+        recorded_at: row.try_get(8)?,
     })
 }
 

@@ -33,5 +33,6 @@ pub fn authenticate(headers: &HeaderMap, auth: &Authenticator) -> Result<Princip
     auth.verify(token).map_err(|error| match error {
         TokenError::Expired => ApiError::unauthorized("token_expired", "the token has expired"),
         TokenError::Invalid => ApiError::unauthorized("invalid_token", error.to_string()),
+        TokenError::LivesTooLong(_) => ApiError::unauthorized("token_lifetime_too_long", error.to_string()),
     })
 }

@@ -252,7 +252,9 @@ async fn list_assets(
                 .map(|last| ListingCursor { created_at: last.asset_created_at, asset_uuid: last.asset_uuid }.encode())
         })
         .flatten();
-    let assets =
-        page.into_iter().map(|info| ListedAsset { access_token: ctx.app.asset_token(info.asset_uuid), info }).collect();
+    let assets = page
+        .into_iter()
+        .map(|info| ListedAsset { access_token: ctx.app.asset_token(info.asset_uuid, &principal), info })
+        .collect();
     Ok(warp::reply::with_status(warp::reply::json(&AssetPage { assets, next_cursor }), StatusCode::OK))
 }

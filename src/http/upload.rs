@@ -164,6 +164,7 @@ async fn upload(
     let asset_type =
         plan.asset_type.or(file.part_type).unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
     let command = CommandContext::for_request(&principal, &request_id);
+    let requester = principal.clone();
     let app = ctx.app.clone();
     let info = ctx
         .app
@@ -190,7 +191,7 @@ async fn upload(
     let origin = super::origin(&ctx.settings, &headers);
     let base = &ctx.settings.base_path;
     Ok(warp::reply::json(&UploadedAsset {
-        access_token: ctx.app.asset_token(asset_uuid),
+        access_token: ctx.app.asset_token(asset_uuid, &requester),
         asset_url: format!("{origin}{base}/api/assets?asset_uuid={asset_uuid}"),
         asset_infos_url: format!("{origin}{base}/api/assets/infos?asset_uuid={asset_uuid}"),
         info,
@@ -267,6 +268,13 @@ async fn receive_form<B: Buf + Send + 'static>(
 
 /// Parses and checks `file_asset`, including the session and the caller's access to it.
 async fn check_file_asset(text: &str, principal: &Principal, ctx: &Context) -> Result<UploadPlan, ApiError> {
+    let plan = parse_file_asset(text, principal)?;
+    ctx.app.precheck_upload(principal, plan.id_session).await?;
+    Ok(plan)
+}
+
+/// Parses and checks `file_asset` on its own (pure: no session look-up).
+fn parse_file_asset(text: &str, principal: &Principal) -> Result<UploadPlan, ApiError> {
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| ApiError::bad_request("invalid_file_asset", format!("file_asset must be a JSON object: {e}")))?;
     if !value.is_object() {
@@ -307,7 +315,6 @@ async fn check_file_asset(text: &str, principal: &Principal, ctx: &Context) -> R
         } else {
             principal.actor()
         };
-    ctx.app.precheck_upload(principal, id_session).await?;
     Ok(UploadPlan { id_session, asset_name, asset_type, asset_datetime, directory, tags, metadata, creator })
 }
 
@@ -380,5 +387,93 @@ fn multipart_error(error: multer::Error, max: u64) -> ApiError {
             _ => ApiError::bad_request("body_read_failed", format!("the request body could not be read: {e}")),
         },
         other => ApiError::bad_request("invalid_multipart", format!("malformed multipart body: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::asset::AssetEvent;
+    use crate::domain::DomainEvent;
+    use proptest::prelude::*;
+
+    fn user() -> Principal {
+        Principal { kind: PrincipalKind::User, uuid: Uuid::nil(), name: String::new(), superadmin: false }
+    }
+
+    /// JSON-ish values that sit on the rules' edges, and some that are not JSON at all.
+    fn value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            any::<bool>().prop_map(|b| b.to_string()),
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:e}")),
+            "-?[0-9]{1,3}(\\.[0-9]{0,20})?([eE][-+]?[0-9]{1,4})?",
+            "\"([a-z/.\\\\ é]|\\\\u00[01][0-9a-f]|\\\\ud8[0-9a-f]{2}|\\\\u202e|\\\\n){0,12}\"",
+            "[\\[\\]{}:,\"0-9a-z]{0,8}",
+        ];
+        leaf.prop_recursive(40, 120, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(|items| format!("[{}]", items.join(","))),
+                prop::collection::vec(("[a-z\\\\]{0,3}", inner), 0..6).prop_map(|entries| {
+                    let entries: Vec<String> = entries.into_iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                    format!("{{{}}}", entries.join(","))
+                }),
+            ]
+        })
+    }
+
+    fn file_asset() -> impl Strategy<Value = String> {
+        let field = prop_oneof![
+            Just("id_session"),
+            Just("asset_name"),
+            Just("asset_type"),
+            Just("asset_datetime"),
+            Just("directory"),
+            Just("tags"),
+            Just("metadata"),
+            Just("id_user"),
+            Just("other"),
+        ];
+        let datetime = "\"[-+]?[0-9]{1,6}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,12})?(Z|[-+][0-9]{2}:[0-9]{2})?\"";
+        let entry = prop_oneof![
+            (field, value()).prop_map(|(f, v)| format!("\"{f}\":{v}")),
+            datetime.prop_map(|d| format!("\"asset_datetime\":{d}"))
+        ];
+        prop::collection::vec(entry, 0..8).prop_map(|entries| {
+            format!("{{\"id_session\":1,\"asset_name\":\"a\",{}}}", entries.join(",")).replace(",}", "}")
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+        /// Whatever `file_asset` holds: no panic, and what is accepted makes an event
+        /// that serialises and parses back to itself (so it can be stored and replayed).
+        #[test]
+        fn file_asset_parsing_never_panics_and_accepts_only_storable_values(text in file_asset()) {
+            if let Ok(plan) = parse_file_asset(&text, &user()) {
+                prop_assert!(check_storable_json("metadata", &serde_json::Value::Object(plan.metadata.clone())).is_ok());
+                let event = AssetEvent::AssetUploaded(AssetUploaded {
+                    asset_uuid: Uuid::nil(),
+                    id_session: plan.id_session,
+                    asset_name: plan.asset_name,
+                    asset_original_filename: FileName::parse("f").unwrap(),
+                    asset_type: plan.asset_type.unwrap_or_else(MediaType::octet_stream),
+                    asset_file_size: 1,
+                    asset_sha256: crate::domain::names::Sha256Hex::parse(&"0".repeat(64)).unwrap(),
+                    asset_datetime: plan.asset_datetime,
+                    directory: plan.directory,
+                    tags: plan.tags,
+                    metadata: plan.metadata,
+                    asset_creator: plan.creator,
+                    asset_source: AssetSource::Upload,
+                });
+                // Through text, as the event store keeps it.
+                let stored: serde_json::Value = serde_json::from_str(&event.to_data().to_string()).unwrap();
+                let again = AssetEvent::from_parts(event.event_type(), &stored).unwrap().unwrap();
+                prop_assert_eq!(again, event);
+            }
+        }
     }
 }

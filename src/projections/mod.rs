@@ -73,6 +73,8 @@ struct SessionRow {
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     version: i64,
+    /// Of the registration; an update keeps it (see `read::SessionInfo::owns`).
+    registered_position: i64,
 }
 
 impl SessionRow {
@@ -89,12 +91,13 @@ impl SessionRow {
             created_at: event.recorded_at,
             updated_at: event.recorded_at,
             version: event.version,
+            registered_position: event.position,
         }
     }
 
     const COLUMNS: &'static str = "id_session, session_uuid, session_name, id_creator_uuid, session_users, \
-        session_participants, session_devices, created_at, updated_at, version";
-    const TYPES: [Type; 10] = [
+        session_participants, session_devices, created_at, updated_at, version, registered_position";
+    const TYPES: [Type; 11] = [
         Type::INT8,
         Type::UUID,
         Type::TEXT,
@@ -105,9 +108,10 @@ impl SessionRow {
         Type::TIMESTAMPTZ,
         Type::TIMESTAMPTZ,
         Type::INT8,
+        Type::INT8,
     ];
 
-    fn values(&self) -> [&(dyn ToSql + Sync); 10] {
+    fn values(&self) -> [&(dyn ToSql + Sync); 11] {
         [
             &self.id_session,
             &self.session_uuid,
@@ -119,6 +123,7 @@ impl SessionRow {
             &self.created_at,
             &self.updated_at,
             &self.version,
+            &self.registered_position,
         ]
     }
 }
@@ -143,6 +148,7 @@ struct AssetRow {
     creator_uuid: uuid::Uuid,
     asset_source: String,
     asset_version: i64,
+    created_position: i64,
 }
 
 impl AssetRow {
@@ -165,13 +171,14 @@ impl AssetRow {
             creator_uuid: a.asset_creator.uuid,
             asset_source: a.asset_source.as_str().to_owned(),
             asset_version: event.version,
+            created_position: event.position,
         }
     }
 
     const COLUMNS: &'static str = "asset_uuid, id_session, asset_name, asset_original_filename, asset_type, \
         asset_file_size, asset_sha256, asset_datetime, directory, tags, metadata, asset_status, asset_created_at, \
-        creator_kind, creator_uuid, asset_source, asset_version";
-    const TYPES: [Type; 17] = [
+        creator_kind, creator_uuid, asset_source, asset_version, created_position";
+    const TYPES: [Type; 18] = [
         Type::UUID,
         Type::INT8,
         Type::TEXT,
@@ -188,10 +195,11 @@ impl AssetRow {
         Type::TEXT,
         Type::UUID,
         Type::TEXT,
+        Type::INT8,
         Type::INT8,
     ];
 
-    fn values(&self) -> [&(dyn ToSql + Sync); 17] {
+    fn values(&self) -> [&(dyn ToSql + Sync); 18] {
         [
             &self.asset_uuid,
             &self.id_session,
@@ -210,6 +218,7 @@ impl AssetRow {
             &self.creator_uuid,
             &self.asset_source,
             &self.asset_version,
+            &self.created_position,
         ]
     }
 }
@@ -226,7 +235,7 @@ async fn apply_session(
         SessionEvent::SessionRegistered(d) | SessionEvent::SessionUpdated(d) => {
             let statement = client
                 .prepare_cached(&format!(
-                    "INSERT INTO sessions ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                    "INSERT INTO sessions ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                      ON CONFLICT (id_session) DO UPDATE SET session_uuid = $2, session_name = $3, id_creator_uuid = $4,
                          session_users = $5, session_participants = $6, session_devices = $7, updated_at = $9,
                          version = $10",
@@ -252,7 +261,7 @@ async fn apply_asset(
         AssetEvent::AssetUploaded(a) => {
             let statement = client
                 .prepare_cached(&format!(
-                    "INSERT INTO assets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                    "INSERT INTO assets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
                     AssetRow::COLUMNS
                 ))
                 .await?;
@@ -294,8 +303,9 @@ impl Rebuilt {
                     let row = SessionRow::registered(&d, event);
                     match self.sessions.entry(row.id_session) {
                         Entry::Occupied(mut existing) => {
-                            let created_at = existing.get().created_at;
-                            *existing.get_mut() = SessionRow { created_at, ..row };
+                            let (created_at, registered_position) =
+                                (existing.get().created_at, existing.get().registered_position);
+                            *existing.get_mut() = SessionRow { created_at, registered_position, ..row };
                         }
                         Entry::Vacant(vacant) => {
                             vacant.insert(row);

@@ -23,9 +23,21 @@ pub struct SessionInfo {
     pub session_updated_at: DateTime<Utc>,
     /// The session stream's version.
     pub session_version: i64,
+    /// The global position of the registration this row stands for: a session deleted
+    /// and registered again is a new session, and only assets created after this
+    /// position are its own (see [`SessionInfo::owns`]).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub registered_position: i64,
 }
 
 impl SessionInfo {
+    /// Whether `asset` was created in this registration of the session, not in an
+    /// earlier one that was deleted (whose assets stay closed to the new members).
+    pub fn owns(&self, asset: &AssetInfo) -> bool {
+        asset.id_session == self.id_session && asset.created_position > self.registered_position
+    }
+
     pub fn details(&self) -> Option<SessionDetails> {
         Some(SessionDetails {
             id_session: SessionId::new(self.id_session).ok()?,
@@ -63,6 +75,9 @@ pub struct AssetInfo {
     pub asset_source: String,
     /// The asset stream's version.
     pub asset_version: i64,
+    /// The global position of the event that created the asset.
+    #[serde(skip)]
+    pub created_position: i64,
 }
 
 impl AssetInfo {
@@ -72,72 +87,74 @@ impl AssetInfo {
 }
 
 const SESSION_COLUMNS: &str = "id_session, session_uuid, session_name, id_creator_uuid, session_users, \
-    session_participants, session_devices, created_at, updated_at, version";
+    session_participants, session_devices, created_at, updated_at, version, registered_position";
 
-fn session_from_row(row: &tokio_postgres::Row) -> SessionInfo {
-    SessionInfo {
-        id_session: row.get(0),
-        session_uuid: row.get(1),
-        session_name: row.get(2),
-        id_creator_uuid: row.get(3),
-        session_users: row.get(4),
-        session_participants: row.get(5),
-        session_devices: row.get(6),
-        session_created_at: row.get(7),
-        session_updated_at: row.get(8),
-        session_version: row.get(9),
-    }
+fn session_from_row(row: &tokio_postgres::Row) -> Result<SessionInfo, tokio_postgres::Error> {
+    Ok(SessionInfo {
+        id_session: row.try_get(0)?,
+        session_uuid: row.try_get(1)?,
+        session_name: row.try_get(2)?,
+        id_creator_uuid: row.try_get(3)?,
+        session_users: row.try_get(4)?,
+        session_participants: row.try_get(5)?,
+        session_devices: row.try_get(6)?,
+        session_created_at: row.try_get(7)?,
+        session_updated_at: row.try_get(8)?,
+        session_version: row.try_get(9)?,
+        registered_position: row.try_get(10)?,
+    })
 }
 
 const ASSET_COLUMNS: &str = "asset_uuid, id_session, asset_name, asset_original_filename, asset_type, asset_file_size, \
     asset_sha256, asset_datetime, directory, tags, metadata, asset_status, asset_created_at, creator_kind, creator_uuid, \
-    asset_source, asset_version";
+    asset_source, asset_version, created_position";
 
-fn asset_from_row(row: &tokio_postgres::Row) -> AssetInfo {
-    let tags: serde_json::Value = row.get(9);
-    let metadata: serde_json::Value = row.get(10);
-    let creator_kind: &str = row.get(13);
-    AssetInfo {
-        asset_uuid: row.get(0),
-        id_session: row.get(1),
-        asset_name: row.get(2),
-        asset_original_filename: row.get(3),
-        asset_type: row.get(4),
-        asset_file_size: row.get(5),
-        asset_sha256: row.get(6),
-        asset_datetime: row.get(7),
-        directory: row.get(8),
+fn asset_from_row(row: &tokio_postgres::Row) -> Result<AssetInfo, tokio_postgres::Error> {
+    let tags: serde_json::Value = row.try_get(9)?;
+    let metadata: serde_json::Value = row.try_get(10)?;
+    let creator_kind: &str = row.try_get(13)?;
+    Ok(AssetInfo {
+        asset_uuid: row.try_get(0)?,
+        id_session: row.try_get(1)?,
+        asset_name: row.try_get(2)?,
+        asset_original_filename: row.try_get(3)?,
+        asset_type: row.try_get(4)?,
+        asset_file_size: row.try_get(5)?,
+        asset_sha256: row.try_get(6)?,
+        asset_datetime: row.try_get(7)?,
+        directory: row.try_get(8)?,
         tags: serde_json::from_value(tags).unwrap_or_default(),
         metadata: match metadata {
             serde_json::Value::Object(map) => map,
             _ => Default::default(),
         },
-        asset_status: row.get(11),
-        asset_created_at: row.get(12),
+        asset_status: row.try_get(11)?,
+        asset_created_at: row.try_get(12)?,
         asset_creator: Actor {
             kind: PrincipalKind::parse(creator_kind).unwrap_or(PrincipalKind::Service),
-            uuid: row.get(14),
+            uuid: row.try_get(14)?,
         },
-        asset_source: row.get(15),
-        asset_version: row.get(16),
-    }
+        asset_source: row.try_get(15)?,
+        asset_version: row.try_get(16)?,
+        created_position: row.try_get(17)?,
+    })
 }
 
 pub async fn session(client: &impl GenericClient, id: SessionId) -> Result<Option<SessionInfo>, tokio_postgres::Error> {
     let statement =
         client.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = $1")).await?;
-    Ok(client.query_opt(&statement, &[&id.get()]).await?.as_ref().map(session_from_row))
+    client.query_opt(&statement, &[&id.get()]).await?.as_ref().map(session_from_row).transpose()
 }
 
 pub async fn asset(client: &impl GenericClient, uuid: Uuid) -> Result<Option<AssetInfo>, tokio_postgres::Error> {
     let statement = client.prepare_cached(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE asset_uuid = $1")).await?;
-    Ok(client.query_opt(&statement, &[&uuid]).await?.as_ref().map(asset_from_row))
+    client.query_opt(&statement, &[&uuid]).await?.as_ref().map(asset_from_row).transpose()
 }
 
 pub async fn assets(client: &impl GenericClient, uuids: &[Uuid]) -> Result<Vec<AssetInfo>, tokio_postgres::Error> {
     let statement =
         client.prepare_cached(&format!("SELECT {ASSET_COLUMNS} FROM assets WHERE asset_uuid = ANY($1)")).await?;
-    Ok(client.query(&statement, &[&uuids]).await?.iter().map(asset_from_row).collect())
+    client.query(&statement, &[&uuids]).await?.iter().map(asset_from_row).collect()
 }
 
 /// Where a listing page starts: after this (created_at, uuid) in newest-first order.
@@ -180,12 +197,12 @@ pub async fn session_assets(
         .await?;
     let created_at = cursor.map(|c| c.created_at);
     let after_uuid = cursor.map_or(Uuid::nil(), |c| c.asset_uuid);
-    Ok(client
+    client
         .query(&statement, &[&id.get(), &directory, &created_at, &after_uuid, &limit])
         .await?
         .iter()
         .map(asset_from_row)
-        .collect())
+        .collect()
 }
 
 /// Uuids of a session's live assets (for deleting them with the session).
@@ -195,7 +212,7 @@ pub async fn live_asset_uuids(client: &impl GenericClient, id: SessionId) -> Res
             "SELECT asset_uuid FROM assets WHERE id_session = $1 AND asset_status = 'available' ORDER BY asset_uuid",
         )
         .await?;
-    Ok(client.query(&statement, &[&id.get()]).await?.iter().map(|row| row.get(0)).collect())
+    client.query(&statement, &[&id.get()]).await?.iter().map(|row| row.try_get(0)).collect()
 }
 
 /// The sessions that are registered among `ids`, holding a share lock on their rows
@@ -215,5 +232,5 @@ pub async fn lock_sessions(
             "SELECT {SESSION_COLUMNS} FROM sessions WHERE id_session = ANY($1) ORDER BY id_session FOR SHARE{skip}"
         ))
         .await?;
-    Ok(client.query(&statement, &[&ids]).await?.iter().map(session_from_row).collect())
+    client.query(&statement, &[&ids]).await?.iter().map(session_from_row).collect()
 }

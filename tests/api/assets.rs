@@ -1,7 +1,7 @@
 //! Assets end to end: upload, download (headers, ranges, conditional), infos, rename,
 //! delete, history, and who may do what.
 
-use assetd::domain::principal::PrincipalKind;
+use assetd::domain::principal::{Principal, PrincipalKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -148,7 +148,7 @@ async fn ranges_and_conditional_requests() {
 #[tokio::test]
 async fn access_tokens_open_one_asset_to_callers_without_session_access() {
     let app = TestApp::spawn().await;
-    let (_, token) = app.session_with_user(1).await;
+    let (user, token) = app.session_with_user(1).await;
     let info = app.upload_ok(&token, 1, "x.txt", b"secret").await;
     let other = app.upload_ok(&token, 1, "y.txt", b"other").await;
     let uuid = info["asset_uuid"].as_str().unwrap();
@@ -171,7 +171,8 @@ async fn access_tokens_open_one_asset_to_callers_without_session_access() {
     )
     .await;
     assert_error(app.get(access_token, &format!("/api/assets?asset_uuid={uuid}")).await, 401, "invalid_token").await;
-    let expired = app.ctx.app.auth.mint_asset_token(&[uuid.parse().unwrap()], -60);
+    let requester = Principal { kind: PrincipalKind::User, uuid: user, name: "u".into(), superadmin: false };
+    let expired = app.ctx.app.auth.mint_asset_token(&[uuid.parse().unwrap()], &requester, -60);
     assert_error(
         app.get(&stranger, &format!("/api/assets?asset_uuid={uuid}&access_token={expired}")).await,
         403,
@@ -280,7 +281,8 @@ async fn non_members_cannot_reach_a_sessions_assets_but_superadmins_can() {
     assert_error(app.get(&stranger, &format!("/api/assets/infos?asset_uuid={uuid}")).await, 403, "forbidden").await;
     assert_eq!(app.footprint().await, before);
 
-    let admin = app.token_for(PrincipalKind::Device, Uuid::new_v4(), true);
+    // Superadmins are users (a device claiming it is refused: hardening.rs).
+    let admin = app.token_for(PrincipalKind::User, Uuid::new_v4(), true);
     assert_eq!(app.get(&admin, &format!("/api/assets?asset_uuid={uuid}")).await.status(), 200);
     assert_eq!(
         app.upload(&admin, &json!({"id_session": 1, "asset_name": "n"}), "n.txt", b"x".to_vec()).await.status(),

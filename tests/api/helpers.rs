@@ -205,6 +205,7 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         jwt_secret: JWT_SECRET.into(),
         url_signing_key: "test-url-signing-key".into(),
         accel_redirect_prefix: options.accel_redirect_prefix.clone(),
+        token_limits: Default::default(),
         asset_token_ttl: 3600,
         body_idle_timeout_seconds: options.body_idle_timeout_seconds.unwrap_or(60),
         public_url: options.public_url.clone(),

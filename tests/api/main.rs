@@ -8,6 +8,7 @@ mod bad_input;
 mod commands;
 mod contract;
 mod eventstore;
+mod hardening;
 mod helpers;
 mod nginx;
 mod ops;

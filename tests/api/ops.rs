@@ -103,16 +103,22 @@ async fn migrate_is_idempotent_and_token_mints_verifiable_tokens() {
 
     let sub = uuid::Uuid::new_v4().to_string();
     let minted = run_cli(
-        &["token", "--kind", "device", "--sub", &sub, "--name", "cam", "--superadmin", "--lifetime", "60"],
+        &["token", "--kind", "user", "--sub", &sub, "--name", "ann", "--superadmin", "--lifetime", "60"],
         &[("ASSETD_JWT_SECRET", JWT_SECRET)],
     )
     .await;
     assert!(minted.status.success());
     let principal = Authenticator::new(JWT_SECRET).verify(String::from_utf8_lossy(&minted.stdout).trim()).unwrap();
     assert_eq!(principal.uuid.to_string(), sub);
-    assert_eq!(principal.kind, assetd::domain::principal::PrincipalKind::Device);
+    assert_eq!(principal.kind, assetd::domain::principal::PrincipalKind::User);
     assert!(principal.superadmin);
-    assert_eq!(principal.name, "cam");
+    assert_eq!(principal.name, "ann");
+    // Only users can be superadmins, and tokens live a day at most by default.
+    let device_admin =
+        run_cli(&["token", "--kind", "device", "--superadmin"], &[("ASSETD_JWT_SECRET", JWT_SECRET)]).await;
+    assert!(!device_admin.status.success());
+    let too_long = run_cli(&["token", "--lifetime", "172800"], &[("ASSETD_JWT_SECRET", JWT_SECRET)]).await;
+    assert!(!too_long.status.success());
 
     let refused = run_cli(&["token", "--kind", "robot"], &[("ASSETD_JWT_SECRET", JWT_SECRET)]).await;
     assert!(!refused.status.success());

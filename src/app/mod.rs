@@ -135,6 +135,14 @@ impl Aggregate for Asset {
     }
 }
 
+/// The session `asset` belongs to by id (registered now, possibly again since).
+async fn session_of(client: &impl GenericClient, asset: &AssetInfo) -> Result<Option<SessionInfo>, AppError> {
+    match SessionId::new(asset.id_session) {
+        Ok(id) => Ok(read::session(client, id).await?),
+        Err(_) => Ok(None),
+    }
+}
+
 pub fn asset_stream(uuid: Uuid) -> String {
     format!("asset-{uuid}")
 }
@@ -515,11 +523,18 @@ impl App {
     ) -> Result<Vec<AssetInfo>, AppError> {
         let client = self.pool.get().await?;
         let uuids: Vec<Uuid> = requested.iter().map(|(uuid, _)| *uuid).collect();
-        let found = read::assets(&client, &uuids).await?;
+        let found: std::collections::HashMap<Uuid, AssetInfo> =
+            read::assets(&client, &uuids).await?.into_iter().map(|a| (a.asset_uuid, a)).collect();
+        // Each session read once, however many of its assets are asked for.
+        let mut sessions: std::collections::HashMap<i64, Option<SessionInfo>> = Default::default();
         let mut infos = Vec::with_capacity(requested.len());
         for (uuid, token) in requested {
-            let asset = found.iter().find(|a| a.asset_uuid == *uuid).ok_or(DomainError::NotFound("asset"))?;
-            self.check_asset_access(&client, principal, asset, token.as_deref()).await?;
+            let asset = found.get(uuid).ok_or(DomainError::NotFound("asset"))?;
+            if !principal.is_privileged() && !sessions.contains_key(&asset.id_session) {
+                sessions.insert(asset.id_session, session_of(&client, asset).await?);
+            }
+            let session = sessions.get(&asset.id_session).and_then(Option::as_ref);
+            self.asset_access(principal, asset, session, token.as_deref())?;
             infos.push(asset.clone());
         }
         Ok(infos)
@@ -541,13 +556,23 @@ impl App {
         if principal.is_privileged() {
             return Ok(());
         }
-        let session = match SessionId::new(asset.id_session) {
-            Ok(id) => read::session(client, id).await?,
-            Err(_) => None,
-        };
-        let admits = |who: &Principal| {
-            session.as_ref().is_some_and(|s| s.owns(asset) && s.details().is_some_and(|d| d.grants(who)))
-        };
+        let session = session_of(client, asset).await?;
+        self.asset_access(principal, asset, session.as_ref(), access_token)
+    }
+
+    /// [`App::check_asset_access`] with the asset's session already read.
+    fn asset_access(
+        &self,
+        principal: &Principal,
+        asset: &AssetInfo,
+        session: Option<&SessionInfo>,
+        access_token: Option<&str>,
+    ) -> Result<(), AppError> {
+        if principal.is_privileged() {
+            return Ok(());
+        }
+        let admits =
+            |who: &Principal| session.is_some_and(|s| s.owns(asset) && s.details().is_some_and(|d| d.grants(who)));
         if admits(principal) {
             return Ok(());
         }

@@ -152,6 +152,9 @@ async fn record_batch(pool: Pool, batch: Vec<PendingUpload>) {
 /// Whether a failed batch may have failed because of one of its uploads (a statement
 /// Postgres refused, a version conflict), so that recording each alone is worth it.
 fn could_be_one_uploads_fault(error: &AppError) -> bool {
+    if error.is_database_unavailable() {
+        return false;
+    }
     match error {
         AppError::Database(e) | AppError::EventStore(EventStoreError::Database(e)) => e.as_db_error().is_some(),
         AppError::Projection(ProjectionError::Database(e)) => e.as_db_error().is_some(),

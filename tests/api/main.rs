@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod commands;
 mod contract;
+mod database_outage;
 mod eventstore;
 mod helpers;
 mod nginx;

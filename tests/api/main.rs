@@ -8,6 +8,7 @@ mod bad_input;
 mod commands;
 mod contract;
 mod database_outage;
+mod error_shape;
 mod eventstore;
 mod helpers;
 mod nginx;

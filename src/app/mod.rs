@@ -262,7 +262,10 @@ macro_rules! in_transaction {
     }};
 }
 
+mod faults;
 mod recorder;
+
+pub use faults::{database_unavailable, RETRY_AFTER_SECONDS};
 
 /// The application: shared by every request handler and consumer.
 #[derive(Clone)]

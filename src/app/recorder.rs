@@ -179,6 +179,9 @@ async fn answer_alone(
 /// Postgres refused, a version conflict, a row that did not read back), so that
 /// recording each alone is worth it; not when the database is unreachable.
 fn could_be_one_uploads_fault(error: &AppError) -> bool {
+    if error.is_database_unavailable() {
+        return false;
+    }
     match error {
         AppError::Database(e)
         | AppError::EventStore(EventStoreError::Database(e))

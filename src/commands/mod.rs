@@ -130,27 +130,27 @@ enum Refusal {
 impl From<AppError> for Refusal {
     fn from(error: AppError) -> Self {
         use crate::eventstore::EventStoreError;
-        use crate::projections::ProjectionError;
-        // Postgres refusing the data itself (classes 22, data exception, and 23,
-        // integrity constraint) will refuse it again: not worth a retry. Any other
-        // database failure (unreachable, a lock not had in time) may pass.
+        // The database going away or out of reach (the classifier the HTTP edge answers
+        // 503 by) passes. Postgres refusing the data itself (classes 22, data exception,
+        // and 23, integrity constraint) will refuse it again: not worth a retry. Any
+        // other database failure (a lock not had in time, a deadlock) may pass.
         let refused_data =
-            |e: &tokio_postgres::Error| e.as_db_error().is_some_and(|db| matches!(&db.code().code()[..2], "22" | "23"));
+            |e: &tokio_postgres::Error| e.code().is_some_and(|code| matches!(&code.code()[..2], "22" | "23"));
+        if error.is_database_unavailable() {
+            return Refusal::Transient(error.to_string());
+        }
+        if let Some(e) = error.database_error() {
+            return if refused_data(e) {
+                Refusal::Invalid(error.to_string())
+            } else {
+                Refusal::Transient(error.to_string())
+            };
+        }
         match error {
             AppError::Domain(DomainError::NotFound(what)) => Refusal::Invalid(format!("{what} not found")),
             AppError::Domain(other) => Refusal::Invalid(other.to_string()),
             AppError::Forbidden(message) => Refusal::Invalid(message),
             AppError::EventStore(ref e) if e.is_conflict() => Refusal::Transient(error.to_string()),
-            AppError::Database(ref e)
-            | AppError::EventStore(EventStoreError::Database(ref e))
-            | AppError::Projection(ProjectionError::Database(ref e))
-            | AppError::Projection(ProjectionError::EventStore(EventStoreError::Database(ref e))) => {
-                if refused_data(e) {
-                    Refusal::Invalid(error.to_string())
-                } else {
-                    Refusal::Transient(error.to_string())
-                }
-            }
             AppError::CorruptEvent(_) | AppError::Projection(_) | AppError::EventStore(EventStoreError::Corrupt(_)) => {
                 Refusal::Invalid(error.to_string())
             }

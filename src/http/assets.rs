@@ -138,6 +138,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         ("access_token" = Option<String>, Query, description = "asset access token, when the caller has no session access"),
         ("Range" = Option<String>, Header, description = "a single byte range, e.g. bytes=0-1023"),
         ("If-None-Match" = Option<String>, Header, description = "the ETag of a cached copy"),
+        ("If-Modified-Since" = Option<String>, Header, description = "an HTTP date (IMF-fixdate, RFC 850 or asctime); ignored when invalid or later than now"),
     ),
     responses(
         (status = 200, description = "the bytes, with Content-Disposition, ETag, Accept-Ranges", content_type = "application/octet-stream"),
@@ -147,7 +148,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         (status = 403, description = "no access", body = ErrorBody),
         (status = 404, description = "unknown or deleted asset", body = ErrorBody),
         (status = 416, description = "unsatisfiable range", body = ErrorBody),
-        (status = 400, description = "missing or malformed asset_uuid", body = ErrorBody),
+        (status = 400, description = "missing or malformed asset_uuid, or an If-Match / If-None-Match that is not an entity-tag list", body = ErrorBody),
         (status = 412, description = "If-Match or If-Unmodified-Since failed", body = ErrorBody),
     ),
     security(("bearer" = [])))]

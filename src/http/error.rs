@@ -60,9 +60,12 @@ impl ApiError {
             "an internal error occurred; the request id identifies it in the logs",
         )
     }
-    pub fn unavailable(error: impl std::fmt::Debug) -> Self {
-        tracing::warn!(?error, "dependency unavailable");
+    /// 503: a dependency (the database) is down or going away; `Retry-After` says when
+    /// to try again.
+    pub fn unavailable(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "dependency unavailable");
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "a dependency is unavailable; try again shortly")
+            .with_header("retry-after", crate::app::RETRY_AFTER_SECONDS.to_string())
     }
 }
 
@@ -118,9 +121,9 @@ impl From<AppError> for ApiError {
                 tracing::info!(error = %e, "conflict after retries");
                 Self::new(StatusCode::CONFLICT, "conflict", "the resource was changed concurrently; retry the request")
             }
-            AppError::Pool(e) => Self::unavailable(e),
-            AppError::CommitOutcomeUnknown(e) => Self::unavailable(e),
-            AppError::Unavailable(e) => Self::unavailable(e),
+            // The database going away or out of reach, however it shows (one classifier,
+            // shared with the command consumer): 503, never 500.
+            error if error.is_database_unavailable() => Self::unavailable(error),
             AppError::Storage(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Self::new(StatusCode::CONFLICT, "conflict", "an asset with this uuid already exists")
             }
@@ -128,7 +131,6 @@ impl From<AppError> for ApiError {
             AppError::Storage(e) if matches!(e.raw_os_error(), Some(28) | Some(122)) => {
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", "no space left to store the upload")
             }
-            AppError::Database(e) if e.is_closed() || e.as_db_error().is_none() => Self::unavailable(e),
             other => Self::internal(other),
         }
     }

@@ -5,6 +5,7 @@
 mod assets;
 mod auth;
 mod body;
+mod conditional;
 mod download;
 pub mod error;
 pub mod openapi;

@@ -61,7 +61,14 @@ struct CommonResponses;
 impl Modify for CommonResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let unavailable = utoipa::openapi::ResponseBuilder::new()
-            .description("a dependency (the database) is down; retry later")
+            .description("a dependency (the database) is down or going away; retry after `Retry-After` seconds")
+            .header(
+                "Retry-After",
+                utoipa::openapi::HeaderBuilder::new()
+                    .schema(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::Integer))
+                    .description(Some("seconds to wait before trying again"))
+                    .build(),
+            )
             .content(
                 "application/json",
                 utoipa::openapi::ContentBuilder::new()

@@ -39,8 +39,21 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
             "commands": ctx.app.messaging.commands().as_str(),
         },
     });
-    let status = if database_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+    if database_ok {
+        return warp::reply::json(&body).into_response();
+    }
+    // Not ready is an error answer too: the error shape (with the request id) beside
+    // the checks, and when to ask again.
+    let mut body = body;
+    body["error"] = json!({
+        "code": "unavailable",
+        "message": "the database is unreachable",
+        "request_id": super::request_id::current(),
+    });
+    let mut response =
+        warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE).into_response();
+    response.headers_mut().insert("retry-after", crate::app::RETRY_AFTER_SECONDS.into());
+    response
 }
 
 /// Prometheus text format: how far the relay is behind.
@@ -51,7 +64,7 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
 pub async fn metrics(ctx: Context) -> warp::reply::Response {
     let (events, oldest_seconds) = match ctx.app.relay_lag().await {
         Ok(lag) => lag,
-        Err(error) => return super::error::ApiError::unavailable(error).into_response(),
+        Err(error) => return super::error::ApiError::from(error).into_response(),
     };
     let body = format!(
         "# HELP assetd_relay_lag_events Events committed but not yet published to the broker.\n\

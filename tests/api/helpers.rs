@@ -103,6 +103,62 @@ impl BrokerProxy {
     }
 }
 
+/// A TCP proxy to the test PostgreSQL server that a test can cut (every connection
+/// through it dropped, new ones refused) and restore: the database going away and
+/// coming back as assetd sees it, without touching the server other tests use.
+pub struct DatabaseProxy {
+    port: u16,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl DatabaseProxy {
+    pub async fn start() -> Self {
+        // postgres://user@host:port → host:port
+        let server = server_url();
+        let authority = server.split("://").nth(1).unwrap_or(&server);
+        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        let target = authority.split('/').next().unwrap_or(authority).to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let cut_state = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if *cut_state.borrow() {
+                    continue; // refused: dropped at once
+                }
+                let mut cut_now = cut_state.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_now.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { port, cut }
+    }
+
+    /// The URL of database `name` through the proxy.
+    pub fn url(&self, name: &str) -> String {
+        let server = server_url();
+        let (scheme, rest) = server.split_once("://").unwrap_or(("postgres", &server));
+        let user = rest.rsplit_once('@').map(|(user, _)| format!("{user}@")).unwrap_or_default();
+        format!("{scheme}://{user}127.0.0.1:{}/{name}", self.port)
+    }
+
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
 /// Asserts that `message` conforms to the checked-in schema `events/<schema>` (kept
 /// current by the contract test), listing every violation.
 pub fn assert_conforms(schema: &str, message: &Value) {
@@ -183,6 +239,8 @@ pub struct TestOptions {
     pub accel_redirect_prefix: Option<String>,
     pub body_idle_timeout_seconds: Option<u64>,
     pub public_url: Option<String>,
+    /// Reach the database through a [`DatabaseProxy`] the test can cut (`TestApp::database_proxy`).
+    pub proxied_database: bool,
 }
 
 pub struct TestApp {
@@ -193,6 +251,8 @@ pub struct TestApp {
     pub ctx: Context,
     pub data_dir: tempfile::TempDir,
     pub db: TestDatabase,
+    /// With [`TestOptions::proxied_database`]: what stands between assetd and its database.
+    pub database_proxy: Option<DatabaseProxy>,
 }
 
 pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) -> ServeConfig {
@@ -228,7 +288,15 @@ impl TestApp {
         let data_dir = tempfile::tempdir().unwrap();
         // nginx workers (another user) read blobs for X-Accel-Redirect.
         std::fs::set_permissions(data_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let config = serve_config(&db.url, data_dir.path(), &options);
+        let database_proxy = match options.proxied_database {
+            true => Some(DatabaseProxy::start().await),
+            false => None,
+        };
+        let database_url = match &database_proxy {
+            Some(proxy) => proxy.url(&db.name),
+            None => db.url.clone(),
+        };
+        let config = serve_config(&database_url, data_dir.path(), &options);
         let ctx = build_context(&config).await.expect("building the app");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -241,6 +309,7 @@ impl TestApp {
 
             data_dir,
             db,
+            database_proxy,
         }
     }
 

@@ -7,6 +7,8 @@ mod auth;
 mod bad_input;
 mod commands;
 mod contract;
+mod database_outage;
+mod error_shape;
 mod eventstore;
 mod hardening;
 mod helpers;

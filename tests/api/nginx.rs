@@ -277,7 +277,8 @@ async fn downloads_answer_alike_in_both_modes() {
         mode.push(("head", head.status().as_u16(), head.headers()["content-length"].to_str().unwrap().to_owned()));
         answers.push(mode);
     }
-    let expected_status = [200, 206, 206, 200, 200, 200, 416, 416, 416, 412, 200, 304, 200, 304, 206, 206, 200];
+    // An If-Modified-Since later than now is ignored (RFC 9110 §13.1.3): 200.
+    let expected_status = [200, 206, 206, 200, 200, 200, 416, 416, 416, 412, 200, 304, 200, 200, 206, 206, 200];
     for mode in &answers {
         let statuses: Vec<u16> = mode.iter().map(|(_, status, _)| *status).collect();
         assert_eq!(statuses, expected_status, "{mode:?}");

@@ -57,7 +57,12 @@ async fn ready_is_503_when_postgres_is_unreachable() {
 
     let ready = reqwest::get(format!("http://{addr}/file/ready")).await.unwrap();
     assert_eq!(ready.status(), 503);
-    assert_eq!(ready.json::<Value>().await.unwrap()["checks"]["database"], "unreachable");
+    assert!(ready.headers().contains_key("retry-after"));
+    let request_id = ready.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let body = ready.json::<Value>().await.unwrap();
+    assert_eq!(body["checks"]["database"], "unreachable");
+    assert_eq!(body["error"]["code"], "unavailable", "an error answer has the error shape: {body}");
+    assert_eq!(body["error"]["request_id"], request_id);
     assert_eq!(reqwest::get(format!("http://{addr}/file/health")).await.unwrap().status(), 200);
 
     // Requests that need the database get 503, not 500.

@@ -23,8 +23,8 @@ use crate::domain::asset::{Asset, AssetEvent, AssetUploaded};
 use crate::domain::names::SessionId;
 use crate::domain::principal::Principal;
 use crate::domain::DomainError;
-use crate::eventstore::{self, EventStoreError};
-use crate::projections::{self, read, read::AssetInfo, ProjectionError};
+use crate::eventstore;
+use crate::projections::{self, read, read::AssetInfo};
 
 /// Uploads recorded in one transaction at most.
 const MAX_BATCH: usize = 64;
@@ -182,27 +182,7 @@ fn could_be_one_uploads_fault(error: &AppError) -> bool {
     if error.is_database_unavailable() {
         return false;
     }
-    match error {
-        AppError::Database(e)
-        | AppError::EventStore(EventStoreError::Database(e))
-        | AppError::Projection(ProjectionError::Database(e)) => !database_unreachable(e),
-        AppError::EventStore(EventStoreError::Pool(_)) => false,
-        AppError::EventStore(_) | AppError::Projection(_) | AppError::TaskFailed(_) => true,
-        _ => false,
-    }
-}
-
-/// Whether `error` says the database is going away or cannot be reached (rather than
-/// that it refused or returned something).
-fn database_unreachable(error: &tokio_postgres::Error) -> bool {
-    use std::error::Error;
-    if error.is_closed() || error.source().is_some_and(|source| source.is::<std::io::Error>()) {
-        return true;
-    }
-    error.code().is_some_and(|code| {
-        let code = code.code();
-        code.starts_with("08") || code.starts_with("57P")
-    })
+    matches!(error, AppError::Database(_) | AppError::EventStore(_) | AppError::Projection(_) | AppError::TaskFailed(_))
 }
 
 type Upload = (Principal, CommandContext, AssetUploaded);

@@ -2,10 +2,12 @@
 //! error mapping, OpenAPI and the Swagger UI. No business rules: handlers parse, call
 //! `app`, and shape the answer.
 
+mod allow;
 mod assets;
 mod auth;
 mod body;
 mod conditional;
+mod connection;
 mod download;
 pub mod error;
 pub mod openapi;
@@ -85,6 +87,10 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
 /// A client must send its request line and headers within this time.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest request target (path and query) answered; longer ones get 414, as through
+/// nginx (whose request line must fit its 8 KiB header buffer).
+const MAX_URI_LENGTH: usize = 8 * 1024;
+
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets in-flight requests
 /// finish for at most `grace`.
 pub async fn serve(
@@ -95,22 +101,26 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let ctx_commands = ctx.app.commands.clone();
-    let base_path: Arc<str> = ctx.settings.base_path.clone().into();
+    let routes_allow = Arc::new(allow::AllowedMethods::from_openapi(&ctx.settings.base_path));
     let warp_service = warp::service(routes(ctx));
-    let make_service = make_service_fn(move |conn: &hyper::server::conn::AddrStream| {
-        let remote = conn.remote_addr();
-        let (warp_service, base_path) = (warp_service.clone(), base_path.clone());
+    let make_service = make_service_fn(move |conn: &connection::Connection| {
+        let (remote, exchanges) = (conn.remote_addr(), conn.exchanges());
+        let (warp_service, routes_allow) = (warp_service.clone(), routes_allow.clone());
         async move {
             Ok::<_, Infallible>(service_fn(move |request| {
-                handle(warp_service.clone(), base_path.clone(), remote, request)
+                exchanges.handed();
+                let exchanges = exchanges.clone();
+                let response = handle(warp_service.clone(), routes_allow.clone(), remote, request);
+                async move { Ok::<_, Infallible>(exchanges.track(response.await?)) }
             }))
         }
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = hyper::Server::from_tcp(listener)?
+    let mut incoming = hyper::server::conn::AddrIncoming::from_listener(tokio::net::TcpListener::from_std(listener)?)?;
+    incoming.set_nodelay(true);
+    let server = hyper::Server::builder(connection::Incoming(incoming))
         .http1_keepalive(true)
         .http1_header_read_timeout(HEADER_READ_TIMEOUT)
-        .tcp_nodelay(true)
         .serve(make_service)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -142,10 +152,11 @@ pub async fn serve(
     Ok(())
 }
 
-/// Wraps one request: request id, a tracing span, an access log line.
+/// Wraps one request: request id, a tracing span, an access log line; the limit on
+/// URI length and the `Allow` header of a 405.
 async fn handle<S>(
     mut service: S,
-    base_path: Arc<str>,
+    routes_allow: Arc<allow::AllowedMethods>,
     remote: SocketAddr,
     request: hyper::Request<hyper::Body>,
 ) -> Result<hyper::Response<hyper::Body>, Infallible>
@@ -154,20 +165,38 @@ where
 {
     let id = request_id::from_header(request.headers().get("x-request-id").and_then(|v| v.to_str().ok()));
     let method = request.method().clone();
+    // The path only: query strings carry secrets (access_token, signature).
     let path = request.uri().path().to_owned();
+    let uri_length = request.uri().path_and_query().map_or(0, |p| p.as_str().len());
     let started = Instant::now();
     let span = tracing::info_span!("request", request_id = %id, %method, %path, %remote);
-    let future = service.call(request);
-    let mut response = tracing::Instrument::instrument(request_id::scope(id.clone(), future), span.clone())
-        .await
-        .unwrap_or_else(|never| match never {});
+    let work = async {
+        if uri_length > MAX_URI_LENGTH {
+            return error::ApiError::new(
+                StatusCode::URI_TOO_LONG,
+                "uri_too_long",
+                format!("the request URI is too long (at most {MAX_URI_LENGTH} bytes)"),
+            )
+            .into_response();
+        }
+        let mut response = service.call(request).await.unwrap_or_else(|never| match never {});
+        if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+            match routes_allow.for_path(&path) {
+                Some(allowed) => {
+                    response.headers_mut().insert("allow", allowed);
+                }
+                // warp reports 405 when some route refused the method before its path
+                // was even tried: no route has this path.
+                None => {
+                    response = error::ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route").into_response()
+                }
+            }
+        }
+        response
+    };
+    let mut response = tracing::Instrument::instrument(request_id::scope(id.clone(), work), span.clone()).await;
     if let Ok(value) = warp::http::HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
-    }
-    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
-        if let Some(allowed) = allowed_methods(&base_path, &path) {
-            response.headers_mut().insert("allow", warp::http::HeaderValue::from_static(allowed));
-        }
     }
     span.in_scope(|| {
         tracing::info!(
@@ -177,19 +206,6 @@ where
         )
     });
     Ok(response)
-}
-
-/// The methods a path answers, for the `Allow` header of a 405 (RFC 9110 §15.5.6).
-fn allowed_methods(base_path: &str, path: &str) -> Option<&'static str> {
-    let segments: Vec<&str> = path.strip_prefix(base_path)?.split('/').filter(|s| !s.is_empty()).collect();
-    Some(match segments[..] {
-        ["api", "assets"] => "GET, HEAD, POST, DELETE",
-        ["api", "assets", "infos"] => "GET, HEAD, POST",
-        ["api", "assets", _, "events"] | ["api", "sessions", _, "assets"] => "GET, HEAD",
-        ["api", "sessions", _] => "GET, HEAD, PUT, DELETE",
-        ["health"] | ["ready"] | ["metrics"] | ["doc", ..] => "GET, HEAD",
-        _ => return None,
-    })
 }
 
 /// Converts a handler's result into a response.

@@ -68,6 +68,18 @@ impl Nginx {
     }
 }
 
+impl Nginx {
+    /// `127.0.0.1:<port>`
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").trim_end_matches("/file").to_owned()
+    }
+
+    /// What nginx wrote to its access log so far.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("logs/access.log")).unwrap_or_default()
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM is nginx's fast shutdown; wait so no worker outlives the test.
@@ -340,10 +352,11 @@ async fn errors_from_nginx_itself_are_json() {
     let not_found = reqwest::get(format!("{root}/FILE/api/sessions/1")).await.unwrap();
     crate::helpers::assert_error(not_found, 404, "not_found").await;
     let long = reqwest::get(format!("{}/api/assets?asset_uuid={}", nginx.base, "x".repeat(20_000))).await.unwrap();
-    assert!(long.status().is_client_error());
-    let request_id = long.headers()["x-request-id"].to_str().unwrap().to_owned();
-    let body: Value = long.json().await.unwrap();
-    assert_eq!(body["error"]["request_id"], request_id);
+    crate::helpers::assert_error(long, 414, "uri_too_long").await;
+    // Just over 8 KiB: nginx (request line over its buffer) or assetd (URI over its
+    // limit) refuses it, alike.
+    let long = reqwest::get(format!("{}/api/assets?asset_uuid={}", nginx.base, "x".repeat(8_200))).await.unwrap();
+    crate::helpers::assert_error(long, 414, "uri_too_long").await;
 
     let traced = reqwest::Client::new()
         .get(format!("{}/health", nginx.base))
@@ -358,4 +371,85 @@ async fn errors_from_nginx_itself_are_json() {
     let orphan = Nginx::start_unchecked(unreachable, &app.data_dir.path().join("blobs")).await;
     let bad_gateway = reqwest::get(format!("{}/health", orphan.base)).await.unwrap();
     crate::helpers::assert_error(bad_gateway, 502, "bad_gateway").await;
+}
+
+/// Requests refused for their form, by nginx or by assetd behind it, get the JSON error
+/// shape and the request id nginx logs.
+#[tokio::test]
+async fn malformed_requests_through_nginx_get_json_errors() {
+    use crate::error_shape::raw_exchange;
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
+    let one = |request: &'static [u8]| {
+        let addr = nginx.addr();
+        async move {
+            let answers = raw_exchange(&addr, request, 1).await;
+            answers.into_iter().next().expect("an answer")
+        }
+    };
+    // nginx passes control characters in header values on; assetd refuses them.
+    let control = one(b"GET /file/health HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"a\x01b\"\r\n\r\n").await;
+    let body = control.assert_error(400, "bad_request");
+    let id = body["error"]["request_id"].as_str().unwrap().to_owned();
+    // nginx logs a request once it is over, a moment after the answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !nginx.access_log().contains("\" 400 ") {
+        assert!(tokio::time::Instant::now() < deadline, "nginx logged the 400: {}", nginx.access_log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(nginx.access_log().contains(&format!("rid={id}")), "nginx logged the same request id {id}");
+    let traced = one(b"GET /file/health HTTP/1.1\r\nHost: x\r\nX-Request-Id: trace-9\r\nIf-Match: \x7f\r\n\r\n").await;
+    assert_eq!(traced.assert_error(400, "bad_request")["error"]["request_id"], "trace-9");
+    // Non-ASCII in If-None-Match reaches the route: 400 too.
+    let (_, token) = app.session_with_user(1).await;
+    let info = app.upload_ok(&token, 1, "n.bin", b"bytes").await;
+    let non_ascii = reqwest::Client::new()
+        .get(format!("{}/api/assets?asset_uuid={}", nginx.base, info["asset_uuid"].as_str().unwrap()))
+        .header("Authorization", format!("Bearer {token}"))
+        .header("If-None-Match", reqwest::header::HeaderValue::from_bytes(b"\"caf\xc3\xa9\"").unwrap())
+        .send()
+        .await
+        .unwrap();
+    crate::helpers::assert_error(non_ascii, 400, "invalid_header").await;
+    // nginx's own refusals.
+    one(b"GET /file/health HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n").await.assert_error(400, "bad_request");
+    one(b"GET /file/health HTTP/1.1\r\n\r\n").await.assert_error(400, "bad_request");
+    one(b"GET /file/health HTTP/2.0\r\nHost: x\r\n\r\n").await.assert_error(505, "http_version_not_supported");
+    one(b"GET /file/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n")
+        .await
+        .assert_error(501, "not_implemented");
+    let big_header = format!("GET /file/health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+    let big = raw_exchange(&nginx.addr(), big_header.as_bytes(), 1).await;
+    big[0].assert_error(431, "request_header_too_large");
+    let wrong_method = reqwest::Client::new().patch(format!("{}/api/assets", nginx.base)).send().await.unwrap();
+    assert_eq!(wrong_method.headers()["allow"], "GET, HEAD, POST, DELETE");
+    crate::helpers::assert_error(wrong_method, 405, "method_not_allowed").await;
+}
+
+/// Secrets in query strings (asset access tokens, signatures) never reach nginx's
+/// access log in clear; other queries are logged as sent.
+#[tokio::test]
+async fn query_secrets_are_not_written_to_the_access_log() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
+    let asset = uuid::Uuid::new_v4();
+    for query in [
+        format!("asset_uuid={asset}&access_token=SECRET1"),
+        "access_token=SECRET2".to_owned(),
+        "expires=1&signature=SECRET3".to_owned(),
+        "Access%5Ftoken=SECRET4".to_owned(),
+        "TOKEN=SECRET5".to_owned(),
+    ] {
+        let response = reqwest::get(format!("{}/api/assets?{query}", nginx.base)).await.unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    let plain = reqwest::get(format!("{}/api/assets?asset_uuid={asset}", nginx.base)).await.unwrap();
+    assert_eq!(plain.status(), 401);
+    tokio::time::sleep(Duration::from_millis(500)).await; // nginx logs once a request is over
+    let log = nginx.access_log();
+    for secret in ["SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5"] {
+        assert!(!log.contains(secret), "{secret} is in the access log:\n{log}");
+    }
+    assert!(log.contains("/file/api/assets?[redacted] HTTP/1.1\" 401"), "{log}");
+    assert!(log.contains(&format!("/file/api/assets?asset_uuid={asset} HTTP/1.1\" 401")), "{log}");
 }

@@ -7,6 +7,7 @@ mod auth;
 mod body;
 mod download;
 pub mod error;
+mod fields;
 pub mod openapi;
 mod ops;
 pub mod request_id;

@@ -41,6 +41,7 @@ package_present() {
         chromium) have chromium || have chromium-browser ;;
         build-essential) have cc ;;
         python3) have python3 ;;
+        python3-venv) have python3 && python3 -c 'import ensurepip, venv' 2>/dev/null ;;
         wrk) have wrk ;;
         *) dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed' ;;
     esac

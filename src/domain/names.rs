@@ -324,7 +324,7 @@ impl From<Sha256Hex> for String {
 /// Characters no text value may hold ([`is_forbidden_char`]).
 pub const CONTROL_CHARS: &str = r"\u0000-\u001F\u007F-\u009F\uFEFF";
 /// Bidi overrides and isolates, refused in display names.
-const BIDI_CHARS: &str = r"\u202A-\u202E\u2066-\u2069";
+pub const BIDI_CHARS: &str = r"\u202A-\u202E\u2066-\u2069";
 
 macro_rules! json_schema_of {
     ($type:ty, $name:literal, $schema:expr) => {

@@ -13,6 +13,7 @@ use warp::Filter;
 use super::auth::authenticated;
 use super::download::{self, Delivery};
 use super::error::{ApiError, ErrorBody};
+use super::fields;
 use super::{get_or_head, json_body, parse_uuid, query_map, request_context, respond, with_context, Context, JsonBody};
 use crate::app::CommandContext;
 use crate::domain::names::FileName;
@@ -27,25 +28,43 @@ const ACCEL_AVAILABLE: &str = "x-accel-available";
 /// Largest batch of `POST /assets/infos`.
 const MAX_BATCH: usize = 1000;
 
-/// `POST /assets/infos`: either a batch of infos or a rename.
+/// `POST /assets/infos`: either a batch of infos or a rename, never both.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum InfosRequest {
-    Batch { assets: Vec<AssetRef> },
-    Rename { file_asset: RenameRequest },
+    Batch(InfosBatch),
+    Rename(InfosRename),
+}
+
+/// The infos of several assets.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InfosBatch {
+    #[schema(max_items = 1000)] // MAX_BATCH (a literal here; a test compares them)
+    pub assets: Vec<AssetRef>,
+}
+
+/// A rename.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InfosRename {
+    pub file_asset: RenameRequest,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct AssetRef {
+    #[schema(value_type = fields::UuidText)]
     pub asset_uuid: Uuid,
     pub access_token: Option<String>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct RenameRequest {
+    #[schema(value_type = fields::UuidText)]
     pub asset_uuid: Uuid,
     pub access_token: Option<String>,
     /// The new file name.
+    #[schema(value_type = fields::FileName)]
     pub asset_original_filename: String,
 }
 
@@ -134,7 +153,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
 /// Download an asset's bytes.
 #[utoipa::path(get, path = "/api/assets", tag = "assets",
     params(
-        ("asset_uuid" = Uuid, Query, description = "the asset"),
+        ("asset_uuid" = fields::UuidText, Query, description = "the asset"),
         ("access_token" = Option<String>, Query, description = "asset access token, when the caller has no session access"),
         ("Range" = Option<String>, Header, description = "a single byte range, e.g. bytes=0-1023"),
         ("If-None-Match" = Option<String>, Header, description = "the ETag of a cached copy"),
@@ -176,7 +195,7 @@ async fn download_asset(
 /// Delete an asset; its bytes are removed and downloads answer 404.
 #[utoipa::path(delete, path = "/api/assets", tag = "assets",
     params(
-        ("uuid" = Uuid, Query, description = "the asset (`asset_uuid` is accepted too)"),
+        ("uuid" = fields::UuidText, Query, description = "the asset (`asset_uuid` is accepted too)"),
         ("access_token" = Option<String>, Query, description = "asset access token"),
     ),
     responses(
@@ -207,7 +226,7 @@ async fn delete_asset(
 /// An asset's information.
 #[utoipa::path(get, path = "/api/assets/infos", tag = "assets",
     params(
-        ("asset_uuid" = Uuid, Query, description = "the asset"),
+        ("asset_uuid" = fields::UuidText, Query, description = "the asset"),
         ("access_token" = Option<String>, Query, description = "asset access token"),
     ),
     responses(
@@ -250,7 +269,7 @@ async fn post_infos(
 ) -> Result<warp::reply::Response, ApiError> {
     use warp::Reply;
     match body.parse::<InfosRequest>().await? {
-        InfosRequest::Batch { assets } => {
+        InfosRequest::Batch(InfosBatch { assets }) => {
             if assets.len() > MAX_BATCH {
                 return Err(ApiError::new(
                     warp::http::StatusCode::UNPROCESSABLE_ENTITY,
@@ -262,7 +281,7 @@ async fn post_infos(
                 assets.into_iter().map(|a| (a.asset_uuid, a.access_token)).collect();
             Ok(warp::reply::json(&ctx.app.assets_for(&principal, &requested).await?).into_response())
         }
-        InfosRequest::Rename { file_asset } => {
+        InfosRequest::Rename(InfosRename { file_asset }) => {
             let name = FileName::parse_field("asset_original_filename", &file_asset.asset_original_filename)
                 .map_err(ApiError::invalid_field)?;
             let ctx_command = CommandContext::for_request(&principal, &request_id);
@@ -278,7 +297,7 @@ async fn post_infos(
 /// An asset's events, oldest first: who uploaded, renamed, deleted it, and when.
 #[utoipa::path(get, path = "/api/assets/{asset_uuid}/events", tag = "assets",
     params(
-        ("asset_uuid" = Uuid, Path, description = "the asset"),
+        ("asset_uuid" = fields::UuidText, Path, description = "the asset"),
         ("access_token" = Option<String>, Query, description = "asset access token"),
     ),
     responses(
@@ -298,4 +317,14 @@ async fn asset_events(
     let uuid = parse_uuid("asset_uuid", Some(&uuid))?;
     let events = ctx.app.asset_history(&principal, uuid, query.get("access_token").map(String::as_str)).await?;
     Ok(warp::reply::json(&events.into_iter().map(AssetEventRecord::from).collect::<Vec<_>>()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_documented_batch_limit_is_the_enforced_one() {
+        let document = serde_json::to_value(super::super::openapi::document("/file")).unwrap();
+        let batch = &document["components"]["schemas"]["InfosBatch"]["properties"]["assets"];
+        assert_eq!(batch["maxItems"], super::MAX_BATCH);
+    }
 }

@@ -10,6 +10,7 @@ mod conditional;
 mod connection;
 mod download;
 pub mod error;
+mod fields;
 pub mod openapi;
 mod ops;
 pub mod request_id;

@@ -12,7 +12,7 @@ use warp::http::Uri;
 use warp::{Filter, Reply};
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{assets, ops, sessions, upload};
+use super::{assets, fields, ops, sessions, upload};
 use crate::domain::principal::{Actor, PrincipalKind};
 use crate::projections::read::{AssetInfo, SessionInfo};
 
@@ -42,7 +42,8 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         ErrorBody, ErrorDetail, SessionInfo, AssetInfo, Actor, PrincipalKind,
         sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, sessions::SessionDeletedReply,
         upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
-        assets::InfosRequest, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
+        fields::PageSize, fields::ListingCursor, fields::UuidText,
+        assets::InfosRequest, assets::InfosBatch, assets::InfosRename, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
     )),
     modifiers(&BearerAuth, &CommonResponses),
     tags(

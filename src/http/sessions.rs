@@ -10,6 +10,7 @@ use warp::Filter;
 
 use super::auth::authenticated;
 use super::error::{ApiError, ErrorBody};
+use super::fields;
 use super::{get_or_head, json_body, query_map, respond, with_context, Context, JsonBody};
 use crate::app::CommandContext;
 use crate::domain::names::{Directory, SessionId};
@@ -21,21 +22,25 @@ use crate::projections::read::{AssetInfo, ListingCursor, SessionInfo};
 #[derive(Debug, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionBody {
-    /// 1 to 255 characters once trimmed, no control characters.
-    #[schemars(regex(
-        pattern = r"^[^\u0000-\u001F\u007F-\u009F\uFEFF]*[^\s\u0000-\u001F\u007F-\u009F\uFEFF][^\u0000-\u001F\u007F-\u009F\uFEFF]*$"
-    ))]
+    /// 1 to 255 characters once trimmed, no control characters (blanks around are trimmed).
+    #[schema(value_type = fields::SessionName)]
+    #[schemars(regex(pattern = fields::session_name_pattern()))]
     pub session_name: String,
+    #[schema(value_type = Option<fields::UuidText>)]
     pub session_uuid: Option<Uuid>,
+    #[schema(value_type = Option<fields::UuidText>)]
     pub id_creator_uuid: Option<Uuid>,
     /// Members: at most 10,000 in the three lists together.
     #[serde(default)]
+    #[schema(value_type = fields::Members)]
     #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
     pub session_users: Vec<Uuid>,
     #[serde(default)]
+    #[schema(value_type = fields::Members)]
     #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
     pub session_participants: Vec<Uuid>,
     #[serde(default)]
+    #[schema(value_type = fields::Members)]
     #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
     pub session_devices: Vec<Uuid>,
 }
@@ -79,7 +84,7 @@ pub struct SessionDeletedReply {
 }
 
 const DEFAULT_PAGE: i64 = 100;
-const MAX_PAGE: i64 = 1000;
+pub(crate) const MAX_PAGE: i64 = 1000;
 
 pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     let session_id = warp::path("sessions").and(warp::path::param::<String>());
@@ -127,7 +132,7 @@ fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
 
 /// Register or update a session (services).
 #[utoipa::path(put, path = "/api/sessions/{id_session}", tag = "sessions",
-    params(("id_session" = i64, Path, description = "OpenTera session id")),
+    params(("id_session" = fields::SessionId, Path, description = "OpenTera session id")),
     request_body = SessionBody,
     responses(
         (status = 200, description = "the session as registered", body = SessionInfo),
@@ -155,7 +160,7 @@ async fn put_session(
 
 /// A session (members and services).
 #[utoipa::path(get, path = "/api/sessions/{id_session}", tag = "sessions",
-    params(("id_session" = i64, Path, description = "OpenTera session id")),
+    params(("id_session" = fields::SessionId, Path, description = "OpenTera session id")),
     responses(
         (status = 200, description = "the session", body = SessionInfo),
         (status = 401, description = "no or bad token", body = ErrorBody),
@@ -172,7 +177,7 @@ async fn get_session(id: String, principal: Principal, ctx: Context) -> Result<i
 
 /// Delete a session and all its assets (services).
 #[utoipa::path(delete, path = "/api/sessions/{id_session}", tag = "sessions",
-    params(("id_session" = i64, Path, description = "OpenTera session id")),
+    params(("id_session" = fields::SessionId, Path, description = "OpenTera session id")),
     responses(
         (status = 200, description = "deleted, with the assets deleted with it", body = SessionDeletedReply),
         (status = 401, description = "no or bad token", body = ErrorBody),
@@ -202,10 +207,10 @@ async fn delete_session(
 /// A session's assets, newest first, keyset-paginated.
 #[utoipa::path(get, path = "/api/sessions/{id_session}/assets", tag = "sessions",
     params(
-        ("id_session" = i64, Path, description = "OpenTera session id"),
-        ("limit" = Option<i64>, Query, description = "page size, 1 to 1000 (default 100)"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
-        ("directory" = Option<String>, Query, description = "only assets directly in this virtual folder"),
+        ("id_session" = fields::SessionId, Path, description = "OpenTera session id"),
+        ("limit" = Option<fields::PageSize>, Query, description = "page size, 1 to 1000 (default 100)"),
+        ("cursor" = Option<fields::ListingCursor>, Query, description = "next_cursor of the previous page"),
+        ("directory" = Option<fields::Directory>, Query, description = "only assets directly in this virtual folder"),
     ),
     responses(
         (status = 200, description = "a page of assets", body = AssetPage),

@@ -20,6 +20,7 @@ use warp::Filter;
 use super::auth::authenticate;
 use super::body::{BodyError, BodyMeter, GuardedBody};
 use super::error::{ApiError, ErrorBody};
+use super::fields;
 use super::{request_context, respond, with_context, Context};
 use crate::app::{AppError, CommandContext};
 use crate::blobs::TempBlob;
@@ -38,35 +39,69 @@ const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
 /// part headers), which the parser has to buffer.
 const MAX_OUTSIDE_FIELDS: u64 = 64 * 1024;
 
-/// The JSON in the `file_asset` field.
+/// The JSON in the `file_asset` field. Unknown fields are ignored.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct FileAsset {
+    #[schema(value_type = fields::SessionId)]
     pub id_session: i64,
+    #[schema(value_type = fields::AssetName)]
     pub asset_name: String,
     /// MIME type; guessed from the file name when absent.
+    #[schema(value_type = Option<fields::MediaType>)]
     pub asset_type: Option<String>,
-    /// RFC 3339 date-time (UTC assumed when no offset is given); the upload time if absent.
+    /// When the asset was made; the upload time if absent.
+    #[schema(value_type = Option<fields::AssetDateTime>)]
     pub asset_datetime: Option<String>,
     /// Virtual folder, `/` by default.
+    #[schema(value_type = Option<fields::Directory>)]
     pub directory: Option<String>,
+    #[schema(value_type = Option<fields::Tags>)]
     pub tags: Option<Vec<String>>,
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<fields::Metadata>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Services name the creator with exactly one of these.
+    /// Services name the creator with exactly one of these four (users upload as
+    /// themselves: theirs are ignored).
+    #[schema(value_type = Option<fields::UuidText>)]
     pub id_user: Option<Uuid>,
+    #[schema(value_type = Option<fields::UuidText>)]
     pub id_participant: Option<Uuid>,
+    #[schema(value_type = Option<fields::UuidText>)]
     pub id_device: Option<Uuid>,
+    #[schema(value_type = Option<fields::UuidText>)]
     pub id_service: Option<Uuid>,
 }
 
-/// The multipart form, for the OpenAPI document.
-#[derive(utoipa::ToSchema)]
-#[allow(dead_code)]
-pub struct UploadForm {
-    /// JSON text of a `FileAsset`.
-    file_asset: String,
-    #[schema(value_type = String, format = Binary)]
-    file: Vec<u8>,
+/// The multipart form, for the OpenAPI document: `file_asset` is a part of JSON text
+/// (its media type is `application/json`, see the request body's `encoding`), `file` the
+/// bytes. Other parts are skipped, if their names are header text (no control characters).
+pub struct UploadForm;
+
+impl utoipa::PartialSchema for UploadForm {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .property("file_asset", utoipa::openapi::Ref::from_schema_name("FileAsset"))
+            .property(
+                "file",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary))),
+            )
+            .required("file_asset")
+            .required("file")
+            .property_names(Some(
+                ObjectBuilder::new().schema_type(Type::String).pattern(Some(r"^[^\u0000-\u001F\u007F]*$")),
+            ))
+            .description(Some("`file_asset` (JSON text of a FileAsset) and `file`; other parts are skipped"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for UploadForm {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        schemas.push(("FileAsset".into(), <FileAsset as utoipa::PartialSchema>::schema()));
+        <FileAsset as utoipa::ToSchema>::schemas(schemas);
+    }
 }
 
 /// The answer to an upload.
@@ -112,8 +147,9 @@ struct ReceivedFile {
 
 /// Upload a file to a session (OpenTera compatible).
 #[utoipa::path(post, path = "/api/assets", tag = "assets",
-    request_body(content = UploadForm, content_type = "multipart/form-data",
-        description = "`file_asset`: JSON text (see FileAsset); `file`: the bytes"),
+    request_body(
+        content((UploadForm = "multipart/form-data", encoding(("file_asset" = (content_type = "application/json"))))),
+        description = "`file_asset`: a FileAsset as JSON text; `file`: the bytes, with a filename"),
     responses(
         (status = 200, description = "the stored asset", body = UploadedAsset),
         (status = 400, description = "malformed multipart, missing file_asset or file, file_asset not JSON", body = ErrorBody),
@@ -284,7 +320,12 @@ fn parse_file_asset(text: &str, principal: &Principal) -> Result<UploadPlan, Api
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", format!("file_asset: {e}")))?;
     let id_session = SessionId::new(form.id_session).map_err(ApiError::invalid_field)?;
     let asset_name = AssetName::parse(&form.asset_name).map_err(ApiError::invalid_field)?;
-    let asset_type = form.asset_type.as_deref().map(MediaType::parse).transpose().map_err(ApiError::invalid_field)?;
+    let asset_type = form
+        .asset_type
+        .as_deref()
+        .map(|given| fields::check_media_type(given).and_then(|()| MediaType::parse(given)))
+        .transpose()
+        .map_err(ApiError::invalid_field)?;
     let asset_datetime = form.asset_datetime.as_deref().map(parse_datetime).transpose()?;
     let metadata = form.metadata.unwrap_or_default();
     check_storable_json("metadata", &serde_json::Value::Object(metadata.clone())).map_err(ApiError::invalid_field)?;
@@ -318,7 +359,8 @@ fn parse_file_asset(text: &str, principal: &Principal) -> Result<UploadPlan, Api
     Ok(UploadPlan { id_session, asset_name, asset_type, asset_datetime, directory, tags, metadata, creator })
 }
 
-fn parse_datetime(value: &str) -> Result<DateTime<Utc>, ApiError> {
+pub(super) fn parse_datetime(value: &str) -> Result<DateTime<Utc>, ApiError> {
+    fields::check_datetime(value).map_err(ApiError::invalid_field)?;
     let parsed = DateTime::parse_from_rfc3339(value)
         .map(|d| d.with_timezone(&Utc))
         .or_else(|_| NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|n| n.and_utc()))

@@ -168,12 +168,23 @@ impl ListingCursor {
     pub fn encode(&self) -> String {
         format!("{}_{}", self.created_at.timestamp_micros(), self.asset_uuid.simple())
     }
+    /// Reads exactly what [`encode`](Self::encode) writes, `-?[0-9]{1,18}_<32 hex digits>`
+    /// (the pattern the OpenAPI document gives). A time past the years assets can have
+    /// (1 to 9999) is taken as their first or last microsecond: the page is the same.
     pub fn decode(value: &str) -> Option<Self> {
         let (micros, uuid) = value.split_once('_')?;
-        let created_at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
-        crate::domain::names::check_storable_datetime("cursor", created_at).ok()?;
-        Some(Self { created_at, asset_uuid: Uuid::try_parse(uuid).ok()? })
+        let digits = micros.strip_prefix('-').unwrap_or(micros);
+        let hex = |s: &str| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if !(1..=18).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) || !hex(uuid) {
+            return None;
+        }
+        let micros = micros.parse::<i64>().ok()?.clamp(Self::FIRST_MICROS, Self::LAST_MICROS);
+        Some(Self { created_at: DateTime::from_timestamp_micros(micros)?, asset_uuid: Uuid::try_parse(uuid).ok()? })
     }
+
+    /// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z.
+    const FIRST_MICROS: i64 = -62_135_596_800_000_000;
+    const LAST_MICROS: i64 = 253_402_300_799_999_999;
 }
 
 /// Live assets of a session, newest first, at most `limit`, after `cursor`, optionally

@@ -435,3 +435,28 @@ async fn the_event_and_the_info_agree_on_the_asset_datetime() {
         .await;
     assert_error(response, 422, "invalid_field").await;
 }
+
+/// Metadata numbers anywhere in f64's range come back as sent: PostgreSQL's `jsonb` keeps
+/// them as exact decimals (1.7976931348623157e308 as 309 digits), which must read back
+/// to the same f64, not overflow (found by schemathesis: the upload's events could not be
+/// read back, and the whole batch failed with 503).
+#[tokio::test]
+async fn metadata_numbers_at_the_ends_of_f64_come_back_as_sent() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let metadata = json!({
+        "max": f64::MAX, "lowest": f64::MIN, "big": 1.7900647685940498e261,
+        "smallest": 5e-324, "tiny": -1.6192416955605e-66, "nested": [{"x": 1.7976931348623155e308}],
+    });
+    let response = app
+        .upload(&token, &json!({"id_session": 1, "asset_name": "n", "metadata": metadata}), "n.bin", b"x".to_vec())
+        .await;
+    assert_eq!(response.status(), 200);
+    let uploaded: Value = response.json().await.unwrap();
+    assert_eq!(uploaded["metadata"], metadata);
+    let uuid = uploaded["asset_uuid"].as_str().unwrap();
+    let info: Value = app.get(&token, &format!("/api/assets/infos?asset_uuid={uuid}")).await.json().await.unwrap();
+    assert_eq!(info["metadata"], metadata);
+    let history: Value = app.get(&token, &format!("/api/assets/{uuid}/events")).await.json().await.unwrap();
+    assert_eq!(history[0]["data"]["metadata"], metadata);
+}

@@ -190,6 +190,26 @@ async fn malformed_forms_are_refused_and_leave_nothing() {
             "invalid_field",
         ),
         (
+            // The mime crate reads this; the OpenAPI document's grammar does not allow it.
+            "asset_type with a trailing ';'",
+            vec![
+                file_asset_part(r#"{"id_session": 1, "asset_name": "n", "asset_type": "text/plain;"}"#),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
+            // chrono reads one-digit fields without an offset; the document says two.
+            "asset_datetime with one-digit fields",
+            vec![
+                file_asset_part(r#"{"id_session": 1, "asset_name": "n", "asset_datetime": "2024-1-5T1:2:3"}"#),
+                file_part(b"a.bin", &content),
+            ],
+            422,
+            "invalid_field",
+        ),
+        (
             "NUL in a metadata key",
             vec![
                 file_asset_part(r#"{"id_session": 1, "asset_name": "n", "metadata": {"a\u0000": 1}}"#),
@@ -388,6 +408,12 @@ async fn garbage_requests_get_json_errors_not_500s() {
     let twice = format!("/api/assets?asset_uuid={}&asset_uuid={}", uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     assert_error(app.get(&token, &twice).await, 400, "invalid_query").await;
     assert_error(app.post_json(&token, "/api/assets/infos", &json!({"neither": 1})).await, 422, "invalid_field").await;
+    // One shape or the other, as the document's oneOf says: not both, nothing else beside.
+    let rename = json!({"asset_uuid": uuid::Uuid::new_v4(), "asset_original_filename": "x"});
+    let both = json!({"assets": [], "file_asset": rename});
+    assert_error(app.post_json(&token, "/api/assets/infos", &both).await, 422, "invalid_field").await;
+    let extra = json!({"assets": [], "limit": 1});
+    assert_error(app.post_json(&token, "/api/assets/infos", &extra).await, 422, "invalid_field").await;
     let rename_bad = json!({"file_asset": {"asset_uuid": uuid::Uuid::new_v4(), "asset_original_filename": "../x"}});
     assert_error(app.post_json(&token, "/api/assets/infos", &rename_bad).await, 422, "invalid_field").await;
     let too_many: Vec<_> = (0..1001).map(|_| json!({"asset_uuid": uuid::Uuid::new_v4()})).collect();

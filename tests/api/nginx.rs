@@ -453,3 +453,29 @@ async fn query_secrets_are_not_written_to_the_access_log() {
     assert!(log.contains("/file/api/assets?[redacted] HTTP/1.1\" 401"), "{log}");
     assert!(log.contains(&format!("/file/api/assets?asset_uuid={asset} HTTP/1.1\" 401")), "{log}");
 }
+
+/// nginx refuses TRACE itself, before proxying: its 405 names the methods the path
+/// answers, as assetd's own 405s do (RFC 9110 requires `Allow`), and is JSON.
+#[tokio::test]
+async fn trace_is_refused_with_the_allowed_methods() {
+    let app = TestApp::spawn().await;
+    let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
+    let trace = reqwest::Method::from_bytes(b"TRACE").unwrap();
+    let client = reqwest::Client::new();
+    for (path, allowed) in [
+        ("/api/assets?asset_uuid=x", "GET, HEAD, POST, DELETE"),
+        ("/api/assets/infos", "GET, HEAD, POST"),
+        ("/api/assets/2a5c1b4e-0d6a-4a31-9d1c-1f2e3d4c5b6a/events", "GET, HEAD"),
+        ("/api/sessions/7/assets?limit=2", "GET, HEAD"),
+        ("/api/sessions/7", "GET, HEAD, PUT, DELETE"),
+        ("/health", "GET, HEAD"),
+        ("/doc/openapi.json", "GET, HEAD"),
+    ] {
+        let proxied = client.request(trace.clone(), format!("{}{path}", nginx.base)).send().await.unwrap();
+        assert_eq!(proxied.headers().get("allow").map(|v| v.to_str().unwrap()), Some(allowed), "{path} via nginx");
+        crate::helpers::assert_error(proxied, 405, "method_not_allowed").await;
+        let direct = client.request(trace.clone(), app.url(path)).send().await.unwrap();
+        assert_eq!(direct.status(), 405, "{path}");
+        assert_eq!(direct.headers().get("allow").map(|v| v.to_str().unwrap()), Some(allowed), "{path} direct");
+    }
+}

@@ -217,8 +217,19 @@ async fn listings_are_newest_first_paginated_and_filtered_by_directory() {
     assert_error(app.get(&token, "/api/sessions/3/assets?limit=0").await, 400, "invalid_parameter").await;
     assert_error(app.get(&token, "/api/sessions/3/assets?limit=x").await, 400, "invalid_parameter").await;
     assert_error(app.get(&token, "/api/sessions/3/assets?cursor=garbage").await, 400, "invalid_parameter").await;
+    // A cursor is a position: before the year 1, nothing is older; after 9999, everything.
     let far_past = format!("/api/sessions/3/assets?cursor=-300000000000000000_{}", "0".repeat(32));
-    assert_error(app.get(&token, &far_past).await, 400, "invalid_parameter").await;
+    let page: Value = app.get(&token, &far_past).await.json().await.unwrap();
+    assert_eq!(page["assets"], json!([]));
+    let far_future = format!("/api/sessions/3/assets?limit=1000&cursor=999999999999999999_{}", "f".repeat(32));
+    let page: Value = app.get(&token, &far_future).await.json().await.unwrap();
+    assert_eq!(page["assets"].as_array().unwrap().len(), uploaded.len());
+    assert_error(
+        app.get(&token, "/api/sessions/3/assets?cursor=1_00000000-0000-0000-0000-000000000000").await,
+        400,
+        "invalid_parameter",
+    )
+    .await;
     assert_error(app.get(&token, "/api/sessions/3/assets?directory=/a/../b").await, 422, "invalid_field").await;
     assert_error(app.get(&app.user_token(Uuid::new_v4()), "/api/sessions/3/assets").await, 403, "forbidden").await;
 }

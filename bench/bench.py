@@ -28,10 +28,13 @@ import platform
 import re
 import secrets
 import shutil
+import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -49,7 +52,16 @@ DATABASE = "assetd_bench"
 SESSION = 1
 
 MIB = 1024 * 1024
-STEPS = ["upload", "download", "small", "pgbench", "memory", "replay"]
+STEPS = ["upload", "download", "small", "pgbench", "memory", "aborted", "replay"]
+
+# The aborted-uploads row (issue 11): rounds of concurrent uploads, each cut off.
+ABORTED_ROUNDS = 10
+ABORTED_CONCURRENCY = 60
+ABORTED_SIZE = 8 * MIB
+# How long the server gets to give memory back after the last round.
+ABORTED_SETTLE_SECONDS = 10
+ABORTED_PEAK_TARGET_MIB = 128
+ABORTED_SETTLED_TARGET_MIB = 64
 
 
 def log(message):
@@ -518,6 +530,81 @@ class Bench:
         self.results[f"peak RSS, 4 concurrent {self.size_label} downloads"] = {"unit": "MiB", "value": self.peak_rss(pid, downloads)}
         self.results["RSS at rest"] = {"unit": "MiB", "value": idle}
 
+    def bench_aborted_uploads(self):
+        """Memory held for uploads that never finish: `ABORTED_ROUNDS` rounds of
+        `ABORTED_CONCURRENCY` concurrent multipart uploads of `ABORTED_SIZE`, each sent
+        up to a random byte and then closed, straight to assetd (plain). Peak RSS over
+        all rounds, and RSS once the server has had `ABORTED_SETTLE_SECONDS` to give
+        memory back; then no temporary file may be left."""
+        log(
+            f"aborted uploads: {ABORTED_ROUNDS} rounds of {ABORTED_CONCURRENCY} concurrent "
+            f"{ABORTED_SIZE // MIB} MiB uploads, each cut off at a random byte"
+        )
+        pid = self.assetd_plain.pid
+        boundary = "assetd-bench-aborted"
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file_asset"\r\n\r\n'
+            f'{{"id_session": {SESSION}, "asset_name": "aborted.bin"}}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="aborted.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        length = len(head) + ABORTED_SIZE + len(f"\r\n--{boundary}--\r\n")
+        request = (
+            f"POST /file/api/assets HTTP/1.1\r\nHost: 127.0.0.1:{ASSETD_PLAIN_PORT}\r\n"
+            f"Authorization: OpenTera {self.user_token}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {length}\r\n\r\n"
+        ).encode() + head
+        payload = memoryview(os.urandom(ABORTED_SIZE))
+        # The same cut-off points in every run.
+        cuts = random.Random(11)
+        failures = []
+
+        def upload_cut_at(cut):
+            try:
+                with socket.create_connection(("127.0.0.1", ASSETD_PLAIN_PORT), timeout=60) as conn:
+                    conn.sendall(request)
+                    for offset in range(0, cut, 256 * 1024):
+                        conn.sendall(payload[offset:min(cut, offset + 256 * 1024)])
+            except OSError as error:  # the server may answer and close first; that is fine
+                if not isinstance(error, (ConnectionResetError, BrokenPipeError)):
+                    failures.append(error)
+
+        def rounds():
+            for round_number in range(ABORTED_ROUNDS):
+                threads = [
+                    threading.Thread(target=upload_cut_at, args=(cuts.randrange(1, ABORTED_SIZE),))
+                    for _ in range(ABORTED_CONCURRENCY)
+                ]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(timeout=300)
+                if failures:
+                    raise RuntimeError(f"aborted uploads: {failures[0]}")
+                log(f"aborted uploads round {round_number + 1}/{ABORTED_ROUNDS}: RSS {self.rss(pid):.1f} MiB")
+
+        before = self.rss(pid)
+        peak = self.peak_rss(pid, rounds)
+        time.sleep(ABORTED_SETTLE_SECONDS)
+        settled = self.rss(pid)
+        tmp = os.path.join(self.work, "data/tmp")
+        left = len(os.listdir(tmp))
+        if left:
+            raise RuntimeError(f"aborted uploads left {left} temporary files in {tmp}")
+        self.wait_until(f"http://127.0.0.1:{ASSETD_PLAIN_PORT}/file/health", "assetd plain", self.assetd_plain)
+        label = f"{ABORTED_CONCURRENCY} concurrent aborted {ABORTED_SIZE // MIB} MiB uploads, {ABORTED_ROUNDS} rounds"
+        self.results[f"RSS before {label}"] = {"unit": "MiB", "value": before}
+        self.results[f"peak RSS, {label}"] = {"unit": "MiB", "value": peak, "target": ABORTED_PEAK_TARGET_MIB}
+        self.results[f"settled RSS {ABORTED_SETTLE_SECONDS} s after {label}"] = {
+            "unit": "MiB",
+            "value": settled,
+            "target": ABORTED_SETTLED_TARGET_MIB,
+        }
+
+    def rss(self, pid):
+        with open(f"/proc/{pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 1024
+
     def bench_replay(self):
         total = self.replay_events
         log(f"replay: generating {total} events")
@@ -627,6 +714,9 @@ class Bench:
                 lines.append(f"| {name} ({r['events']} events) | {fmt(r['assetd'])} {r['unit']} | | |")
             elif "assetd" in r:
                 lines.append(f"| {name} | {fmt(r['assetd'])} {r['unit']} | | |")
+            elif "value" in r and "target" in r:
+                verdict = "met" if r["value"] <= r["target"] else "**missed**"
+                lines.append(f"| {name} | {r['value']:.1f} {r['unit']} (target ≤ {r['target']} {r['unit']}: {verdict}) | | |")
             elif "value" in r:
                 lines.append(f"| {name} | {r['value']:.1f} {r['unit']} | | |")
             else:
@@ -647,6 +737,7 @@ class Bench:
                         "small_upload_size": 4096,
                         "small_upload_connections": 32,
                         "replay_events": self.replay_events,
+                        "allocator": self.args.allocator,
                     },
                     "machine": self.machine(),
                     "results": self.results,
@@ -654,7 +745,7 @@ class Bench:
                 f,
                 indent=2,
             )
-        print(f"\nmachine: {json.dumps(self.machine())}\nresults: {path}")
+        print(f"\nallocator: {self.args.allocator}\nmachine: {json.dumps(self.machine())}\nresults: {path}")
 
 
 def git_commit():
@@ -701,6 +792,7 @@ def fmt(s):
 
 
 def main():
+    global ASSETD_ACCEL_PORT, ASSETD_PLAIN_PORT, NGINX_ACCEL_PORT, NGINX_PLAIN_PORT, NGINX_BASELINE_PORT, DATABASE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", required=True, help="the release assetd binary (scripts/bench passes it)")
     parser.add_argument("--quick", action="store_true", help="small sizes and short runs (under 2 minutes)")
@@ -710,10 +802,32 @@ def main():
     parser.add_argument(
         "--database-server",
         default=os.environ.get("ASSETD_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432"),
-        help="PostgreSQL server where the database assetd_bench is dropped and created "
+        help="PostgreSQL server where the --database is dropped and created "
         "(default: $ASSETD_TEST_DATABASE_URL or %(default)s)",
     )
+    parser.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="added to each port the bench listens on (4142, 4143, 4180, 4181, 4190), "
+        "to run beside another bench (use another --work-dir and --database too)",
+    )
+    parser.add_argument(
+        "--allocator",
+        default="jemalloc",
+        help="scripts/bench builds assetd with this allocator: jemalloc (the shipped one), mimalloc "
+        "or system (glibc's); recorded in the results",
+    )
+    parser.add_argument("--database", default=DATABASE, help="the database dropped and created (default %(default)s)")
     args = parser.parse_args()
+    ASSETD_ACCEL_PORT += args.port_offset
+    ASSETD_PLAIN_PORT += args.port_offset
+    NGINX_ACCEL_PORT += args.port_offset
+    NGINX_PLAIN_PORT += args.port_offset
+    NGINX_BASELINE_PORT += args.port_offset
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", args.database):
+        parser.error("--database: lower-case letters, digits and '_'")
+    DATABASE = args.database
     if args.rounds is None:
         args.rounds = 3
     if args.rounds < 1:
@@ -736,6 +850,7 @@ def main():
             ("small", bench.bench_small_uploads),
             ("pgbench", bench.bench_pgbench),
             ("memory", bench.bench_memory),
+            ("aborted", bench.bench_aborted_uploads),
             ("replay", bench.bench_replay),
         ]
         for name, step in steps:

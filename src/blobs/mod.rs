@@ -4,29 +4,92 @@
 //! is hashed while it streams, fsynced, renamed into place and its directory fsynced,
 //! so a blob that exists is complete and durable. A [`TempBlob`] that is dropped before
 //! [`TempBlob::persist`] (error, client gone, task cancelled) removes its file.
+//!
+//! Memory: an upload keeps the chunks it received (no copy) until they are hashed and
+//! written, at most one buffer gathering and one being written. A buffer starts small
+//! and grows only while bytes arrive fast, and all uploads together hold at most a
+//! [`BufferBudget`]: past it, an upload writes what it holds and waits, which stops it
+//! reading its body (TCP then slows the client down).
 
 use std::collections::HashSet;
-use std::io;
+use std::io::{self, IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use std::io::Write;
 use tokio::fs;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::domain::names::Sha256Hex;
 
-/// Bytes gathered before each write to disk: large writes keep the blocking-pool hops of
-/// `tokio::fs` rare without holding much memory per upload.
-const WRITE_BUFFER: usize = 1 << 20;
+/// Received bytes that all uploads of a store may hold in memory at once, waiting to be
+/// hashed and written (see [`BufferBudget`]).
+pub const UPLOAD_BUFFER_BUDGET: usize = 32 << 20;
+/// The size a buffer starts at, and never goes below: what a slow client's upload holds.
+const MIN_WRITE_BUFFER: usize = 64 << 10;
+/// The largest buffer: large writes keep the blocking-pool hops rare on fast uploads.
+const MAX_WRITE_BUFFER: usize = 1 << 20;
+/// A buffer that fills faster than this doubles for the next one (up to the largest)...
+const FAST_FILL: Duration = Duration::from_millis(100);
+/// ...and one that takes longer than this halves (down to the smallest): a buffer holds
+/// about a tenth of a second to a second of what arrives.
+const SLOW_FILL: Duration = Duration::from_secs(1);
+/// Most chunks gathered in one buffer: a client sending tiny chunks costs a bounded list
+/// (and one `writev` takes them all).
+const MAX_CHUNKS: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct BlobStore {
     blobs: PathBuf,
     tmp: PathBuf,
     durable_shards: DurableShards,
+    budget: BufferBudget,
+}
+
+/// Memory for received bytes not yet written, shared by every upload of a store, in
+/// bytes. An upload takes its share per chunk received and gives it back once the
+/// chunk is written (or dropped).
+///
+/// No upload can wait for memory while holding some that waits on it: one that finds
+/// the budget spent first hands what it gathered to the blocking pool, whose writes
+/// finish on their own and give their share back. What is still held is then held by
+/// uploads that are receiving (bounded in time by the body's idle timeout) or writing.
+#[derive(Clone, Debug)]
+pub struct BufferBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+}
+
+impl BufferBudget {
+    pub fn new(total: usize) -> Self {
+        let total = total.clamp(1, u32::MAX as usize);
+        Self { bytes: Arc::new(Semaphore::new(total)), total }
+    }
+
+    /// Bytes not taken by any upload.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// A chunk larger than the whole budget takes all of it.
+    fn share(&self, len: usize) -> u32 {
+        len.min(self.total) as u32
+    }
+
+    fn try_take(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        self.bytes.clone().try_acquire_many_owned(self.share(len)).ok()
+    }
+
+    async fn take(&self, len: usize) -> OwnedSemaphorePermit {
+        self.bytes.clone().acquire_many_owned(self.share(len)).await.expect("the budget's semaphore is never closed")
+    }
 }
 
 /// Shard directories (`ab/cd`) this process has made sure exist durably: created, and
@@ -60,10 +123,20 @@ pub struct StoredBlob {
 }
 
 impl BlobStore {
-    /// Opens (creating if needed) the store under `data_dir`.
+    /// Opens (creating if needed) the store under `data_dir`, with uploads sharing
+    /// [`UPLOAD_BUFFER_BUDGET`] bytes of memory.
     pub async fn open(data_dir: &Path) -> io::Result<Self> {
-        let store =
-            Self { blobs: data_dir.join("blobs"), tmp: data_dir.join("tmp"), durable_shards: DurableShards::default() };
+        Self::open_with_budget(data_dir, BufferBudget::new(UPLOAD_BUFFER_BUDGET)).await
+    }
+
+    /// Opens the store with uploads sharing `budget`.
+    pub async fn open_with_budget(data_dir: &Path, budget: BufferBudget) -> io::Result<Self> {
+        let store = Self {
+            blobs: data_dir.join("blobs"),
+            tmp: data_dir.join("tmp"),
+            durable_shards: DurableShards::default(),
+            budget,
+        };
         fs::create_dir_all(&store.blobs).await?;
         fs::create_dir_all(&store.tmp).await?;
         // The 256 outer shard directories, made once and durably, so that an upload never
@@ -115,19 +188,27 @@ impl BlobStore {
         format!("{}/{}/{}", &hex[0..2], &hex[2..4], id)
     }
 
-    /// Starts a streaming write. The temporary file is created when the bytes outgrow one
-    /// write buffer, so a small upload costs a single blocking call in [`TempBlob::persist`].
+    /// Starts a streaming write. The temporary file is created when the bytes outgrow the
+    /// first buffer, so a small upload costs a single blocking call in [`TempBlob::persist`].
     pub fn create_temp(&self) -> TempBlob {
         TempBlob {
             temp_path: None,
-            pending: Vec::new(),
+            pending: Buffer::default(),
+            buffer_limit: MIN_WRITE_BUFFER,
+            filling_since: Instant::now(),
             state: Some(WriteState { hasher: Sha256::new(), file: None, written: 0 }),
             in_flight: None,
             size: 0,
             tmp_dir: self.tmp.clone(),
             blobs: self.blobs.clone(),
             durable_shards: self.durable_shards.clone(),
+            budget: self.budget.clone(),
         }
+    }
+
+    /// The memory budget its uploads share.
+    pub fn budget(&self) -> &BufferBudget {
+        &self.budget
     }
 
     pub async fn open_read(&self, id: Uuid) -> io::Result<fs::File> {
@@ -155,15 +236,21 @@ impl BlobStore {
 
 /// A blob being written. Dropping it unpersisted deletes the temporary file.
 ///
-/// Received bytes gather in a buffer; each full buffer is hashed and written by the
-/// blocking pool while the next one fills, so receiving overlaps with hashing and
-/// writing (SHA-256 alone is about as costly as the rest of a large upload).
+/// Received chunks gather in a buffer (kept as they came, not copied); each full buffer
+/// is hashed and written by the blocking pool while the next one fills, so receiving
+/// overlaps with hashing and writing (SHA-256 alone is about as costly as the rest of a
+/// large upload).
 pub struct TempBlob {
     /// The temporary file's path, chosen before the file is created so that dropping
     /// the blob at any moment (a cancelled request) removes whatever was created.
     temp_path: Option<PathBuf>,
-    /// Bytes received and not yet handed over (at most [`WRITE_BUFFER`]).
-    pending: Vec<u8>,
+    /// Chunks received and not yet handed over.
+    pending: Buffer,
+    /// How many bytes `pending` gathers before it is handed over: from
+    /// [`MIN_WRITE_BUFFER`], doubling while buffers fill fast, to [`MAX_WRITE_BUFFER`].
+    buffer_limit: usize,
+    /// When `pending` got its first chunk.
+    filling_since: Instant,
     /// What the blocking pool works with between buffers; `None` while a buffer is in
     /// flight (then it is in `in_flight`).
     state: Option<WriteState>,
@@ -172,10 +259,35 @@ pub struct TempBlob {
     tmp_dir: PathBuf,
     blobs: PathBuf,
     durable_shards: DurableShards,
+    budget: BufferBudget,
 }
 
-/// A buffer being hashed and written: gives back the state and the (used) buffer.
-type InFlight = tokio::task::JoinHandle<(io::Result<()>, WriteState, Vec<u8>)>;
+/// A buffer being hashed and written: gives back the state. The buffer itself, and its
+/// share of the budget, are dropped as soon as it is written.
+type InFlight = tokio::task::JoinHandle<(io::Result<()>, WriteState)>;
+
+/// Chunks gathered for one write, with their share of the budget.
+#[derive(Default)]
+struct Buffer {
+    chunks: Vec<Bytes>,
+    len: usize,
+    share: Option<OwnedSemaphorePermit>,
+}
+
+impl Buffer {
+    fn push(&mut self, chunk: Bytes, share: OwnedSemaphorePermit) {
+        self.len += chunk.len();
+        self.chunks.push(chunk);
+        match &mut self.share {
+            Some(held) => held.merge(share),
+            None => self.share = Some(share),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+}
 
 /// The hash of the bytes handed over so far, and the file they went to.
 struct WriteState {
@@ -186,10 +298,12 @@ struct WriteState {
 }
 
 impl WriteState {
-    /// Blocking: hashes `bytes` and appends them to the file at `path` (created on first
+    /// Blocking: hashes `chunks` and appends them to the file at `path` (created on first
     /// use), then asks for them to be written back.
-    fn append(&mut self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        self.hasher.update(bytes);
+    fn append(&mut self, path: &Path, chunks: &[Bytes]) -> io::Result<()> {
+        for chunk in chunks {
+            self.hasher.update(chunk);
+        }
         let file = match &self.file {
             Some(file) => file.clone(),
             None => {
@@ -198,21 +312,70 @@ impl WriteState {
                 file
             }
         };
-        (&*file).write_all(bytes)?;
-        start_writeback(&file, self.written, bytes.len());
-        self.written += bytes.len() as u64;
+        let len = write_all_chunks(&file, chunks)?;
+        start_writeback(&file, self.written, len);
+        self.written += len as u64;
         Ok(())
     }
 }
 
-impl TempBlob {
-    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.size += chunk.len() as u64;
-        // Handed over before it would outgrow the buffer, so the buffer stays within its size.
-        if !self.pending.is_empty() && self.pending.len() + chunk.len() > WRITE_BUFFER {
-            self.hand_over_pending().await?;
+/// The size of the next buffer, after one of `limit` bytes took `took` to fill.
+fn next_buffer_limit(limit: usize, took: Duration) -> usize {
+    if took < FAST_FILL {
+        (limit * 2).min(MAX_WRITE_BUFFER)
+    } else if took > SLOW_FILL {
+        (limit / 2).max(MIN_WRITE_BUFFER)
+    } else {
+        limit
+    }
+}
+
+/// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
+fn write_all_chunks(file: &std::fs::File, chunks: &[Bytes]) -> io::Result<usize> {
+    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|chunk| IoSlice::new(chunk)).collect();
+    let total = chunks.iter().map(Bytes::len).sum();
+    let mut remaining = &mut slices[..];
+    IoSlice::advance_slices(&mut remaining, 0);
+    while !remaining.is_empty() {
+        match (&*file).write_vectored(remaining) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut remaining, n),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
         }
-        self.pending.extend_from_slice(chunk);
+    }
+    Ok(total)
+}
+
+impl TempBlob {
+    /// Takes a received chunk. Waits while the uploads' memory budget is spent, after
+    /// handing over what this one holds.
+    pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.size += chunk.len() as u64;
+        if !self.pending.is_empty() {
+            if self.pending.len + chunk.len() > self.buffer_limit {
+                self.adapt_buffer_limit();
+                self.hand_over_pending().await?;
+            } else if self.pending.chunks.len() >= MAX_CHUNKS {
+                self.hand_over_pending().await?;
+            }
+        }
+        let share = match self.budget.try_take(chunk.len()) {
+            Some(share) => share,
+            None => {
+                if !self.pending.is_empty() {
+                    self.hand_over_pending().await?;
+                }
+                self.budget.take(chunk.len()).await
+            }
+        };
+        if self.pending.is_empty() {
+            self.filling_since = Instant::now();
+        }
+        self.pending.push(chunk, share);
         Ok(())
     }
 
@@ -220,22 +383,35 @@ impl TempBlob {
         self.size
     }
 
-    /// Waits for the buffer in flight, if any, and takes back its state and buffer.
-    async fn settle(&mut self) -> io::Result<Vec<u8>> {
-        let Some(in_flight) = self.in_flight.take() else { return Ok(Vec::new()) };
-        let (result, state, mut spare) = in_flight.await.map_err(io::Error::other)?;
-        self.state = Some(state);
-        result?;
-        spare.clear();
-        Ok(spare)
+    /// How many bytes a buffer gathers before it is written, now.
+    pub fn buffer_limit(&self) -> usize {
+        self.buffer_limit
     }
 
-    /// Sends the pending bytes to the blocking pool to be hashed and written, after the
-    /// previous buffer is done (one at a time: the hash is sequential), and goes on with
-    /// the previous buffer, emptied.
+    /// Bytes received and not yet handed over to be written.
+    pub fn buffered(&self) -> usize {
+        self.pending.len
+    }
+
+    /// Called when `pending` is full: the next buffer grows if this one filled fast, and
+    /// shrinks if it filled slowly.
+    fn adapt_buffer_limit(&mut self) {
+        self.buffer_limit = next_buffer_limit(self.buffer_limit, self.filling_since.elapsed());
+    }
+
+    /// Waits for the buffer in flight, if any, and takes back the state.
+    async fn settle(&mut self) -> io::Result<()> {
+        let Some(in_flight) = self.in_flight.take() else { return Ok(()) };
+        let (result, state) = in_flight.await.map_err(io::Error::other)?;
+        self.state = Some(state);
+        result
+    }
+
+    /// Sends the pending chunks to the blocking pool to be hashed and written, after the
+    /// previous buffer is done (one at a time: the hash is sequential).
     async fn hand_over_pending(&mut self) -> io::Result<()> {
-        let spare = self.settle().await?;
-        let bytes = std::mem::replace(&mut self.pending, spare);
+        self.settle().await?;
+        let buffer = std::mem::take(&mut self.pending);
         let path = self.temp_path.get_or_insert_with(|| self.tmp_dir.join(format!("{}.part", Uuid::new_v4()))).clone();
         let mut state = self.state.take().expect("settled");
         if state.file.is_none() {
@@ -256,8 +432,9 @@ impl TempBlob {
             }
         }
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let result = state.append(&path, &bytes);
-            (result, state, bytes)
+            let result = state.append(&path, &buffer.chunks);
+            drop(buffer);
+            (result, state)
         }));
         Ok(())
     }
@@ -274,7 +451,8 @@ impl TempBlob {
         let hasher = tokio::task::spawn_blocking(move || {
             // From here the temporary file is ours to remove on any failure.
             let renamed = (|| {
-                state.append(&temp_path, &pending)?;
+                state.append(&temp_path, &pending.chunks)?;
+                drop(pending);
                 state.file.as_ref().expect("append creates the file").sync_all()?;
                 let shard = target.parent().expect("blob paths have two shard directories");
                 durable_shards.ensure(shard)?;
@@ -300,7 +478,8 @@ impl TempBlob {
 impl Drop for TempBlob {
     fn drop(&mut self) {
         // Best effort and synchronous: drop can't await, and unlink is quick. A buffer
-        // still in flight writes on into the unlinked file, which goes with its handle.
+        // still in flight writes on into the unlinked file, which goes with its handle,
+        // and gives its share of the budget back when done; the pending one goes now.
         if let Some(path) = self.temp_path.take() {
             let _ = std::fs::remove_file(path);
         }
@@ -374,13 +553,17 @@ mod tests {
         assert!(recent.exists(), "a recent one may be another process's upload");
     }
 
+    fn bytes(pattern: u8, len: usize) -> Bytes {
+        Bytes::from(vec![pattern; len])
+    }
+
     #[tokio::test]
     async fn persisted_blobs_are_hashed_and_temp_files_never_linger() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).await.unwrap();
         let mut blob = store.create_temp();
-        blob.write(b"hello ").await.unwrap();
-        blob.write(b"world").await.unwrap();
+        blob.write(Bytes::from_static(b"hello ")).await.unwrap();
+        blob.write(Bytes::from_static(b"world")).await.unwrap();
         let id = Uuid::new_v4();
         let stored = blob.persist(id).await.unwrap();
         assert_eq!(stored.size, 11);
@@ -389,30 +572,32 @@ mod tests {
         assert_eq!(store.temp_file_count().await.unwrap(), 0);
 
         let mut small = store.create_temp();
-        small.write(b"partial").await.unwrap();
+        small.write(Bytes::from_static(b"partial")).await.unwrap();
         assert_eq!(store.temp_file_count().await.unwrap(), 0, "small writes are buffered until persist");
         drop(small);
 
         let mut abandoned = store.create_temp();
-        abandoned.write(&vec![7; WRITE_BUFFER]).await.unwrap();
-        abandoned.write(b"more").await.unwrap();
+        abandoned.write(bytes(7, MIN_WRITE_BUFFER)).await.unwrap();
+        abandoned.write(Bytes::from_static(b"more")).await.unwrap();
         assert_eq!(store.temp_file_count().await.unwrap(), 1, "past one buffer the bytes go to a temp file");
-        abandoned.write(&vec![8; WRITE_BUFFER]).await.unwrap();
+        abandoned.write(bytes(8, MAX_WRITE_BUFFER)).await.unwrap();
         drop(abandoned);
         assert_eq!(store.temp_file_count().await.unwrap(), 0);
 
         let mut large = store.create_temp();
-        let bytes: Vec<u8> = (0..3 * WRITE_BUFFER + 5).map(|i| (i % 251) as u8).collect();
-        for chunk in bytes.chunks(100_000) {
-            large.write(chunk).await.unwrap();
+        let content: Vec<u8> = (0..3 * MAX_WRITE_BUFFER + 5).map(|i| (i % 251) as u8).collect();
+        for chunk in content.chunks(100_000) {
+            large.write(Bytes::copy_from_slice(chunk)).await.unwrap();
         }
         let large_id = Uuid::new_v4();
-        assert_eq!(large.persist(large_id).await.unwrap().size, bytes.len() as u64);
-        assert_eq!(std::fs::read(store.path(large_id)).unwrap(), bytes);
+        let stored = large.persist(large_id).await.unwrap();
+        assert_eq!(stored.size, content.len() as u64);
+        assert_eq!(stored.sha256.as_str(), hex::encode(Sha256::digest(&content)));
+        assert_eq!(std::fs::read(store.path(large_id)).unwrap(), content);
         assert_eq!(store.temp_file_count().await.unwrap(), 0);
 
         let mut again = store.create_temp();
-        again.write(b"other bytes").await.unwrap();
+        again.write(Bytes::from_static(b"other bytes")).await.unwrap();
         let refused = again.persist(id).await.unwrap_err();
         assert_eq!(refused.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(store.path(id)).unwrap(), b"hello world", "a blob is never replaced");
@@ -421,5 +606,89 @@ mod tests {
         store.remove(id).await.unwrap();
         store.remove(id).await.unwrap();
         assert!(!store.path(id).exists());
+    }
+
+    /// Waits (bounded) until every upload has given its memory back.
+    async fn budget_returned(store: &BlobStore) -> bool {
+        for _ in 0..500 {
+            if store.budget().available() == store.budget().total() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_buffer_starts_small_and_holds_only_what_was_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let total = store.budget().total();
+        let mut blob = store.create_temp();
+        assert_eq!(blob.buffer_limit(), MIN_WRITE_BUFFER, "a new upload's buffer is small");
+        assert_eq!(store.budget().available(), total, "and holds no memory before bytes arrive");
+        blob.write(bytes(1, 4096)).await.unwrap();
+        assert_eq!(blob.buffered(), 4096);
+        assert_eq!(store.budget().available(), total - 4096, "it holds what it received, no more");
+        drop(blob);
+        assert_eq!(store.budget().available(), total, "dropping it gives the memory back");
+
+        let mut large = store.create_temp();
+        for _ in 0..64 {
+            large.write(bytes(2, 64 * 1024)).await.unwrap();
+            assert!(large.buffered() <= large.buffer_limit() && large.buffer_limit() <= MAX_WRITE_BUFFER);
+        }
+        large.persist(Uuid::new_v4()).await.unwrap();
+        assert!(budget_returned(&store).await, "a persisted upload holds nothing");
+    }
+
+    #[test]
+    fn buffers_grow_while_bytes_arrive_fast_and_shrink_when_they_trickle() {
+        let fast = Duration::from_millis(1);
+        let steady = Duration::from_millis(500);
+        let slow = Duration::from_secs(5);
+        let mut limit = MIN_WRITE_BUFFER;
+        let mut sizes = vec![limit];
+        while limit < MAX_WRITE_BUFFER {
+            limit = next_buffer_limit(limit, fast);
+            sizes.push(limit);
+        }
+        assert_eq!(sizes, [64, 128, 256, 512, 1024].map(|k| k << 10));
+        assert_eq!(next_buffer_limit(MAX_WRITE_BUFFER, fast), MAX_WRITE_BUFFER);
+        assert_eq!(next_buffer_limit(256 << 10, steady), 256 << 10);
+        assert_eq!(next_buffer_limit(256 << 10, slow), 128 << 10);
+        assert_eq!(next_buffer_limit(MIN_WRITE_BUFFER, slow), MIN_WRITE_BUFFER);
+    }
+
+    #[tokio::test]
+    async fn uploads_share_a_bounded_budget_without_deadlock_and_aborted_ones_give_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = BufferBudget::new(256 * 1024);
+        let store = BlobStore::open_with_budget(dir.path(), budget.clone()).await.unwrap();
+        // Eight uploads of 2 MiB each at once, through a budget that holds an eighth of one.
+        let uploads = (0..8u8).map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut blob = store.create_temp();
+                let content: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 241) as u8 ^ n).collect();
+                for chunk in content.chunks(48 * 1024) {
+                    blob.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+                    assert!(store.budget().available() <= store.budget().total());
+                }
+                if n % 2 == 0 {
+                    // An aborted upload: dropped with buffers pending and in flight.
+                    drop(blob);
+                    return;
+                }
+                let id = Uuid::new_v4();
+                let stored = blob.persist(id).await.unwrap();
+                assert_eq!(stored.sha256.as_str(), hex::encode(Sha256::digest(&content)));
+                assert_eq!(std::fs::read(store.path(id)).unwrap(), content);
+            })
+        });
+        let all = futures::future::try_join_all(uploads);
+        tokio::time::timeout(Duration::from_secs(60), all).await.expect("no upload waits forever").unwrap();
+        assert!(budget_returned(&store).await, "every byte of the budget comes back");
+        assert_eq!(store.temp_file_count().await.unwrap(), 0, "aborted uploads leave no file");
     }
 }

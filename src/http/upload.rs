@@ -282,7 +282,7 @@ async fn receive_form<B: Buf + Send + 'static>(
                     .and_then(|m| MediaType::parse(m.as_ref()).ok());
                 let mut blob = ctx.app.blobs.create_temp();
                 while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
-                    blob.write(&chunk).await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
+                    blob.write(chunk).await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
                 }
                 file = Some(ReceivedFile { blob, filename, part_type });
             }

@@ -393,6 +393,51 @@ async fn a_client_disconnecting_mid_upload_leaves_nothing() {
     );
 }
 
+/// Many uploads cut off at once, at different points: every one gives back its
+/// temporary file and its memory, and the server goes on answering.
+#[tokio::test]
+async fn many_concurrent_disconnecting_uploads_leave_nothing_and_memory_comes_back() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let before = app.footprint().await;
+    let budget = app.ctx.app.blobs.budget().clone();
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n"
+    );
+    let clients = (0..24usize).map(|n| {
+        let (addr, token, head) = (app.addr, token.clone(), head.clone());
+        tokio::spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let request = format!(
+                "POST /file/api/assets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
+                8 * 1024 * 1024
+            );
+            stream.write_all(request.as_bytes()).await.unwrap();
+            // Cut after 1 byte, 64 KiB + 1, 128 KiB + 2, ... up to about 1.5 MiB.
+            let cut = n * (64 * 1024 + 1) + 1;
+            let content = vec![n as u8; cut];
+            for piece in content.chunks(16 * 1024) {
+                if stream.write_all(piece).await.is_err() {
+                    break;
+                }
+            }
+            drop(stream);
+        })
+    });
+    futures::future::try_join_all(clients).await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while (app.footprint().await != before || budget.available() != budget.total())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.footprint().await, before, "no asset, event, temporary file or blob is left");
+    assert_eq!(budget.available(), budget.total(), "every upload gave its buffers back");
+    let ok = app.upload(&token, &json!({"id_session": 1, "asset_name": "ok"}), "ok.bin", vec![3u8; 300_000]).await;
+    assert_eq!(ok.status(), 200, "the server still takes uploads");
+}
+
 #[tokio::test]
 async fn garbage_requests_get_json_errors_not_500s() {
     let app = TestApp::spawn().await;

@@ -512,7 +512,7 @@ pub async fn store_upload_via(
     use assetd::domain::principal::Actor;
 
     let mut blob = app.blobs.create_temp();
-    blob.write(asset_uuid.as_bytes()).await.unwrap();
+    blob.write(bytes::Bytes::copy_from_slice(asset_uuid.as_bytes())).await.unwrap();
     let context =
         CommandContext { actor: principal.actor(), request_id: "r".into(), correlation_id: "r".into(), message: None };
     app.store_upload(principal, &context, blob, asset_uuid, |stored| AssetUploaded {

@@ -379,6 +379,15 @@ impl TempBlob {
         Ok(())
     }
 
+    /// Hands what this upload holds to the blocking pool to be written now, so that its
+    /// share of the budget comes back even if no more bytes arrive (a paused client).
+    pub async fn write_held(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.hand_over_pending().await?;
+        }
+        Ok(())
+    }
+
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -617,6 +626,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         false
+    }
+
+    #[tokio::test]
+    async fn a_paused_upload_gives_its_share_back_once_what_it_holds_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let total = store.budget().total();
+        let mut blob = store.create_temp();
+        blob.write(Bytes::from(vec![1u8; 4096])).await.unwrap();
+        assert_eq!(store.budget().available(), total - 4096, "held while receiving");
+        blob.write_held().await.unwrap();
+        assert!(budget_returned(&store).await, "written out, its share comes back while the client pauses");
+        blob.write(Bytes::from(vec![2u8; 10])).await.unwrap();
+        let id = Uuid::new_v4();
+        assert_eq!(blob.persist(id).await.unwrap().size, 4106);
+        let mut expected = vec![1u8; 4096];
+        expected.extend_from_slice(&[2u8; 10]);
+        assert_eq!(std::fs::read(store.path(id)).unwrap(), expected, "and the file is whole");
+        assert!(budget_returned(&store).await);
     }
 
     #[tokio::test]

@@ -35,6 +35,9 @@ use crate::projections::read::AssetInfo;
 const MAX_FORM_FIELD: u64 = 64 * 1024;
 /// Room for multipart boundaries, part headers and small fields around the file.
 const MULTIPART_OVERHEAD: u64 = 1024 * 1024;
+/// How long an upload's body may pause before what it holds is written out, giving
+/// back its share of the memory budget (see `crate::blobs::BufferBudget`).
+const HAND_OVER_WHEN_IDLE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Most bytes a client may send between two fields' contents (preamble, delimiters,
 /// part headers), which the parser has to buffer.
 const MAX_OUTSIDE_FIELDS: u64 = 64 * 1024;
@@ -281,8 +284,24 @@ async fn receive_form<B: Buf + Send + 'static>(
                     .filter(|m| m.essence_str() != "application/octet-stream")
                     .and_then(|m| MediaType::parse(m.as_ref()).ok());
                 let mut blob = ctx.app.blobs.create_temp();
-                while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, max))? {
-                    blob.write(chunk).await.map_err(|e| ApiError::from(AppError::Storage(e)))?;
+                let storage = |e| ApiError::from(AppError::Storage(e));
+                loop {
+                    let next = field.chunk();
+                    futures::pin_mut!(next);
+                    // A client that stops sending must not sit on its share of the
+                    // uploads' memory budget until its idle timeout: what it sent is
+                    // written out meanwhile (the read itself is not interrupted).
+                    let next = tokio::select! {
+                        next = &mut next => next,
+                        _ = tokio::time::sleep(HAND_OVER_WHEN_IDLE) => {
+                            blob.write_held().await.map_err(storage)?;
+                            next.await
+                        }
+                    };
+                    match next.map_err(|e| multipart_error(e, max))? {
+                        Some(chunk) => blob.write(chunk).await.map_err(storage)?,
+                        None => break,
+                    }
                 }
                 file = Some(ReceivedFile { blob, filename, part_type });
             }

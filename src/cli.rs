@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the HTTP API (migrating the database first).
     Serve(Box<ServeConfig>),
+    /// Run only job workers (and the job scheduler), to scale them apart from `serve`.
+    Worker(Box<ServeConfig>),
     /// Apply database migrations and exit.
     Migrate(DatabaseConfig),
     /// Rebuild the read models from the events.
@@ -73,6 +75,7 @@ pub async fn run() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
         Command::Serve(config) => serve(*config).await,
+        Command::Worker(config) => worker(*config).await,
         Command::Migrate(db) => {
             let pool = db.pool()?;
             let applied = crate::migrations::run(&mut pool.get().await.context("connecting to the database")?).await?;
@@ -151,6 +154,7 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
         accel_redirect_prefix: config.accel_redirect_prefix.clone().filter(|p| !p.is_empty()),
         body_idle_timeout: Duration::from_secs(config.body_idle_timeout_seconds.max(1)),
         public_url: config.public_url.clone(),
+        import_policy: config.jobs.import_policy(),
     };
     Ok(Context { app, settings: std::sync::Arc::new(settings) })
 }
@@ -159,65 +163,111 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ctx = build_context(&config).await?;
     let listener = std::net::TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, base_path = %config.base_path, "assetd serving");
-    let broker = (config.relay || config.commands)
-        .then(|| crate::broker::Broker::start(&config.amqp_url, ctx.app.messaging.clone()));
-    // At the signal: the command consumer stops taking commands. Once the requests
-    // have finished: the relay publishes what they recorded, then stops.
-    let (stopping, stop) = tokio::sync::watch::channel(false);
-    let (flushing, flush) = tokio::sync::watch::channel(false);
-    let relay = broker.clone().filter(|_| config.relay).map(|broker| {
-        let config = crate::relay::RelayConfig {
-            status: ctx.app.messaging.clone(),
-            database_url: config.database.database_url.clone(),
-            broker,
-            exchange: format!("{}.events", config.amqp_prefix),
-            idle_poll: Duration::from_millis(200),
-        };
-        tokio::spawn(crate::relay::run(config, flush))
-    });
-    let commands = broker.filter(|_| config.commands).map(|broker| {
-        let config = crate::commands::CommandsConfig { broker, prefix: config.amqp_prefix.clone() };
-        tokio::spawn(crate::commands::run(ctx.app.clone(), config, stop))
-    });
-    let messaging = ctx.app.messaging.clone();
-    let signal = async move {
-        shutdown_signal().await;
-        stopping.send_replace(true);
+    let shutdown = crate::shutdown::Shutdown::new();
+    start_background(&ctx.app, &config, &shutdown, Role::Serve)?;
+    // At the signal: consumers and workers stop taking work. Once the requests have
+    // finished: the relay publishes what they recorded, then everything stops.
+    let signal = {
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown_signal().await;
+            shutdown.stop();
+        }
     };
     http::serve(ctx, listener, signal, Duration::from_secs(config.shutdown_grace_seconds)).await?;
-    // The consumer, then the relay, within one bound; the consumer gets half of it at
-    // most, so that the relay always has time to flush.
-    let deadline = tokio::time::Instant::now() + AMQP_SHUTDOWN_TIMEOUT;
-    // A command still unacked when abandoned goes back to the queue, for whoever runs next.
-    if let Some(commands) = commands {
-        let consumer_deadline = tokio::time::Instant::now() + AMQP_SHUTDOWN_TIMEOUT / 2;
-        finish_or_abandon(commands, consumer_deadline, "the command consumer").await;
-    }
-    // Whatever the relay had not confirmed is published again by the next relay; one
-    // that cannot reach the broker has nothing to flush to.
-    if let Some(relay) = relay {
-        if messaging.relay() == crate::app::ComponentState::Connecting {
-            tracing::warn!("the broker is unreachable: events not yet published wait for the next relay");
-            relay.abort();
-        } else {
-            flushing.send_replace(true);
-            finish_or_abandon(relay, deadline, "the relay (events not yet published wait for the next relay)").await;
-        }
-    }
-
+    shutdown.finish(BACKGROUND_SHUTDOWN_TIMEOUT).await;
     tracing::info!("assetd stopped");
     Ok(())
 }
 
-/// How long the AMQP side may take to finish at shutdown, once requests have finished.
-const AMQP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn finish_or_abandon(mut task: tokio::task::JoinHandle<()>, deadline: tokio::time::Instant, what: &str) {
-    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-        tracing::warn!(timeout = ?AMQP_SHUTDOWN_TIMEOUT, "{what} did not finish in time; stopped");
-        task.abort();
-    }
+async fn worker(config: ServeConfig) -> anyhow::Result<()> {
+    let ctx = build_context(&config).await?;
+    let shutdown = crate::shutdown::Shutdown::new();
+    start_background(&ctx.app, &config, &shutdown, Role::Worker)?;
+    tracing::info!("assetd worker running");
+    shutdown_signal().await;
+    shutdown.finish(BACKGROUND_SHUTDOWN_TIMEOUT).await;
+    tracing::info!("assetd worker stopped");
+    Ok(())
 }
+
+/// Which background tasks a process runs.
+#[derive(PartialEq)]
+enum Role {
+    /// `serve`: the relay and the command consumer (as configured), and workers
+    /// unless `ASSETD_WORKERS=false`.
+    Serve,
+    /// `worker`: workers only.
+    Worker,
+}
+
+/// Starts the process's background tasks under `shutdown`.
+fn start_background(
+    app: &App,
+    config: &ServeConfig,
+    shutdown: &crate::shutdown::Shutdown,
+    role: Role,
+) -> anyhow::Result<()> {
+    let relay = role == Role::Serve && config.relay;
+    let commands = role == Role::Serve && config.commands;
+    let workers = role == Role::Worker || config.jobs.workers;
+    if !(relay || commands || workers) {
+        return Ok(());
+    }
+    let broker = crate::broker::Broker::start(&config.amqp_url, app.messaging.clone());
+    let prefix = config.amqp_prefix.clone();
+    if relay {
+        let relay = crate::relay::RelayConfig {
+            status: app.messaging.clone(),
+            database_url: config.database.database_url.clone(),
+            broker: broker.clone(),
+            exchange: crate::jobs::topology::events_exchange(&prefix),
+            job_queues: Some(prefix.clone()),
+            idle_poll: Duration::from_millis(200),
+        };
+        shutdown.spawn("the relay", crate::relay::run(relay, shutdown.flush_token()));
+    }
+    if commands {
+        let commands = crate::commands::CommandsConfig {
+            broker: broker.clone(),
+            prefix: prefix.clone(),
+            import_policy: config.jobs.import_policy(),
+        };
+        shutdown.spawn("the command consumer", crate::commands::run(app.clone(), commands, shutdown.stop_token()));
+    }
+    if workers {
+        let fetcher = crate::jobs::fetch::Fetcher::new(
+            config
+                .jobs
+                .fetch_settings(config.max_upload_size)
+                .map_err(|e| anyhow::anyhow!("ASSETD_IMPORT_ALLOWLIST: {e}"))?,
+        )
+        .map_err(|e| anyhow::anyhow!("the import HTTP client: {e}"))?;
+        let worker = crate::jobs::WorkerConfig {
+            broker: broker.clone(),
+            prefix: prefix.clone(),
+            worker_id: crate::jobs::default_worker_id(),
+            import_concurrency: config.jobs.import_concurrency,
+            import_policy: config.jobs.import_policy(),
+            lease: Duration::from_secs(config.jobs.lease_seconds.max(1)),
+            backoff: config.jobs.backoff(),
+            fetcher,
+        };
+        shutdown.spawn("the job workers", crate::jobs::run(app.clone(), worker, shutdown.stop_token()));
+        let scheduler = crate::jobs::SchedulerConfig {
+            broker,
+            prefix,
+            database_url: config.database.database_url.clone(),
+            backoff: config.jobs.backoff(),
+            sweep_every: Duration::from_secs(1),
+        };
+        shutdown.spawn("the job scheduler", crate::jobs::run_scheduler(app.clone(), scheduler, shutdown.flush_token()));
+    }
+    Ok(())
+}
+
+/// How long the background tasks may take to finish, once requests have finished.
+const BACKGROUND_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Resolves on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {

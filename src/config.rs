@@ -75,9 +75,91 @@ pub struct ServeConfig {
     /// Whether this process consumes the `<prefix>.commands` queue (several may).
     #[arg(long, env = "ASSETD_COMMANDS", default_value_t = true, action = clap::ArgAction::Set)]
     pub commands: bool,
+    /// Job workers and imports.
+    #[command(flatten)]
+    pub jobs: JobsConfig,
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     #[arg(long, env = "ASSETD_SHUTDOWN_GRACE", default_value_t = 30)]
     pub shutdown_grace_seconds: u64,
+}
+
+/// How jobs run (EVENTS.md "Jobs").
+#[derive(clap::Args, Clone, Debug)]
+pub struct JobsConfig {
+    /// Whether `serve` runs job workers too (`assetd worker` runs only them).
+    #[arg(long, env = "ASSETD_WORKERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub workers: bool,
+    /// Imports one worker runs at once.
+    #[arg(long, env = "ASSETD_IMPORT_CONCURRENCY", default_value_t = 4)]
+    pub import_concurrency: usize,
+    /// Attempts an import gets before it fails for good.
+    #[arg(long, env = "ASSETD_IMPORT_MAX_ATTEMPTS", default_value_t = 5)]
+    pub import_max_attempts: u32,
+    /// The first retry's delay, in milliseconds; each next one doubles (with jitter).
+    #[arg(long, env = "ASSETD_JOB_RETRY_BASE_MS", default_value_t = 2_000)]
+    pub retry_base_ms: u64,
+    /// The longest delay between two attempts, in milliseconds.
+    #[arg(long, env = "ASSETD_JOB_RETRY_MAX_MS", default_value_t = 600_000)]
+    pub retry_max_ms: u64,
+    /// How long a running attempt is its worker's without a word from it, in seconds
+    /// (workers report every second while they make progress).
+    #[arg(long, env = "ASSETD_JOB_LEASE_SECONDS", default_value_t = 30)]
+    pub lease_seconds: u64,
+    /// Hosts, addresses and CIDR networks imports may reach although not public
+    /// (comma-separated), e.g. `files.internal,10.0.0.0/8`.
+    #[arg(long, env = "ASSETD_IMPORT_ALLOWLIST", default_value = "")]
+    pub import_allowlist: String,
+    /// Seconds an import may take to connect.
+    #[arg(long, env = "ASSETD_IMPORT_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub import_connect_timeout: u64,
+    /// Seconds an import's source may stay silent.
+    #[arg(long, env = "ASSETD_IMPORT_READ_TIMEOUT", default_value_t = 30)]
+    pub import_read_timeout: u64,
+    /// Seconds a whole fetch may take.
+    #[arg(long, env = "ASSETD_IMPORT_TIMEOUT", default_value_t = 3_600)]
+    pub import_timeout: u64,
+}
+
+impl Default for JobsConfig {
+    /// As the command line's defaults.
+    fn default() -> Self {
+        Self {
+            workers: true,
+            import_concurrency: 4,
+            import_max_attempts: 5,
+            retry_base_ms: 2_000,
+            retry_max_ms: 600_000,
+            lease_seconds: 30,
+            import_allowlist: String::new(),
+            import_connect_timeout: 10,
+            import_read_timeout: 30,
+            import_timeout: 3_600,
+        }
+    }
+}
+
+impl JobsConfig {
+    pub fn backoff(&self) -> crate::jobs::Backoff {
+        crate::jobs::Backoff {
+            base: std::time::Duration::from_millis(self.retry_base_ms.max(1)),
+            max: std::time::Duration::from_millis(self.retry_max_ms.max(self.retry_base_ms).max(1)),
+        }
+    }
+
+    pub fn import_policy(&self) -> crate::app::jobs::JobPolicy {
+        crate::app::jobs::JobPolicy { max_attempts: self.import_max_attempts.max(1) }
+    }
+
+    pub fn fetch_settings(&self, max_size: u64) -> Result<crate::jobs::fetch::FetchSettings, String> {
+        use std::time::Duration;
+        Ok(crate::jobs::fetch::FetchSettings {
+            allow: crate::jobs::fetch::AllowList::parse(&self.import_allowlist)?,
+            connect_timeout: Duration::from_secs(self.import_connect_timeout.max(1)),
+            read_timeout: Duration::from_secs(self.import_read_timeout.max(1)),
+            total_timeout: Duration::from_secs(self.import_timeout.max(1)),
+            max_size,
+        })
+    }
 }
 
 fn parse_base_path(value: &str) -> Result<String, String> {

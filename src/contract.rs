@@ -10,12 +10,11 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
 use crate::app::EventMetadata;
-use crate::commands::{self, CommandReply, SessionDelete};
+use crate::commands;
 use crate::domain::asset::AssetEvent;
+use crate::domain::job::JobEvent;
 use crate::domain::session::SessionEvent;
 use crate::domain::PayloadVisitor;
-use crate::http::sessions::SessionDeletedReply;
-use crate::projections::read::SessionInfo;
 use crate::relay::{routing_key, EventMessage};
 
 /// A file to write under the contract directory (`events/`).
@@ -45,6 +44,7 @@ fn generator() -> SchemaGenerator {
 /// Streams an aggregate's events are recorded in (`stream` of the envelope).
 const SESSION_STREAM: &str = "^session-[1-9][0-9]*$";
 const ASSET_STREAM: &str = "^asset-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
+const JOB_STREAM: &str = "^job-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
 
 struct EventSchemas {
     stream_pattern: &'static str,
@@ -79,7 +79,9 @@ fn event_schemas() -> Vec<MessageSchema> {
     SessionEvent::visit_payloads(&mut sessions);
     let mut assets = EventSchemas { stream_pattern: ASSET_STREAM, schemas: vec![] };
     AssetEvent::visit_payloads(&mut assets);
-    sessions.schemas.into_iter().chain(assets.schemas).collect()
+    let mut jobs = EventSchemas { stream_pattern: JOB_STREAM, schemas: vec![] };
+    JobEvent::visit_payloads(&mut jobs);
+    sessions.schemas.into_iter().chain(assets.schemas).chain(jobs.schemas).collect()
 }
 
 /// A command with its reply.
@@ -102,47 +104,17 @@ fn command_schemas() -> Vec<CommandSchemas> {
             schema,
         }
     }
-    let upsert = commands::SESSION_UPSERT;
-    let delete = commands::SESSION_DELETE;
     let reply_description = "The reply to a command sent with `reply_to`, with its `correlation_id`.";
-    vec![
-        CommandSchemas {
-            command: message(
-                upsert,
-                titled(
-                    commands::session_upsert_schema(&mut generator()),
-                    upsert,
-                    "Register or update a session: the body of `PUT /file/api/sessions/{id_session}` with `id_session`.",
-                ),
-            ),
+    commands::COMMANDS
+        .iter()
+        .map(|spec| CommandSchemas {
+            command: message(spec.name, titled((spec.schema)(&mut generator()), spec.name, spec.description)),
             reply: message(
-                &format!("{upsert}.reply"),
-                titled(
-                    generator().into_root_schema_for::<CommandReply<SessionInfo>>(),
-                    &format!("{upsert} reply"),
-                    reply_description,
-                ),
+                &format!("{}.reply", spec.name),
+                titled((spec.reply_schema)(&mut generator()), &format!("{} reply", spec.name), reply_description),
             ),
-        },
-        CommandSchemas {
-            command: message(
-                delete,
-                titled(
-                    generator().into_root_schema_for::<SessionDelete>(),
-                    delete,
-                    "Delete a session and all its assets, as `DELETE /file/api/sessions/{id_session}`.",
-                ),
-            ),
-            reply: message(
-                &format!("{delete}.reply"),
-                titled(
-                    generator().into_root_schema_for::<CommandReply<SessionDeletedReply>>(),
-                    &format!("{delete} reply"),
-                    reply_description,
-                ),
-            ),
-        },
-    ]
+        })
+        .collect()
 }
 
 /// `asset.uploaded` → `assetUploaded`: AsyncAPI keys for channels and operations.

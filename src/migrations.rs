@@ -9,6 +9,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "causation_index", include_str!("migrations/0003_causation_index.sql")),
     (4, "command_receipts", include_str!("migrations/0004_command_receipts.sql")),
     (5, "session_registrations", include_str!("migrations/0005_session_registrations.sql")),
+    (6, "jobs", include_str!("migrations/0006_jobs.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

@@ -7,21 +7,22 @@
 use std::sync::Arc;
 
 use deadpool_postgres::{GenericClient, Pool, Transaction};
+use serde_json::Value;
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, TokenError};
 use crate::blobs::{BlobStore, StoredBlob, TempBlob};
-use crate::domain::asset::{Asset, AssetEvent, AssetUploaded, DeletionReason};
+use crate::domain::asset::{Asset, AssetUploaded, DeletionReason};
 use crate::domain::names::{FileName, SessionId};
 use crate::domain::principal::{Actor, Principal};
-use crate::domain::session::{Session, SessionDetails, SessionEvent, UpsertSession};
-use crate::domain::{DomainError, DomainEvent};
+use crate::domain::session::{Session, SessionDetails, UpsertSession};
+use crate::domain::{Aggregate, DomainError, DomainEvent};
 use crate::eventstore::{self, EventStoreError, ExpectedVersion, NewEvent, RecordedEvent};
 use crate::projections::read::{self, AssetInfo, ListingCursor, SessionInfo};
 use crate::projections::{self, ProjectionError};
 
 /// How often a command is retried when another writer got to its stream first.
-const MAX_ATTEMPTS: u32 = 8;
+pub(crate) const MAX_ATTEMPTS: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -54,9 +55,33 @@ pub enum AppError {
 }
 
 impl AppError {
-    fn is_retryable_conflict(&self) -> bool {
+    pub(crate) fn is_retryable_conflict(&self) -> bool {
         matches!(self, Self::EventStore(e) if e.is_conflict())
     }
+}
+
+/// A JSON body written one way whatever its key order and white space (it parsed as
+/// JSON: the command did), so that a sender's retry, serialised anew, is the same body.
+pub fn canonical_json(body: &[u8]) -> String {
+    fn sorted(value: Value) -> Value {
+        match value {
+            Value::Object(object) => {
+                let mut entries: Vec<(String, Value)> = object.into_iter().collect();
+                entries.sort_by(|(a, _), (b, _)| a.cmp(b));
+                Value::Object(entries.into_iter().map(|(key, value)| (key, sorted(value))).collect())
+            }
+            Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
+            other => other,
+        }
+    }
+    serde_json::from_slice(body).map(sorted).map(|value| value.to_string()).unwrap_or_default()
+}
+
+/// The SHA-256 (hex) of a JSON body's [`canonical_json`]: how a message or request sent
+/// again is recognised as the same.
+pub fn body_sha256(body: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(canonical_json(body).as_bytes()))
 }
 
 /// Who asked, and the ids that tie the resulting events to the request.
@@ -117,24 +142,6 @@ pub struct EventMetadata {
     pub service_version: String,
 }
 
-/// An aggregate folded from its stream.
-trait Aggregate: Default {
-    type Event: DomainEvent;
-    fn apply(&mut self, event: &Self::Event);
-}
-impl Aggregate for Session {
-    type Event = SessionEvent;
-    fn apply(&mut self, event: &SessionEvent) {
-        Session::apply(self, event)
-    }
-}
-impl Aggregate for Asset {
-    type Event = AssetEvent;
-    fn apply(&mut self, event: &AssetEvent) {
-        Asset::apply(self, event)
-    }
-}
-
 /// The session `asset` belongs to by id (registered now, possibly again since).
 async fn session_of(client: &impl GenericClient, asset: &AssetInfo) -> Result<Option<SessionInfo>, AppError> {
     match SessionId::new(asset.id_session) {
@@ -144,7 +151,7 @@ async fn session_of(client: &impl GenericClient, asset: &AssetInfo) -> Result<Op
 }
 
 pub fn asset_stream(uuid: Uuid) -> String {
-    format!("asset-{uuid}")
+    <Asset as Aggregate>::stream(uuid)
 }
 
 /// Loads `stream` in `tx`, lets `decide` turn the state into events, appends them with
@@ -247,7 +254,7 @@ macro_rules! in_transaction {
                     $tx.commit().await.map_err(|error| AppError::CommitOutcomeUnknown(error.to_string()))?;
                     break Ok::<_, AppError>(value);
                 }
-                Err(error) if error.is_retryable_conflict() && attempt < MAX_ATTEMPTS => {
+                Err(error) if error.is_retryable_conflict() && attempt < $crate::app::MAX_ATTEMPTS => {
                     // Roll back first: the locks and the connection are not held while
                     // waiting. Then back off a little, with jitter.
                     drop($tx);
@@ -263,7 +270,9 @@ macro_rules! in_transaction {
 }
 
 mod faults;
+pub mod jobs;
 mod recorder;
+pub mod sessions;
 
 pub use faults::{database_unavailable, RETRY_AFTER_SECONDS};
 
@@ -290,6 +299,7 @@ pub struct MessagingStatus {
     broker: std::sync::atomic::AtomicU8,
     relay: std::sync::atomic::AtomicU8,
     commands: std::sync::atomic::AtomicU8,
+    workers: std::sync::atomic::AtomicU8,
 }
 
 /// One component's state, as `/ready` shows it.
@@ -342,6 +352,12 @@ impl MessagingStatus {
     }
     pub fn set_commands(&self, state: ComponentState) {
         self.commands.store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn set_workers(&self, state: ComponentState) {
+        self.workers.store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn workers(&self) -> ComponentState {
+        ComponentState::from_u8(self.workers.load(std::sync::atomic::Ordering::Relaxed))
     }
     pub fn relay(&self) -> ComponentState {
         ComponentState::from_u8(self.relay.load(std::sync::atomic::Ordering::Relaxed))

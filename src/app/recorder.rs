@@ -18,7 +18,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
-use super::{asset_stream, new_events, AppError, CommandContext, MAX_ATTEMPTS};
+use super::{asset_stream, new_events, AppError, CommandContext};
 use crate::domain::asset::{Asset, AssetEvent, AssetUploaded};
 use crate::domain::names::SessionId;
 use crate::domain::principal::Principal;

@@ -20,9 +20,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::app::jobs::{ImportBody, JobPolicy};
+use crate::app::sessions::{SessionBody, SessionDeletedReply};
 use crate::app::{App, AppError, CommandContext, ComponentState, ReceivedMessage};
 use crate::broker::BrokerError;
 use crate::domain::names::SessionId;
@@ -30,7 +31,6 @@ use crate::domain::principal::{Principal, PrincipalKind};
 use crate::domain::session::UpsertSession;
 use crate::domain::DomainError;
 use crate::eventstore;
-use crate::http::sessions::{SessionBody, SessionDeletedReply};
 use crate::projections::read::SessionInfo;
 
 /// Commands handled at once per consumer.
@@ -42,6 +42,8 @@ pub struct CommandsConfig {
     pub broker: crate::broker::Broker,
     /// Names: `<prefix>.commands` (exchange and queue), `<prefix>.commands.dead`.
     pub prefix: String,
+    /// How the imports it queues run.
+    pub import_policy: JobPolicy,
 }
 
 impl CommandsConfig {
@@ -81,16 +83,6 @@ pub struct CommandReply<Result> {
     /// What the command did (`ok: true`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<Result>,
-}
-
-/// What a command that ran gives back.
-#[derive(Debug, Serialize)]
-#[serde(untagged)]
-enum CommandResult {
-    /// `session.upsert`: the session as registered.
-    Session(SessionInfo),
-    /// `session.delete`.
-    SessionDeleted(SessionDeletedReply),
 }
 
 fn parse_session_upsert(body: &[u8]) -> Result<UpsertSession, Refusal> {
@@ -186,14 +178,14 @@ fn recorded_message_id(value: Option<&lapin::types::ShortString>) -> Option<Stri
     }))
 }
 
-/// Consumes commands until the task is dropped or `stop` turns true (then the command
+/// Consumes commands until the task is dropped or `stop` is cancelled (then the command
 /// being handled is finished, the ones prefetched go back to the queue, and it
-/// returns), reconnecting with backoff. A dropped sender never stops it.
-pub async fn run(app: App, config: CommandsConfig, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// returns), reconnecting with backoff.
+pub async fn run(app: App, config: CommandsConfig, stop: tokio_util::sync::CancellationToken) {
     let mut backoff = Duration::from_millis(200);
-    while !*stop.borrow() {
+    while !stop.is_cancelled() {
         app.messaging.set_commands(ComponentState::Connecting);
-        let result = consume(&app, &config, &mut stop).await;
+        let result = consume(&app, &config, &stop).await;
         if app.messaging.commands() == ComponentState::Up {
             backoff = Duration::from_millis(200); // it had been working
         }
@@ -201,7 +193,7 @@ pub async fn run(app: App, config: CommandsConfig, mut stop: tokio::sync::watch:
             tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "command consumer stopped; starting over");
             tokio::select! {
                 biased;
-                Ok(_) = stop.wait_for(|stop| *stop) => {}
+                _ = stop.cancelled() => {}
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -227,7 +219,7 @@ pub async fn declare(channel: &Channel, config: &CommandsConfig) -> lapin::Resul
             FieldTable::default(),
         )
         .await?;
-    for command in [SESSION_UPSERT, SESSION_DELETE] {
+    for command in COMMANDS.iter().map(|command| command.name) {
         channel
             .queue_bind(
                 config.queue().as_str().into(),
@@ -260,7 +252,7 @@ async fn bounded<T>(operation: impl std::future::Future<Output = lapin::Result<T
 async fn consume(
     app: &App,
     config: &CommandsConfig,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Result<(), BrokerError> {
     if !app.database_ready().await {
         return Err(BrokerError::Unavailable("the database is unreachable; not taking commands".into()));
@@ -284,7 +276,7 @@ async fn consume(
             // Biased: once stopped, no more of the deliveries already prefetched.
             let delivery = tokio::select! {
                 biased;
-                Ok(_) = stop.wait_for(|stop| *stop) => return Ok(()),
+                _ = stop.cancelled() => return Ok(()),
                 delivery = deliveries.next() => delivery,
             };
             let Some(delivery) = delivery else { return Ok(()) };
@@ -311,7 +303,7 @@ async fn handle(
     channel: &Channel,
     delivery: Delivery,
 ) -> Result<Handled, BrokerError> {
-    let outcome = run_command(app, &delivery).await.map_err(|refusal| match refusal {
+    let outcome = run_command(app, config, &delivery).await.map_err(|refusal| match refusal {
         Refusal::Invalid(reason) => Refusal::Invalid(truncated(reason, MAX_REASON_BYTES)),
         transient => transient,
     });
@@ -446,61 +438,173 @@ fn unclear_command(delivery: &Delivery) -> Option<Refusal> {
 
 /// A command that was run, now or by an earlier delivery of the same message.
 enum Ran {
-    Now(CommandResult),
+    Now(Value),
     /// With what it gave then, as far as it can be told now (the session's current
     /// state; none if it is gone).
-    Before(Option<CommandResult>),
+    Before(Option<Value>),
 }
 
-/// A JSON body written one way whatever its key order and white space (it parsed as
-/// JSON: the command did), so that a sender's retry, serialised anew, is the same body.
-fn canonical_json(body: &[u8]) -> String {
-    fn sorted(value: Value) -> Value {
-        match value {
-            Value::Object(object) => {
-                let mut entries: Vec<(String, Value)> = object.into_iter().collect();
-                entries.sort_by(|(a, _), (b, _)| a.cmp(b));
-                Value::Object(entries.into_iter().map(|(key, value)| (key, sorted(value))).collect())
-            }
-            Value::Array(items) => Value::Array(items.into_iter().map(sorted).collect()),
-            other => other,
-        }
+/// What running a command can end in besides a result.
+enum RunError {
+    Refused(Refusal),
+    App(AppError),
+}
+
+impl From<AppError> for RunError {
+    fn from(error: AppError) -> Self {
+        Self::App(error)
     }
-    serde_json::from_slice(body).map(sorted).map(|value| value.to_string()).unwrap_or_default()
 }
-
-/// A command as parsed from its message.
-enum Command {
-    Upsert(UpsertSession),
-    Delete(SessionId),
-}
-
-impl Command {
-    fn parse(name: &str, body: &[u8]) -> Result<Self, Refusal> {
-        match name {
-            SESSION_UPSERT => Ok(Self::Upsert(parse_session_upsert(body)?)),
-            SESSION_DELETE => {
-                let body: SessionDelete =
-                    serde_json::from_slice(body).map_err(|error| Refusal::Invalid(format!("invalid body: {error}")))?;
-                Ok(Self::Delete(body.id_session))
-            }
-            other => Err(Refusal::Invalid(format!("unknown command {other:?}"))),
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Upsert(_) => SESSION_UPSERT,
-            Self::Delete(_) => SESSION_DELETE,
-        }
+impl From<Refusal> for RunError {
+    fn from(refusal: Refusal) -> Self {
+        Self::Refused(refusal)
     }
 }
 
-async fn run_command(app: &App, delivery: &Delivery) -> Result<Ran, Refusal> {
+/// One command as it runs: who sent it, its context and body.
+struct Invocation<'a> {
+    app: &'a App,
+    config: &'a CommandsConfig,
+    principal: Principal,
+    ctx: CommandContext,
+    body: &'a [u8],
+}
+
+type Running<'a, T> = futures::future::BoxFuture<'a, Result<T, RunError>>;
+
+/// One AMQP command: the one place that says what its body is, what it runs and what
+/// it answers when its message was already run. Adding a command is one entry in
+/// [`COMMANDS`]; the queue bindings and the contract files come from the table.
+pub struct CommandSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// The body's JSON Schema.
+    pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+    /// The reply's JSON Schema.
+    pub reply_schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
+    run: for<'a> fn(&'a Invocation<'a>) -> Running<'a, Value>,
+    /// What the command gave when its message was first run (`message_id` given).
+    ran_before: for<'a> fn(&'a Invocation<'a>, &'a str) -> Running<'a, Option<Value>>,
+}
+
+pub const IMPORT_REQUEST: &str = "import.request";
+
+/// Every command assetd takes.
+pub static COMMANDS: [CommandSpec; 3] = [
+    CommandSpec {
+        name: SESSION_UPSERT,
+        description:
+            "Register or update a session: the body of `PUT /file/api/sessions/{id_session}` with `id_session`.",
+        schema: session_upsert_schema,
+        reply_schema: |generator| generator.root_schema_for::<CommandReply<SessionInfo>>(),
+        run: run_session_upsert,
+        ran_before: session_upsert_ran_before,
+    },
+    CommandSpec {
+        name: SESSION_DELETE,
+        description: "Delete a session and all its assets, as `DELETE /file/api/sessions/{id_session}`.",
+        schema: |generator| generator.root_schema_for::<SessionDelete>(),
+        reply_schema: |generator| generator.root_schema_for::<CommandReply<SessionDeletedReply>>(),
+        run: run_session_delete,
+        ran_before: session_delete_ran_before,
+    },
+    CommandSpec {
+        name: IMPORT_REQUEST,
+        description: "Import a file from a URL into a session, as `POST /file/api/imports`: the reply names the job.",
+        schema: |generator| generator.root_schema_for::<ImportBody>(),
+        reply_schema: |generator| generator.root_schema_for::<CommandReply<ImportQueued>>(),
+        run: run_import_request,
+        ran_before: import_request_ran_before,
+    },
+];
+
+fn body_of<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|error| Refusal::Invalid(format!("invalid body: {error}")))
+}
+
+fn to_value(result: impl Serialize) -> Value {
+    serde_json::to_value(result).expect("replies are plain data")
+}
+
+fn run_session_upsert<'a>(call: &'a Invocation<'a>) -> Running<'a, Value> {
+    Box::pin(async move {
+        let upsert = parse_session_upsert(call.body)?;
+        Ok(to_value(call.app.upsert_session(&call.principal, &call.ctx, upsert).await?))
+    })
+}
+
+fn session_upsert_ran_before<'a>(call: &'a Invocation<'a>, _message_id: &'a str) -> Running<'a, Option<Value>> {
+    Box::pin(async move {
+        let upsert = parse_session_upsert(call.body)?;
+        Ok(call.app.session_for(&call.principal, upsert.id_session).await.ok().map(to_value))
+    })
+}
+
+fn run_session_delete<'a>(call: &'a Invocation<'a>) -> Running<'a, Value> {
+    Box::pin(async move {
+        let id_session = body_of::<SessionDelete>(call.body)?.id_session;
+        let deleted_assets = call.app.delete_session(&call.principal, &call.ctx, id_session).await?;
+        Ok(to_value(SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
+    })
+}
+
+fn session_delete_ran_before<'a>(call: &'a Invocation<'a>, message_id: &'a str) -> Running<'a, Option<Value>> {
+    Box::pin(async move {
+        let id_session = body_of::<SessionDelete>(call.body)?.id_session;
+        let deleted_assets = caused_by(call.app, message_id, "AssetDeleted", "asset_uuid").await?;
+        Ok(Some(to_value(SessionDeletedReply { id_session: id_session.get(), deleted_assets })))
+    })
+}
+
+/// The reply to `import.request`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ImportQueued {
+    pub job_uuid: Uuid,
+    /// `queued` when just asked for; the job's status now when the message was sent again.
+    pub status: String,
+}
+
+fn run_import_request<'a>(call: &'a Invocation<'a>) -> Running<'a, Value> {
+    Box::pin(async move {
+        let body: ImportBody = body_of(call.body)?;
+        let request = body.validate(&call.principal).map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let requested =
+            call.app.request_import(&call.principal, &call.ctx, request, None, call.config.import_policy).await?;
+        Ok(to_value(ImportQueued { job_uuid: requested.job.job_uuid, status: requested.job.status.to_owned() }))
+    })
+}
+
+fn import_request_ran_before<'a>(call: &'a Invocation<'a>, message_id: &'a str) -> Running<'a, Option<Value>> {
+    Box::pin(async move {
+        let Some(job_uuid) = caused_by(call.app, message_id, "JobQueued", "job_uuid").await?.into_iter().next() else {
+            return Ok(None);
+        };
+        let status = call.app.job_for(&call.principal, job_uuid).await.map(|job| job.status.to_owned());
+        Ok(Some(to_value(ImportQueued { job_uuid, status: status.unwrap_or_else(|_| "unknown".into()) })))
+    })
+}
+
+/// The uuids in `field` of the events of `event_type` that the message `message_id` caused.
+async fn caused_by(app: &App, message_id: &str, event_type: &str, field: &str) -> Result<Vec<Uuid>, RunError> {
+    let client = app.pool.get().await.map_err(AppError::from)?;
+    Ok(eventstore::read_caused_by(&client, message_id)
+        .await
+        .map_err(AppError::from)?
+        .iter()
+        .filter(|event| event.event_type == event_type)
+        .filter_map(|event| event.data.get(field)?.as_str()?.parse().ok())
+        .collect())
+}
+
+async fn run_command(app: &App, config: &CommandsConfig, delivery: &Delivery) -> Result<Ran, Refusal> {
     if let Some(refusal) = unclear_command(delivery) {
         return Err(refusal);
     }
-    let command = Command::parse(&command_name(delivery), &delivery.data)?;
+    let name = command_name(delivery);
+    let spec = COMMANDS
+        .iter()
+        .find(|command| command.name == name)
+        .ok_or_else(|| Refusal::Invalid(format!("unknown command {name:?}")))?;
     // The sending service may name itself (its uuid) in `app_id`.
     let sender = delivery.properties.app_id().as_ref().and_then(|id| id.as_str().parse().ok());
     let principal = Principal {
@@ -512,8 +616,8 @@ async fn run_command(app: &App, delivery: &Delivery) -> Result<Ran, Refusal> {
     let request_id = plain_id(delivery.properties.message_id().as_ref()).unwrap_or_else(|| Uuid::new_v4().to_string());
     let message = recorded_message_id(delivery.properties.message_id().as_ref()).map(|id| ReceivedMessage {
         id,
-        command: command.name(),
-        body_sha256: hex::encode(Sha256::digest(canonical_json(&delivery.data).as_bytes())),
+        command: spec.name,
+        body_sha256: crate::app::body_sha256(&delivery.data),
     });
     let ctx = CommandContext {
         actor: principal.actor(),
@@ -521,40 +625,35 @@ async fn run_command(app: &App, delivery: &Delivery) -> Result<Ran, Refusal> {
         request_id,
         message,
     };
+    let call = Invocation { app, config, principal, ctx, body: &delivery.data };
     // The application records the message's receipt with the command's events, or
     // finds it there: a message sent again (redelivered after a lost ack, or retried by
     // its sender) is answered, not run again.
-    let outcome = match &command {
-        Command::Upsert(upsert) => {
-            app.upsert_session(&principal, &ctx, upsert.clone()).await.map(CommandResult::Session)
-        }
-        Command::Delete(id_session) => app.delete_session(&principal, &ctx, *id_session).await.map(|deleted_assets| {
-            CommandResult::SessionDeleted(SessionDeletedReply { id_session: id_session.get(), deleted_assets })
-        }),
-    };
-    match outcome {
+    match (spec.run)(&call).await {
         Ok(result) => Ok(Ran::Now(result)),
-        Err(AppError::AlreadyReceived(message_id)) => ran_before(app, &principal, &ctx, &command, &message_id).await,
-        Err(error) => Err(error.into()),
+        Err(RunError::App(AppError::AlreadyReceived(message_id))) => {
+            same_command_as_before(&call, &message_id).await?;
+            match (spec.ran_before)(&call, &message_id).await {
+                Ok(result) => Ok(Ran::Before(result)),
+                Err(RunError::Refused(refusal)) => Err(refusal),
+                Err(RunError::App(error)) => Err(error.into()),
+            }
+        }
+        Err(RunError::App(error)) => Err(error.into()),
+        Err(RunError::Refused(refusal)) => Err(refusal),
     }
 }
 
-/// The answer to a message received before: what its command did, if it is this very
-/// command (the same name and body); an id used for another command is refused.
-async fn ran_before(
-    app: &App,
-    principal: &Principal,
-    ctx: &CommandContext,
-    command: &Command,
-    message_id: &str,
-) -> Result<Ran, Refusal> {
-    let client = app.pool.get().await.map_err(AppError::from)?;
+/// A message received before must be this very command (the same name and body): an
+/// id used for another command is refused.
+async fn same_command_as_before(call: &Invocation<'_>, message_id: &str) -> Result<(), Refusal> {
+    let client = call.app.pool.get().await.map_err(AppError::from)?;
     let receipt = client
         .query_opt("SELECT command, body_sha256 FROM command_receipts WHERE message_id = $1", &[&message_id])
         .await
         .map_err(AppError::from)?;
     let same = receipt.is_some_and(|row| {
-        let message = ctx.message.as_ref();
+        let message = call.ctx.message.as_ref();
         Some(row.get::<_, &str>(0)) == message.map(|m| m.command)
             && Some(row.get::<_, &str>(1)) == message.map(|m| m.body_sha256.as_str())
     });
@@ -563,18 +662,5 @@ async fn ran_before(
             "message_id \"{message_id}\" was already used by another command; give each command an id of its own"
         )));
     }
-    let result = match command {
-        Command::Upsert(upsert) => app.session_for(principal, upsert.id_session).await.ok().map(CommandResult::Session),
-        Command::Delete(id_session) => {
-            let deleted_assets = eventstore::read_caused_by(&client, message_id)
-                .await
-                .map_err(AppError::from)?
-                .iter()
-                .filter(|event| event.event_type == "AssetDeleted")
-                .filter_map(|event| event.data.get("asset_uuid")?.as_str()?.parse().ok())
-                .collect();
-            Some(CommandResult::SessionDeleted(SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
-        }
-    };
-    Ok(Ran::Before(result))
+    Ok(())
 }

@@ -82,8 +82,20 @@ pub struct AssetDeleted {
     pub reason: DeletionReason,
 }
 
+/// The payload of `AssetImported`: an asset a job fetched (`asset_source: "import"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AssetImported {
+    #[serde(flatten)]
+    pub asset: AssetUploaded,
+    /// The job that made it (the asset's uuid derives from it).
+    pub job_uuid: Uuid,
+    /// Where the bytes came from, without credentials or query secrets.
+    pub source_url: String,
+}
+
 domain_events!(AssetEvent {
     AssetUploaded(AssetUploaded),
+    AssetImported(AssetImported),
     AssetRenamed(AssetRenamed),
     AssetDeleted(AssetDeleted),
 });
@@ -99,6 +111,7 @@ impl Asset {
     pub fn apply(&mut self, event: &AssetEvent) {
         match event {
             AssetEvent::AssetUploaded(uploaded) => self.uploaded = Some(uploaded.clone()),
+            AssetEvent::AssetImported(imported) => self.uploaded = Some(imported.asset.clone()),
             AssetEvent::AssetRenamed(renamed) => {
                 if let Some(uploaded) = &mut self.uploaded {
                     uploaded.asset_original_filename = renamed.asset_original_filename.clone();
@@ -121,6 +134,14 @@ impl Asset {
             return Err(DomainError::Conflict(format!("asset {} already exists", uploaded.asset_uuid)));
         }
         Ok(vec![AssetEvent::AssetUploaded(uploaded)])
+    }
+
+    /// Record an asset a job fetched (its bytes already durable).
+    pub fn handle_import(&self, imported: AssetImported) -> Result<Vec<AssetEvent>, DomainError> {
+        if self.uploaded.is_some() {
+            return Err(DomainError::Conflict(format!("asset {} already exists", imported.asset.asset_uuid)));
+        }
+        Ok(vec![AssetEvent::AssetImported(imported)])
     }
 
     /// Rename (OpenTera renames `asset_original_filename`). The same name again is a no-op.

@@ -6,6 +6,7 @@
 //! (`handle_*`), so the rules are unit-tested with given-events / when / then-events.
 
 pub mod asset;
+pub mod job;
 pub mod names;
 pub mod principal;
 pub mod session;
@@ -30,6 +31,37 @@ pub trait DomainEvent: Sized {
     /// `None` for a type this aggregate does not know (ignored when folding).
     fn from_parts(event_type: &str, data: &serde_json::Value) -> Option<Result<Self, serde_json::Error>>;
 }
+
+/// An event-sourced aggregate: its state folds from its own stream (`apply`); its
+/// `handle_*` methods turn a command into new events. `app::stage` is the one place that
+/// loads a stream, decides, appends with the expected version and projects; projections
+/// and the contract find an aggregate's events by its category.
+pub trait Aggregate: Default {
+    type Event: DomainEvent;
+    /// Streams are named `<CATEGORY>-<id>`.
+    const CATEGORY: &'static str;
+    fn apply(&mut self, event: &Self::Event);
+    fn stream(id: impl std::fmt::Display) -> String {
+        format!("{}-{id}", Self::CATEGORY)
+    }
+}
+
+/// Implements [`Aggregate`] for a type with an inherent `apply`.
+macro_rules! aggregate {
+    ($state:ty, $event:ty, $category:literal) => {
+        impl $crate::domain::Aggregate for $state {
+            type Event = $event;
+            const CATEGORY: &'static str = $category;
+            fn apply(&mut self, event: &$event) {
+                <$state>::apply(self, event)
+            }
+        }
+    };
+}
+
+aggregate!(session::Session, session::SessionEvent, "session");
+aggregate!(asset::Asset, asset::AssetEvent, "asset");
+aggregate!(job::Job, job::JobEvent, "job");
 
 /// Visits the payload type of each event type of an aggregate (for the JSON Schemas
 /// of the contract files).

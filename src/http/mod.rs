@@ -10,7 +10,8 @@ mod conditional;
 mod connection;
 mod download;
 pub mod error;
-mod fields;
+pub(crate) mod fields;
+mod jobs;
 pub mod openapi;
 mod ops;
 pub mod request_id;
@@ -40,6 +41,8 @@ pub struct HttpSettings {
     pub body_idle_timeout: Duration,
     /// `scheme://host[:port]` for absolute URLs in answers, without the base path.
     pub public_url: Option<String>,
+    /// How the imports it queues run.
+    pub import_policy: crate::app::jobs::JobPolicy,
 }
 
 /// Shared state of the handlers.
@@ -75,6 +78,8 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
             .or(upload::route(ctx.clone()))
             .unify()
             .or(assets::routes(ctx.clone()))
+            .unify()
+            .or(jobs::routes(ctx.clone()))
             .unify()
             .boxed(),
     );
@@ -257,6 +262,13 @@ impl JsonBody {
     /// shape → 422, a non-JSON Content-Type → 415 (none at all is taken as JSON, as
     /// `curl -d` sends).
     pub(crate) async fn parse<T: serde::de::DeserializeOwned>(self) -> Result<T, error::ApiError> {
+        Ok(self.parse_keeping_bytes().await?.0)
+    }
+
+    /// [`JsonBody::parse`], also giving the bytes as received.
+    pub(crate) async fn parse_keeping_bytes<T: serde::de::DeserializeOwned>(
+        self,
+    ) -> Result<(T, Vec<u8>), error::ApiError> {
         use futures::TryStreamExt;
         if let Some(content_type) = self.content_type.filter(|t| !is_json_media_type(t)) {
             return Err(error::ApiError::new(
@@ -282,7 +294,8 @@ impl JsonBody {
             }
             collected.extend_from_slice(&chunk);
         }
-        parse_json(&collected)
+        let parsed = parse_json(&collected)?;
+        Ok((parsed, collected))
     }
 }
 

@@ -12,7 +12,7 @@ use warp::http::Uri;
 use warp::{Filter, Reply};
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{assets, fields, ops, sessions, upload};
+use super::{assets, fields, jobs, ops, sessions, upload};
 use crate::domain::principal::{Actor, PrincipalKind};
 use crate::projections::read::{AssetInfo, SessionInfo};
 
@@ -34,21 +34,28 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         assets::get_infos,
         assets::post_infos,
         assets::asset_events,
+        jobs::request_import,
+        jobs::get_job,
+        jobs::cancel_job,
+        jobs::list_jobs,
         ops::health,
         ops::ready,
         ops::metrics,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, SessionInfo, AssetInfo, Actor, PrincipalKind,
-        sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, sessions::SessionDeletedReply,
+        crate::app::sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, crate::app::sessions::SessionDeletedReply,
         upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
         fields::PageSize, fields::ListingCursor, fields::UuidText,
+        crate::app::jobs::ImportBody, jobs::ImportAccepted, jobs::JobView, jobs::ImportedAssetLinks, jobs::JobPage,
+        crate::projections::read::JobInfo, crate::projections::read::JobProgress,
         assets::InfosRequest, assets::InfosBatch, assets::InfosRename, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
     )),
     modifiers(&BearerAuth, &CommonResponses),
     tags(
         (name = "sessions", description = "the registry of sessions"),
         (name = "assets", description = "files of sessions (OpenTera compatible)"),
+        (name = "jobs", description = "imports from URLs and other long work, run by workers"),
         (name = "operations", description = "health and readiness"),
     ),
 )]

@@ -2,8 +2,7 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use serde::Serialize;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::Filter;
@@ -12,53 +11,11 @@ use super::auth::authenticated;
 use super::error::{ApiError, ErrorBody};
 use super::fields;
 use super::{get_or_head, json_body, query_map, respond, with_context, Context, JsonBody};
+use crate::app::sessions::{SessionBody, SessionDeletedReply};
 use crate::app::CommandContext;
 use crate::domain::names::{Directory, SessionId};
 use crate::domain::principal::Principal;
-use crate::domain::session::UpsertSession;
 use crate::projections::read::{AssetInfo, ListingCursor, SessionInfo};
-
-/// The body of `PUT /sessions/{id_session}`.
-#[derive(Debug, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SessionBody {
-    /// 1 to 255 characters once trimmed, no control characters (blanks around are trimmed).
-    #[schema(value_type = fields::SessionName)]
-    #[schemars(regex(pattern = fields::session_name_pattern()))]
-    pub session_name: String,
-    #[schema(value_type = Option<fields::UuidText>)]
-    pub session_uuid: Option<Uuid>,
-    #[schema(value_type = Option<fields::UuidText>)]
-    pub id_creator_uuid: Option<Uuid>,
-    /// Members: at most 10,000 in the three lists together.
-    #[serde(default)]
-    #[schema(value_type = fields::Members)]
-    #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
-    pub session_users: Vec<Uuid>,
-    #[serde(default)]
-    #[schema(value_type = fields::Members)]
-    #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
-    pub session_participants: Vec<Uuid>,
-    #[serde(default)]
-    #[schema(value_type = fields::Members)]
-    #[schemars(length(max = crate::domain::session::MAX_SESSION_MEMBERS))]
-    pub session_devices: Vec<Uuid>,
-}
-
-impl SessionBody {
-    /// The upsert command this body asks for (HTTP `PUT` and the AMQP `session.upsert`).
-    pub fn into_command(self, id_session: SessionId) -> UpsertSession {
-        UpsertSession {
-            id_session,
-            session_name: self.session_name,
-            session_uuid: self.session_uuid,
-            id_creator_uuid: self.id_creator_uuid,
-            session_users: self.session_users,
-            session_participants: self.session_participants,
-            session_devices: self.session_devices,
-        }
-    }
-}
 
 /// A page of a session's assets.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -74,13 +31,6 @@ pub struct ListedAsset {
     #[serde(flatten)]
     pub info: AssetInfo,
     pub access_token: String,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema, schemars::JsonSchema)]
-pub struct SessionDeletedReply {
-    pub id_session: i64,
-    /// The assets deleted with the session.
-    pub deleted_assets: Vec<Uuid>,
 }
 
 const DEFAULT_PAGE: i64 = 100;

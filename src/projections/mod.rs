@@ -1,4 +1,4 @@
-//! Read models (`sessions`, `assets`) derived from events. `apply` runs inside the
+//! Read models (`sessions`, `assets`, `jobs`) derived from events. `apply` runs inside the
 //! append's transaction so every read sees its own writes; `replay` rebuilds the tables
 //! from the global log alone. Everything written here comes from the event (payload,
 //! version, `recorded_at`), never from the clock, so a replay reproduces the tables
@@ -12,10 +12,15 @@ use futures::TryStreamExt;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
+mod jobs;
 pub mod read;
 
+use crate::domain::asset::Asset;
 use crate::domain::asset::{AssetEvent, AssetUploaded};
+use crate::domain::job::{Job, JobEvent};
+use crate::domain::session::Session;
 use crate::domain::session::{SessionDetails, SessionEvent};
+use crate::domain::Aggregate;
 use crate::domain::DomainEvent;
 use crate::eventstore::{self, EventStoreError, RecordedEvent};
 
@@ -45,14 +50,19 @@ fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<Option<E>, Projection
 /// Updates the read models for one recorded event.
 pub async fn apply(client: &impl GenericClient, event: &RecordedEvent) -> Result<(), ProjectionError> {
     match category(&event.stream) {
-        "session" => {
+        Session::CATEGORY => {
             if let Some(session_event) = decode::<SessionEvent>(event)? {
                 apply_session(client, event, &session_event).await?;
             }
         }
-        "asset" => {
+        Asset::CATEGORY => {
             if let Some(asset_event) = decode::<AssetEvent>(event)? {
                 apply_asset(client, event, &asset_event).await?;
+            }
+        }
+        Job::CATEGORY => {
+            if let Some(job_event) = decode::<JobEvent>(event)? {
+                jobs::apply(client, event, &job_event).await?;
             }
         }
         _ => {}
@@ -258,7 +268,12 @@ async fn apply_asset(
     asset_event: &AssetEvent,
 ) -> Result<(), ProjectionError> {
     match asset_event {
-        AssetEvent::AssetUploaded(a) => {
+        AssetEvent::AssetUploaded(_) | AssetEvent::AssetImported(_) => {
+            let a = match asset_event {
+                AssetEvent::AssetImported(imported) => &imported.asset,
+                AssetEvent::AssetUploaded(uploaded) => uploaded,
+                _ => unreachable!("matched above"),
+            };
             let statement = client
                 .prepare_cached(&format!(
                     "INSERT INTO assets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
@@ -293,12 +308,13 @@ async fn apply_asset(
 struct Rebuilt {
     sessions: HashMap<i64, SessionRow>,
     assets: HashMap<uuid::Uuid, AssetRow>,
+    jobs: HashMap<uuid::Uuid, jobs::JobRow>,
 }
 
 impl Rebuilt {
     fn apply(&mut self, event: &RecordedEvent) -> Result<(), ProjectionError> {
         match category(&event.stream) {
-            "session" => match decode::<SessionEvent>(event)? {
+            Session::CATEGORY => match decode::<SessionEvent>(event)? {
                 Some(SessionEvent::SessionRegistered(d) | SessionEvent::SessionUpdated(d)) => {
                     let row = SessionRow::registered(&d, event);
                     match self.sessions.entry(row.id_session) {
@@ -317,9 +333,12 @@ impl Rebuilt {
                 }
                 None => {}
             },
-            "asset" => match decode::<AssetEvent>(event)? {
+            Asset::CATEGORY => match decode::<AssetEvent>(event)? {
                 Some(AssetEvent::AssetUploaded(a)) => {
                     self.assets.insert(a.asset_uuid, AssetRow::uploaded(&a, event));
+                }
+                Some(AssetEvent::AssetImported(imported)) => {
+                    self.assets.insert(imported.asset.asset_uuid, AssetRow::uploaded(&imported.asset, event));
                 }
                 Some(AssetEvent::AssetRenamed(renamed)) => {
                     if let Some(row) = self.assets.get_mut(&renamed.asset_uuid) {
@@ -335,6 +354,15 @@ impl Rebuilt {
                 }
                 None => {}
             },
+            Job::CATEGORY => {
+                if let Some(job_event) = decode::<JobEvent>(event)? {
+                    let uuid = jobs::job_uuid(&job_event);
+                    match jobs::JobRow::apply(self.jobs.remove(&uuid), event, &job_event) {
+                        Some(row) => self.jobs.insert(uuid, row),
+                        None => None,
+                    };
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -350,7 +378,9 @@ impl Rebuilt {
             self.sessions.values().map(SessionRow::values),
         )
         .await?;
-        copy_in(tx, "assets", AssetRow::COLUMNS, &AssetRow::TYPES, self.assets.values().map(AssetRow::values)).await
+        copy_in(tx, "assets", AssetRow::COLUMNS, &AssetRow::TYPES, self.assets.values().map(AssetRow::values)).await?;
+        copy_in(tx, "jobs", jobs::JobRow::COLUMNS, &jobs::JobRow::TYPES, self.jobs.values().map(jobs::JobRow::values))
+            .await
     }
 }
 
@@ -384,8 +414,8 @@ async fn copy_in<'a, const N: usize>(
 /// one statement per event would make a replay as slow as a million round trips.
 pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, ProjectionError> {
     let tx = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
-    tx.batch_execute("LOCK TABLE sessions, assets IN ACCESS EXCLUSIVE MODE").await?;
-    tx.batch_execute("TRUNCATE sessions, assets").await?;
+    tx.batch_execute("LOCK TABLE sessions, assets, jobs IN ACCESS EXCLUSIVE MODE").await?;
+    tx.batch_execute("TRUNCATE sessions, assets, jobs").await?;
     let mut rebuilt = Rebuilt::default();
     let mut applied = 0;
     let events = eventstore::stream_all_in_snapshot(&tx).await?;
@@ -403,6 +433,7 @@ pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, Proje
         events = applied,
         sessions = rebuilt.sessions.len(),
         assets = rebuilt.assets.len(),
+        jobs = rebuilt.jobs.len(),
         read_seconds = read.as_secs_f64(),
         write_seconds = (written - read).as_secs_f64(),
         commit_seconds = (started.elapsed() - written).as_secs_f64(),

@@ -245,3 +245,114 @@ pub async fn lock_sessions(
         .await?;
     client.query(&statement, &[&ids]).await?.iter().map(session_from_row).collect()
 }
+
+/// A job as the `jobs` table holds it (`GET /jobs/{job_uuid}` adds the links).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobInfo {
+    pub job_uuid: Uuid,
+    #[schema(value_type = String, example = "import")]
+    pub kind: String,
+    /// `queued` (also while waiting to be retried: see `next_attempt_at`), `running`,
+    /// `succeeded`, `failed` or `cancelled`.
+    #[schema(value_type = String, example = "running")]
+    pub status: &'static str,
+    /// Attempts started so far.
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub progress: JobProgress,
+    /// What the job made (see the job's kind); null until it succeeds.
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    /// The last attempt's error (a job being retried keeps it until it succeeds).
+    pub error: Option<String>,
+    pub id_session: i64,
+    /// An import's source, without credentials or query secrets.
+    pub source_url: Option<String>,
+    /// When a job waiting to be retried runs next.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    #[serde(skip)]
+    pub created_position: i64,
+    #[serde(skip)]
+    pub requested_by: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct JobProgress {
+    /// Bytes done.
+    pub done: i64,
+    /// Bytes in all, once known.
+    pub total: Option<i64>,
+}
+
+const JOB_COLUMNS: &str = "job_uuid, kind, status, attempts, max_attempts, progress_done, progress_total, result, \
+    error, id_session, source_url, next_attempt_at, created_at, updated_at, created_position, requested_by_uuid";
+
+fn job_from_row(row: &tokio_postgres::Row) -> Result<JobInfo, tokio_postgres::Error> {
+    let status: String = row.try_get(2)?;
+    Ok(JobInfo {
+        job_uuid: row.try_get(0)?,
+        kind: row.try_get(1)?,
+        // Waiting for a retry is still queued, as clients see it.
+        status: match status.as_str() {
+            "running" => "running",
+            "succeeded" => "succeeded",
+            "failed" => "failed",
+            "cancelled" => "cancelled",
+            _ => "queued",
+        },
+        attempts: row.try_get(3)?,
+        max_attempts: row.try_get(4)?,
+        progress: JobProgress { done: row.try_get(5)?, total: row.try_get(6)? },
+        result: row.try_get(7)?,
+        error: row.try_get(8)?,
+        id_session: row.try_get(9)?,
+        source_url: row.try_get(10)?,
+        next_attempt_at: row.try_get(11)?,
+        created_at: row.try_get(12)?,
+        updated_at: row.try_get(13)?,
+        created_position: row.try_get(14)?,
+        requested_by: row.try_get(15)?,
+    })
+}
+
+pub async fn job(client: &impl GenericClient, uuid: Uuid) -> Result<Option<JobInfo>, tokio_postgres::Error> {
+    let statement = client.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_uuid = $1")).await?;
+    client.query_opt(&statement, &[&uuid]).await?.as_ref().map(job_from_row).transpose()
+}
+
+/// A session's jobs created after `after_position` (its registration), newest first,
+/// before the `before` position when paging.
+pub async fn session_jobs(
+    client: &impl GenericClient,
+    id_session: SessionId,
+    after_position: i64,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<JobInfo>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE id_session = $1 AND created_position > $2 AND ($3::bigint IS NULL OR created_position < $3)
+             ORDER BY created_position DESC LIMIT $4"
+        ))
+        .await?;
+    client
+        .query(&statement, &[&id_session.get(), &after_position, &before, &limit])
+        .await?
+        .iter()
+        .map(job_from_row)
+        .collect()
+}
+
+/// Running jobs whose worker's lease ended before `now`.
+pub async fn jobs_with_expired_leases(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached("SELECT job_uuid FROM jobs WHERE status = 'running' AND lease_until < $1 LIMIT 100")
+        .await?;
+    Ok(client.query(&statement, &[&now]).await?.iter().map(|row| row.get(0)).collect())
+}

@@ -118,6 +118,7 @@ fn commands_config(app: &TestApp) -> assetd::commands::CommandsConfig {
     assetd::commands::CommandsConfig {
         broker: assetd::broker::Broker::start(&amqp_url(), app.ctx.app.messaging.clone()),
         prefix: format!("assetd_test_{}", Uuid::new_v4().simple()),
+        import_policy: assetd::app::jobs::JobPolicy { max_attempts: 3 },
     }
 }
 
@@ -408,6 +409,7 @@ async fn a_process_without_its_database_leaves_commands_to_others() {
     let config = |app: &App| assetd::commands::CommandsConfig {
         broker: assetd::broker::Broker::start(&amqp_url(), app.messaging.clone()),
         prefix: prefix.clone(),
+        import_policy: assetd::app::jobs::JobPolicy { max_attempts: 3 },
     };
     let cut_off_config = config(&cut_off);
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
@@ -469,6 +471,7 @@ async fn copies_of_one_message_running_at_once_are_answered_as_one() {
     let other_config = assetd::commands::CommandsConfig {
         broker: assetd::broker::Broker::start(&amqp_url(), other_process.messaging.clone()),
         prefix: bus.config.prefix.clone(),
+        import_policy: assetd::app::jobs::JobPolicy { max_attempts: 3 },
     };
     let workers = [
         tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), never_stop())),
@@ -520,12 +523,12 @@ async fn copies_of_one_message_running_at_once_are_answered_as_one() {
 async fn a_stopped_consumer_takes_no_more_commands() {
     let app = TestApp::spawn().await;
     let mut bus = Bus::declare(commands_config(&app)).await;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), stopped));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut worker = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), bus.config.clone(), stop.clone()));
     bus.send("session.upsert", &json!({"id_session": 50, "session_name": "before"}), "before", None).await;
     assert_eq!(bus.reply("session.upsert").await.1["ok"], true);
 
-    stop.send_replace(true);
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(10), &mut worker).await.expect("the consumer returns").unwrap();
     assert_eq!(app.ctx.app.messaging.commands(), assetd::app::ComponentState::Disabled);
     bus.send("session.upsert", &json!({"id_session": 51, "session_name": "after"}), "after", None).await;

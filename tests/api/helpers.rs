@@ -20,8 +20,8 @@ pub fn amqp_url() -> String {
 }
 
 /// A stop signal that never comes, for the relay and the command consumer.
-pub fn never_stop() -> tokio::sync::watch::Receiver<bool> {
-    tokio::sync::watch::channel(false).1
+pub fn never_stop() -> tokio_util::sync::CancellationToken {
+    tokio_util::sync::CancellationToken::new()
 }
 
 /// A TCP proxy to the test RabbitMQ that a test can cut (every connection through it
@@ -275,6 +275,7 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         // In-process servers never run `serve`; the relay and commands have tests of their own.
         relay: false,
         commands: false,
+        jobs: Default::default(),
     }
 }
 

@@ -49,6 +49,7 @@ async fn ready_is_503_when_postgres_is_unreachable() {
         accel_redirect_prefix: None,
         body_idle_timeout: Duration::from_secs(5),
         public_url: None,
+        import_policy: assetd::app::jobs::JobPolicy { max_attempts: 3 },
     };
     let ctx = Context { app, settings: Arc::new(settings) };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -126,6 +126,7 @@ fn relay_config(
         database_url: app.db.url.clone(),
         broker,
         exchange: listener.exchange.clone(),
+        job_queues: None,
         idle_poll: Duration::from_millis(20),
     }
 }
@@ -245,6 +246,7 @@ async fn relay_and_commands_recover_by_themselves_after_a_broker_restart() {
     let commands_config = assetd::commands::CommandsConfig {
         broker: broker.clone(),
         prefix: listener.exchange.trim_end_matches(".events").to_owned(),
+        import_policy: assetd::app::jobs::JobPolicy { max_attempts: 3 },
     };
     let commands = tokio::spawn(assetd::commands::run(app.ctx.app.clone(), commands_config.clone(), never_stop()));
     let (_, token) = app.session_with_user(1).await;

@@ -1,0 +1,613 @@
+//! The job engine (EVENTS.md "Jobs"): workers that consume `<prefix>.jobs`, and the
+//! scheduler that turns `JobRetryScheduled` into delayed messages and notices workers
+//! that vanished.
+//!
+//! A job's message says only which job; its stream says everything else. A worker
+//! loads the stream: a finished job is acked and skipped (redeliveries are harmless);
+//! a job held by another worker's live lease is left to it (if that worker vanished,
+//! the scheduler's lease sweep schedules the next attempt); a job not yet due goes back
+//! to the retry queues for what is left of its delay; otherwise the worker appends
+//! `JobStarted{attempt}` with the expected version (two workers cannot both start it),
+//! runs the handler while renewing its lease with `JobProgressed` (at most once a
+//! second), appends the outcome, and only then acks.
+//!
+//! Handlers are idempotent: an import's asset id derives from the job and its stream
+//! is created with expected version `NoStream`, so a crash and a redelivery cannot make
+//! a second asset.
+
+pub mod fetch;
+pub mod topology;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::app::jobs::{JobPolicy, LoadedJob};
+use crate::app::{App, AppError, CommandContext, ComponentState};
+use crate::broker::{Broker, BrokerChannel, BrokerError};
+use crate::domain::asset::{AssetImported, AssetSource, AssetUploaded};
+use crate::domain::job::{asset_uuid_of, JobKind, JobStatus, NextStep};
+use crate::domain::names::{FileName, MediaType};
+use crate::domain::principal::{Actor, PrincipalKind};
+use crate::domain::DomainError;
+use crate::eventstore::RecordedEvent;
+use crate::subscriber::{self, LogHandler, PartlyHandled, SubscriberError, Subscription};
+use fetch::{FetchError, Fetcher};
+
+/// How failed attempts are retried: `base * 2^(attempt-1)`, capped, with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay after attempt `attempt` failed: full exponential delay, minus up to a
+    /// fifth at random, so that jobs that failed together do not come back together.
+    pub fn after(&self, attempt: u32) -> Duration {
+        let exponential = self.base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let capped = exponential.min(self.max);
+        capped.mul_f64(1.0 - rand::random::<f64>() * 0.2)
+    }
+}
+
+/// Everything a worker needs.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub broker: Broker,
+    /// AMQP names' prefix (`<prefix>.jobs`, …).
+    pub prefix: String,
+    /// Names this worker in `JobStarted` (host and process).
+    pub worker_id: String,
+    /// Imports run at once by this worker.
+    pub import_concurrency: usize,
+    pub import_policy: JobPolicy,
+    /// How long an attempt is the worker's without a word from it.
+    pub lease: Duration,
+    pub backoff: Backoff,
+    pub fetcher: Fetcher,
+}
+
+/// This process's worker name: host and pid.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}", host.trim(), std::process::id())
+}
+
+/// The job a message names: the envelope of `JobQueued` or `JobRetryScheduled`.
+fn job_of(body: &[u8]) -> Option<Uuid> {
+    let envelope: serde_json::Value = serde_json::from_slice(body).ok()?;
+    envelope.get("data")?.get("job_uuid")?.as_str()?.parse().ok()
+}
+
+/// The context of what a worker records for a job: the system as actor, the request's
+/// correlation id.
+fn worker_context(job_uuid: Uuid, loaded: &LoadedJob) -> CommandContext {
+    CommandContext {
+        actor: Actor { kind: PrincipalKind::Service, uuid: Uuid::nil() },
+        request_id: job_uuid.to_string(),
+        correlation_id: loaded.correlation_id.clone(),
+        message: None,
+    }
+}
+
+/// Runs a worker until `stop` is cancelled: consumes `<prefix>.jobs` (reconnecting with
+/// backoff). At stop, running attempts are stopped and scheduled again at once, for
+/// whichever worker runs next.
+pub async fn run(app: App, config: WorkerConfig, stop: CancellationToken) {
+    let limits: HashMap<JobKind, Arc<tokio::sync::Semaphore>> =
+        HashMap::from([(JobKind::Import, Arc::new(tokio::sync::Semaphore::new(config.import_concurrency.max(1))))]);
+    let worker = Arc::new(Worker { app, config, limits, running: TaskTracker::new(), stop: stop.clone() });
+    let mut backoff = Duration::from_millis(200);
+    while !stop.is_cancelled() {
+        worker.app.messaging.set_workers(ComponentState::Connecting);
+        let result = worker.clone().consume().await;
+        if worker.app.messaging.workers() == ComponentState::Up {
+            backoff = Duration::from_millis(200);
+        }
+        if let Err(error) = result {
+            tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "job worker stopped; starting over");
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+    worker.running.close();
+    worker.running.wait().await;
+    worker.app.messaging.set_workers(ComponentState::Disabled);
+}
+
+struct Worker {
+    app: App,
+    config: WorkerConfig,
+    limits: HashMap<JobKind, Arc<tokio::sync::Semaphore>>,
+    /// The deliveries being handled.
+    running: TaskTracker,
+    stop: CancellationToken,
+}
+
+/// What became of a delivery.
+enum Handled {
+    Ack,
+    /// Back to the queue (the database is out of reach, say).
+    Requeue(String),
+}
+
+impl Worker {
+    fn prefetch(&self) -> u16 {
+        let total: usize = self.limits.values().map(|s| s.available_permits()).sum();
+        u16::try_from(total.max(1)).unwrap_or(u16::MAX)
+    }
+
+    async fn consume(self: Arc<Self>) -> Result<(), BrokerError> {
+        let channel = Arc::new(self.config.broker.dedicated_channel().await?);
+        let result = async {
+            #[allow(clippy::needless_return)]
+            topology::declare(&channel, &self.config.prefix).await?;
+            // Bounded prefetch: the broker hands this worker no more than it can run.
+            channel.basic_qos(self.prefetch(), BasicQosOptions::default()).await?;
+            let mut deliveries = channel
+                .basic_consume(
+                    topology::jobs_queue(&self.config.prefix).as_str().into(),
+                    format!("assetd-worker-{}", self.config.worker_id).as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            self.app.messaging.set_workers(ComponentState::Up);
+            tracing::info!(queue = %topology::jobs_queue(&self.config.prefix), "running jobs");
+            loop {
+                let delivery = tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => return Ok(()),
+                    delivery = deliveries.next() => delivery,
+                };
+                let Some(delivery) = delivery else { return Ok(()) };
+                let delivery = delivery?;
+                let (worker, channel) = (self.clone(), channel.clone());
+                self.running.spawn(async move { worker.deliver(&channel, delivery).await });
+            }
+        }
+        .await;
+        let result: Result<(), lapin::Error> = result;
+        if self.stop.is_cancelled() {
+            // Running attempts finish (recording a retry) before the channel goes.
+            self.running.close();
+            self.running.wait().await;
+            self.running.reopen();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), channel.close(200, "worker stopped".into())).await;
+        result.map_err(BrokerError::from)
+    }
+
+    async fn deliver(&self, channel: &BrokerChannel, delivery: Delivery) {
+        let outcome = match job_of(&delivery.data) {
+            None => {
+                tracing::warn!("a job message that names no job; dropped");
+                Ok(Handled::Ack)
+            }
+            Some(job_uuid) => self.handle(channel, job_uuid, &delivery).await,
+        };
+        let acked = match outcome {
+            Ok(Handled::Ack) => delivery.ack(BasicAckOptions::default()).await,
+            Ok(Handled::Requeue(reason)) => {
+                tracing::warn!(%reason, "a job message goes back to the queue");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            }
+            Err(error) => {
+                tracing::warn!(%error, "a job could not be handled now; back to the queue");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await
+            }
+        };
+        if let Err(error) = acked {
+            // The broker redelivers it; the job's stream makes that harmless.
+            tracing::warn!(%error, "could not settle a job message");
+        }
+    }
+
+    async fn handle(&self, channel: &BrokerChannel, job_uuid: Uuid, delivery: &Delivery) -> Result<Handled, AppError> {
+        loop {
+            let loaded = self.app.load_job(job_uuid).await?;
+            let now = Utc::now();
+            let attempt = match loaded.job.next_step(now) {
+                NextStep::Done => return Ok(Handled::Ack),
+                // Its holder runs it; if the holder vanished, the lease sweep reschedules it.
+                NextStep::Wait(_) if matches!(loaded.job.status, JobStatus::Running { .. }) => return Ok(Handled::Ack),
+                NextStep::Wait(at) => {
+                    let remaining = (at - now).to_std().unwrap_or_default();
+                    if topology::step_for(remaining).is_none() {
+                        tokio::time::sleep(remaining).await;
+                        continue;
+                    }
+                    return match publish_delayed(channel, &self.config.prefix, &delivery.data, remaining).await {
+                        Ok(()) => Ok(Handled::Ack),
+                        Err(error) => Ok(Handled::Requeue(error.to_string())),
+                    };
+                }
+                NextStep::Start(attempt) => attempt,
+            };
+            let Some(kind) = loaded.job.queued.as_ref().map(|q| q.kind) else { return Ok(Handled::Ack) };
+            let limit = self.limits.get(&kind).cloned().expect("every kind has a limit");
+            let _permit = tokio::select! {
+                permit = limit.acquire_owned() => permit.expect("never closed"),
+                _ = self.stop.cancelled() => return Ok(Handled::Requeue("the worker is stopping".into())),
+            };
+            let ctx = worker_context(job_uuid, &loaded);
+            let lease_until = Utc::now() + self.config.lease;
+            match self.app.start_job(&ctx, job_uuid, attempt, &self.config.worker_id, lease_until).await {
+                Ok(_) => {}
+                // Another worker got there first, or the job changed: look again.
+                Err(AppError::Domain(DomainError::Conflict(_))) => continue,
+                Err(error) if error.is_retryable_conflict() => continue,
+                Err(error) => return Err(error),
+            }
+            tracing::info!(%job_uuid, attempt, kind = kind.as_str(), "job started");
+            let started = std::time::Instant::now();
+            let outcome = self.run_attempt(&ctx, job_uuid, attempt, &loaded).await?;
+            tracing::info!(%job_uuid, attempt, outcome, seconds = started.elapsed().as_secs_f64(), "job attempt ended");
+            return Ok(Handled::Ack);
+        }
+    }
+
+    /// Runs one attempt to its recorded outcome; returns it (for metrics).
+    async fn run_attempt(
+        &self,
+        ctx: &CommandContext,
+        job_uuid: Uuid,
+        attempt: u32,
+        loaded: &LoadedJob,
+    ) -> Result<&'static str, AppError> {
+        let cancel = CancellationToken::new();
+        let (progress, mut reported) = tokio::sync::watch::channel((0u64, None::<u64>));
+        let work = self.import(job_uuid, loaded, &progress, &cancel);
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_beat = std::time::Instant::now();
+        // Why the work was stopped, if it was.
+        let mut stopped: Option<&'static str> = None;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut work => break outcome,
+                _ = tick.tick() => {
+                    if stopped.is_some() {
+                        continue;
+                    }
+                    // Renew the lease with the progress when it moved (at most once a
+                    // second), or every third of the lease anyway; else just look for a
+                    // cancellation.
+                    let moved = reported.has_changed().unwrap_or(false);
+                    let due = last_beat.elapsed() >= self.config.lease / 3;
+                    let still_ours = if moved || due {
+                        let now_progress = *reported.borrow_and_update();
+                        last_beat = std::time::Instant::now();
+                        let lease_until = Utc::now() + self.config.lease;
+                        match self.app.job_progress(ctx, job_uuid, attempt, now_progress, lease_until).await {
+                            Ok(_) => true,
+                            Err(AppError::Domain(DomainError::Conflict(_))) => false,
+                            Err(error) => {
+                                tracing::warn!(%job_uuid, %error, "could not renew a job's lease");
+                                true
+                            }
+                        }
+                    } else {
+                        !self.app.job_cancelled(job_uuid).await.unwrap_or(false)
+                    };
+                    if !still_ours {
+                        stopped = Some("cancelled");
+                        cancel.cancel();
+                    }
+                }
+                _ = self.stop.cancelled(), if stopped.is_none() => {
+                    stopped = Some("stopping");
+                    cancel.cancel();
+                }
+            }
+        };
+        match (outcome, stopped) {
+            (Ok(imported), None) => {
+                let asset_uuid = imported.asset.asset_uuid;
+                match self.app.import_succeeded(ctx, job_uuid, attempt, imported).await {
+                    Ok(()) => Ok("succeeded"),
+                    Err(AppError::CommitOutcomeUnknown(reason)) => Err(AppError::CommitOutcomeUnknown(reason)),
+                    Err(AppError::Domain(DomainError::NotFound(_))) => {
+                        self.remove_blob(asset_uuid).await;
+                        let reason = "the session was deleted (or registered again) while importing";
+                        self.record_failure(ctx, job_uuid, attempt, &FetchError::permanent(reason)).await
+                    }
+                    Err(AppError::Domain(DomainError::Conflict(_))) => {
+                        // Cancelled (or taken over) meanwhile: what it made goes.
+                        self.remove_blob(asset_uuid).await;
+                        Ok("cancelled")
+                    }
+                    Err(error) => {
+                        self.remove_blob(asset_uuid).await;
+                        Err(error)
+                    }
+                }
+            }
+            (Ok(imported), Some(_)) => {
+                self.remove_blob(imported.asset.asset_uuid).await;
+                self.after_stop(ctx, job_uuid, attempt, stopped).await
+            }
+            (Err(_), Some(_)) => self.after_stop(ctx, job_uuid, attempt, stopped).await,
+            (Err(error), None) => self.record_failure(ctx, job_uuid, attempt, &error).await,
+        }
+    }
+
+    /// A stopped attempt: a cancelled job has its `JobCancelled`; at shutdown, the
+    /// attempt is scheduled again at once, for the next worker.
+    async fn after_stop(
+        &self,
+        ctx: &CommandContext,
+        job_uuid: Uuid,
+        attempt: u32,
+        stopped: Option<&'static str>,
+    ) -> Result<&'static str, AppError> {
+        if stopped == Some("stopping") {
+            let reason = FetchError::passing("the worker stopped (shutdown) during this attempt");
+            return self.record_failure_at(ctx, job_uuid, attempt, &reason, Utc::now()).await;
+        }
+        Ok("cancelled")
+    }
+
+    async fn record_failure(
+        &self,
+        ctx: &CommandContext,
+        job_uuid: Uuid,
+        attempt: u32,
+        error: &FetchError,
+    ) -> Result<&'static str, AppError> {
+        let retry_at = Utc::now() + self.config.backoff.after(attempt);
+        self.record_failure_at(ctx, job_uuid, attempt, error, retry_at).await
+    }
+
+    async fn record_failure_at(
+        &self,
+        ctx: &CommandContext,
+        job_uuid: Uuid,
+        attempt: u32,
+        error: &FetchError,
+        retry_at: chrono::DateTime<Utc>,
+    ) -> Result<&'static str, AppError> {
+        match self.app.job_failed(ctx, job_uuid, attempt, &error.message, error.retryable, retry_at).await {
+            Ok(job) if matches!(job.status, JobStatus::RetryScheduled { .. }) => Ok("retry"),
+            Ok(_) => Ok("failed"),
+            // Cancelled (or taken over) meanwhile: nothing to record.
+            Err(AppError::Domain(DomainError::Conflict(_))) => Ok("cancelled"),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn remove_blob(&self, asset_uuid: Uuid) {
+        if let Err(error) = self.app.blobs.remove(asset_uuid).await {
+            tracing::warn!(%asset_uuid, %error, "could not remove an import's bytes; the cleanup job will");
+        }
+    }
+
+    /// Fetches the import's source into its asset's blob (durable under the asset's
+    /// uuid on success) and describes the asset.
+    async fn import(
+        &self,
+        job_uuid: Uuid,
+        loaded: &LoadedJob,
+        progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
+        cancel: &CancellationToken,
+    ) -> Result<AssetImported, FetchError> {
+        let queued = loaded.job.queued.as_ref().ok_or_else(|| FetchError::permanent("the job has no request"))?;
+        let spec = queued.import.as_ref().ok_or_else(|| FetchError::permanent("the job is not an import"))?;
+        let url =
+            loaded.url.as_deref().ok_or_else(|| FetchError::permanent("the job's source URL is not on record"))?;
+        let url: reqwest::Url = url.parse().map_err(|_| FetchError::permanent("the job's source URL is invalid"))?;
+        let mut blob = self.app.blobs.create_temp();
+        let fetched = self.config.fetcher.fetch(&url, &mut blob, progress, cancel).await?;
+        let asset_uuid = asset_uuid_of(job_uuid);
+        // An earlier attempt of this very job may have left its bytes under this uuid
+        // (it died between persisting them and recording the asset): nothing else can
+        // use this uuid, and the asset is not recorded, so they go.
+        let _ = self.app.blobs.remove(asset_uuid).await;
+        let stored =
+            blob.persist(asset_uuid).await.map_err(|e| FetchError::passing(format!("storing the bytes: {e}")))?;
+        if let Some(expected) = spec.sha256.as_ref().filter(|expected| **expected != stored.sha256) {
+            let _ = self.app.blobs.remove(asset_uuid).await;
+            return Err(FetchError::permanent(format!(
+                "the fetched bytes have SHA-256 {}, not the {} asked for",
+                stored.sha256.as_str(),
+                expected.as_str()
+            )));
+        }
+        let file_name = fetched
+            .file_name
+            .as_deref()
+            .and_then(|name| FileName::parse(name).ok())
+            .or_else(|| FileName::parse(spec.asset_name.as_str()).ok())
+            .unwrap_or_else(|| FileName::parse("import").expect("a valid name"));
+        let asset_type = spec
+            .asset_type
+            .clone()
+            .or_else(|| fetched.content_type.as_deref().and_then(|t| MediaType::parse(t.trim()).ok()))
+            .unwrap_or_else(|| MediaType::guess_from_filename(&file_name));
+        Ok(AssetImported {
+            asset: AssetUploaded {
+                asset_uuid,
+                id_session: queued.id_session,
+                asset_name: spec.asset_name.clone(),
+                asset_original_filename: file_name,
+                asset_type,
+                asset_file_size: stored.size,
+                asset_sha256: stored.sha256,
+                asset_datetime: crate::domain::names::storable(Utc::now()),
+                directory: spec.directory.clone(),
+                tags: spec.tags.clone(),
+                metadata: spec.metadata.clone(),
+                asset_creator: spec.asset_creator,
+                asset_source: AssetSource::Import,
+            },
+            job_uuid,
+            source_url: spec.source_url.clone(),
+        })
+    }
+}
+
+/// Sends a job's message (as received) to wait `delay` in the retry queues: the
+/// largest step that fits; it comes back to `<prefix>.jobs` and, if more is left, goes
+/// on to the next step.
+async fn publish_delayed(
+    channel: &lapin::Channel,
+    prefix: &str,
+    body: &[u8],
+    delay: Duration,
+) -> Result<(), BrokerError> {
+    let step = topology::step_for(delay).unwrap_or(topology::RETRY_STEPS[0]);
+    let properties = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            topology::retry_queue(prefix, step).as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    if !confirm.is_ack() {
+        return Err(BrokerError::Unavailable("the broker refused a delayed job message".into()));
+    }
+    Ok(())
+}
+
+/// The job scheduler: a subscriber of the global log (one leader across processes)
+/// that sends each `JobRetryScheduled` to the retry queues, so a retry is never lost
+/// between the database and the broker; and, when idle, sweeps running jobs whose
+/// worker's lease ended (the worker died without the broker noticing, or lost the
+/// database) and schedules their next attempt.
+pub async fn run_scheduler(app: App, config: SchedulerConfig, flush: CancellationToken) {
+    let subscription = Subscription {
+        checkpoint: "job-scheduler",
+        leader_lock: 0x6173_7365_7464_0002,
+        database_url: config.database_url.clone(),
+        idle_poll: Duration::from_millis(200),
+    };
+    let scheduler = Scheduler { app, config, channel: None, last_sweep: std::time::Instant::now() };
+    subscriber::run(subscription, scheduler, flush).await
+}
+
+#[derive(Clone)]
+pub struct SchedulerConfig {
+    pub broker: Broker,
+    pub prefix: String,
+    pub database_url: String,
+    pub backoff: Backoff,
+    /// How often leases are checked.
+    pub sweep_every: Duration,
+}
+
+struct Scheduler {
+    app: App,
+    config: SchedulerConfig,
+    channel: Option<crate::broker::PooledChannel>,
+    last_sweep: std::time::Instant,
+}
+
+fn broker_error(error: impl std::fmt::Display) -> SubscriberError {
+    SubscriberError::Handler(format!("broker: {error}"))
+}
+
+#[async_trait::async_trait]
+impl LogHandler for Scheduler {
+    async fn begin_term(&mut self) -> Result<(), SubscriberError> {
+        self.channel = None;
+        let channel = self.config.broker.channel().await.map_err(broker_error)?;
+        topology::declare(&channel, &self.config.prefix).await.map_err(broker_error)?;
+        self.channel = Some(channel);
+        Ok(())
+    }
+
+    async fn handle(&mut self, events: &[RecordedEvent]) -> Result<(), PartlyHandled> {
+        for (index, event) in events.iter().enumerate() {
+            if event.event_type != "JobRetryScheduled" {
+                continue;
+            }
+            let partly = |error| PartlyHandled { handled: index, error };
+            let at =
+                event.data.get("at").and_then(|at| serde_json::from_value::<chrono::DateTime<Utc>>(at.clone()).ok());
+            let delay = at.map(|at| (at - Utc::now()).to_std().unwrap_or_default()).unwrap_or_default();
+            let channel = self.channel.as_ref().ok_or_else(|| partly(broker_error("no channel")))?;
+            let body = crate::relay::envelope(event);
+            let sent = match topology::step_for(delay) {
+                Some(_) => publish_delayed(channel, &self.config.prefix, &body, delay).await,
+                // Due now (a lost worker's job, a shutdown): straight to the job queue.
+                None => publish_now(channel, &self.config.prefix, &body).await,
+            };
+            sent.map_err(|error| partly(broker_error(error)))?;
+        }
+        Ok(())
+    }
+
+    async fn idle(&mut self) -> Result<(), SubscriberError> {
+        if !self.channel.as_ref().is_some_and(|channel| channel.usable()) {
+            return Err(broker_error("the broker connection was lost"));
+        }
+        if self.last_sweep.elapsed() >= self.config.sweep_every {
+            self.last_sweep = std::time::Instant::now();
+            self.sweep_leases().await;
+        }
+        Ok(())
+    }
+}
+
+impl Scheduler {
+    async fn sweep_leases(&self) {
+        let expired = match self.app.pool.get().await {
+            Ok(client) => crate::projections::read::jobs_with_expired_leases(&client, Utc::now()).await,
+            Err(error) => {
+                tracing::warn!(%error, "lease sweep: database unavailable");
+                return;
+            }
+        };
+        for job_uuid in expired.unwrap_or_default() {
+            let ctx = CommandContext {
+                actor: Actor { kind: PrincipalKind::Service, uuid: Uuid::nil() },
+                request_id: job_uuid.to_string(),
+                correlation_id: job_uuid.to_string(),
+                message: None,
+            };
+            match self.app.expire_job_lease(&ctx, job_uuid, Utc::now()).await {
+                Ok(_) => tracing::warn!(%job_uuid, "a job's worker stopped reporting; its next attempt is scheduled"),
+                Err(error) => tracing::warn!(%job_uuid, %error, "lease sweep: could not reschedule a job"),
+            }
+        }
+    }
+}
+
+async fn publish_now(channel: &lapin::Channel, prefix: &str, body: &[u8]) -> Result<(), BrokerError> {
+    let properties = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            topology::jobs_queue(prefix).as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    if !confirm.is_ack() {
+        return Err(BrokerError::Unavailable("the broker refused a job message".into()));
+    }
+    Ok(())
+}

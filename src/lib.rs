@@ -17,6 +17,7 @@ pub mod contract;
 pub mod domain;
 pub mod eventstore;
 pub mod http;
+pub mod metrics;
 pub mod migrations;
 pub mod projections;
 pub mod relay;

@@ -18,6 +18,7 @@ pub mod domain;
 pub mod eventstore;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
 pub mod migrations;
 pub mod projections;
 pub mod relay;

@@ -291,6 +291,8 @@ pub struct App {
     upload_sessions: moka::sync::Cache<i64, SessionDetails>,
     /// What the relay and the command consumer report of the broker (for `/ready`).
     pub messaging: Arc<MessagingStatus>,
+    /// The process's metrics (for `/metrics`); one set, shared by every clone.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// The broker connection and what uses it, as `/ready` shows them.
@@ -382,6 +384,7 @@ impl App {
             commands: tokio_util::task::TaskTracker::new(),
             uploads,
             messaging: Arc::default(),
+            metrics: crate::metrics::Metrics::new(),
             upload_sessions: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(UPLOAD_SESSION_CACHE_TTL)

@@ -189,7 +189,8 @@ async fn download_asset(
         Some(prefix) if headers.get(ACCEL_AVAILABLE).is_some_and(|v| v == "yes") => Delivery::AccelRedirect(prefix),
         _ => Delivery::Direct,
     };
-    download::respond(&asset, &headers, method == warp::http::Method::HEAD, &ctx.app.blobs, delivery).await
+    let is_head = method == warp::http::Method::HEAD;
+    download::respond(&asset, &headers, is_head, &ctx.app.blobs, delivery, &ctx.app.metrics).await
 }
 
 /// Delete an asset; its bytes are removed and downloads answer 404.

@@ -61,6 +61,7 @@ pub async fn respond(
     is_head: bool,
     blobs: &BlobStore,
     delivery: Delivery<'_>,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<Response<Body>, ApiError> {
     let etag = etag(asset);
     let size = asset.asset_file_size.max(0) as u64;
@@ -147,7 +148,13 @@ pub async fn respond(
     if start > 0 {
         file.seek(std::io::SeekFrom::Start(start)).await.map_err(ApiError::internal)?;
     }
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(length), READ_CHUNK);
+    // Counted as each chunk is handed to hyper: a client that goes away leaves at most
+    // the chunks in flight counted but unsent.
+    let metrics = metrics.clone();
+    let stream = futures::TryStreamExt::inspect_ok(
+        tokio_util::io::ReaderStream::with_capacity(file.take(length), READ_CHUNK),
+        move |chunk| metrics.download_sent(chunk.len() as u64),
+    );
     builder.body(Body::wrap_stream(stream)).map_err(ApiError::internal)
 }
 

@@ -108,15 +108,16 @@ pub async fn serve(
     listener.set_nonblocking(true)?;
     let ctx_commands = ctx.app.commands.clone();
     let routes_allow = Arc::new(allow::AllowedMethods::from_openapi(&ctx.settings.base_path));
+    let metrics = ctx.app.metrics.clone();
     let warp_service = warp::service(routes(ctx));
     let make_service = make_service_fn(move |conn: &connection::Connection| {
         let (remote, exchanges) = (conn.remote_addr(), conn.exchanges());
-        let (warp_service, routes_allow) = (warp_service.clone(), routes_allow.clone());
+        let (warp_service, routes_allow, metrics) = (warp_service.clone(), routes_allow.clone(), metrics.clone());
         async move {
             Ok::<_, Infallible>(service_fn(move |request| {
                 exchanges.handed();
                 let exchanges = exchanges.clone();
-                let response = handle(warp_service.clone(), routes_allow.clone(), remote, request);
+                let response = handle(warp_service.clone(), routes_allow.clone(), metrics.clone(), remote, request);
                 async move { Ok::<_, Infallible>(exchanges.track(response.await?)) }
             }))
         }
@@ -158,11 +159,12 @@ pub async fn serve(
     Ok(())
 }
 
-/// Wraps one request: request id, a tracing span, an access log line; the limit on
-/// URI length and the `Allow` header of a 405.
+/// Wraps one request: request id, a tracing span, an access log line, the request
+/// counter; the limit on URI length and the `Allow` header of a 405.
 async fn handle<S>(
     mut service: S,
     routes_allow: Arc<allow::AllowedMethods>,
+    metrics: crate::metrics::Metrics,
     remote: SocketAddr,
     request: hyper::Request<hyper::Body>,
 ) -> Result<hyper::Response<hyper::Body>, Infallible>
@@ -204,6 +206,9 @@ where
     if let Ok(value) = warp::http::HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", value);
     }
+    // Counted when the answer's head is ready, as the log line: a download cut short
+    // still counts with the status it was given.
+    metrics.http_request(method.as_str(), response.status().as_u16());
     span.in_scope(|| {
         tracing::info!(
             status = response.status().as_u16(),

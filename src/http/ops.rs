@@ -56,7 +56,7 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
     response
 }
 
-/// Prometheus text format: how far the relay is behind.
+/// Prometheus text format (0.0.4): requests, bytes moved, jobs, and the relay's lag.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses(
     (status = 200, description = "metrics in the Prometheus text format", content_type = "text/plain"),
     (status = 503, description = "the database is down"),
@@ -66,13 +66,8 @@ pub async fn metrics(ctx: Context) -> warp::reply::Response {
         Ok(lag) => lag,
         Err(error) => return super::error::ApiError::from(error).into_response(),
     };
-    let body = format!(
-        "# HELP assetd_relay_lag_events Events committed but not yet published to the broker.\n\
-         # TYPE assetd_relay_lag_events gauge\n\
-         assetd_relay_lag_events {events}\n\
-         # HELP assetd_relay_lag_seconds Age of the oldest event not yet published (0 when none).\n\
-         # TYPE assetd_relay_lag_seconds gauge\n\
-         assetd_relay_lag_seconds {oldest_seconds:.3}\n"
-    );
-    warp::reply::with_header(body, "content-type", "text/plain; version=0.0.4").into_response()
+    match ctx.app.metrics.encode(events, oldest_seconds) {
+        Ok(text) => warp::reply::with_header(text, "content-type", crate::metrics::CONTENT_TYPE).into_response(),
+        Err(error) => super::error::ApiError::internal(error).into_response(),
+    }
 }

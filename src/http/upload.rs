@@ -175,6 +175,10 @@ async fn upload(
     // Guard the body before anything can fail: an early answer then drains what the
     // client is still sending instead of resetting the connection under it.
     let expects_continue = headers.get("expect").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // Counted as the bytes arrive, a refused upload's drained rest included: what
+    // clients sent us, whatever became of it.
+    let metrics = ctx.app.metrics.clone();
+    let body = futures::TryStreamExt::inspect_ok(body, move |chunk| metrics.upload_received(chunk.remaining() as u64));
     let (body, meter) = GuardedBody::new(body, ctx.settings.body_idle_timeout, MAX_OUTSIDE_FIELDS);
     let body = body.expecting_continue(expects_continue);
     let principal = authenticate(&headers, &ctx.app.auth)?;

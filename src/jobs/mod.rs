@@ -256,8 +256,10 @@ impl Worker {
                 Err(error) => return Err(error),
             }
             tracing::info!(%job_uuid, attempt, kind = kind.as_str(), "job started");
+            self.app.metrics.job_started(kind.as_str());
             let started = std::time::Instant::now();
             let outcome = self.run_attempt(&ctx, job_uuid, attempt, &loaded).await?;
+            self.app.metrics.job_finished(kind.as_str(), outcome, started.elapsed().as_secs_f64());
             tracing::info!(%job_uuid, attempt, outcome, seconds = started.elapsed().as_secs_f64(), "job attempt ended");
             return Ok(Handled::Ack);
         }

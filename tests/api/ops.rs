@@ -88,6 +88,49 @@ async fn ready_is_503_when_postgres_is_unreachable() {
     crate::helpers::assert_error(metrics, 503, "unavailable").await;
 }
 
+/// The value of one series (name and labels as exported) in a `/metrics` text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_method_and_status_class_and_the_bytes_moved() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.client.get(app.url("/health")).send().await.unwrap().status(), 200);
+    let scrape = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(scrape.status(), 200);
+    assert_eq!(scrape.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    let text = scrape.text().await.unwrap();
+    // A scrape is counted once answered, so only /health is in the first one.
+    assert_eq!(sample(&text, r#"assetd_http_requests_total{method="GET",status="2xx"}"#), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "assetd_relay_lag_events"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "assetd_upload_received_bytes_total"), Some(0.0), "{text}");
+
+    let (_, token) = app.session_with_user(1).await;
+    let content = vec![7u8; 5000];
+    let uploaded = app.upload_ok(&token, 1, "m.bin", &content).await;
+    let download =
+        app.get(&token, &format!("/api/assets?asset_uuid={}", uploaded["asset_uuid"].as_str().unwrap())).await;
+    assert_eq!(download.status(), 200);
+    assert_eq!(download.bytes().await.unwrap().len(), content.len());
+    let refused = app.client.post(app.url("/api/assets")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for (series, count) in [
+        (r#"assetd_http_requests_total{method="GET",status="2xx"}"#, 3.0),
+        (r#"assetd_http_requests_total{method="PUT",status="2xx"}"#, 1.0),
+        (r#"assetd_http_requests_total{method="POST",status="2xx"}"#, 1.0),
+        (r#"assetd_http_requests_total{method="POST",status="4xx"}"#, 1.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(count), "{series} in:\n{text}");
+    }
+    // The upload's body is its file plus the multipart framing around it.
+    let received = sample(&text, "assetd_upload_received_bytes_total").unwrap();
+    assert!((5000.0..6000.0).contains(&received), "{received} bytes received:\n{text}");
+    assert_eq!(sample(&text, "assetd_download_sent_bytes_total"), Some(5000.0), "{text}");
+}
+
 async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"));
     command.args(args);

@@ -193,7 +193,7 @@ async fn worker(config: ServeConfig) -> anyhow::Result<()> {
 
 /// Which background tasks a process runs.
 #[derive(PartialEq)]
-enum Role {
+pub enum Role {
     /// `serve`: the relay and the command consumer (as configured), and workers
     /// unless `ASSETD_WORKERS=false`.
     Serve,
@@ -202,7 +202,7 @@ enum Role {
 }
 
 /// Starts the process's background tasks under `shutdown`.
-fn start_background(
+pub fn start_background(
     app: &App,
     config: &ServeConfig,
     shutdown: &crate::shutdown::Shutdown,

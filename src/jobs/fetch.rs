@@ -50,7 +50,7 @@ impl AllowList {
     pub fn permits(&self, host: &str, address: IpAddr) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         is_public(address)
-            || self.hosts.iter().any(|allowed| *allowed == host)
+            || self.hosts.contains(&host)
             || self.networks.iter().any(|network| network.contains(&canonical(address)))
     }
 }

@@ -154,7 +154,6 @@ impl Worker {
     async fn consume(self: Arc<Self>) -> Result<(), BrokerError> {
         let channel = Arc::new(self.config.broker.dedicated_channel().await?);
         let result = async {
-            #[allow(clippy::needless_return)]
             topology::declare(&channel, &self.config.prefix).await?;
             // Bounded prefetch: the broker hands this worker no more than it can run.
             channel.basic_qos(self.prefetch(), BasicQosOptions::default()).await?;

@@ -12,6 +12,7 @@ mod error_shape;
 mod eventstore;
 mod hardening;
 mod helpers;
+mod jobs;
 mod nginx;
 mod ops;
 mod relay;

@@ -1,0 +1,697 @@
+//! Jobs and imports (EVENTS.md "Jobs", API.md "Jobs"), against the real RabbitMQ and a
+//! local HTTP source written here: it can be slow, fail N times then succeed, lie about
+//! its length, redirect, answer 404. Each test runs the relay, the workers and the
+//! scheduler of its own `TestApp` on AMQP names of its own.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use assetd::config::JobsConfig;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::helpers::{amqp_url, serve_config, BrokerProxy, TestApp, TestOptions};
+
+/// Byte `i` of every source file (so the test can hash what it expects).
+fn byte_at(i: u64) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 9)) as u8
+}
+
+fn sha_of(len: u64) -> String {
+    let mut hasher = Sha256::new();
+    let chunk: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut chunk = chunk;
+    let mut i = 0;
+    while i < len {
+        chunk.clear();
+        let end = (i + 64 * 1024).min(len);
+        chunk.extend((i..end).map(byte_at));
+        hasher.update(&chunk);
+        i = end;
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// A source of files on 127.0.0.1. Paths:
+/// `/data/<len>` the file; `/slow/<len>` 64 KiB every 100 ms; `/flaky/<key>/<fails>/<len>`
+/// 503 `fails` times per key, then the file; `/missing` 404; `/short/<len>` announces
+/// `len` and sends half; `/redirect?to=<url>` 302.
+struct Source {
+    addr: SocketAddr,
+    requests: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Source {
+    async fn start() -> Self {
+        use hyper::service::{make_service_fn, service_fn};
+        use hyper::{Body, Response};
+        let requests: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let counts = requests.clone();
+        let make = make_service_fn(move |_| {
+            let counts = counts.clone();
+            async move {
+                Ok::<_, Infallible>(service_fn(move |request: hyper::Request<Body>| {
+                    let counts = counts.clone();
+                    async move {
+                        let path = request.uri().path().to_owned();
+                        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+                        let file = |len: u64, delay: Option<Duration>| {
+                            let chunks = futures::stream::unfold(0u64, move |at| async move {
+                                if at >= len {
+                                    return None;
+                                }
+                                if let Some(delay) = delay {
+                                    tokio::time::sleep(delay).await;
+                                }
+                                let end = (at + 64 * 1024).min(len);
+                                let bytes: Vec<u8> = (at..end).map(byte_at).collect();
+                                Some((Ok::<_, std::io::Error>(bytes), end))
+                            });
+                            Response::builder()
+                                .header("content-length", len)
+                                .header("content-type", "application/x-test")
+                                .body(Body::wrap_stream(chunks))
+                                .unwrap()
+                        };
+                        let response = match parts[..] {
+                            ["data", len] => file(len.parse().unwrap(), None),
+                            ["slow", len] => file(len.parse().unwrap(), Some(Duration::from_millis(100))),
+                            ["flaky", key, fails, len] => {
+                                let seen = {
+                                    let mut counts = counts.lock().unwrap();
+                                    let seen = counts.entry(key.to_owned()).or_insert(0);
+                                    *seen += 1;
+                                    *seen
+                                };
+                                if seen <= fails.parse().unwrap() {
+                                    Response::builder().status(503).body(Body::from("try later")).unwrap()
+                                } else {
+                                    file(len.parse().unwrap(), None)
+                                }
+                            }
+                            ["short", len] => {
+                                let len: u64 = len.parse().unwrap();
+                                let half: Vec<u8> = (0..len / 2).map(byte_at).collect();
+                                let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(half)]);
+                                Response::builder()
+                                    .header("content-length", len)
+                                    .body(Body::wrap_stream(stream))
+                                    .unwrap()
+                            }
+                            ["redirect"] => {
+                                let to = request.uri().query().unwrap_or("").trim_start_matches("to=").to_owned();
+                                let to = percent_encoding::percent_decode_str(&to).decode_utf8_lossy().into_owned();
+                                Response::builder().status(302).header("location", to).body(Body::empty()).unwrap()
+                            }
+                            _ => Response::builder().status(404).body(Body::from("no such file")).unwrap(),
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                }))
+            }
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(hyper::Server::from_tcp(listener).unwrap().serve(make));
+        Self { addr, requests }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.addr.port())
+    }
+
+    fn requests(&self, key: &str) -> usize {
+        self.requests.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+}
+
+/// A `TestApp` with its relay, command consumer, workers and scheduler running.
+struct Jobs {
+    app: TestApp,
+    config: assetd::config::ServeConfig,
+    shutdown: assetd::shutdown::Shutdown,
+    service: String,
+}
+
+fn quick_jobs(allowlist: &str) -> JobsConfig {
+    JobsConfig {
+        import_allowlist: allowlist.into(),
+        import_max_attempts: 3,
+        retry_base_ms: 500,
+        retry_max_ms: 2_000,
+        lease_seconds: 3,
+        ..Default::default()
+    }
+}
+
+impl Jobs {
+    async fn start(jobs: JobsConfig) -> Self {
+        Self::start_with(jobs, TestOptions::default(), true, None).await
+    }
+
+    async fn start_with(jobs: JobsConfig, options: TestOptions, workers: bool, amqp: Option<String>) -> Self {
+        let app = TestApp::spawn_with(options.clone()).await;
+        let mut config = serve_config(&app.db.url, app.data_dir.path(), &options);
+        config.jobs = JobsConfig { workers, ..jobs };
+        config.relay = true;
+        config.commands = true;
+        if let Some(amqp) = amqp {
+            config.amqp_url = amqp;
+        }
+        let shutdown = assetd::shutdown::Shutdown::new();
+        assetd::cli::start_background(&app.ctx.app, &config, &shutdown, assetd::cli::Role::Serve).unwrap();
+        let service = app.service_token();
+        app.put_session(&service, 1, &json!({"session_name": "imports"})).await;
+        Self { app, config, shutdown, service }
+    }
+
+    async fn import(&self, body: Value) -> Value {
+        let response = self.app.post_json(&self.service, "/api/imports", &body).await;
+        assert_eq!(response.status(), 202, "{:?}", response.text().await);
+        response.json().await.unwrap()
+    }
+
+    fn body(&self, url: &str) -> Value {
+        json!({"id_session": 1, "url": url, "asset_name": "imported", "id_user": Uuid::new_v4()})
+    }
+
+    async fn job(&self, uuid: &str) -> Value {
+        self.app.get(&self.service, &format!("/api/jobs/{uuid}")).await.json().await.unwrap()
+    }
+
+    /// Polls the job until `status`, for at most `seconds`.
+    async fn until(&self, uuid: &str, status: &str, seconds: u64) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+        loop {
+            let job = self.job(uuid).await;
+            if job["status"] == status {
+                return job;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "job never {status}: {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn events_of(&self, stream: &str) -> Vec<String> {
+        let client = self.app.ctx.app.pool.get().await.unwrap();
+        client
+            .query("SELECT type FROM events WHERE stream = $1 ORDER BY version", &[&stream])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
+    /// Nothing left of a failed import: no asset, no blob, no temporary file.
+    async fn nothing_left(&self) {
+        assert_eq!(self.app.scalar("SELECT count(*) FROM assets").await, 0);
+        assert_eq!(TestApp::files_under(&self.app.data_dir.path().join("blobs")), 0, "no blob");
+        assert_eq!(TestApp::files_under(&self.app.tmp_dir()), 0, "no temporary file");
+    }
+
+    async fn stop(self) {
+        self.shutdown.finish(Duration::from_secs(10)).await;
+        delete_queues(&self.config.amqp_prefix).await;
+    }
+}
+
+async fn delete_queues(prefix: &str) {
+    let Ok(connection) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else { return };
+    let channel = connection.create_channel().await.unwrap();
+    let mut queues = vec![
+        format!("{prefix}.jobs"),
+        format!("{prefix}.jobs.dead"),
+        format!("{prefix}.commands"),
+        format!("{prefix}.commands.dead"),
+    ];
+    queues.extend(assetd::jobs::topology::RETRY_STEPS.iter().map(|s| assetd::jobs::topology::retry_queue(prefix, *s)));
+    for queue in queues {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    for exchange in [format!("{prefix}.events"), format!("{prefix}.commands")] {
+        let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn a_256_mib_import_streams_into_an_asset_with_the_sources_sha256() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(quick_jobs("127.0.0.1")).await;
+    let len: u64 = 256 << 20;
+    let expected = sha_of(len);
+    let mut body = jobs.body(&source.url(&format!("/data/{len}?token=secret")));
+    body["sha256"] = json!(expected);
+    let accepted = jobs.import(body).await;
+    let uuid = accepted["job_uuid"].as_str().unwrap().to_owned();
+    assert!(accepted["status_url"].as_str().unwrap().ends_with(&format!("/file/api/jobs/{uuid}")));
+    let job = jobs.until(&uuid, "succeeded", 120).await;
+    assert_eq!(job["kind"], "import");
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(job["progress"]["total"], len);
+    let asset_uuid = job["asset"]["asset_uuid"].as_str().unwrap();
+    assert_eq!(job["result"]["asset_sha256"], expected);
+    let info: Value =
+        jobs.app.get(&jobs.service, &format!("/api/assets/infos?asset_uuid={asset_uuid}")).await.json().await.unwrap();
+    assert_eq!(info["asset_sha256"], expected);
+    assert_eq!(info["asset_source"], "import");
+    assert_eq!(info["asset_file_size"], len);
+    assert_eq!(info["asset_type"], "application/x-test", "the response's Content-Type when none was asked for");
+    // The bytes come back as the source had them.
+    let download = jobs
+        .app
+        .client
+        .get(job["asset"]["asset_url"].as_str().unwrap())
+        .header("authorization", format!("Bearer {}", jobs.service))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.status(), 200);
+    let mut hasher = Sha256::new();
+    let mut stream = download.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        hasher.update(chunk.unwrap());
+    }
+    assert_eq!(hex::encode(hasher.finalize()), expected);
+    // The event says where from, without the query's secret.
+    let client = jobs.app.ctx.app.pool.get().await.unwrap();
+    let imported: Value =
+        client.query_one("SELECT data FROM events WHERE type = 'AssetImported'", &[]).await.unwrap().get(0);
+    assert!(imported["source_url"].as_str().unwrap().ends_with(&format!("/data/{len}?token=REDACTED")), "{imported}");
+    assert_eq!(imported["job_uuid"], uuid);
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn a_source_failing_twice_succeeds_on_attempt_3_with_retries_recorded_between() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(quick_jobs("127.0.0.1")).await;
+    let key = Uuid::new_v4().simple().to_string();
+    let uuid = jobs.import(jobs.body(&source.url(&format!("/flaky/{key}/2/1000")))).await["job_uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let job = jobs.until(&uuid, "succeeded", 60).await;
+    assert_eq!(job["attempts"], 3);
+    assert_eq!(source.requests(&key), 3);
+    assert_eq!(
+        jobs.events_of(&format!("job-{uuid}")).await.into_iter().filter(|t| t != "JobProgressed").collect::<Vec<_>>(),
+        [
+            "JobQueued",
+            "JobStarted",
+            "JobRetryScheduled",
+            "JobStarted",
+            "JobRetryScheduled",
+            "JobStarted",
+            "JobSucceeded"
+        ]
+    );
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets").await, 1);
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_source_fails_after_its_attempts_with_a_copy_in_the_dead_queue_and_nothing_left() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(JobsConfig { import_max_attempts: 1, ..quick_jobs("127.0.0.1") }).await;
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let dead = format!("{}.jobs.dead", jobs.config.amqp_prefix);
+    channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let uuid = jobs.import(jobs.body(&source.url("/missing"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&uuid, "failed", 30).await;
+    assert!(job["error"].as_str().unwrap().contains("404"), "{job}");
+    let mut consumer = channel
+        .basic_consume(
+            dead.as_str().into(),
+            "test".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a dead letter").unwrap().unwrap();
+    let message: Value = serde_json::from_slice(&delivery.data).unwrap();
+    assert_eq!(message["event_type"], "JobFailed");
+    assert_eq!(message["data"]["job_uuid"], uuid);
+    crate::helpers::assert_event_conforms(&message);
+    jobs.nothing_left().await;
+    let _ = connection.close(200, "done".into()).await;
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn bad_sources_fail_and_leave_nothing_behind() {
+    let source = Source::start().await;
+    let options = TestOptions { max_upload_size: Some(10_000), ..Default::default() };
+    let jobs =
+        Jobs::start_with(JobsConfig { import_max_attempts: 2, ..quick_jobs("127.0.0.1") }, options, true, None).await;
+    let mut mismatch = jobs.body(&source.url("/data/1000"));
+    mismatch["sha256"] = json!("0".repeat(64));
+    let cases = [
+        (mismatch, "SHA-256"),
+        (jobs.body(&source.url("/data/20000")), "upload limit"),
+        (jobs.body(&source.url("/short/4000")), ""),
+    ];
+    for (body, reason) in cases {
+        let uuid = jobs.import(body).await["job_uuid"].as_str().unwrap().to_owned();
+        let job = jobs.until(&uuid, "failed", 30).await;
+        assert!(job["error"].as_str().unwrap().contains(reason), "{job}");
+        jobs.nothing_left().await;
+    }
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn private_addresses_are_refused_unless_allow_listed_and_at_every_redirect() {
+    let source = Source::start().await;
+    // Without the allow-list, the source on 127.0.0.1 is refused.
+    let closed = Jobs::start(quick_jobs("")).await;
+    let uuid = closed.import(closed.body(&source.url("/data/100"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = closed.until(&uuid, "failed", 30).await;
+    assert!(job["error"].as_str().unwrap().contains("not a public address"), "{job}");
+    assert_eq!(job["attempts"], 1, "a refusal is not retried");
+    closed.nothing_left().await;
+    closed.stop().await;
+
+    // Allowed by name, the source may not redirect to an address that is not.
+    let jobs = Jobs::start(quick_jobs("localhost")).await;
+    let by_name = format!("http://localhost:{}", source.addr.port());
+    let ok = jobs.import(jobs.body(&format!("{by_name}/data/100"))).await["job_uuid"].as_str().unwrap().to_owned();
+    jobs.until(&ok, "succeeded", 30).await;
+    let target = source.url("/data/100");
+    let redirect = format!(
+        "{by_name}/redirect?to={}",
+        percent_encoding::utf8_percent_encode(&target, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let uuid = jobs.import(jobs.body(&redirect)).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&uuid, "failed", 30).await;
+    assert!(job["error"].as_str().unwrap().contains("redirected to"), "{job}");
+    // Not http(s): refused at the request.
+    let response = jobs.app.post_json(&jobs.service, "/api/imports", &jobs.body("file:///etc/passwd")).await;
+    crate::helpers::assert_error(response, 422, "invalid_field").await;
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_import_stops_within_a_second_and_leaves_nothing_behind() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(quick_jobs("127.0.0.1")).await;
+    let uuid = jobs.import(jobs.body(&source.url("/slow/100000000"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while jobs.job(&uuid).await["progress"]["done"].as_u64().unwrap_or(0) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the import never made progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cancelled = jobs.app.delete(&jobs.service, &format!("/api/jobs/{uuid}")).await;
+    assert_eq!(cancelled.status(), 200);
+    assert_eq!(cancelled.json::<Value>().await.unwrap()["status"], "cancelled");
+    // The worker lets go within a second or so: no temporary file, no blob, no asset.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    jobs.nothing_left().await;
+    assert_eq!(jobs.job(&uuid).await["status"], "cancelled");
+    // A finished job cannot be cancelled; an unknown one is not found.
+    let again = jobs.app.delete(&jobs.service, &format!("/api/jobs/{uuid}")).await;
+    assert_eq!(again.status(), 200, "cancelling a cancelled job changes nothing");
+    let unknown = jobs.app.delete(&jobs.service, &format!("/api/jobs/{}", Uuid::new_v4())).await;
+    crate::helpers::assert_error(unknown, 404, "not_found").await;
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_give_the_same_job_and_refuse_another_body() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(quick_jobs("127.0.0.1")).await;
+    let body = jobs.body(&source.url("/data/100"));
+    let send = |body: Value, key: &'static str| {
+        let request = jobs
+            .app
+            .client
+            .post(jobs.app.url("/api/imports"))
+            .header("authorization", format!("Bearer {}", jobs.service))
+            .header("idempotency-key", key)
+            .json(&body);
+        async move { request.send().await.unwrap() }
+    };
+    let first: Value = send(body.clone(), "k-1").await.json().await.unwrap();
+    let again = send(body.clone(), "k-1").await;
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.json::<Value>().await.unwrap()["job_uuid"], first["job_uuid"]);
+    let mut other = body.clone();
+    other["asset_name"] = json!("other");
+    crate::helpers::assert_error(send(other, "k-1").await, 409, "conflict").await;
+    let uuid = first["job_uuid"].as_str().unwrap();
+    jobs.until(uuid, "succeeded", 30).await;
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM jobs").await, 1);
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets").await, 1);
+    // Listed with the session's jobs, newest first, paged.
+    let second = jobs.import(jobs.body(&source.url("/data/10"))).await;
+    let page: Value = jobs.app.get(&jobs.service, "/api/sessions/1/jobs?limit=1").await.json().await.unwrap();
+    assert_eq!(page["jobs"][0]["job_uuid"], second["job_uuid"]);
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let next: Value = jobs
+        .app
+        .get(&jobs.service, &format!("/api/sessions/1/jobs?limit=1&cursor={cursor}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["jobs"][0]["job_uuid"], first["job_uuid"]);
+    assert!(next["next_cursor"].is_null());
+    // Members of the session see its jobs; others do not.
+    let stranger = jobs.app.user_token(Uuid::new_v4());
+    crate::helpers::assert_error(jobs.app.get(&stranger, &format!("/api/jobs/{uuid}")).await, 403, "forbidden").await;
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_job_delivered_twice_and_raced_by_two_workers_makes_one_asset() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(quick_jobs("127.0.0.1")).await;
+    // A second worker (another process's, as far as the broker can tell) on the same queue.
+    let mut second = jobs.config.clone();
+    second.relay = false;
+    second.commands = false;
+    let other = assetd::shutdown::Shutdown::new();
+    assetd::cli::start_background(&jobs.app.ctx.app, &second, &other, assetd::cli::Role::Worker).unwrap();
+    let uuid = jobs.import(jobs.body(&source.url("/slow/1000000"))).await["job_uuid"].as_str().unwrap().to_owned();
+    // The same message again, twice, straight to the job queue.
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let body = json!({"event_type": "JobQueued", "data": {"job_uuid": uuid}}).to_string();
+    for _ in 0..2 {
+        channel
+            .basic_publish(
+                "".into(),
+                format!("{}.jobs", jobs.config.amqp_prefix).as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    jobs.until(&uuid, "succeeded", 60).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets").await, 1);
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM events WHERE type = 'AssetImported'").await, 1);
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM events WHERE type = 'JobStarted'").await, 1);
+    let _ = connection.close(200, "done".into()).await;
+    other.finish(Duration::from_secs(10)).await;
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn a_short_retry_is_not_held_back_by_a_long_one_queued_before_it() {
+    let prefix = format!("assetd_test_{}", Uuid::new_v4().simple());
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    assetd::jobs::topology::declare(&channel, &prefix).await.unwrap();
+    let send = |step: u64, name: &'static str| {
+        let channel = channel.clone();
+        let queue = assetd::jobs::topology::retry_queue(&prefix, step);
+        async move {
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    name.as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    // 60 s is made of the 32 s step first; 1 s of the 1 s step.
+    let long = assetd::jobs::topology::step_for(Duration::from_secs(60)).unwrap();
+    send(long, "long").await;
+    send(1, "short").await;
+    let started = tokio::time::Instant::now();
+    let mut consumer = channel
+        .basic_consume(
+            format!("{prefix}.jobs").as_str().into(),
+            "test".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("the short retry")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.data, b"short");
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    let _ = connection.close(200, "done".into()).await;
+    delete_queues(&prefix).await;
+}
+
+#[tokio::test]
+async fn imports_asked_for_while_the_broker_is_down_run_when_it_is_back() {
+    let source = Source::start().await;
+    let proxy = BrokerProxy::start().await;
+    proxy.cut();
+    let jobs = Jobs::start_with(quick_jobs("127.0.0.1"), TestOptions::default(), true, Some(proxy.url())).await;
+    let mut uuids = vec![];
+    for _ in 0..3 {
+        uuids.push(jobs.import(jobs.body(&source.url("/data/5000"))).await["job_uuid"].as_str().unwrap().to_owned());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(jobs.job(&uuids[0]).await["status"], "queued");
+    proxy.restore();
+    for uuid in &uuids {
+        jobs.until(uuid, "succeeded", 60).await;
+    }
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets").await, 3);
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn import_request_over_amqp_replies_with_the_job() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(quick_jobs("127.0.0.1")).await;
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let reply_queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    let mut replies = channel
+        .basic_consume(
+            reply_queue.name().as_str().into(),
+            "replies".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // The consumer declares the commands exchange: wait for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while jobs.app.ctx.app.messaging.commands() != assetd::app::ComponentState::Up {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = jobs.body(&source.url("/data/777"));
+    let send = || async {
+        let properties = BasicProperties::default()
+            .with_message_id("import-1".into())
+            .with_correlation_id("corr-1".into())
+            .with_reply_to(reply_queue.name().clone());
+        channel
+            .basic_publish(
+                format!("{}.commands", jobs.config.amqp_prefix).as_str().into(),
+                "import.request".into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    };
+    send().await;
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next()).await.expect("a reply").unwrap().unwrap();
+    assert_eq!(reply.properties.correlation_id().as_ref().unwrap().as_str(), "corr-1");
+    let reply: Value = serde_json::from_slice(&reply.data).unwrap();
+    crate::helpers::assert_conforms("schemas/commands/import.request.reply.json", &reply);
+    assert_eq!(reply["ok"], true, "{reply}");
+    let uuid = reply["result"]["job_uuid"].as_str().unwrap().to_owned();
+    jobs.until(&uuid, "succeeded", 30).await;
+    // Sent again (the same message id): the same job, not a second import.
+    send().await;
+    let again = tokio::time::timeout(Duration::from_secs(10), replies.next()).await.expect("a reply").unwrap().unwrap();
+    let again: Value = serde_json::from_slice(&again.data).unwrap();
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(again["result"]["job_uuid"], uuid);
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM jobs").await, 1);
+    let _ = connection.close(200, "done".into()).await;
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_import_is_replaced_and_the_job_finishes_once() {
+    let source = Source::start().await;
+    // This process relays and serves; the workers are separate processes.
+    let jobs = Jobs::start_with(quick_jobs("127.0.0.1"), TestOptions::default(), false, None).await;
+    let spawn_worker = || {
+        let config = &jobs.config;
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
+            .arg("worker")
+            .env("ASSETD_DATABASE_URL", &config.database.database_url)
+            .env("ASSETD_DATA_DIR", &config.data_dir)
+            .env("ASSETD_JWT_SECRET", &config.jwt_secret)
+            .env("ASSETD_URL_SIGNING_KEY", &config.url_signing_key)
+            .env("ASSETD_AMQP_URL", &config.amqp_url)
+            .env("ASSETD_AMQP_PREFIX", &config.amqp_prefix)
+            .env("ASSETD_IMPORT_ALLOWLIST", "127.0.0.1")
+            .env("ASSETD_JOB_LEASE_SECONDS", "2")
+            .env("ASSETD_JOB_RETRY_BASE_MS", "200")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn_worker();
+    let uuid = jobs.import(jobs.body(&source.url("/slow/3000000"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while jobs.job(&uuid).await["progress"]["done"].as_u64().unwrap_or(0) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the import never made progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.start_kill().unwrap(); // SIGKILL
+    first.wait().await.unwrap();
+    let _second = spawn_worker();
+    let job = jobs.until(&uuid, "succeeded", 90).await;
+    assert!(job["attempts"].as_i64().unwrap() >= 2, "{job}");
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets").await, 1);
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM events WHERE type = 'AssetImported'").await, 1);
+    // Replay rebuilds the jobs table exactly.
+    let before = jobs.app.table_snapshot("jobs", "job_uuid").await;
+    let mut client = jobs.app.ctx.app.pool.get().await.unwrap();
+    assetd::projections::replay(&mut client).await.unwrap();
+    assert_eq!(jobs.app.table_snapshot("jobs", "job_uuid").await, before);
+    jobs.stop().await;
+}

@@ -241,6 +241,8 @@ pub struct TestOptions {
     pub public_url: Option<String>,
     /// Reach the database through a [`DatabaseProxy`] the test can cut (`TestApp::database_proxy`).
     pub proxied_database: bool,
+    /// Jobs and imports (defaults otherwise).
+    pub jobs: Option<assetd::config::JobsConfig>,
 }
 
 pub struct TestApp {
@@ -275,7 +277,7 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         // In-process servers never run `serve`; the relay and commands have tests of their own.
         relay: false,
         commands: false,
-        jobs: Default::default(),
+        jobs: options.jobs.clone().unwrap_or_default(),
     }
 }
 

@@ -158,9 +158,9 @@ impl Jobs {
     }
 
     async fn start_with(jobs: JobsConfig, options: TestOptions, workers: bool, amqp: Option<String>) -> Self {
+        let options = TestOptions { jobs: Some(JobsConfig { workers, ..jobs }), ..options };
         let app = TestApp::spawn_with(options.clone()).await;
         let mut config = serve_config(&app.db.url, app.data_dir.path(), &options);
-        config.jobs = JobsConfig { workers, ..jobs };
         config.relay = true;
         config.commands = true;
         if let Some(amqp) = amqp {
@@ -320,9 +320,9 @@ async fn a_source_failing_twice_succeeds_on_attempt_3_with_retries_recorded_betw
 }
 
 #[tokio::test]
-async fn a_missing_source_fails_after_its_attempts_with_a_copy_in_the_dead_queue_and_nothing_left() {
+async fn failing_sources_fail_after_their_attempts_with_a_copy_in_the_dead_queue_and_nothing_left() {
     let source = Source::start().await;
-    let jobs = Jobs::start(JobsConfig { import_max_attempts: 1, ..quick_jobs("127.0.0.1") }).await;
+    let jobs = Jobs::start(quick_jobs("127.0.0.1")).await;
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let dead = format!("{}.jobs.dead", jobs.config.amqp_prefix);
@@ -334,9 +334,6 @@ async fn a_missing_source_fails_after_its_attempts_with_a_copy_in_the_dead_queue
         )
         .await
         .unwrap();
-    let uuid = jobs.import(jobs.body(&source.url("/missing"))).await["job_uuid"].as_str().unwrap().to_owned();
-    let job = jobs.until(&uuid, "failed", 30).await;
-    assert!(job["error"].as_str().unwrap().contains("404"), "{job}");
     let mut consumer = channel
         .basic_consume(
             dead.as_str().into(),
@@ -346,13 +343,27 @@ async fn a_missing_source_fails_after_its_attempts_with_a_copy_in_the_dead_queue
         )
         .await
         .unwrap();
-    let delivery =
-        tokio::time::timeout(Duration::from_secs(10), consumer.next()).await.expect("a dead letter").unwrap().unwrap();
-    let message: Value = serde_json::from_slice(&delivery.data).unwrap();
-    assert_eq!(message["event_type"], "JobFailed");
-    assert_eq!(message["data"]["job_uuid"], uuid);
-    crate::helpers::assert_event_conforms(&message);
-    jobs.nothing_left().await;
+    // A 404 will not pass: failed at the first attempt. A source that keeps failing
+    // with 503: failed once the configured attempts (3) are spent, with the last error.
+    let key = Uuid::new_v4().simple().to_string();
+    for (path, attempts, error) in [("/missing".to_owned(), 1, "404"), (format!("/flaky/{key}/100/10"), 3, "503")] {
+        let uuid = jobs.import(jobs.body(&source.url(&path))).await["job_uuid"].as_str().unwrap().to_owned();
+        let job = jobs.until(&uuid, "failed", 60).await;
+        assert_eq!(job["attempts"], attempts, "{job}");
+        assert!(job["error"].as_str().unwrap().contains(error), "{job}");
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a dead letter")
+            .unwrap()
+            .unwrap();
+        let message: Value = serde_json::from_slice(&delivery.data).unwrap();
+        assert_eq!(message["event_type"], "JobFailed");
+        assert_eq!(message["data"]["job_uuid"], uuid);
+        assert_eq!(message["data"]["retryable"], attempts > 1);
+        crate::helpers::assert_event_conforms(&message);
+        jobs.nothing_left().await;
+    }
+    assert_eq!(source.requests(&key), 3);
     let _ = connection.close(200, "done".into()).await;
     jobs.stop().await;
 }

@@ -29,9 +29,10 @@ pub fn job_stream(uuid: Uuid) -> String {
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct ImportBody {
     #[schema(value_type = crate::http::fields::SessionId)]
+    #[serde(deserialize_with = "integral")]
     pub id_session: i64,
     /// http or https; reachable public addresses only, unless allow-listed.
-    #[schema(value_type = String, max_length = 8192)]
+    #[schema(value_type = crate::http::fields::ImportUrl)]
     pub url: String,
     #[schema(value_type = crate::http::fields::AssetName)]
     pub asset_name: String,
@@ -56,6 +57,19 @@ pub struct ImportBody {
     pub id_device: Option<Uuid>,
     #[schema(value_type = Option<crate::http::fields::UuidText>)]
     pub id_service: Option<Uuid>,
+}
+
+/// An integer, also when written as a number with a zero fraction (`12.0`): JSON Schema's
+/// `integer`, which the documents promise.
+fn integral<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(integer) = number.as_i64() {
+        return Ok(integer);
+    }
+    match number.as_f64() {
+        Some(float) if float.fract() == 0.0 && float >= i64::MIN as f64 && float < i64::MAX as f64 => Ok(float as i64),
+        _ => Err(serde::de::Error::custom(format!("{number} is not an integer in range"))),
+    }
 }
 
 /// An import as validated: what `JobQueued` will say, and the full URL (kept out of

@@ -244,6 +244,19 @@ pub fn check_datetime(value: &str) -> Result<(), InvalidValue> {
 /// empty is the first page.
 pub const CURSOR_PATTERN: &str = "^(?:-?[0-9]{1,18}_[0-9A-Fa-f]{32})?$";
 
+/// A job listing's `next_cursor` (a position in the global log); empty is the first page.
+pub const JOB_CURSOR_PATTERN: &str = "^(?:[1-9][0-9]{0,17})?$";
+
+/// An import's URL as the OpenAPI document promises it is accepted: http or https, a
+/// host name (its last label starting with a letter) or an IPv4 address, a port, then
+/// visible ASCII. (The server reads more, e.g. IPv6 literals and user info.)
+pub const IMPORT_URL_PATTERN: &str = concat!(
+    r"^[Hh][Tt][Tt][Pp][Ss]?://",
+    r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}",
+    r"|(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z][A-Za-z0-9-]{0,62})",
+    r"(?::[0-9]{1,4})?(?:[/?#][!-~]*)?$"
+);
+
 /// No NUL anywhere: PostgreSQL's `jsonb` cannot hold it.
 const NO_NUL: &str = r"^[^\u0000]*$";
 
@@ -361,6 +374,33 @@ field_schema!(
     string()
         .pattern(Some(CURSOR_PATTERN))
         .description(Some("the `next_cursor` of the previous page; empty for the first page"))
+);
+field_schema!(
+    /// The `Idempotency-Key` header: printable ASCII, no blank at either end.
+    IdempotencyKey,
+    "IdempotencyKey",
+    string()
+        .min_length(Some(1))
+        .max_length(Some(255))
+        .pattern(Some("^[!-~](?:[ -~]*[!-~])?$"))
+        .description(Some("the same key and body give the same job (409 for another body)"))
+);
+field_schema!(
+    /// See [`JOB_CURSOR_PATTERN`].
+    JobCursor,
+    "JobCursor",
+    string()
+        .pattern(Some(JOB_CURSOR_PATTERN))
+        .description(Some("the `next_cursor` of the previous page; empty for the first page"))
+);
+field_schema!(
+    /// See [`IMPORT_URL_PATTERN`].
+    ImportUrl,
+    "ImportUrl",
+    string()
+        .max_length(Some(crate::app::jobs::MAX_URL_BYTES))
+        .pattern(Some(IMPORT_URL_PATTERN))
+        .description(Some("http or https; only public addresses unless allow-listed (ASSETD_IMPORT_ALLOWLIST)"))
 );
 field_schema!(
     /// A page size.
@@ -663,6 +703,33 @@ mod tests {
             "text/plain; a=\"é\"",
         ] {
             assert!(check_media_type(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Whatever the document says an import URL may be, the server takes (schemathesis
+        /// sends exactly such URLs and expects them accepted).
+        #[test]
+        fn import_urls_the_schema_allows_are_accepted(
+            url in proptest::string::string_regex(&IMPORT_URL_PATTERN[1..IMPORT_URL_PATTERN.len() - 1]).unwrap()
+        ) {
+            prop_assume!(url.len() <= crate::app::jobs::MAX_URL_BYTES);
+            prop_assert!(validator::<ImportUrl>().is_valid(&serde_json::json!(url)), "{}", url);
+            let body = crate::app::jobs::ImportBody {
+                id_session: 1, url: url.clone(), asset_name: "a".into(), asset_type: None, sha256: None,
+                directory: None, tags: None, metadata: None, id_user: None, id_participant: None, id_device: None,
+                id_service: None,
+            };
+            let user = crate::domain::principal::Principal {
+                kind: crate::domain::principal::PrincipalKind::User, uuid: uuid::Uuid::nil(), name: "u".into(),
+                superadmin: false,
+            };
+            prop_assert!(body.validate(&user).is_ok(), "{}: {:?}", url, crate::app::jobs::ImportBody {
+                id_session: 1, url: url.clone(), asset_name: "a".into(), asset_type: None, sha256: None,
+                directory: None, tags: None, metadata: None, id_user: None, id_participant: None, id_device: None,
+                id_service: None,
+            }.validate(&user).err());
         }
     }
 }

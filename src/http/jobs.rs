@@ -112,7 +112,7 @@ fn view(job: JobInfo, principal: &Principal, headers: &HeaderMap, ctx: &Context)
 /// Import a file from a URL into a session, as a job.
 #[utoipa::path(post, path = "/api/imports", tag = "jobs",
     request_body = ImportBody,
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<fields::IdempotencyKey>, Header,
         description = "the same key and body give the same job (409 for another body); at most 255 characters")),
     responses(
         (status = 202, description = "the job is queued", body = ImportAccepted),
@@ -140,11 +140,13 @@ async fn request_import(
                 .to_str()
                 .ok()
                 .map(str::trim)
-                .filter(|key| !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY && !key.chars().any(char::is_control))
+                .filter(|key| {
+                    (1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()) && key.bytes().all(|b| (b' '..=b'~').contains(&b))
+                })
                 .ok_or_else(|| {
                     ApiError::bad_request(
                         "invalid_header",
-                        format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible characters"),
+                        format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"),
                     )
                 })?;
             Some(key.to_owned())
@@ -216,7 +218,7 @@ async fn cancel_job(
     params(
         ("id_session" = fields::SessionId, Path, description = "OpenTera session id"),
         ("limit" = Option<fields::PageSize>, Query, description = "page size, 1 to 1000 (default 100)"),
-        ("cursor" = Option<String>, Query, description = "next_cursor of the previous page"),
+        ("cursor" = Option<fields::JobCursor>, Query, description = "next_cursor of the previous page"),
     ),
     responses(
         (status = 200, description = "a page of jobs", body = JobPage),

@@ -46,7 +46,7 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         ErrorBody, ErrorDetail, SessionInfo, AssetInfo, Actor, PrincipalKind,
         crate::app::sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, crate::app::sessions::SessionDeletedReply,
         upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
-        fields::PageSize, fields::ListingCursor, fields::UuidText,
+        fields::PageSize, fields::ListingCursor, fields::JobCursor, fields::ImportUrl, fields::IdempotencyKey, fields::UuidText,
         crate::app::jobs::ImportBody, jobs::ImportAccepted, jobs::JobView, jobs::ImportedAssetLinks, jobs::JobPage,
         crate::projections::read::JobInfo, crate::projections::read::JobProgress,
         assets::InfosRequest, assets::InfosBatch, assets::InfosRename, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,

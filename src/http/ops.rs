@@ -21,7 +21,7 @@ pub fn health() -> warp::reply::Response {
 }
 
 /// Ready to serve requests: Postgres answers. The broker's state is reported too
-/// (`broker`: up, connecting or disabled; `relay`, `commands`: up, standby,
+/// (`broker`: up, connecting or disabled; `relay`, `commands`, `workers`: up, standby,
 /// connecting or disabled) but does not make this 503: requests succeed without it,
 /// and events wait in Postgres for the relay.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
@@ -37,6 +37,7 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
             "broker": ctx.app.messaging.broker().as_str(),
             "relay": ctx.app.messaging.relay().as_str(),
             "commands": ctx.app.messaging.commands().as_str(),
+            "workers": ctx.app.messaging.workers().as_str(),
         },
     });
     if database_ok {

@@ -625,6 +625,8 @@ async fn import_request_over_amqp_replies_with_the_job() {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let ready: Value = jobs.app.get("", "/ready").await.json().await.unwrap();
+    assert_eq!(ready["checks"]["workers"], "up", "{ready}");
     let body = jobs.body(&source.url("/data/777"));
     let send = || async {
         let properties = BasicProperties::default()

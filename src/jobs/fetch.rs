@@ -215,6 +215,9 @@ impl Fetcher {
         let allow = Arc::new(settings.allow.clone());
         let redirect_allow = allow.clone();
         let client = reqwest::Client::builder()
+            // Never through a proxy from the environment (HTTP_PROXY…): the proxy would
+            // resolve and connect, and the guard would check nothing.
+            .no_proxy()
             .dns_resolver(Arc::new(GuardedResolver { allow }))
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
                 if attempt.previous().len() > MAX_REDIRECTS {

@@ -556,6 +556,8 @@ impl LogHandler for Scheduler {
             };
             sent.map_err(|error| partly(broker_error(error)))?;
         }
+        // A log that is never idle must not starve the sweep.
+        self.sweep_if_due().await;
         Ok(())
     }
 
@@ -563,15 +565,19 @@ impl LogHandler for Scheduler {
         if !self.channel.as_ref().is_some_and(|channel| channel.usable()) {
             return Err(broker_error("the broker connection was lost"));
         }
-        if self.last_sweep.elapsed() >= self.config.sweep_every {
-            self.last_sweep = std::time::Instant::now();
-            self.sweep_leases().await;
-        }
+        self.sweep_if_due().await;
         Ok(())
     }
 }
 
 impl Scheduler {
+    async fn sweep_if_due(&mut self) {
+        if self.last_sweep.elapsed() >= self.config.sweep_every {
+            self.last_sweep = std::time::Instant::now();
+            self.sweep_leases().await;
+        }
+    }
+
     async fn sweep_leases(&self) {
         let expired = match self.app.pool.get().await {
             Ok(client) => crate::projections::read::jobs_with_expired_leases(&client, Utc::now()).await,

@@ -8,8 +8,8 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{receive_once, stage, stage_unlocked, App, AppError, CommandContext};
-use crate::domain::asset::{Asset, AssetImported};
-use crate::domain::job::{ImportSpec, Job, JobEvent, JobKind, JobQueued, JobResult};
+use crate::domain::asset::{Asset, AssetCommand, AssetImported};
+use crate::domain::job::{ImportSpec, Job, JobCommand, JobEvent, JobKind, JobQueued, JobResult};
 use crate::domain::names::{
     check_storable_json, AssetName, Directory, InvalidValue, MediaType, SessionId, Sha256Hex, Tags,
 };
@@ -218,7 +218,7 @@ impl App {
                 max_attempts: policy.max_attempts.max(1),
                 import: Some(request.spec.clone()),
             };
-            stage::<Job>(&tx, ctx, &job_stream(job_uuid), |job| job.handle_queue(queued)).await?;
+            stage::<Job>(&tx, ctx, &job_stream(job_uuid), JobCommand::Queue(queued)).await?;
             tx.execute("INSERT INTO job_inputs (job_uuid, url) VALUES ($1, $2)", &[&job_uuid, &request.url.as_str()])
                 .await?;
             if let Some(key) = &idempotency {
@@ -272,7 +272,7 @@ impl App {
         self.job_for(principal, uuid).await?;
         let actor = principal.actor();
         in_transaction!(self, |tx| {
-            stage::<Job>(&tx, ctx, &job_stream(uuid), |job| job.handle_cancel(actor)).await?;
+            stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Cancel(actor)).await?;
             read::job(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("job")))
         })
     }
@@ -322,15 +322,10 @@ impl App {
         Ok(row.is_some_and(|row| row.get::<_, &str>(0) == "cancelled"))
     }
 
-    /// Appends `decide`'s events to the job's stream (with the expected version).
-    async fn on_job(
-        &self,
-        ctx: &CommandContext,
-        uuid: Uuid,
-        decide: impl Fn(&Job) -> Result<Vec<JobEvent>, DomainError>,
-    ) -> Result<Job, AppError> {
+    /// Runs `command` on the job's stream.
+    async fn on_job(&self, ctx: &CommandContext, uuid: Uuid, command: JobCommand) -> Result<Job, AppError> {
         in_transaction!(self, |tx| {
-            let (job, _) = stage::<Job>(&tx, ctx, &job_stream(uuid), &decide).await?;
+            let (job, _) = stage::<Job>(&tx, ctx, &job_stream(uuid), command.clone()).await?;
             Ok(job)
         })
     }
@@ -343,7 +338,8 @@ impl App {
         worker: &str,
         lease_until: DateTime<Utc>,
     ) -> Result<Job, AppError> {
-        self.on_job(ctx, uuid, |job| job.handle_start(attempt, worker, Utc::now(), lease_until)).await
+        let start = JobCommand::Start { attempt, worker: worker.to_owned(), now: Utc::now(), lease_until };
+        self.on_job(ctx, uuid, start).await
     }
 
     pub async fn job_progress(
@@ -354,7 +350,8 @@ impl App {
         progress: (u64, Option<u64>),
         lease_until: DateTime<Utc>,
     ) -> Result<Job, AppError> {
-        self.on_job(ctx, uuid, |job| job.handle_progress(attempt, progress.0, progress.1, lease_until)).await
+        let (done, total) = progress;
+        self.on_job(ctx, uuid, JobCommand::Progress { attempt, done, total, lease_until }).await
     }
 
     pub async fn job_failed(
@@ -366,7 +363,7 @@ impl App {
         retryable: bool,
         retry_at: DateTime<Utc>,
     ) -> Result<Job, AppError> {
-        self.on_job(ctx, uuid, |job| job.handle_fail(attempt, error.to_owned(), retryable, retry_at)).await
+        self.on_job(ctx, uuid, JobCommand::Fail { attempt, error: error.to_owned(), retryable, retry_at }).await
     }
 
     /// The lease sweeper: a running attempt whose worker stopped renewing its lease.
@@ -376,7 +373,7 @@ impl App {
         uuid: Uuid,
         retry_at: DateTime<Utc>,
     ) -> Result<Job, AppError> {
-        self.on_job(ctx, uuid, |job| job.handle_lease_expired(Utc::now(), retry_at)).await
+        self.on_job(ctx, uuid, JobCommand::ExpireLease { now: Utc::now(), retry_at }).await
     }
 
     /// An import's bytes are durable under the asset's uuid: records the asset and the
@@ -398,7 +395,8 @@ impl App {
         };
         in_transaction!(self, |tx| {
             let (job, _) =
-                stage::<Job>(&tx, ctx, &job_stream(uuid), |job| job.handle_succeed(attempt, result.clone())).await?;
+                stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Succeed { attempt, result: result.clone() })
+                    .await?;
             let created_position: Option<i64> = tx
                 .query_opt("SELECT created_position FROM jobs WHERE job_uuid = $1", &[&uuid])
                 .await?
@@ -415,10 +413,8 @@ impl App {
                 return Err(AppError::Domain(DomainError::NotFound("session")));
             }
             eventstore::refuse_if_written_after_us(&tx, &[id_session.stream()]).await?;
-            stage_unlocked::<Asset>(&tx, ctx, &super::asset_stream(asset_uuid), |asset| {
-                asset.handle_import(imported.clone())
-            })
-            .await?;
+            let import = AssetCommand::Import(imported.clone());
+            stage_unlocked::<Asset>(&tx, ctx, &super::asset_stream(asset_uuid), import).await?;
             Ok(job)
         })?;
         Ok(())

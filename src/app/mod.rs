@@ -12,10 +12,10 @@ use uuid::Uuid;
 
 use crate::auth::{Authenticator, TokenError};
 use crate::blobs::{BlobStore, StoredBlob, TempBlob};
-use crate::domain::asset::{Asset, AssetUploaded, DeletionReason};
+use crate::domain::asset::{Asset, AssetCommand, AssetUploaded, DeletionReason};
 use crate::domain::names::{FileName, SessionId};
 use crate::domain::principal::{Actor, Principal};
-use crate::domain::session::{Session, SessionDetails, UpsertSession};
+use crate::domain::session::{Session, SessionCommand, SessionDetails, UpsertSession};
 use crate::domain::{Aggregate, DomainError, DomainEvent};
 use crate::eventstore::{self, EventStoreError, ExpectedVersion, NewEvent, RecordedEvent};
 use crate::projections::read::{self, AssetInfo, ListingCursor, SessionInfo};
@@ -154,16 +154,16 @@ pub fn asset_stream(uuid: Uuid) -> String {
     <Asset as Aggregate>::stream(uuid)
 }
 
-/// Loads `stream` in `tx`, lets `decide` turn the state into events, appends them with
+/// Loads `stream` in `tx`, lets the aggregate handle `command`, appends the events with
 /// the expected version and projects them. Returns the state after the new events.
 async fn stage<A: Aggregate>(
     tx: &Transaction<'_>,
     ctx: &CommandContext,
     stream: &str,
-    decide: impl FnOnce(&A) -> Result<Vec<A::Event>, DomainError>,
+    command: A::Command,
 ) -> Result<(A, Vec<RecordedEvent>), AppError> {
     eventstore::lock_stream(tx, stream).await?;
-    stage_unlocked(tx, ctx, stream, decide).await
+    stage_unlocked(tx, ctx, stream, command).await
 }
 
 /// [`stage`] without the stream lock, for a command that touches many streams at once
@@ -173,7 +173,7 @@ async fn stage_unlocked<A: Aggregate>(
     tx: &Transaction<'_>,
     ctx: &CommandContext,
     stream: &str,
-    decide: impl FnOnce(&A) -> Result<Vec<A::Event>, DomainError>,
+    command: A::Command,
 ) -> Result<(A, Vec<RecordedEvent>), AppError> {
     let history = eventstore::read_stream(tx, stream, 0).await?;
     let mut state = A::default();
@@ -186,7 +186,7 @@ async fn stage_unlocked<A: Aggregate>(
         None => ExpectedVersion::NoStream,
         Some(last) => ExpectedVersion::Exact(last.version),
     };
-    let events = decide(&state)?;
+    let events = state.handle(command)?;
     let recorded = eventstore::append(tx, stream, expected, &new_events(ctx, &events)).await?;
     for event in &recorded {
         projections::apply(tx, event).await?;
@@ -418,7 +418,8 @@ impl App {
         let id = command.id_session;
         let session = in_transaction!(self, |tx| {
             receive_once(&tx, ctx, &id.stream()).await?;
-            stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_upsert(command.clone(), Uuid::new_v4())).await?;
+            let upsert = SessionCommand::Upsert { command: command.clone(), new_uuid: Uuid::new_v4() };
+            stage::<Session>(&tx, ctx, &id.stream(), upsert).await?;
             read::session(&tx, id).await?.ok_or(AppError::Domain(DomainError::NotFound("session")))
         });
         self.upload_sessions.invalidate(&id.get());
@@ -439,13 +440,11 @@ impl App {
         }
         let deleted = in_transaction!(self, |tx| {
             receive_once(&tx, ctx, &id.stream()).await?;
-            stage::<Session>(&tx, ctx, &id.stream(), |s| s.handle_delete()).await?;
+            stage::<Session>(&tx, ctx, &id.stream(), SessionCommand::Delete).await?;
             let uuids = read::live_asset_uuids(&tx, id).await?;
             for uuid in &uuids {
-                stage_unlocked::<Asset>(&tx, ctx, &asset_stream(*uuid), |a| {
-                    a.handle_delete(DeletionReason::SessionDeleted)
-                })
-                .await?;
+                let delete = AssetCommand::Delete(DeletionReason::SessionDeleted);
+                stage_unlocked::<Asset>(&tx, ctx, &asset_stream(*uuid), delete).await?;
             }
             Ok(uuids)
         })?;
@@ -624,7 +623,7 @@ impl App {
     ) -> Result<AssetInfo, AppError> {
         self.asset_for(principal, uuid, access_token).await?;
         in_transaction!(self, |tx| {
-            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_rename(new_name.clone())).await?;
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), AssetCommand::Rename(new_name.clone())).await?;
             read::asset(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
         })
     }
@@ -639,7 +638,7 @@ impl App {
     ) -> Result<(), AppError> {
         self.asset_for(principal, uuid, access_token).await?;
         in_transaction!(self, |tx| {
-            stage::<Asset>(&tx, ctx, &asset_stream(uuid), |a| a.handle_delete(DeletionReason::Requested)).await?;
+            stage::<Asset>(&tx, ctx, &asset_stream(uuid), AssetCommand::Delete(DeletionReason::Requested)).await?;
             Ok(())
         })?;
         self.remove_blob(uuid).await;

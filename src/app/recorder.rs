@@ -19,10 +19,10 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 use super::{asset_stream, new_events, AppError, CommandContext};
-use crate::domain::asset::{Asset, AssetEvent, AssetUploaded};
+use crate::domain::asset::{Asset, AssetCommand, AssetEvent, AssetUploaded};
 use crate::domain::names::SessionId;
 use crate::domain::principal::Principal;
-use crate::domain::DomainError;
+use crate::domain::{Aggregate, DomainError};
 use crate::eventstore;
 use crate::projections::{self, read, read::AssetInfo};
 
@@ -245,7 +245,7 @@ async fn record_together(
                     Err(AppError::Forbidden(format!("no access to session {}", details.id_session)))
                 }
                 // A fresh uuid's stream: its state is the default one.
-                Some(_) => Asset::default().handle_upload(uploaded.clone()).map_err(AppError::from),
+                Some(_) => Asset::default().handle(AssetCommand::Upload(uploaded.clone())).map_err(AppError::from),
             };
             match events {
                 Ok(events) => {

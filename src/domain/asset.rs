@@ -107,7 +107,26 @@ pub struct Asset {
     pub deleted: bool,
 }
 
+/// What may be asked of an asset.
+#[derive(Debug, Clone)]
+pub enum AssetCommand {
+    Upload(AssetUploaded),
+    Import(AssetImported),
+    Rename(FileName),
+    Delete(DeletionReason),
+}
+
 impl Asset {
+    /// [`crate::domain::Aggregate::handle`].
+    pub fn decide(&self, command: AssetCommand) -> Result<Vec<AssetEvent>, DomainError> {
+        match command {
+            AssetCommand::Upload(uploaded) => self.handle_upload(uploaded),
+            AssetCommand::Import(imported) => self.handle_import(imported),
+            AssetCommand::Rename(name) => self.handle_rename(name),
+            AssetCommand::Delete(reason) => self.handle_delete(reason),
+        }
+    }
+
     pub fn apply(&mut self, event: &AssetEvent) {
         match event {
             AssetEvent::AssetUploaded(uploaded) => self.uploaded = Some(uploaded.clone()),

@@ -180,7 +180,38 @@ pub enum NextStep {
     Done,
 }
 
+/// What may be asked of a job (by its requester, its worker, the lease sweeper).
+#[derive(Debug, Clone)]
+pub enum JobCommand {
+    Queue(JobQueued),
+    Start { attempt: u32, worker: String, now: DateTime<Utc>, lease_until: DateTime<Utc> },
+    Progress { attempt: u32, done: u64, total: Option<u64>, lease_until: DateTime<Utc> },
+    Succeed { attempt: u32, result: JobResult },
+    Fail { attempt: u32, error: String, retryable: bool, retry_at: DateTime<Utc> },
+    ExpireLease { now: DateTime<Utc>, retry_at: DateTime<Utc> },
+    Cancel(Actor),
+}
+
 impl Job {
+    /// [`crate::domain::Aggregate::handle`].
+    pub fn decide(&self, command: JobCommand) -> Result<Vec<JobEvent>, DomainError> {
+        match command {
+            JobCommand::Queue(queued) => self.handle_queue(queued),
+            JobCommand::Start { attempt, worker, now, lease_until } => {
+                self.handle_start(attempt, &worker, now, lease_until)
+            }
+            JobCommand::Progress { attempt, done, total, lease_until } => {
+                self.handle_progress(attempt, done, total, lease_until)
+            }
+            JobCommand::Succeed { attempt, result } => self.handle_succeed(attempt, result),
+            JobCommand::Fail { attempt, error, retryable, retry_at } => {
+                self.handle_fail(attempt, error, retryable, retry_at)
+            }
+            JobCommand::ExpireLease { now, retry_at } => self.handle_lease_expired(now, retry_at),
+            JobCommand::Cancel(by) => self.handle_cancel(by),
+        }
+    }
+
     pub fn apply(&mut self, event: &JobEvent) {
         match event {
             JobEvent::JobQueued(queued) => {

@@ -32,36 +32,42 @@ pub trait DomainEvent: Sized {
     fn from_parts(event_type: &str, data: &serde_json::Value) -> Option<Result<Self, serde_json::Error>>;
 }
 
-/// An event-sourced aggregate: its state folds from its own stream (`apply`); its
-/// `handle_*` methods turn a command into new events. `app::stage` is the one place that
-/// loads a stream, decides, appends with the expected version and projects; projections
-/// and the contract find an aggregate's events by its category.
+/// An event-sourced aggregate: its state folds from its own stream (`apply`), and
+/// `handle` turns a command into new events (or refuses it). `app::stage` is the one
+/// place that loads a stream, handles, appends with the expected version and projects;
+/// projections find an aggregate's events by its category.
 pub trait Aggregate: Default {
     type Event: DomainEvent;
+    type Command: Clone;
     /// Streams are named `<CATEGORY>-<id>`.
     const CATEGORY: &'static str;
     fn apply(&mut self, event: &Self::Event);
+    fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError>;
     fn stream(id: impl std::fmt::Display) -> String {
         format!("{}-{id}", Self::CATEGORY)
     }
 }
 
-/// Implements [`Aggregate`] for a type with an inherent `apply`.
+/// Implements [`Aggregate`] for a type with inherent `apply` and `decide`.
 macro_rules! aggregate {
-    ($state:ty, $event:ty, $category:literal) => {
+    ($state:ty, $event:ty, $command:ty, $category:literal) => {
         impl $crate::domain::Aggregate for $state {
             type Event = $event;
+            type Command = $command;
             const CATEGORY: &'static str = $category;
             fn apply(&mut self, event: &$event) {
                 <$state>::apply(self, event)
+            }
+            fn handle(&self, command: $command) -> Result<Vec<$event>, DomainError> {
+                <$state>::decide(self, command)
             }
         }
     };
 }
 
-aggregate!(session::Session, session::SessionEvent, "session");
-aggregate!(asset::Asset, asset::AssetEvent, "asset");
-aggregate!(job::Job, job::JobEvent, "job");
+aggregate!(session::Session, session::SessionEvent, session::SessionCommand, "session");
+aggregate!(asset::Asset, asset::AssetEvent, asset::AssetCommand, "asset");
+aggregate!(job::Job, job::JobEvent, job::JobCommand, "job");
 
 /// Visits the payload type of each event type of an aggregate (for the JSON Schemas
 /// of the contract files).

@@ -76,7 +76,26 @@ pub struct UpsertSession {
 pub const MAX_SESSION_NAME_CHARS: usize = 255;
 pub const MAX_SESSION_MEMBERS: usize = 10_000;
 
+/// What may be asked of a session.
+#[derive(Debug, Clone)]
+pub enum SessionCommand {
+    /// Register or update; `new_uuid` names a session registered without a uuid.
+    Upsert {
+        command: UpsertSession,
+        new_uuid: Uuid,
+    },
+    Delete,
+}
+
 impl Session {
+    /// [`crate::domain::Aggregate::handle`].
+    pub fn decide(&self, command: SessionCommand) -> Result<Vec<SessionEvent>, DomainError> {
+        match command {
+            SessionCommand::Upsert { command, new_uuid } => self.handle_upsert(command, new_uuid),
+            SessionCommand::Delete => self.handle_delete(),
+        }
+    }
+
     pub fn apply(&mut self, event: &SessionEvent) {
         match event {
             SessionEvent::SessionRegistered(details) | SessionEvent::SessionUpdated(details) => {

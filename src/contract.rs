@@ -11,10 +11,7 @@ use serde_json::{json, Map, Value};
 
 use crate::app::EventMetadata;
 use crate::commands;
-use crate::domain::asset::AssetEvent;
-use crate::domain::job::JobEvent;
-use crate::domain::session::SessionEvent;
-use crate::domain::PayloadVisitor;
+use crate::domain::{visit_aggregates, Aggregate, AggregateVisitor, DomainEvent, PayloadVisitor};
 use crate::relay::{routing_key, EventMessage};
 
 /// A file to write under the contract directory (`events/`).
@@ -41,14 +38,17 @@ fn generator() -> SchemaGenerator {
     SchemaSettings::draft07().with(|settings| settings.inline_subschemas = true).into_generator()
 }
 
-/// Streams an aggregate's events are recorded in (`stream` of the envelope).
-const SESSION_STREAM: &str = "^session-[1-9][0-9]*$";
-const ASSET_STREAM: &str = "^asset-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
-const JOB_STREAM: &str = "^job-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
-
 struct EventSchemas {
-    stream_pattern: &'static str,
+    /// Of the aggregate being visited: the streams its events are recorded in.
+    stream_pattern: String,
     schemas: Vec<MessageSchema>,
+}
+
+impl AggregateVisitor for EventSchemas {
+    fn visit<A: Aggregate>(&mut self) {
+        self.stream_pattern = format!("^{}-{}$", A::CATEGORY, A::ID_PATTERN);
+        A::Event::visit_payloads(self);
+    }
 }
 
 impl PayloadVisitor for EventSchemas {
@@ -64,7 +64,7 @@ impl PayloadVisitor for EventSchemas {
         );
         let properties = schema.get_mut("properties").and_then(Value::as_object_mut).expect("an object schema");
         properties.insert("event_type".into(), json!({"const": event_type}));
-        properties.insert("stream".into(), json!({"type": "string", "pattern": self.stream_pattern}));
+        properties.insert("stream".into(), json!({"type": "string", "pattern": &self.stream_pattern}));
         self.schemas.push(MessageSchema {
             path: format!("schemas/events/{key}.json"),
             name: key,
@@ -75,13 +75,9 @@ impl PayloadVisitor for EventSchemas {
 }
 
 fn event_schemas() -> Vec<MessageSchema> {
-    let mut sessions = EventSchemas { stream_pattern: SESSION_STREAM, schemas: vec![] };
-    SessionEvent::visit_payloads(&mut sessions);
-    let mut assets = EventSchemas { stream_pattern: ASSET_STREAM, schemas: vec![] };
-    AssetEvent::visit_payloads(&mut assets);
-    let mut jobs = EventSchemas { stream_pattern: JOB_STREAM, schemas: vec![] };
-    JobEvent::visit_payloads(&mut jobs);
-    sessions.schemas.into_iter().chain(assets.schemas).chain(jobs.schemas).collect()
+    let mut schemas = EventSchemas { stream_pattern: String::new(), schemas: vec![] };
+    visit_aggregates(&mut schemas);
+    schemas.schemas
 }
 
 /// A command with its reply.

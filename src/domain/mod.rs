@@ -30,6 +30,8 @@ pub trait DomainEvent: Sized {
     fn to_data(&self) -> serde_json::Value;
     /// `None` for a type this aggregate does not know (ignored when folding).
     fn from_parts(event_type: &str, data: &serde_json::Value) -> Option<Result<Self, serde_json::Error>>;
+    /// Every event type of this aggregate with its payload type.
+    fn visit_payloads(visitor: &mut impl PayloadVisitor);
 }
 
 /// An event-sourced aggregate: its state folds from its own stream (`apply`), and
@@ -41,6 +43,8 @@ pub trait Aggregate: Default {
     type Command: Clone;
     /// Streams are named `<CATEGORY>-<id>`.
     const CATEGORY: &'static str;
+    /// What an `<id>` of a stream name looks like (a regular expression, unanchored).
+    const ID_PATTERN: &'static str;
     fn apply(&mut self, event: &Self::Event);
     fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, DomainError>;
     fn stream(id: impl std::fmt::Display) -> String {
@@ -50,11 +54,12 @@ pub trait Aggregate: Default {
 
 /// Implements [`Aggregate`] for a type with inherent `apply` and `decide`.
 macro_rules! aggregate {
-    ($state:ty, $event:ty, $command:ty, $category:literal) => {
+    ($state:ty, $event:ty, $command:ty, $category:literal, $id_pattern:expr) => {
         impl $crate::domain::Aggregate for $state {
             type Event = $event;
             type Command = $command;
             const CATEGORY: &'static str = $category;
+            const ID_PATTERN: &'static str = $id_pattern;
             fn apply(&mut self, event: &$event) {
                 <$state>::apply(self, event)
             }
@@ -65,9 +70,22 @@ macro_rules! aggregate {
     };
 }
 
-aggregate!(session::Session, session::SessionEvent, session::SessionCommand, "session");
-aggregate!(asset::Asset, asset::AssetEvent, asset::AssetCommand, "asset");
-aggregate!(job::Job, job::JobEvent, job::JobCommand, "job");
+const UUID_PATTERN: &str = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}";
+aggregate!(session::Session, session::SessionEvent, session::SessionCommand, "session", "[1-9][0-9]*");
+aggregate!(asset::Asset, asset::AssetEvent, asset::AssetCommand, "asset", UUID_PATTERN);
+aggregate!(job::Job, job::JobEvent, job::JobCommand, "job", UUID_PATTERN);
+
+/// Visits every aggregate: what must cover them all (the contract's event schemas)
+/// takes them from here, so a new aggregate is one line here.
+pub trait AggregateVisitor {
+    fn visit<A: Aggregate>(&mut self);
+}
+
+pub fn visit_aggregates(visitor: &mut impl AggregateVisitor) {
+    visitor.visit::<session::Session>();
+    visitor.visit::<asset::Asset>();
+    visitor.visit::<job::Job>();
+}
 
 /// Visits the payload type of each event type of an aggregate (for the JSON Schemas
 /// of the contract files).
@@ -82,13 +100,6 @@ macro_rules! domain_events {
         #[derive(Debug, Clone, PartialEq)]
         pub enum $enum { $($variant($payload)),+ }
 
-        impl $enum {
-            /// Every event type of this aggregate with its payload type.
-            pub fn visit_payloads(visitor: &mut impl $crate::domain::PayloadVisitor) {
-                $(visitor.visit::<$payload>(stringify!($variant));)+
-            }
-        }
-
         impl $crate::domain::DomainEvent for $enum {
             fn event_type(&self) -> &'static str {
                 match self { $(Self::$variant(_) => stringify!($variant)),+ }
@@ -98,6 +109,9 @@ macro_rules! domain_events {
                     $(Self::$variant(payload) => serde_json::to_value(payload)
                         .expect("event payloads are plain data and always serialise")),+
                 }
+            }
+            fn visit_payloads(visitor: &mut impl $crate::domain::PayloadVisitor) {
+                $(visitor.visit::<$payload>(stringify!($variant));)+
             }
             fn from_parts(event_type: &str, data: &serde_json::Value) -> Option<Result<Self, serde_json::Error>> {
                 match event_type {

@@ -288,6 +288,17 @@ async fn a_256_mib_import_streams_into_an_asset_with_the_sources_sha256() {
         client.query_one("SELECT data FROM events WHERE type = 'AssetImported'", &[]).await.unwrap().get(0);
     assert!(imported["source_url"].as_str().unwrap().ends_with(&format!("/data/{len}?token=REDACTED")), "{imported}");
     assert_eq!(imported["job_uuid"], uuid);
+    // Progress is recorded at most once a second.
+    let beats: Vec<chrono::DateTime<chrono::Utc>> = client
+        .query("SELECT recorded_at FROM events WHERE type = 'JobProgressed' ORDER BY position", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for pair in beats.windows(2) {
+        assert!(pair[1] - pair[0] >= chrono::Duration::milliseconds(900), "{beats:?}");
+    }
     jobs.stop().await;
 }
 

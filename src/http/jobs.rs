@@ -31,27 +31,10 @@ pub struct ImportAccepted {
     pub status_url: String,
 }
 
-/// A job with the links its result needs.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct JobView {
-    #[serde(flatten)]
-    pub job: JobInfo,
-    /// For a succeeded import: the asset, with a fresh access token for it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub asset: Option<ImportedAssetLinks>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ImportedAssetLinks {
-    pub asset_uuid: Uuid,
-    pub asset_url: String,
-    pub access_token: String,
-}
-
 /// A page of a session's jobs.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobPage {
-    pub jobs: Vec<JobView>,
+    pub jobs: Vec<JobInfo>,
     /// Pass as `cursor` to get the next page; null on the last page.
     pub next_cursor: Option<String>,
 }
@@ -95,18 +78,17 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     import.or(get).unify().or(cancel).unify().or(list).unify().boxed()
 }
 
-/// The job as answered: a succeeded import's asset gets its URL and a token for the reader.
-fn view(job: JobInfo, principal: &Principal, headers: &HeaderMap, ctx: &Context) -> JobView {
+/// The job as answered: a succeeded import's result gets the asset's URL and a token
+/// for the reader.
+fn view(mut job: JobInfo, principal: &Principal, headers: &HeaderMap, ctx: &Context) -> JobInfo {
     let asset_uuid = job.result.as_ref().and_then(|r| r.get("asset_uuid")?.as_str()?.parse::<Uuid>().ok());
-    let asset = asset_uuid.filter(|_| job.status == "succeeded").map(|asset_uuid| {
+    if let (Some(asset_uuid), Some(serde_json::Value::Object(result))) = (asset_uuid, job.result.as_mut()) {
         let origin = super::origin(&ctx.settings, headers);
-        ImportedAssetLinks {
-            asset_uuid,
-            asset_url: format!("{origin}{}/api/assets?asset_uuid={asset_uuid}", ctx.settings.base_path),
-            access_token: ctx.app.asset_token(asset_uuid, principal),
-        }
-    });
-    JobView { job, asset }
+        let asset_url = format!("{origin}{}/api/assets?asset_uuid={asset_uuid}", ctx.settings.base_path);
+        result.insert("asset_url".into(), asset_url.into());
+        result.insert("access_token".into(), ctx.app.asset_token(asset_uuid, principal).into());
+    }
+    job
 }
 
 /// Import a file from a URL into a session, as a job.
@@ -170,7 +152,7 @@ async fn request_import(
 #[utoipa::path(get, path = "/api/jobs/{job_uuid}", tag = "jobs",
     params(("job_uuid" = fields::UuidText, Path, description = "the job")),
     responses(
-        (status = 200, description = "the job", body = JobView),
+        (status = 200, description = "the job", body = JobInfo),
         (status = 400, description = "job_uuid is not a uuid", body = ErrorBody),
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "no access to the job's session", body = ErrorBody),
@@ -193,7 +175,7 @@ async fn get_job(
 #[utoipa::path(delete, path = "/api/jobs/{job_uuid}", tag = "jobs",
     params(("job_uuid" = fields::UuidText, Path, description = "the job")),
     responses(
-        (status = 200, description = "the job, cancelled", body = JobView),
+        (status = 200, description = "the job, cancelled", body = JobInfo),
         (status = 400, description = "job_uuid is not a uuid", body = ErrorBody),
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "no access to the job's session", body = ErrorBody),

@@ -47,7 +47,7 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         crate::app::sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, crate::app::sessions::SessionDeletedReply,
         upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
         fields::PageSize, fields::ListingCursor, fields::JobCursor, fields::ImportUrl, fields::IdempotencyKey, fields::UuidText,
-        crate::app::jobs::ImportBody, jobs::ImportAccepted, jobs::JobView, jobs::ImportedAssetLinks, jobs::JobPage,
+        crate::app::jobs::ImportBody, jobs::ImportAccepted, jobs::JobPage,
         crate::projections::read::JobInfo, crate::projections::read::JobProgress,
         assets::InfosRequest, assets::InfosBatch, assets::InfosRename, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
     )),

@@ -260,7 +260,9 @@ pub struct JobInfo {
     pub attempts: i32,
     pub max_attempts: i32,
     pub progress: JobProgress,
-    /// What the job made (see the job's kind); null until it succeeds.
+    /// What the job made; null until it succeeds. An import's: `asset_uuid`,
+    /// `asset_file_size`, `asset_sha256`, and in answers `asset_url` and an
+    /// `access_token` for the reader.
     #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
     /// The last attempt's error (a job being retried keeps it until it succeeds).

@@ -258,7 +258,7 @@ async fn a_256_mib_import_streams_into_an_asset_with_the_sources_sha256() {
     assert_eq!(job["kind"], "import");
     assert_eq!(job["attempts"], 1);
     assert_eq!(job["progress"]["total"], len);
-    let asset_uuid = job["asset"]["asset_uuid"].as_str().unwrap();
+    let asset_uuid = job["result"]["asset_uuid"].as_str().unwrap();
     assert_eq!(job["result"]["asset_sha256"], expected);
     let info: Value =
         jobs.app.get(&jobs.service, &format!("/api/assets/infos?asset_uuid={asset_uuid}")).await.json().await.unwrap();
@@ -270,7 +270,7 @@ async fn a_256_mib_import_streams_into_an_asset_with_the_sources_sha256() {
     let download = jobs
         .app
         .client
-        .get(job["asset"]["asset_url"].as_str().unwrap())
+        .get(job["result"]["asset_url"].as_str().unwrap())
         .header("authorization", format!("Bearer {}", jobs.service))
         .send()
         .await

@@ -83,6 +83,9 @@ impl JobRow {
                     }
                     JobEvent::JobSucceeded(s) => {
                         row.status = "succeeded";
+                        // Done is done, even when it finished before its first report.
+                        row.progress_done = signed(s.result.asset_file_size);
+                        row.progress_total = Some(signed(s.result.asset_file_size));
                         row.result = serde_json::to_value(&s.result).ok();
                         row.lease_until = None;
                     }

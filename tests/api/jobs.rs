@@ -313,6 +313,7 @@ async fn a_source_failing_twice_succeeds_on_attempt_3_with_retries_recorded_betw
         .to_owned();
     let job = jobs.until(&uuid, "succeeded", 60).await;
     assert_eq!(job["attempts"], 3);
+    assert_eq!(job["progress"], json!({"done": 1000, "total": 1000}), "{job}");
     assert_eq!(source.requests(&key), 3);
     assert_eq!(
         jobs.events_of(&format!("job-{uuid}")).await.into_iter().filter(|t| t != "JobProgressed").collect::<Vec<_>>(),
@@ -630,9 +631,10 @@ async fn import_request_over_amqp_replies_with_the_job() {
         )
         .await
         .unwrap();
-    // The consumer declares the commands exchange: wait for it.
+    // The consumer declares the commands exchange: wait for it (and for the workers).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while jobs.app.ctx.app.messaging.commands() != assetd::app::ComponentState::Up {
+    let up = assetd::app::ComponentState::Up;
+    while jobs.app.ctx.app.messaging.commands() != up || jobs.app.ctx.app.messaging.workers() != up {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

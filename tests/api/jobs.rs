@@ -447,7 +447,14 @@ async fn a_cancelled_import_stops_within_a_second_and_leaves_nothing_behind() {
     assert_eq!(cancelled.status(), 200);
     assert_eq!(cancelled.json::<Value>().await.unwrap()["status"], "cancelled");
     // The worker lets go within a second or so: no temporary file, no blob, no asset.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while TestApp::files_under(&jobs.app.tmp_dir()) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the cancelled import still writes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = jobs.job(&uuid).await["progress"]["done"].clone();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(jobs.job(&uuid).await["progress"]["done"], done, "no progress after the cancel");
     jobs.nothing_left().await;
     assert_eq!(jobs.job(&uuid).await["status"], "cancelled");
     // A finished job cannot be cancelled; an unknown one is not found.
@@ -673,6 +680,30 @@ async fn import_request_over_amqp_replies_with_the_job() {
     let again: Value = serde_json::from_slice(&again.data).unwrap();
     assert_eq!(again["duplicate"], true);
     assert_eq!(again["result"]["job_uuid"], uuid);
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM jobs").await, 1);
+    // An import that cannot be asked for as sent: refused in the reply (and dead-lettered).
+    let properties = BasicProperties::default()
+        .with_message_id("import-2".into())
+        .with_correlation_id("corr-2".into())
+        .with_reply_to(reply_queue.name().clone());
+    let bad = json!({"id_session": 1, "url": "ftp://example.org/x", "asset_name": "x", "id_user": Uuid::new_v4()});
+    channel
+        .basic_publish(
+            format!("{}.commands", jobs.config.amqp_prefix).as_str().into(),
+            "import.request".into(),
+            BasicPublishOptions::default(),
+            bad.to_string().as_bytes(),
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let refused =
+        tokio::time::timeout(Duration::from_secs(10), replies.next()).await.expect("a reply").unwrap().unwrap();
+    let refused: Value = serde_json::from_slice(&refused.data).unwrap();
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("url"), "{refused}");
     assert_eq!(jobs.app.scalar("SELECT count(*) FROM jobs").await, 1);
     let _ = connection.close(200, "done".into()).await;
     jobs.stop().await;

@@ -112,6 +112,12 @@ class Bench:
             # must not touch a local deployment's exchanges and queues.
             ASSETD_RELAY="false",
             ASSETD_COMMANDS="false",
+            # Nor are jobs. Every AMQP name the bench's assetd use (exchanges, job
+            # queues) has the database's name as prefix: never a local deployment's
+            # `assetd.jobs`, whose jobs a worker on another database would take and
+            # drop as unknown.
+            ASSETD_WORKERS="false",
+            ASSETD_AMQP_PREFIX=DATABASE,
             NO_COLOR="1",
         )
 

@@ -276,7 +276,11 @@ impl Worker {
         let (progress, mut reported) = tokio::sync::watch::channel((0u64, None::<u64>));
         let work = self.import(job_uuid, loaded, &progress, &cancel);
         tokio::pin!(work);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // The first look is a second in: an `interval`'s first tick is immediate, which
+        // cost every attempt a query at its start (and, once its progress had moved, a
+        // `JobProgressed` transaction), however short the attempt.
+        let second = Duration::from_secs(1);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_beat = std::time::Instant::now();
         // Why the work was stopped, if it was.

@@ -22,6 +22,8 @@ use crate::eventstore::{self, GlobalPosition, RecordedEvent};
 
 /// Events handled per pass (one batch, then one checkpoint write).
 const BATCH: i64 = 500;
+/// The first wait after a pass that found events (it doubles up to `idle_poll`).
+const FIRST_IDLE_WAIT: Duration = Duration::from_millis(10);
 
 /// Which subscriber: its checkpoint's name and the advisory lock only its leader holds.
 #[derive(Clone, Debug)]
@@ -29,7 +31,7 @@ pub struct Subscription {
     pub checkpoint: &'static str,
     pub leader_lock: i64,
     pub database_url: String,
-    /// How long to wait when there is nothing new.
+    /// The longest wait when there is nothing new (shorter right after events).
     pub idle_poll: Duration,
 }
 
@@ -132,6 +134,9 @@ async fn lead(
     // Once flushing: the last event committed when the flush began, which must be
     // handled before the subscriber stops (None: there are no events).
     let mut flush_until: Option<Option<GlobalPosition>> = None;
+    // Events come in bursts: right after some, look again soon (a job queued a moment
+    // ago is waiting on this), then less and less often, up to `idle_poll`.
+    let mut wait = FIRST_IDLE_WAIT;
     loop {
         let handled = pass(&client, subscription.checkpoint, handler).await?;
         if flush.is_cancelled() {
@@ -151,12 +156,15 @@ async fn lead(
                 return Ok(Term::Flushed);
             }
         }
-        if handled == 0 {
+        if handled > 0 {
+            wait = FIRST_IDLE_WAIT;
+        } else {
             handler.idle().await?;
             tokio::select! {
-                _ = tokio::time::sleep(subscription.idle_poll) => {}
+                _ = tokio::time::sleep(wait.min(subscription.idle_poll)) => {}
                 _ = flush.cancelled(), if flush_until.is_none() => {}
             }
+            wait = (wait * 2).min(subscription.idle_poll);
         }
     }
 }

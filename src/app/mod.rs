@@ -426,7 +426,8 @@ impl App {
         session
     }
 
-    /// Deletes a session and every live asset of it, in one transaction; then removes
+    /// Deletes a session and every live asset of it (and cancels its unfinished jobs), in
+    /// one transaction; then removes
     /// their bytes (a failure there leaves orphans for the cleanup job, never a visible
     /// asset without bytes).
     pub async fn delete_session(
@@ -445,6 +446,11 @@ impl App {
             for uuid in &uuids {
                 let delete = AssetCommand::Delete(DeletionReason::SessionDeleted);
                 stage_unlocked::<Asset>(&tx, ctx, &asset_stream(*uuid), delete).await?;
+            }
+            // Its unfinished jobs go with it (a running import stops and leaves nothing).
+            for job in read::unfinished_session_jobs(&tx, id).await? {
+                let cancel = crate::domain::job::JobCommand::Cancel(principal.actor());
+                stage_unlocked::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(job), cancel).await?;
             }
             Ok(uuids)
         })?;

@@ -358,3 +358,16 @@ pub async fn jobs_with_expired_leases(
         .await?;
     Ok(client.query(&statement, &[&now]).await?.iter().map(|row| row.get(0)).collect())
 }
+
+/// A session's jobs that have not finished (cancelled with it).
+pub async fn unfinished_session_jobs(
+    client: &impl GenericClient,
+    id_session: SessionId,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(
+            "SELECT job_uuid FROM jobs WHERE id_session = $1 AND status IN ('queued', 'running', 'retry_scheduled')",
+        )
+        .await?;
+    Ok(client.query(&statement, &[&id_session.get()]).await?.iter().map(|row| row.get(0)).collect())
+}

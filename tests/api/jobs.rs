@@ -457,6 +457,17 @@ async fn a_cancelled_import_stops_within_a_second_and_leaves_nothing_behind() {
     assert_eq!(jobs.job(&uuid).await["progress"]["done"], done, "no progress after the cancel");
     jobs.nothing_left().await;
     assert_eq!(jobs.job(&uuid).await["status"], "cancelled");
+    // Deleting a session cancels its unfinished jobs.
+    let other = jobs.import(jobs.body(&source.url("/slow/100000000"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let deleted = jobs.app.delete(&jobs.service, "/api/sessions/1").await;
+    assert_eq!(deleted.status(), 200);
+    let client = jobs.app.ctx.app.pool.get().await.unwrap();
+    let status: String = client
+        .query_one("SELECT status FROM jobs WHERE job_uuid = $1", &[&other.parse::<Uuid>().unwrap()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(status, "cancelled");
     // A finished job cannot be cancelled; an unknown one is not found.
     let again = jobs.app.delete(&jobs.service, &format!("/api/jobs/{uuid}")).await;
     assert_eq!(again.status(), 200, "cancelling a cancelled job changes nothing");

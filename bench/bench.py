@@ -738,10 +738,10 @@ class Bench:
 
             peaks.append(self.peak_rss(pid, load))
             job = box["job"]
-            # (Not progress.done: it is the last progress reported before the end.)
-            if (job.get("result") or {}).get("asset_file_size") != self.large_size or not job.get("asset"):
+            result = job.get("result") or {}
+            if result.get("asset_file_size") != self.large_size or not result.get("asset_uuid"):
                 raise RuntimeError(f"the large import's job says {job}")
-            self.delete_asset(job["asset"]["asset_uuid"])
+            self.delete_asset(job["result"]["asset_uuid"])
             return box["seconds"]
 
         def baseline():
@@ -784,7 +784,7 @@ class Bench:
                     _, job = self.import_one(
                         KeepAliveClient(ASSETD_JOBS_PORT, headers), f"rss-{i}.bin", "large.bin", large_sha256
                     )
-                    self.delete_asset(job["asset"]["asset_uuid"])
+                    self.delete_asset(job["result"]["asset_uuid"])
                 except Exception as error:  # reported below
                     failures.append(error)
 

@@ -146,9 +146,10 @@ enum Handled {
 }
 
 impl Worker {
+    /// As many messages as the kinds' limits together (not what is free now: a
+    /// consumer that starts over while attempts still run keeps the same bound).
     fn prefetch(&self) -> u16 {
-        let total: usize = self.limits.values().map(|s| s.available_permits()).sum();
-        u16::try_from(total.max(1)).unwrap_or(u16::MAX)
+        u16::try_from(self.config.import_concurrency.max(1)).unwrap_or(u16::MAX)
     }
 
     async fn consume(self: Arc<Self>) -> Result<(), BrokerError> {

@@ -15,13 +15,11 @@ use super::fields;
 use super::{get_or_head, json_body, parse_uuid, query_map, request_context, respond, with_context, Context, JsonBody};
 use crate::app::jobs::{IdempotencyKey, ImportBody};
 use crate::app::CommandContext;
-use crate::domain::names::SessionId;
 use crate::domain::principal::Principal;
 use crate::projections::read::JobInfo;
 
 /// Longest `Idempotency-Key` accepted.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
-const DEFAULT_PAGE: i64 = 100;
 
 /// The answer to `POST /imports`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -218,16 +216,8 @@ async fn list_jobs(
     headers: HeaderMap,
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
-    let id: i64 =
-        id.parse().map_err(|_| ApiError::bad_request("invalid_parameter", "id_session must be an integer"))?;
-    let id_session = SessionId::new(id).map_err(ApiError::invalid_field)?;
-    let max = super::sessions::MAX_PAGE;
-    let limit = match query.get("limit") {
-        None => DEFAULT_PAGE,
-        Some(raw) => raw.parse::<i64>().ok().filter(|l| (1..=max).contains(l)).ok_or_else(|| {
-            ApiError::bad_request("invalid_parameter", format!("limit must be an integer from 1 to {max}"))
-        })?,
-    };
+    let id_session = super::sessions::parse_session_id(&id)?;
+    let limit = super::sessions::page_limit(&query)?;
     let before = match query.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
         Some(raw) => Some(

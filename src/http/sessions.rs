@@ -74,7 +74,17 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     put.or(get).unify().or(delete).unify().or(list).unify().boxed()
 }
 
-fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
+/// A listing's `limit`: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
+pub(super) fn page_limit(query: &HashMap<String, String>) -> Result<i64, ApiError> {
+    match query.get("limit") {
+        None => Ok(DEFAULT_PAGE),
+        Some(raw) => raw.parse::<i64>().ok().filter(|l| (1..=MAX_PAGE).contains(l)).ok_or_else(|| {
+            ApiError::bad_request("invalid_parameter", format!("limit must be an integer from 1 to {MAX_PAGE}"))
+        }),
+    }
+}
+
+pub(super) fn parse_session_id(raw: &str) -> Result<SessionId, ApiError> {
     let id: i64 =
         raw.parse().map_err(|_| ApiError::bad_request("invalid_parameter", "id_session must be an integer"))?;
     SessionId::new(id).map_err(ApiError::invalid_field)
@@ -178,12 +188,7 @@ async fn list_assets(
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
-    let limit = match query.get("limit") {
-        None => DEFAULT_PAGE,
-        Some(raw) => raw.parse::<i64>().ok().filter(|l| (1..=MAX_PAGE).contains(l)).ok_or_else(|| {
-            ApiError::bad_request("invalid_parameter", format!("limit must be an integer from 1 to {MAX_PAGE}"))
-        })?,
-    };
+    let limit = page_limit(&query)?;
     let cursor = match query.get("cursor").filter(|c| !c.is_empty()) {
         None => None,
         Some(raw) => Some(

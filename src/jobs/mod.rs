@@ -479,19 +479,16 @@ async fn publish_delayed(
     delay: Duration,
 ) -> Result<(), BrokerError> {
     let step = topology::step_for(delay).unwrap_or(topology::RETRY_STEPS[0]);
+    publish_to_queue(channel, &topology::retry_queue(prefix, step), body).await
+}
+
+/// Publishes a job message (persistent) straight to `queue` and waits for the confirm.
+async fn publish_to_queue(channel: &lapin::Channel, queue: &str, body: &[u8]) -> Result<(), BrokerError> {
     let properties = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            topology::retry_queue(prefix, step).as_str().into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await?
-        .await?;
+    let confirm =
+        channel.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties).await?.await?;
     if !confirm.is_ack() {
-        return Err(BrokerError::Unavailable("the broker refused a delayed job message".into()));
+        return Err(BrokerError::Unavailable(format!("the broker refused a job message for {queue}")));
     }
     Ok(())
 }
@@ -607,19 +604,5 @@ impl Scheduler {
 }
 
 async fn publish_now(channel: &lapin::Channel, prefix: &str, body: &[u8]) -> Result<(), BrokerError> {
-    let properties = BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2);
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            topology::jobs_queue(prefix).as_str().into(),
-            BasicPublishOptions::default(),
-            body,
-            properties,
-        )
-        .await?
-        .await?;
-    if !confirm.is_ack() {
-        return Err(BrokerError::Unavailable("the broker refused a job message".into()));
-    }
-    Ok(())
+    publish_to_queue(channel, &topology::jobs_queue(prefix), body).await
 }

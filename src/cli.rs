@@ -208,6 +208,7 @@ pub fn start_background(
     shutdown: &crate::shutdown::Shutdown,
     role: Role,
 ) -> anyhow::Result<()> {
+    shutdown.spawn("the temp file sweeper", sweep_orphan_temp_files(app.clone(), shutdown.stop_token()));
     let relay = role == Role::Serve && config.relay;
     let commands = role == Role::Serve && config.commands;
     let workers = role == Role::Worker || config.jobs.workers;
@@ -225,7 +226,7 @@ pub fn start_background(
             job_queues: Some(prefix.clone()),
             idle_poll: Duration::from_millis(200),
         };
-        shutdown.spawn("the relay", crate::relay::run(relay, shutdown.flush_token()));
+        shutdown.spawn_subscriber("the relay", crate::relay::run(relay, shutdown.flush_token()));
     }
     if commands {
         let commands = crate::commands::CommandsConfig {
@@ -249,7 +250,7 @@ pub fn start_background(
             worker_id: crate::jobs::default_worker_id(),
             import_concurrency: config.jobs.import_concurrency,
             import_policy: config.jobs.import_policy(),
-            lease: Duration::from_secs(config.jobs.lease_seconds.max(1)),
+            lease: config.jobs.lease(),
             backoff: config.jobs.backoff(),
             fetcher,
         };
@@ -261,9 +262,28 @@ pub fn start_background(
             backoff: config.jobs.backoff(),
             sweep_every: Duration::from_secs(1),
         };
-        shutdown.spawn("the job scheduler", crate::jobs::run_scheduler(app.clone(), scheduler, shutdown.flush_token()));
+        shutdown.spawn_subscriber(
+            "the job scheduler",
+            crate::jobs::run_scheduler(app.clone(), scheduler, shutdown.flush_token()),
+        );
     }
     Ok(())
+}
+
+/// Every minute, removes the temporary files of uploads and imports whose process was
+/// killed (see [`crate::blobs::BlobStore::remove_orphan_temp_files`]).
+async fn sweep_orphan_temp_files(app: App, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        match app.blobs.remove_orphan_temp_files().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "removed temporary files whose writer was killed"),
+            Err(error) => tracing::warn!(%error, "could not sweep the temporary files"),
+        }
+    }
 }
 
 /// How long the background tasks may take to finish, once requests have finished.

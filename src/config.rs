@@ -84,6 +84,13 @@ pub struct ServeConfig {
 }
 
 /// How jobs run (EVENTS.md "Jobs").
+/// The shortest and longest job lease, in seconds (`ASSETD_JOB_LEASE_SECONDS` is held
+/// between them).
+pub const MIN_LEASE_SECONDS: u64 = 3;
+pub const MAX_LEASE_SECONDS: u64 = 24 * 3600;
+/// The longest delay between two attempts (a week), whatever is configured.
+pub const MAX_RETRY_DELAY_MS: u64 = 7 * 24 * 3600 * 1000;
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct JobsConfig {
     /// Whether `serve` runs job workers too (`assetd worker` runs only them).
@@ -102,7 +109,7 @@ pub struct JobsConfig {
     #[arg(long, env = "ASSETD_JOB_RETRY_MAX_MS", default_value_t = 600_000)]
     pub retry_max_ms: u64,
     /// How long a running attempt is its worker's without a word from it, in seconds
-    /// (workers report every second while they make progress).
+    /// (workers report every second while they make progress); 3 to 86400.
     #[arg(long, env = "ASSETD_JOB_LEASE_SECONDS", default_value_t = 30)]
     pub lease_seconds: u64,
     /// Hosts, addresses and CIDR networks imports may reach although not public
@@ -141,9 +148,18 @@ impl Default for JobsConfig {
 impl JobsConfig {
     pub fn backoff(&self) -> crate::jobs::Backoff {
         crate::jobs::Backoff {
-            base: std::time::Duration::from_millis(self.retry_base_ms.max(1)),
-            max: std::time::Duration::from_millis(self.retry_max_ms.max(self.retry_base_ms).max(1)),
+            base: std::time::Duration::from_millis(self.retry_base_ms.clamp(1, MAX_RETRY_DELAY_MS)),
+            max: std::time::Duration::from_millis(
+                self.retry_max_ms.max(self.retry_base_ms).clamp(1, MAX_RETRY_DELAY_MS),
+            ),
         }
+    }
+
+    /// How long a running attempt is its worker's: at least [`MIN_LEASE_SECONDS`], so
+    /// that a worker renewing every third of it (and looking every second) always
+    /// notices a lost lease before another attempt can have gone far.
+    pub fn lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.lease_seconds.clamp(MIN_LEASE_SECONDS, MAX_LEASE_SECONDS))
     }
 
     pub fn import_policy(&self) -> crate::app::jobs::JobPolicy {

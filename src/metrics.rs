@@ -28,7 +28,7 @@ pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 const KNOWN_METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// The outcomes [`Metrics::job_finished`] expects.
-pub const JOB_OUTCOMES: [&str; 4] = ["succeeded", "failed", "cancelled", "retry"];
+pub const JOB_OUTCOMES: [&str; 6] = ["succeeded", "failed", "cancelled", "retry", "released", "superseded"];
 
 /// Upper bounds in seconds of the job-duration buckets: from quick checks to hour-long
 /// jobs; longer ones land in `+Inf`.
@@ -154,7 +154,8 @@ impl Metrics {
     }
 
     /// A job of this kind finished after `seconds` with `outcome`: one of
-    /// [`JOB_OUTCOMES`] (`succeeded`, `failed`, `cancelled`, `retry`).
+    /// [`JOB_OUTCOMES`] (`succeeded`, `failed`, `cancelled`, `retry`, `released` at
+    /// shutdown, `superseded` when the attempt was no longer the job's).
     pub fn job_finished(&self, kind: &str, outcome: &str, seconds: f64) {
         debug_assert!(JOB_OUTCOMES.contains(&outcome), "unknown job outcome {outcome:?}");
         let labels = JobOutcomeLabels { kind: kind.to_owned(), outcome: outcome.to_owned() };

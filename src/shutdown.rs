@@ -1,8 +1,8 @@
 //! One owner for every background task of a process (relay, job scheduler, command
 //! consumer, job workers) and the two moments of a graceful stop: `stop` (take no new
 //! work: consumers stop taking messages, workers hand their running attempts back) and,
-//! once the HTTP requests have finished, `flush` (the log subscribers hand on what
-//! those requests recorded, then return). `finish` waits for all of them within a
+//! once the HTTP requests and the consumers have finished, `flush` (the log subscribers
+//! hand on what those recorded, then return). `finish` waits for all of them within a
 //! bound and aborts what is left.
 
 use std::future::Future;
@@ -15,7 +15,10 @@ use tokio_util::task::TaskTracker;
 pub struct Shutdown {
     stop: CancellationToken,
     flush: CancellationToken,
-    tasks: TaskTracker,
+    /// Tasks that end at `stop` (consumers and workers: they record events as they end).
+    consumers: TaskTracker,
+    /// Tasks that end at `flush` (log subscribers: they hand on what was recorded).
+    subscribers: TaskTracker,
     handles: std::sync::Arc<std::sync::Mutex<Vec<(String, tokio::task::AbortHandle)>>>,
 }
 
@@ -29,14 +32,23 @@ impl Shutdown {
         self.stop.clone()
     }
 
-    /// Cancelled once requests have finished: subscribers flush, then return.
+    /// Cancelled once requests and consumers have finished: subscribers flush, then
+    /// return.
     pub fn flush_token(&self) -> CancellationToken {
         self.flush.clone()
     }
 
-    /// Runs `task` as one of the process's background tasks.
+    /// Runs `task`, which ends once [`Self::stop_token`] is cancelled.
     pub fn spawn(&self, name: &str, task: impl Future<Output = ()> + Send + 'static) {
-        let handle = self.tasks.spawn(task);
+        let handle = self.consumers.spawn(task);
+        self.handles.lock().expect("not poisoned").push((name.to_owned(), handle.abort_handle()));
+    }
+
+    /// Runs `task`, a log subscriber, which ends once [`Self::flush_token`] is
+    /// cancelled: after every [`Self::spawn`]ed task has ended, so that what they
+    /// recorded on their way out (a worker's released attempt) is handed on too.
+    pub fn spawn_subscriber(&self, name: &str, task: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.subscribers.spawn(task);
         self.handles.lock().expect("not poisoned").push((name.to_owned(), handle.abort_handle()));
     }
 
@@ -45,14 +57,18 @@ impl Shutdown {
         self.stop.cancel();
     }
 
-    /// Flushes, then waits for every task until `deadline`; what has not finished by
-    /// then is aborted (an unacked message goes back to its queue; unpublished events
-    /// wait for the next relay).
+    /// Stops the consumers and waits for them, then flushes the subscribers and waits
+    /// for them, all within `timeout`; what has not finished by then is aborted (an
+    /// unacked message goes back to its queue; unpublished events wait for the next
+    /// relay).
     pub async fn finish(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
         self.stop.cancel();
+        self.consumers.close();
+        let _ = tokio::time::timeout_at(deadline, self.consumers.wait()).await;
         self.flush.cancel();
-        self.tasks.close();
-        if tokio::time::timeout(timeout, self.tasks.wait()).await.is_err() {
+        self.subscribers.close();
+        if tokio::time::timeout_at(deadline, self.subscribers.wait()).await.is_err() {
             for (name, handle) in self.handles.lock().expect("not poisoned").iter() {
                 if !handle.is_finished() {
                     tracing::warn!(task = %name, ?timeout, "did not finish in time; stopped");
@@ -60,5 +76,43 @@ impl Shutdown {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn subscribers_flush_only_after_the_consumers_have_ended() {
+        let shutdown = Shutdown::new();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (stop, flush) = (shutdown.stop_token(), shutdown.flush_token());
+        let seen = order.clone();
+        shutdown.spawn("consumer", async move {
+            stop.cancelled().await;
+            // Records something on its way out, slowly.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            seen.lock().unwrap().push("consumer ended");
+        });
+        let seen = order.clone();
+        shutdown.spawn_subscriber("subscriber", async move {
+            flush.cancelled().await;
+            seen.lock().unwrap().push("subscriber flushed");
+        });
+        shutdown.finish(Duration::from_secs(5)).await;
+        assert_eq!(*order.lock().unwrap(), ["consumer ended", "subscriber flushed"]);
+    }
+
+    #[tokio::test]
+    async fn what_does_not_finish_in_time_is_aborted() {
+        let shutdown = Shutdown::new();
+        shutdown.spawn("stuck", std::future::pending());
+        let flush = shutdown.flush_token();
+        shutdown.spawn_subscriber("subscriber", async move { flush.cancelled().await });
+        let started = std::time::Instant::now();
+        shutdown.finish(Duration::from_millis(300)).await;
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }

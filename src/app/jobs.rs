@@ -8,10 +8,13 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{receive_once, stage, stage_unlocked, App, AppError, CommandContext};
-use crate::domain::asset::{Asset, AssetCommand, AssetImported};
-use crate::domain::job::{ImportSpec, Job, JobCommand, JobEvent, JobKind, JobQueued, JobResult};
+use crate::blobs::SealedBlob;
+use crate::domain::asset::{Asset, AssetCommand, AssetImported, AssetSource, AssetUploaded};
+use crate::domain::job::{
+    asset_uuid_of, ImportSpec, Job, JobCommand, JobEvent, JobKind, JobQueued, JobResult, JobStatus,
+};
 use crate::domain::names::{
-    check_storable_json, AssetName, Directory, InvalidValue, MediaType, SessionId, Sha256Hex, Tags,
+    check_storable_json, AssetName, Directory, FileName, InvalidValue, MediaType, SessionId, Sha256Hex, Tags,
 };
 use crate::domain::principal::{Actor, Principal, PrincipalKind};
 use crate::domain::DomainError;
@@ -77,7 +80,7 @@ fn integral<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D:
 #[derive(Debug, Clone)]
 pub struct ImportRequest {
     pub id_session: SessionId,
-    pub url: reqwest::Url,
+    pub url: url::Url,
     pub spec: ImportSpec,
 }
 
@@ -105,7 +108,7 @@ impl ImportBody {
         if self.url.len() > MAX_URL_BYTES {
             return Err(InvalidValue::new("url", format!("at most {MAX_URL_BYTES} bytes")));
         }
-        let url: reqwest::Url =
+        let url: url::Url =
             self.url.trim().parse().map_err(|error| InvalidValue::new("url", format!("not a URL: {error}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
             return Err(InvalidValue::new("url", "must be an http or https URL with a host"));
@@ -170,6 +173,49 @@ pub struct LoadedJob {
     pub correlation_id: String,
 }
 
+impl LoadedJob {
+    /// The asset an import of this job makes of `bytes`: named and typed as the request
+    /// said, else as the source said (its Content-Type, the last segment of its URL),
+    /// else from the name. Its id derives from the job.
+    pub fn imported_asset(
+        &self,
+        bytes: &SealedBlob,
+        source_file_name: Option<&str>,
+        source_type: Option<&str>,
+    ) -> Result<AssetImported, String> {
+        let queued = self.job.queued.as_ref().ok_or("the job has no request")?;
+        let spec = queued.import.as_ref().ok_or("the job is not an import")?;
+        let file_name = source_file_name
+            .and_then(|name| FileName::parse(name).ok())
+            .or_else(|| FileName::parse(spec.asset_name.as_str()).ok())
+            .unwrap_or_else(|| FileName::parse("import").expect("a valid name"));
+        let asset_type = spec
+            .asset_type
+            .clone()
+            .or_else(|| source_type.and_then(|t| MediaType::parse(t.trim()).ok()))
+            .unwrap_or_else(|| MediaType::guess_from_filename(&file_name));
+        Ok(AssetImported {
+            asset: AssetUploaded {
+                asset_uuid: asset_uuid_of(queued.job_uuid),
+                id_session: queued.id_session,
+                asset_name: spec.asset_name.clone(),
+                asset_original_filename: file_name,
+                asset_type,
+                asset_file_size: bytes.size,
+                asset_sha256: bytes.sha256.clone(),
+                asset_datetime: crate::domain::names::storable(Utc::now()),
+                directory: spec.directory.clone(),
+                tags: spec.tags.clone(),
+                metadata: spec.metadata.clone(),
+                asset_creator: spec.asset_creator,
+                asset_source: AssetSource::Import,
+            },
+            job_uuid: queued.job_uuid,
+            source_url: spec.source_url.clone(),
+        })
+    }
+}
+
 impl App {
     /// Queues an import (whoever may upload to the session may import into it).
     /// `JobQueued` is appended in this transaction; the relay hands it to the workers.
@@ -210,6 +256,16 @@ impl App {
                 }
             }
             receive_once(&tx, ctx, &job_stream(job_uuid)).await?;
+            // Read again under a share lock: a session deleted since the check above is
+            // not imported into, and one being deleted now waits for this job (and then
+            // cancels it with the session's other jobs).
+            tx.execute("SELECT 1 FROM sessions WHERE id_session = $1 FOR SHARE", &[&request.id_session.get()]).await?;
+            let admits = read::session(&tx, request.id_session)
+                .await?
+                .is_some_and(|session| session.details().is_some_and(|details| details.grants(principal)));
+            if !admits {
+                return Err(AppError::Domain(DomainError::NotFound("session")));
+            }
             let queued = JobQueued {
                 job_uuid,
                 kind: JobKind::Import,
@@ -271,10 +327,12 @@ impl App {
     ) -> Result<JobInfo, AppError> {
         self.job_for(principal, uuid).await?;
         let actor = principal.actor();
-        in_transaction!(self, |tx| {
+        let job = in_transaction!(self, |tx| {
             stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Cancel(actor)).await?;
             read::job(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("job")))
-        })
+        })?;
+        self.discard_import_bytes(uuid).await;
+        Ok(job)
     }
 
     /// A session's jobs, newest first; `before` is the `created_position` paging key.
@@ -315,19 +373,55 @@ impl App {
         Ok(LoadedJob { job, url, correlation_id })
     }
 
-    /// Whether the job was cancelled (a running worker looks every second).
-    pub async fn job_cancelled(&self, uuid: Uuid) -> Result<bool, AppError> {
+    /// Whether `attempt` is still the job's running attempt (not cancelled, not taken
+    /// over after a lost lease): a running worker looks every second.
+    pub async fn attempt_is_current(&self, uuid: Uuid, attempt: u32) -> Result<bool, AppError> {
         let client = self.pool.get().await?;
-        let row = client.query_opt("SELECT status FROM jobs WHERE job_uuid = $1", &[&uuid]).await?;
-        Ok(row.is_some_and(|row| row.get::<_, &str>(0) == "cancelled"))
+        let row = client.query_opt("SELECT status, attempts FROM jobs WHERE job_uuid = $1", &[&uuid]).await?;
+        Ok(row.is_some_and(|row| {
+            row.get::<_, &str>(0) == "running" && i64::from(row.get::<_, i32>(1)) == i64::from(attempt)
+        }))
     }
 
-    /// Runs `command` on the job's stream.
+    /// Runs `command` on the job's stream. A job that ends without success loses
+    /// whatever bytes an attempt left under its asset's id.
     async fn on_job(&self, ctx: &CommandContext, uuid: Uuid, command: JobCommand) -> Result<Job, AppError> {
-        in_transaction!(self, |tx| {
+        let job = in_transaction!(self, |tx| {
             let (job, _) = stage::<Job>(&tx, ctx, &job_stream(uuid), command.clone()).await?;
             Ok(job)
+        })?;
+        if matches!(job.status, JobStatus::Failed | JobStatus::Cancelled) {
+            self.discard_import_bytes(uuid).await;
+        }
+        Ok(job)
+    }
+
+    /// Removes the bytes an import attempt may have left under its asset's id, unless
+    /// the asset is recorded. Under the job's lock: bytes take that id only in the
+    /// transaction that records the asset, which holds the same lock (see
+    /// [`App::import_succeeded`]), so this never removes an asset's bytes. Best effort:
+    /// what it cannot remove now, a later attempt replaces, or cleanup removes.
+    pub async fn discard_import_bytes(&self, job_uuid: Uuid) {
+        if let Err(error) = self.try_discard_import_bytes(job_uuid).await {
+            tracing::warn!(%job_uuid, %error, "could not remove an import's leftover bytes; the next attempt or cleanup will");
+        }
+    }
+
+    async fn try_discard_import_bytes(&self, job_uuid: Uuid) -> Result<(), AppError> {
+        let asset_uuid = asset_uuid_of(job_uuid);
+        in_transaction!(self, |tx| {
+            eventstore::lock_stream(&tx, &job_stream(job_uuid)).await?;
+            let asset = super::asset_stream(asset_uuid);
+            if tx.query_opt("SELECT 1 FROM events WHERE stream = $1 LIMIT 1", &[&asset]).await?.is_none() {
+                self.blobs.remove(asset_uuid).await?;
+            }
+            Ok(())
         })
+    }
+
+    /// A stopping worker hands its running attempt back, to run again at once.
+    pub async fn release_job(&self, ctx: &CommandContext, uuid: Uuid, attempt: u32) -> Result<Job, AppError> {
+        self.on_job(ctx, uuid, JobCommand::Release { attempt, now: Utc::now() }).await
     }
 
     pub async fn start_job(
@@ -376,15 +470,19 @@ impl App {
         self.on_job(ctx, uuid, JobCommand::ExpireLease { now: Utc::now(), retry_at }).await
     }
 
-    /// An import's bytes are durable under the asset's uuid: records the asset and the
-    /// job's success in one transaction. The asset stream must be new (its id derives
-    /// from the job), and the session must still be the one the job was asked for.
+    /// An import's bytes are complete and checked: in one transaction, under the job's
+    /// lock and only while `attempt` is still the job's, they become the asset's blob
+    /// and the asset and the job's success are recorded. The asset stream must be new
+    /// (its id derives from the job), and the session must still be the one the job was
+    /// asked for. Nothing else ever puts bytes under that id, so a stale attempt (its
+    /// lease lost, the job run again elsewhere) can never touch another's asset.
     pub async fn import_succeeded(
         &self,
         ctx: &CommandContext,
         uuid: Uuid,
         attempt: u32,
         imported: AssetImported,
+        bytes: SealedBlob,
     ) -> Result<(), AppError> {
         let asset_uuid = imported.asset.asset_uuid;
         let id_session = imported.asset.id_session;
@@ -393,30 +491,45 @@ impl App {
             asset_file_size: imported.asset.asset_file_size,
             asset_sha256: imported.asset.asset_sha256.clone(),
         };
-        in_transaction!(self, |tx| {
-            let (job, _) =
-                stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Succeed { attempt, result: result.clone() })
-                    .await?;
-            let created_position: Option<i64> = tx
-                .query_opt("SELECT created_position FROM jobs WHERE job_uuid = $1", &[&uuid])
-                .await?
-                .map(|r| r.get(0));
+        let mut bytes = Some(bytes);
+        let recorded = in_transaction!(self, |tx| {
+            // The session's row before the job's stream: the order `delete_session` takes
+            // them in (it cancels the session's jobs), so the two cannot deadlock.
             let session = tx
                 .query_opt(
                     "SELECT registered_position FROM sessions WHERE id_session = $1 FOR SHARE",
                     &[&id_session.get()],
                 )
                 .await?;
-            let same_registration =
-                matches!((session, created_position), (Some(row), Some(created)) if row.get::<_, i64>(0) < created);
+            let created_position: Option<i64> = tx
+                .query_opt("SELECT created_position FROM jobs WHERE job_uuid = $1", &[&uuid])
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            let same_registration = match (session, created_position) {
+                (Some(row), Some(created)) => row.try_get::<_, i64>(0)? < created,
+                _ => false,
+            };
             if !same_registration {
                 return Err(AppError::Domain(DomainError::NotFound("session")));
             }
+            let (job, _) =
+                stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Succeed { attempt, result: result.clone() })
+                    .await?;
             eventstore::refuse_if_written_after_us(&tx, &[id_session.stream()]).await?;
+            if let Some(sealed) = bytes.take() {
+                // Replaces what a crashed attempt of this job may have left there.
+                sealed.place(asset_uuid).await?;
+            }
             let import = AssetCommand::Import(imported.clone());
             stage_unlocked::<Asset>(&tx, ctx, &super::asset_stream(asset_uuid), import).await?;
             Ok(job)
-        })?;
-        Ok(())
+        });
+        if recorded.is_err() {
+            // Also when the commit's outcome is unknown: the bytes stay if the asset
+            // turns out to be recorded.
+            self.discard_import_bytes(uuid).await;
+        }
+        recorded.map(|_| ())
     }
 }

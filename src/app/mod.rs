@@ -55,8 +55,19 @@ pub enum AppError {
 }
 
 impl AppError {
+    /// Another writer got there first, or Postgres broke a deadlock (or a serialization
+    /// conflict) by failing this transaction: running the command again is the answer.
     pub(crate) fn is_retryable_conflict(&self) -> bool {
-        matches!(self, Self::EventStore(e) if e.is_conflict())
+        let database = match self {
+            Self::EventStore(e) if e.is_conflict() => return true,
+            Self::EventStore(EventStoreError::Database(e)) | Self::Database(e) => e,
+            Self::Projection(ProjectionError::Database(e)) => e,
+            _ => return false,
+        };
+        use tokio_postgres::error::SqlState;
+        database.code().is_some_and(|code| {
+            *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
+        })
     }
 }
 
@@ -439,7 +450,7 @@ impl App {
         if !principal.is_service() {
             return Err(AppError::Forbidden("only services may delete sessions".into()));
         }
-        let deleted = in_transaction!(self, |tx| {
+        let (deleted, cancelled_jobs) = in_transaction!(self, |tx| {
             receive_once(&tx, ctx, &id.stream()).await?;
             stage::<Session>(&tx, ctx, &id.stream(), SessionCommand::Delete).await?;
             let uuids = read::live_asset_uuids(&tx, id).await?;
@@ -448,15 +459,19 @@ impl App {
                 stage_unlocked::<Asset>(&tx, ctx, &asset_stream(*uuid), delete).await?;
             }
             // Its unfinished jobs go with it (a running import stops and leaves nothing).
-            for job in read::unfinished_session_jobs(&tx, id).await? {
+            let jobs = read::unfinished_session_jobs(&tx, id).await?;
+            for job in &jobs {
                 let cancel = crate::domain::job::JobCommand::Cancel(principal.actor());
-                stage_unlocked::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(job), cancel).await?;
+                stage_unlocked::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(*job), cancel).await?;
             }
-            Ok(uuids)
+            Ok((uuids, jobs))
         })?;
         self.upload_sessions.invalidate(&id.get());
         for uuid in &deleted {
             self.remove_blob(*uuid).await;
+        }
+        for job in cancelled_jobs {
+            self.discard_import_bytes(job).await;
         }
         Ok(deleted)
     }

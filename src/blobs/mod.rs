@@ -112,8 +112,54 @@ impl DurableShards {
     }
 }
 
-/// Temporary files older than this are left over from a crash and are removed at start.
+/// Temporary files older than this are left over from a crash and are removed at start,
+/// even where the file system cannot say whether a writer still holds them.
 const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
+/// A temporary file no process holds and untouched for this long is an orphan (its
+/// writer was killed): its writer locks it the moment it creates it, so this only has
+/// to cover that moment.
+const ORPHAN_TEMP_AGE: Duration = Duration::from_secs(2);
+
+/// Creates a temporary file and takes an exclusive `flock` on it, held for as long as
+/// the file is open: a sweep can then tell a live writer's file (locked) from one
+/// whose writer died (the kernel drops the lock with the process).
+fn create_temp_file(path: &Path) -> io::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor we own. A file system without flock
+        // leaves the file unlocked; the sweep then goes by age alone.
+        unsafe {
+            libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB);
+        }
+    }
+    Ok(file)
+}
+
+/// Whether the temporary file at `path` is an orphan: older than [`ORPHAN_TEMP_AGE`]
+/// and locked by no one, or older than [`STALE_TEMP_AGE`] where locks do not work.
+fn is_orphan_temp(path: &Path) -> bool {
+    let Ok(age) = std::fs::metadata(path).and_then(|m| m.modified()).map(|m| m.elapsed().unwrap_or_default()) else {
+        return false;
+    };
+    if age > STALE_TEMP_AGE {
+        return true;
+    }
+    if age < ORPHAN_TEMP_AGE {
+        return false;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(file) = std::fs::File::open(path) else { return false };
+        // SAFETY: a plain syscall on a descriptor we own; closing it releases the lock.
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        locked == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
 
 /// What a completed write produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,22 +204,28 @@ impl BlobStore {
         })
         .await
         .map_err(io::Error::other)??;
-        store.remove_stale_temp_files().await?;
+        store.remove_orphan_temp_files().await?;
         Ok(store)
     }
 
-    /// Removes temporary files left by a crash. Only old ones: another process sharing
-    /// the data directory may be writing the recent ones.
-    async fn remove_stale_temp_files(&self) -> io::Result<()> {
-        let mut entries = fs::read_dir(&self.tmp).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let modified = entry.metadata().await.and_then(|m| m.modified());
-            let stale = modified.map(|m| m.elapsed().unwrap_or_default() > STALE_TEMP_AGE).unwrap_or(false);
-            if stale {
-                let _ = fs::remove_file(entry.path()).await;
+    /// Removes the temporary files of writers that died (a process killed mid-upload or
+    /// mid-import): those no process holds. Another process sharing the data directory
+    /// holds its own, which stay. Run at start and every minute (see `cli`). Returns how
+    /// many went.
+    pub async fn remove_orphan_temp_files(&self) -> io::Result<usize> {
+        let tmp = self.tmp.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut removed = 0;
+            for entry in std::fs::read_dir(&tmp)? {
+                let path = entry?.path();
+                if is_orphan_temp(&path) && std::fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
             }
-        }
-        Ok(())
+            Ok(removed)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// Where the blob `id` lives, whether or not it exists.
@@ -307,7 +359,7 @@ impl WriteState {
         let file = match &self.file {
             Some(file) => file.clone(),
             None => {
-                let file = Arc::new(std::fs::OpenOptions::new().write(true).create_new(true).open(path)?);
+                let file = Arc::new(create_temp_file(path)?);
                 self.file = Some(file.clone());
                 file
             }
@@ -427,11 +479,8 @@ impl TempBlob {
             // Created before any write goes off on its own, so that dropping this blob
             // (which unlinks the path at once) can never race with the file's creation.
             let create_path = path.clone();
-            let created = tokio::task::spawn_blocking(move || {
-                std::fs::OpenOptions::new().write(true).create_new(true).open(create_path)
-            })
-            .await
-            .map_err(io::Error::other);
+            let created =
+                tokio::task::spawn_blocking(move || create_temp_file(&create_path)).await.map_err(io::Error::other);
             match created {
                 Ok(Ok(file)) => state.file = Some(Arc::new(file)),
                 Ok(Err(error)) | Err(error) => {
@@ -481,6 +530,86 @@ impl TempBlob {
         .await
         .map_err(io::Error::other)??;
         Ok(StoredBlob { size: self.size, sha256: Sha256Hex::from_digest(&hasher.finalize()) })
+    }
+}
+
+impl TempBlob {
+    /// Hashes and writes what is buffered and makes the temporary file durable, without
+    /// giving it an id yet: the caller checks what it got (its SHA-256) and then decides,
+    /// under whatever lock it needs, where it goes ([`SealedBlob::place`]).
+    pub async fn seal(mut self) -> io::Result<SealedBlob> {
+        self.settle().await?;
+        let mut state = self.state.take().expect("settled");
+        let temp_path =
+            self.temp_path.get_or_insert_with(|| self.tmp_dir.join(format!("{}.part", Uuid::new_v4()))).clone();
+        let pending = std::mem::take(&mut self.pending);
+        // On failure `self` still names the file, and dropping it removes it.
+        let state = tokio::task::spawn_blocking(move || {
+            state.append(&temp_path, &pending.chunks)?;
+            drop(pending);
+            state.file.as_ref().expect("append creates the file").sync_all()?;
+            Ok::<_, io::Error>(state)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(SealedBlob {
+            temp_path: self.temp_path.take(),
+            file: state.file,
+            size: self.size,
+            sha256: Sha256Hex::from_digest(&state.hasher.finalize()),
+            blobs: self.blobs.clone(),
+            durable_shards: self.durable_shards.clone(),
+        })
+    }
+}
+
+/// A blob whose bytes are complete, hashed and durable in a temporary file, and under
+/// no id yet. Dropping it removes the file.
+pub struct SealedBlob {
+    temp_path: Option<PathBuf>,
+    /// Kept open (with its lock) until placed, so no sweep takes it for an orphan.
+    file: Option<Arc<std::fs::File>>,
+    pub size: u64,
+    pub sha256: Sha256Hex,
+    blobs: PathBuf,
+    durable_shards: DurableShards,
+}
+
+impl SealedBlob {
+    /// Makes the bytes the blob `id`, durably, *replacing* whatever is there. Only for a
+    /// caller that holds the right to that id (an import, under its job's lock, whose
+    /// asset is not recorded yet): uploads use [`TempBlob::persist`], which never replaces.
+    pub async fn place(mut self, id: Uuid) -> io::Result<StoredBlob> {
+        let temp_path = self.temp_path.take().expect("a sealed blob has its file");
+        let target = self.blobs.join(BlobStore::relative_path(id));
+        let durable_shards = self.durable_shards.clone();
+        let stored = StoredBlob { size: self.size, sha256: self.sha256.clone() };
+        let file = self.file.take();
+        tokio::task::spawn_blocking(move || {
+            let shard = target.parent().expect("blob paths have two shard directories");
+            let renamed = durable_shards.ensure(shard).and_then(|()| std::fs::rename(&temp_path, &target));
+            drop(file);
+            if let Err(error) = renamed {
+                let _ = std::fs::remove_file(&temp_path);
+                return Err(error);
+            }
+            if let Err(error) = sync_dir(shard) {
+                let _ = std::fs::remove_file(&target);
+                return Err(error);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(stored)
+    }
+}
+
+impl Drop for SealedBlob {
+    fn drop(&mut self) {
+        if let Some(path) = self.temp_path.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -560,6 +689,56 @@ mod tests {
         BlobStore::open(dir.path()).await.unwrap();
         assert!(!old.exists(), "a day-old temp file is a crash's leftover");
         assert!(recent.exists(), "a recent one may be another process's upload");
+    }
+
+    #[tokio::test]
+    async fn orphan_temp_files_go_and_those_a_writer_holds_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        // A writer alive: a blob being written, its file older than the orphan age.
+        let mut held = store.create_temp();
+        held.write(bytes(1, 3 << 20)).await.unwrap();
+        held.write_held().await.unwrap();
+        held.settle().await.unwrap();
+        let held_path = held.temp_path.clone().unwrap();
+        // A writer that died: a file nobody holds.
+        let orphan = dir.path().join("tmp/orphan.part");
+        std::fs::write(&orphan, b"x").unwrap();
+        let a_minute_ago = std::time::SystemTime::now() - Duration::from_secs(60);
+        for path in [&orphan, &held_path] {
+            std::fs::File::options().write(true).open(path).unwrap().set_modified(a_minute_ago).unwrap();
+        }
+        assert_eq!(store.remove_orphan_temp_files().await.unwrap(), 1);
+        assert!(!orphan.exists(), "no process holds it");
+        assert!(held_path.exists(), "its writer holds it");
+        let stored = held.persist(Uuid::new_v4()).await.unwrap();
+        assert_eq!(stored.size, 3 << 20);
+        assert_eq!(store.temp_file_count().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sealed_blob_is_hashed_before_it_has_an_id_and_placing_replaces_a_leftover() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let id = Uuid::new_v4();
+        // Dropped once sealed: nothing stays.
+        let mut blob = store.create_temp();
+        blob.write(bytes(2, 100_000)).await.unwrap();
+        let sealed = blob.seal().await.unwrap();
+        assert_eq!(sealed.sha256, Sha256Hex::from_digest(&Sha256::digest(bytes(2, 100_000))));
+        drop(sealed);
+        assert_eq!(store.temp_file_count().await.unwrap(), 0);
+        // A leftover under the id is replaced.
+        std::fs::create_dir_all(store.path(id).parent().unwrap()).unwrap();
+        std::fs::write(store.path(id), b"leftover").unwrap();
+        for (pattern, len) in [(3u8, 10usize), (4, 3 << 20), (5, 0)] {
+            let mut blob = store.create_temp();
+            blob.write(bytes(pattern, len)).await.unwrap();
+            let stored = blob.seal().await.unwrap().place(id).await.unwrap();
+            assert_eq!(stored.size, len as u64);
+            assert_eq!(std::fs::read(store.path(id)).unwrap(), bytes(pattern, len).to_vec());
+        }
+        assert_eq!(store.temp_file_count().await.unwrap(), 0);
     }
 
     fn bytes(pattern: u8, len: usize) -> Bytes {

@@ -109,11 +109,12 @@ pub struct JobFailed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobRetryScheduled {
     pub job_uuid: Uuid,
-    /// The attempt that will run next.
+    /// The attempt that will run next: the next one after a failure, the same one
+    /// again when its worker stopped (shutdown) and handed it back.
     pub attempt: u32,
     /// Not before then.
     pub at: DateTime<Utc>,
-    /// Why the last attempt failed.
+    /// Why the last attempt failed, or was handed back.
     pub error: String,
 }
 
@@ -184,11 +185,38 @@ pub enum NextStep {
 #[derive(Debug, Clone)]
 pub enum JobCommand {
     Queue(JobQueued),
-    Start { attempt: u32, worker: String, now: DateTime<Utc>, lease_until: DateTime<Utc> },
-    Progress { attempt: u32, done: u64, total: Option<u64>, lease_until: DateTime<Utc> },
-    Succeed { attempt: u32, result: JobResult },
-    Fail { attempt: u32, error: String, retryable: bool, retry_at: DateTime<Utc> },
-    ExpireLease { now: DateTime<Utc>, retry_at: DateTime<Utc> },
+    Start {
+        attempt: u32,
+        worker: String,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    },
+    Progress {
+        attempt: u32,
+        done: u64,
+        total: Option<u64>,
+        lease_until: DateTime<Utc>,
+    },
+    Succeed {
+        attempt: u32,
+        result: JobResult,
+    },
+    Fail {
+        attempt: u32,
+        error: String,
+        retryable: bool,
+        retry_at: DateTime<Utc>,
+    },
+    ExpireLease {
+        now: DateTime<Utc>,
+        retry_at: DateTime<Utc>,
+    },
+    /// The worker stops (shutdown) during `attempt`: the attempt runs again, at once,
+    /// and does not count against the job's attempts.
+    Release {
+        attempt: u32,
+        now: DateTime<Utc>,
+    },
     Cancel(Actor),
 }
 
@@ -208,6 +236,7 @@ impl Job {
                 self.handle_fail(attempt, error, retryable, retry_at)
             }
             JobCommand::ExpireLease { now, retry_at } => self.handle_lease_expired(now, retry_at),
+            JobCommand::Release { attempt, now } => self.handle_release(attempt, now),
             JobCommand::Cancel(by) => self.handle_cancel(by),
         }
     }
@@ -350,6 +379,18 @@ impl Job {
         }
     }
 
+    /// A worker that stops hands its attempt back: the same attempt is scheduled again
+    /// now, so a shutdown never uses up one of the job's attempts.
+    pub fn handle_release(&self, attempt: u32, now: DateTime<Utc>) -> Result<Vec<JobEvent>, DomainError> {
+        self.running(attempt)?;
+        Ok(vec![JobEvent::JobRetryScheduled(JobRetryScheduled {
+            job_uuid: self.uuid()?,
+            attempt,
+            at: now,
+            error: format!("attempt {attempt}'s worker stopped (shutdown); the attempt runs again"),
+        })])
+    }
+
     /// Cancels a job that has not finished; cancelling a cancelled job changes nothing.
     pub fn handle_cancel(&self, by: Actor) -> Result<Vec<JobEvent>, DomainError> {
         match self.status {
@@ -448,6 +489,20 @@ mod tests {
         assert_eq!(cancelled.next_step(later), NextStep::Done);
         assert!(cancelled.handle_cancel(Actor { kind: PrincipalKind::User, uuid: Uuid::nil() }).unwrap().is_empty());
         assert!(matches!(cancelled.handle_succeed(2, sample_result()), Err(DomainError::Conflict(_))));
+    }
+
+    #[test]
+    fn a_released_attempt_runs_again_without_using_up_an_attempt() {
+        let now = Utc::now();
+        let job = given(&[queued(1)]);
+        let running = then(&job, job.handle_start(1, "w", now, now).unwrap());
+        assert!(running.handle_release(2, now).is_err(), "only the running attempt");
+        let released = then(&running, running.handle_release(1, now).unwrap());
+        assert_eq!(released.next_step(now), NextStep::Start(1), "the last attempt is still there to run");
+        let again = then(&released, released.handle_start(1, "w2", now, now).unwrap());
+        assert_eq!(again.attempts, 1);
+        let failed = then(&again, again.handle_fail(1, "503".into(), true, now).unwrap());
+        assert_eq!(failed.status, JobStatus::Failed, "one attempt allowed, one used");
     }
 
     fn sample_result() -> JobResult {

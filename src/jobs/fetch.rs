@@ -1,20 +1,24 @@
-//! Fetching an import's source: reqwest, streamed into a temporary blob (SHA-256 as it
-//! goes, the upload size limit, connect/read/total timeouts, at most 5 redirects), with
-//! an SSRF guard. Only http and https; an address that is loopback, private,
-//! link-local, multicast, unspecified or otherwise not public (v4 and v6, v4-mapped
-//! and other embeddings included) is refused after DNS resolution, by the resolver
-//! itself, so the connection goes to an address that was checked (reqwest connects to
-//! what the resolver returned; nothing resolves twice). A URL whose host is an address
-//! never reaches the resolver: it is checked before the request and at every redirect.
+//! Fetching an import's source: hyper's HTTP/1 client on a connection opened here,
+//! streamed into a temporary blob (SHA-256 as it goes, the upload size limit,
+//! connect/read/total timeouts, at most 5 redirects), with an SSRF guard. Only http and
+//! https; an address that is loopback, private, link-local, multicast, unspecified or
+//! otherwise not public (v4 and v6, v4-mapped and other embeddings included) is refused
+//! after DNS resolution, and the connection goes to the very address that was checked
+//! (nothing resolves twice); every redirect is checked the same way.
 //! `ASSETD_IMPORT_ALLOWLIST` opens chosen hosts, addresses or networks.
+//!
+//! Why hyper's connection API rather than a pooled client: owning the connection shows
+//! what a source sent beyond the `Content-Length` it announced (hyper ends the body at
+//! that length; the rest stays in the connection), and a source that lies about its
+//! length must fail the import, not make a truncated asset.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use reqwest::Url;
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
+use url::Url;
 
 use crate::blobs::TempBlob;
 
@@ -113,43 +117,6 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (segments[0] == 0x2001 && segments[1] == 0x0db8)) // documentation
 }
 
-/// Why an address was not connected to: found in the error chain to tell a refusal
-/// (which will not pass) from a failure to connect (which may).
-#[derive(Debug)]
-struct Refused(String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl std::error::Error for Refused {}
-
-/// Resolves names and keeps only the addresses the allow-list permits.
-struct GuardedResolver {
-    allow: Arc<AllowList>,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow = self.allow.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let permitted: Vec<SocketAddr> =
-                resolved.iter().copied().filter(|address| allow.permits(&host, address.ip())).collect();
-            if permitted.is_empty() && !resolved.is_empty() {
-                let error = Refused(format!(
-                    "{host} resolves to {}, which imports may not reach (not a public address; see ASSETD_IMPORT_ALLOWLIST)",
-                    resolved[0].ip()
-                ));
-                return Err(Box::new(error) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(permitted.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
 /// Refuses a URL imports may not fetch, before any connection: not http(s), or a host
 /// that is a non-public address. (Names are checked by the resolver.)
 pub fn check_url(url: &Url, allow: &AllowList) -> Result<(), String> {
@@ -204,44 +171,50 @@ pub struct Fetched {
     pub file_name: Option<String>,
 }
 
+/// A byte stream a request can go over: TCP, or TLS over TCP.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// How long, once a body has ended, the connection is watched for bytes beyond it.
+const EXCESS_WATCH: Duration = Duration::from_millis(200);
+
 #[derive(Clone)]
 pub struct Fetcher {
-    client: reqwest::Client,
     settings: Arc<FetchSettings>,
+    tls: tokio_rustls::TlsConnector,
+}
+
+type ConnectionTask =
+    tokio::task::JoinHandle<Result<hyper1::client::conn::http1::Parts<TokioIo<Box<dyn Io>>>, hyper1::Error>>;
+
+/// The task driving a request's connection; dropping it ends the connection.
+struct Connection(Option<ConnectionTask>);
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A response whose head has arrived, and its connection.
+struct Exchange {
+    response: hyper1::Response<hyper1::body::Incoming>,
+    sender: hyper1::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    connection: Connection,
 }
 
 impl Fetcher {
     pub fn new(settings: FetchSettings) -> Result<Self, String> {
-        let allow = Arc::new(settings.allow.clone());
-        let redirect_allow = allow.clone();
-        let client = reqwest::Client::builder()
-            // Never through a proxy from the environment (HTTP_PROXY…): the proxy would
-            // resolve and connect, and the guard would check nothing.
-            .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver { allow }))
-            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() > MAX_REDIRECTS {
-                    return attempt.error(Refused(format!("more than {MAX_REDIRECTS} redirects")));
-                }
-                match check_url(attempt.url(), &redirect_allow) {
-                    Ok(()) => attempt.follow(),
-                    Err(reason) => {
-                        let reason = format!("redirected to {}: {reason}", attempt.url());
-                        attempt.error(Refused(reason))
-                    }
-                }
-            }))
-            .connect_timeout(settings.connect_timeout)
-            .read_timeout(settings.read_timeout)
-            .timeout(settings.total_timeout)
-            // Bytes as sent: a compressed body would not be the file the source has.
-            .no_gzip()
-            .no_brotli()
-            .no_deflate()
-            .user_agent(concat!("assetd/", env!("CARGO_PKG_VERSION"), " (import)"))
-            .build()
-            .map_err(|error| error.to_string())?;
-        Ok(Self { client, settings: Arc::new(settings) })
+        let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|error| error.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self { settings: Arc::new(settings), tls: tokio_rustls::TlsConnector::from(Arc::new(tls)) })
     }
 
     pub fn settings(&self) -> &FetchSettings {
@@ -257,44 +230,96 @@ impl Fetcher {
         progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
         cancel: &CancellationToken,
     ) -> Result<Fetched, FetchError> {
-        check_url(url, &self.settings.allow).map_err(FetchError::permanent)?;
-        let max = self.settings.max_size;
-        let response = tokio::select! {
-            response = self.client.get(url.clone()).send() => response.map_err(describe)?,
-            _ = cancel.cancelled() => return Err(FetchError::permanent("cancelled")),
-        };
-        let status = response.status();
-        if !status.is_success() {
-            let message = format!("the source answered {status}");
-            // Asked too often, timed out, or failing on its side: may pass.
-            let passing = status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429;
-            return Err(FetchError { message, retryable: passing });
+        let total_timeout = self.settings.total_timeout;
+        tokio::select! {
+            fetched = tokio::time::timeout(total_timeout, self.fetch_following(url, blob, progress)) => {
+                fetched.unwrap_or_else(|_| {
+                    Err(FetchError::passing(format!("the import took longer than {} s", total_timeout.as_secs())))
+                })
+            }
+            _ = cancel.cancelled() => Err(FetchError::permanent("cancelled")),
         }
-        let total = response.content_length();
-        if total.is_some_and(|length| length > max) {
+    }
+
+    /// Requests `url`, following at most [`MAX_REDIRECTS`] redirects (each checked as
+    /// the first URL was), and streams the answer's body into `blob`.
+    async fn fetch_following(
+        &self,
+        url: &Url,
+        blob: &mut TempBlob,
+        progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
+    ) -> Result<Fetched, FetchError> {
+        let mut url = url.clone();
+        check_url(&url, &self.settings.allow).map_err(|reason| FetchError::permanent(format!("refused: {reason}")))?;
+        let mut redirects = 0;
+        loop {
+            let exchange = self.request(&url).await?;
+            let status = exchange.response.status();
+            let location = exchange.response.headers().get(hyper1::header::LOCATION);
+            if matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) && location.is_some() {
+                let location = location.and_then(|value| value.to_str().ok()).unwrap_or_default();
+                let next = url.join(location).map_err(|error| {
+                    FetchError::permanent(format!("refused: a redirect to {location:?}, which is not a URL: {error}"))
+                })?;
+                if redirects == MAX_REDIRECTS {
+                    return Err(FetchError::permanent(format!("refused: more than {MAX_REDIRECTS} redirects")));
+                }
+                check_url(&next, &self.settings.allow)
+                    .map_err(|reason| FetchError::permanent(format!("refused: redirected to {next}: {reason}")))?;
+                redirects += 1;
+                url = next;
+                continue;
+            }
+            if !status.is_success() {
+                let message = format!("the source answered {status}");
+                // Asked too often, timed out, or failing on its side: may pass.
+                let passing = status.is_server_error() || status.as_u16() == 408 || status.as_u16() == 429;
+                return Err(FetchError { message, retryable: passing });
+            }
+            return self.receive(&url, exchange, blob, progress).await;
+        }
+    }
+
+    /// Streams a successful answer's body into `blob`, then makes sure the source sent
+    /// nothing beyond the length it announced.
+    async fn receive(
+        &self,
+        url: &Url,
+        exchange: Exchange,
+        blob: &mut TempBlob,
+        progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
+    ) -> Result<Fetched, FetchError> {
+        use http_body_util::BodyExt;
+        let max = self.settings.max_size;
+        let Exchange { response, sender, connection } = exchange;
+        // hyper has checked the header: the body is exactly this long, or cut short.
+        let total = hyper1::body::Body::size_hint(response.body()).exact();
+        if let Some(total) = total.filter(|total| *total > max) {
             return Err(FetchError::permanent(format!(
-                "the source announces {} bytes, more than the upload limit of {max}",
-                total.unwrap_or_default()
+                "the source announces {total} bytes, more than the upload limit of {max}"
             )));
         }
         let fetched = Fetched {
-            content_type: response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned),
-            file_name: response
-                .url()
+            content_type: response
+                .headers()
+                .get(hyper1::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            file_name: url
                 .path_segments()
                 .and_then(|mut segments| segments.next_back())
                 .filter(|s| !s.is_empty())
                 .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()),
         };
         progress.send_replace((0, total));
-        let mut body = response.bytes_stream();
+        let mut body = response.into_body();
         loop {
-            let chunk = tokio::select! {
-                chunk = body.next() => chunk,
-                _ = cancel.cancelled() => return Err(FetchError::permanent("cancelled")),
-            };
-            let Some(chunk) = chunk else { break };
-            let chunk = chunk.map_err(describe)?;
+            let frame = tokio::time::timeout(self.settings.read_timeout, body.frame()).await.map_err(|_| {
+                FetchError::passing(format!("the source sent nothing for {} s", self.settings.read_timeout.as_secs()))
+            })?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|error| FetchError::passing(format!("receiving the body: {}", chain(&error))))?;
+            let Ok(chunk) = frame.into_data() else { continue };
             if blob.size() + chunk.len() as u64 > max {
                 return Err(FetchError::permanent(format!(
                     "the source sent more than the upload limit of {max} bytes"
@@ -303,37 +328,162 @@ impl Fetcher {
             blob.write(chunk).await.map_err(|error| FetchError::passing(format!("storing the bytes: {error}")))?;
             progress.send_replace((blob.size(), total));
         }
-        // hyper ends a body at its Content-Length and errors when it ends early; check
-        // anyway, so no framing quirk can make a short file an asset.
         if let Some(total) = total.filter(|total| *total != blob.size()) {
             return Err(FetchError::passing(format!("the source announced {total} bytes but sent {}", blob.size())));
         }
+        // The exchange is over: the connection ends and hands back what it read beyond
+        // the body, and whatever else arrives soon after.
+        drop(sender);
+        if let Some(total) = total {
+            if let Some(excess) = excess_after_body(connection).await {
+                return Err(FetchError::permanent(format!(
+                    "the source sent more than the {total} bytes it announced ({excess})"
+                )));
+            }
+        }
         Ok(fetched)
+    }
+
+    /// Opens a connection to `url`'s host (at an address the allow-list permits, the
+    /// one that was checked), and sends the request.
+    async fn request(&self, url: &Url) -> Result<Exchange, FetchError> {
+        let host = url.host_str().ok_or_else(|| FetchError::permanent("the URL has no host"))?;
+        let port = url.port_or_known_default().ok_or_else(|| FetchError::permanent("the URL has no port"))?;
+        let tcp = self.connect(url, port).await?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = if url.scheme() == "https" {
+            let name = match url.host() {
+                Some(url::Host::Ipv4(v4)) => rustls::pki_types::ServerName::IpAddress(IpAddr::V4(v4).into()),
+                Some(url::Host::Ipv6(v6)) => rustls::pki_types::ServerName::IpAddress(IpAddr::V6(v6).into()),
+                _ => rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|error| FetchError::permanent(format!("{host} is not a TLS server name: {error}")))?,
+            };
+            let handshake = tokio::time::timeout(self.settings.connect_timeout, self.tls.connect(name, tcp));
+            Box::new(
+                handshake
+                    .await
+                    .map_err(|_| FetchError::passing(format!("the TLS handshake with {host} timed out")))?
+                    .map_err(|error| FetchError::passing(format!("TLS with {host}: {error}")))?,
+            )
+        } else {
+            Box::new(tcp)
+        };
+        let (mut sender, connection) =
+            hyper1::client::conn::http1::handshake::<_, http_body_util::Empty<bytes::Bytes>>(TokioIo::new(io))
+                .await
+                .map_err(|error| FetchError::passing(format!("HTTP with {host}: {}", chain(&error))))?;
+        let connection = Connection(Some(tokio::spawn(connection.without_shutdown())));
+        let authority = match url.port() {
+            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_owned(),
+        };
+        let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+        let mut request = hyper1::Request::get(if target.is_empty() { "/" } else { target })
+            .header(hyper1::header::HOST, authority)
+            .header(hyper1::header::USER_AGENT, concat!("assetd/", env!("CARGO_PKG_VERSION"), " (import)"))
+            .header(hyper1::header::ACCEPT, "*/*")
+            // Bytes as stored: a compressed body would not be the file the source has.
+            .header(hyper1::header::ACCEPT_ENCODING, "identity")
+            .header(hyper1::header::CONNECTION, "close");
+        if !url.username().is_empty() {
+            // The URL's own credentials only: a redirect elsewhere does not carry them.
+            use base64::Engine as _;
+            let user = percent_encoding::percent_decode_str(url.username()).decode_utf8_lossy();
+            let password = url.password().map(|p| percent_encoding::percent_decode_str(p).decode_utf8_lossy());
+            let pair = format!("{user}:{}", password.unwrap_or_default());
+            let basic = base64::engine::general_purpose::STANDARD.encode(pair);
+            request = request.header(hyper1::header::AUTHORIZATION, format!("Basic {basic}"));
+        }
+        let request = request
+            .body(http_body_util::Empty::new())
+            .map_err(|error| FetchError::permanent(format!("the request cannot be written: {error}")))?;
+        let response = tokio::time::timeout(self.settings.read_timeout, sender.send_request(request))
+            .await
+            .map_err(|_| {
+                FetchError::passing(format!("{host} did not answer within {} s", self.settings.read_timeout.as_secs()))
+            })?
+            .map_err(|error| FetchError::passing(format!("requesting from {host}: {}", chain(&error))))?;
+        Ok(Exchange { response, sender, connection })
+    }
+
+    /// Resolves `url`'s host and connects to the first permitted address that answers.
+    async fn connect(&self, url: &Url, port: u16) -> Result<tokio::net::TcpStream, FetchError> {
+        let host = url.host_str().unwrap_or_default();
+        let addresses: Vec<SocketAddr> = match url.host() {
+            // An address in the URL was checked by `check_url`.
+            Some(url::Host::Ipv4(v4)) => vec![SocketAddr::new(IpAddr::V4(v4), port)],
+            Some(url::Host::Ipv6(v6)) => vec![SocketAddr::new(IpAddr::V6(v6), port)],
+            _ => {
+                let lookup = tokio::time::timeout(self.settings.connect_timeout, tokio::net::lookup_host((host, port)));
+                let resolved: Vec<SocketAddr> = lookup
+                    .await
+                    .map_err(|_| FetchError::passing(format!("resolving {host} timed out")))?
+                    .map_err(|error| FetchError::passing(format!("resolving {host}: {error}")))?
+                    .collect();
+                let permitted: Vec<SocketAddr> = resolved
+                    .iter()
+                    .copied()
+                    .filter(|address| self.settings.allow.permits(host, address.ip()))
+                    .collect();
+                if permitted.is_empty() {
+                    return Err(match resolved.first() {
+                        Some(first) => FetchError::permanent(format!(
+                            "refused: {host} resolves to {}, which imports may not reach (not a public address; see ASSETD_IMPORT_ALLOWLIST)",
+                            first.ip()
+                        )),
+                        None => FetchError::passing(format!("{host} has no address")),
+                    });
+                }
+                permitted
+            }
+        };
+        let mut last_error = None;
+        for address in addresses {
+            match tokio::time::timeout(self.settings.connect_timeout, tokio::net::TcpStream::connect(address)).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(error)) => last_error = Some(format!("connecting to {host} ({address}): {error}")),
+                Err(_) => last_error = Some(format!("connecting to {host} ({address}) timed out")),
+            }
+        }
+        Err(FetchError::passing(last_error.unwrap_or_else(|| format!("{host}: nothing to connect to"))))
     }
 }
 
-/// A reqwest error as a message, permanent when the guard refused or the URL cannot be
-/// fetched as written, passing otherwise (connection, timeout, cut body).
-fn describe(error: reqwest::Error) -> FetchError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-    while let Some(current) = source {
-        if let Some(refused) = current.downcast_ref::<Refused>() {
-            return FetchError::permanent(format!("refused: {refused}"));
+/// Once a body of announced length has ended: what the source sent beyond it, read by
+/// hyper (and then refused as an unexpected message, or left in its buffer) or arriving
+/// within [`EXCESS_WATCH`]; `None` when the connection ended cleanly.
+async fn excess_after_body(mut connection: Connection) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let task = connection.0.as_mut()?;
+    let ended = tokio::time::timeout(EXCESS_WATCH, task).await;
+    match ended {
+        Ok(Ok(Ok(parts))) => {
+            if !parts.read_buf.is_empty() {
+                return Some(format!("{} more bytes", parts.read_buf.len()));
+            }
+            let mut io = parts.io.into_inner();
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(EXCESS_WATCH, io.read(&mut probe)).await {
+                Ok(Ok(n)) if n > 0 => Some("more bytes after the body".to_owned()),
+                _ => None,
+            }
         }
-        source = current.source();
+        // hyper read bytes after the response it was not waiting for.
+        Ok(Ok(Err(error))) if !error.is_closed() && !error.is_canceled() => Some(chain(&error)),
+        _ => None,
     }
+}
+
+/// An error and its causes, as one line.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
-    let mut cause = std::error::Error::source(&error);
+    let mut cause = error.source();
     while let Some(inner) = cause {
         message.push_str(": ");
         message.push_str(&inner.to_string());
         cause = inner.source();
     }
-    if error.is_builder() || error.is_redirect() {
-        FetchError::permanent(message)
-    } else {
-        FetchError::passing(message)
-    }
+    message
 }
 
 /// The URL as events may show it: without user and password, and with the values of

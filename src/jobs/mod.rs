@@ -34,10 +34,10 @@ use uuid::Uuid;
 
 use crate::app::jobs::{JobPolicy, LoadedJob};
 use crate::app::{App, AppError, CommandContext, ComponentState};
+use crate::blobs::SealedBlob;
 use crate::broker::{Broker, BrokerChannel, BrokerError};
-use crate::domain::asset::{AssetImported, AssetSource, AssetUploaded};
-use crate::domain::job::{asset_uuid_of, JobKind, JobStatus, NextStep};
-use crate::domain::names::{FileName, MediaType};
+use crate::domain::asset::AssetImported;
+use crate::domain::job::{JobKind, JobStatus, NextStep};
 use crate::domain::principal::{Actor, PrincipalKind};
 use crate::domain::DomainError;
 use crate::eventstore::RecordedEvent;
@@ -59,6 +59,15 @@ impl Backoff {
         let capped = exponential.min(self.max);
         capped.mul_f64(1.0 - rand::random::<f64>() * 0.2)
     }
+}
+
+/// `now + delay`, or the far future where that would overflow (an absurd configured
+/// delay must not panic a worker).
+fn later(now: chrono::DateTime<Utc>, delay: Duration) -> chrono::DateTime<Utc> {
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|delay| now.checked_add_signed(delay))
+        .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
 }
 
 /// Everything a worker needs.
@@ -247,7 +256,7 @@ impl Worker {
                 _ = self.stop.cancelled() => return Ok(Handled::Requeue("the worker is stopping".into())),
             };
             let ctx = worker_context(job_uuid, &loaded);
-            let lease_until = Utc::now() + self.config.lease;
+            let lease_until = later(Utc::now(), self.config.lease);
             match self.app.start_job(&ctx, job_uuid, attempt, &self.config.worker_id, lease_until).await {
                 Ok(_) => {}
                 // Another worker got there first, or the job changed: look again.
@@ -275,7 +284,7 @@ impl Worker {
     ) -> Result<&'static str, AppError> {
         let cancel = CancellationToken::new();
         let (progress, mut reported) = tokio::sync::watch::channel((0u64, None::<u64>));
-        let work = self.import(job_uuid, loaded, &progress, &cancel);
+        let work = self.import(loaded, &progress, &cancel);
         tokio::pin!(work);
         // The first look is a second in: an `interval`'s first tick is immediate, which
         // cost every attempt a query at its start (and, once its progress had moved, a
@@ -285,7 +294,7 @@ impl Worker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_beat = std::time::Instant::now();
         // Why the work was stopped, if it was.
-        let mut stopped: Option<&'static str> = None;
+        let mut stopped: Option<Stopped> = None;
         let outcome = loop {
             tokio::select! {
                 outcome = &mut work => break outcome,
@@ -294,14 +303,15 @@ impl Worker {
                         continue;
                     }
                     // Renew the lease with the progress when it moved (at most once a
-                    // second), or every third of the lease anyway; else just look for a
-                    // cancellation.
+                    // second), or every third of the lease anyway; else just look whether
+                    // the attempt is still the job's (cancelled, or run again elsewhere
+                    // after this worker lost its lease).
                     let moved = reported.has_changed().unwrap_or(false);
                     let due = last_beat.elapsed() >= self.config.lease / 3;
-                    let still_ours = if moved || due {
+                    let still_current = if moved || due {
                         let now_progress = *reported.borrow_and_update();
                         last_beat = std::time::Instant::now();
-                        let lease_until = Utc::now() + self.config.lease;
+                        let lease_until = later(Utc::now(), self.config.lease);
                         match self.app.job_progress(ctx, job_uuid, attempt, now_progress, lease_until).await {
                             Ok(_) => true,
                             Err(AppError::Domain(DomainError::Conflict(_))) => false,
@@ -311,64 +321,51 @@ impl Worker {
                             }
                         }
                     } else {
-                        !self.app.job_cancelled(job_uuid).await.unwrap_or(false)
+                        self.app.attempt_is_current(job_uuid, attempt).await.unwrap_or(true)
                     };
-                    if !still_ours {
-                        stopped = Some("cancelled");
+                    if !still_current {
+                        stopped = Some(Stopped::NoLongerCurrent);
                         cancel.cancel();
                     }
                 }
                 _ = self.stop.cancelled(), if stopped.is_none() => {
-                    stopped = Some("stopping");
+                    stopped = Some(Stopped::Shutdown);
                     cancel.cancel();
                 }
             }
         };
         match (outcome, stopped) {
-            (Ok(imported), None) => {
-                let asset_uuid = imported.asset.asset_uuid;
-                match self.app.import_succeeded(ctx, job_uuid, attempt, imported).await {
+            (Ok((imported, bytes)), None) => {
+                match self.app.import_succeeded(ctx, job_uuid, attempt, imported, bytes).await {
                     Ok(()) => Ok("succeeded"),
-                    Err(AppError::CommitOutcomeUnknown(reason)) => Err(AppError::CommitOutcomeUnknown(reason)),
                     Err(AppError::Domain(DomainError::NotFound(_))) => {
-                        self.remove_blob(asset_uuid).await;
                         let reason = "the session was deleted (or registered again) while importing";
                         self.record_failure(ctx, job_uuid, attempt, &FetchError::permanent(reason)).await
                     }
-                    Err(AppError::Domain(DomainError::Conflict(_))) => {
-                        // Cancelled (or taken over) meanwhile: what it made goes.
-                        self.remove_blob(asset_uuid).await;
-                        Ok("cancelled")
+                    // Cancelled (or taken over) meanwhile: nothing of this attempt stays.
+                    Err(AppError::Domain(DomainError::Conflict(_))) => Ok("cancelled"),
+                    Err(AppError::Storage(error)) => {
+                        let reason = FetchError::passing(format!("storing the bytes: {error}"));
+                        self.record_failure(ctx, job_uuid, attempt, &reason).await
                     }
-                    Err(error) => {
-                        self.remove_blob(asset_uuid).await;
-                        Err(error)
-                    }
+                    Err(error) => Err(error),
                 }
             }
-            (Ok(imported), Some(_)) => {
-                self.remove_blob(imported.asset.asset_uuid).await;
-                self.after_stop(ctx, job_uuid, attempt, stopped).await
-            }
-            (Err(_), Some(_)) => self.after_stop(ctx, job_uuid, attempt, stopped).await,
+            // What it fetched (a sealed temporary file) goes with it.
+            (_, Some(Stopped::Shutdown)) => self.release(ctx, job_uuid, attempt).await,
+            (_, Some(Stopped::NoLongerCurrent)) => Ok("superseded"),
             (Err(error), None) => self.record_failure(ctx, job_uuid, attempt, &error).await,
         }
     }
 
-    /// A stopped attempt: a cancelled job has its `JobCancelled`; at shutdown, the
-    /// attempt is scheduled again at once, for the next worker.
-    async fn after_stop(
-        &self,
-        ctx: &CommandContext,
-        job_uuid: Uuid,
-        attempt: u32,
-        stopped: Option<&'static str>,
-    ) -> Result<&'static str, AppError> {
-        if stopped == Some("stopping") {
-            let reason = FetchError::passing("the worker stopped (shutdown) during this attempt");
-            return self.record_failure_at(ctx, job_uuid, attempt, &reason, Utc::now()).await;
+    /// At shutdown, the attempt is handed back to run again at once, for the next
+    /// worker, without using up one of the job's attempts.
+    async fn release(&self, ctx: &CommandContext, job_uuid: Uuid, attempt: u32) -> Result<&'static str, AppError> {
+        match self.app.release_job(ctx, job_uuid, attempt).await {
+            Ok(_) => Ok("released"),
+            Err(AppError::Domain(DomainError::Conflict(_))) => Ok("cancelled"),
+            Err(error) => Err(error),
         }
-        Ok("cancelled")
     }
 
     async fn record_failure(
@@ -378,18 +375,7 @@ impl Worker {
         attempt: u32,
         error: &FetchError,
     ) -> Result<&'static str, AppError> {
-        let retry_at = Utc::now() + self.config.backoff.after(attempt);
-        self.record_failure_at(ctx, job_uuid, attempt, error, retry_at).await
-    }
-
-    async fn record_failure_at(
-        &self,
-        ctx: &CommandContext,
-        job_uuid: Uuid,
-        attempt: u32,
-        error: &FetchError,
-        retry_at: chrono::DateTime<Utc>,
-    ) -> Result<&'static str, AppError> {
+        let retry_at = later(Utc::now(), self.config.backoff.after(attempt));
         match self.app.job_failed(ctx, job_uuid, attempt, &error.message, error.retryable, retry_at).await {
             Ok(job) if matches!(job.status, JobStatus::RetryScheduled { .. }) => Ok("retry"),
             Ok(_) => Ok("failed"),
@@ -399,74 +385,43 @@ impl Worker {
         }
     }
 
-    async fn remove_blob(&self, asset_uuid: Uuid) {
-        if let Err(error) = self.app.blobs.remove(asset_uuid).await {
-            tracing::warn!(%asset_uuid, %error, "could not remove an import's bytes; the cleanup job will");
-        }
-    }
-
-    /// Fetches the import's source into its asset's blob (durable under the asset's
-    /// uuid on success) and describes the asset.
+    /// Fetches the import's source into a sealed temporary blob (complete, hashed,
+    /// durable, under no id yet), checks it, and describes the asset it is to become.
     async fn import(
         &self,
-        job_uuid: Uuid,
         loaded: &LoadedJob,
         progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
         cancel: &CancellationToken,
-    ) -> Result<AssetImported, FetchError> {
+    ) -> Result<(AssetImported, SealedBlob), FetchError> {
         let queued = loaded.job.queued.as_ref().ok_or_else(|| FetchError::permanent("the job has no request"))?;
         let spec = queued.import.as_ref().ok_or_else(|| FetchError::permanent("the job is not an import"))?;
         let url =
             loaded.url.as_deref().ok_or_else(|| FetchError::permanent("the job's source URL is not on record"))?;
-        let url: reqwest::Url = url.parse().map_err(|_| FetchError::permanent("the job's source URL is invalid"))?;
+        let url: url::Url = url.parse().map_err(|_| FetchError::permanent("the job's source URL is invalid"))?;
         let mut blob = self.app.blobs.create_temp();
         let fetched = self.config.fetcher.fetch(&url, &mut blob, progress, cancel).await?;
-        let asset_uuid = asset_uuid_of(job_uuid);
-        // An earlier attempt of this very job may have left its bytes under this uuid
-        // (it died between persisting them and recording the asset): nothing else can
-        // use this uuid, and the asset is not recorded, so they go.
-        let _ = self.app.blobs.remove(asset_uuid).await;
-        let stored =
-            blob.persist(asset_uuid).await.map_err(|e| FetchError::passing(format!("storing the bytes: {e}")))?;
+        let stored = blob.seal().await.map_err(|e| FetchError::passing(format!("storing the bytes: {e}")))?;
         if let Some(expected) = spec.sha256.as_ref().filter(|expected| **expected != stored.sha256) {
-            let _ = self.app.blobs.remove(asset_uuid).await;
             return Err(FetchError::permanent(format!(
                 "the fetched bytes have SHA-256 {}, not the {} asked for",
                 stored.sha256.as_str(),
                 expected.as_str()
             )));
         }
-        let file_name = fetched
-            .file_name
-            .as_deref()
-            .and_then(|name| FileName::parse(name).ok())
-            .or_else(|| FileName::parse(spec.asset_name.as_str()).ok())
-            .unwrap_or_else(|| FileName::parse("import").expect("a valid name"));
-        let asset_type = spec
-            .asset_type
-            .clone()
-            .or_else(|| fetched.content_type.as_deref().and_then(|t| MediaType::parse(t.trim()).ok()))
-            .unwrap_or_else(|| MediaType::guess_from_filename(&file_name));
-        Ok(AssetImported {
-            asset: AssetUploaded {
-                asset_uuid,
-                id_session: queued.id_session,
-                asset_name: spec.asset_name.clone(),
-                asset_original_filename: file_name,
-                asset_type,
-                asset_file_size: stored.size,
-                asset_sha256: stored.sha256,
-                asset_datetime: crate::domain::names::storable(Utc::now()),
-                directory: spec.directory.clone(),
-                tags: spec.tags.clone(),
-                metadata: spec.metadata.clone(),
-                asset_creator: spec.asset_creator,
-                asset_source: AssetSource::Import,
-            },
-            job_uuid,
-            source_url: spec.source_url.clone(),
-        })
+        let imported = loaded
+            .imported_asset(&stored, fetched.file_name.as_deref(), fetched.content_type.as_deref())
+            .map_err(FetchError::permanent)?;
+        Ok((imported, stored))
     }
+}
+
+/// Why a running attempt was stopped before its work ended.
+#[derive(Debug, Clone, Copy)]
+enum Stopped {
+    /// The worker is stopping: the attempt is handed back.
+    Shutdown,
+    /// Cancelled, or run again elsewhere after this worker lost its lease: it leaves.
+    NoLongerCurrent,
 }
 
 /// Sends a job's message (as received) to wait `delay` in the retry queues: the

@@ -133,6 +133,65 @@ impl Source {
     }
 }
 
+/// A source that writes its answers by hand, as a broken or lying server would (hyper
+/// will not send more than the length it announced). Paths: `/long/<len>` announces
+/// `len` bytes and sends twice as many at once; `/late/<len>` sends `len`, then 50 ms
+/// later the rest; `/exact/<len>` sends `len` and keeps the connection open a second.
+struct RawSource {
+    addr: SocketAddr,
+}
+
+impl RawSource {
+    async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+                    let (kind, len): (&str, u64) = (parts[0], parts.get(1).and_then(|l| l.parse().ok()).unwrap_or(0));
+                    let announced =
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/x-test\r\n\r\n");
+                    let bytes: Vec<u8> = (0..2 * len).map(byte_at).collect();
+                    let _ = stream.write_all(announced.as_bytes()).await;
+                    match kind {
+                        "long" => {
+                            let _ = stream.write_all(&bytes).await;
+                        }
+                        "late" => {
+                            let _ = stream.write_all(&bytes[..len as usize]).await;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            let _ = stream.write_all(&bytes[len as usize..]).await;
+                        }
+                        _ => {
+                            let _ = stream.write_all(&bytes[..len as usize]).await;
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Self { addr }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.addr.port())
+    }
+}
+
 /// A `TestApp` with its relay, command consumer, workers and scheduler running.
 struct Jobs {
     app: TestApp,
@@ -399,6 +458,27 @@ async fn bad_sources_fail_and_leave_nothing_behind() {
         assert!(job["error"].as_str().unwrap().contains(reason), "{job}");
         jobs.nothing_left().await;
     }
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn a_source_longer_than_it_announced_fails_and_leaves_nothing_behind() {
+    let source = RawSource::start().await;
+    let jobs = Jobs::start(JobsConfig { import_max_attempts: 2, ..quick_jobs("127.0.0.1") }).await;
+    for path in ["/long/4000", "/late/4000", "/long/300000"] {
+        let uuid = jobs.import(jobs.body(&source.url(path))).await["job_uuid"].as_str().unwrap().to_owned();
+        let job = jobs.until(&uuid, "failed", 30).await;
+        assert!(job["error"].as_str().unwrap().contains("bytes it announced"), "{path}: {job}");
+        assert_eq!(job["attempts"], 1, "a lying source is not asked again: {job}");
+        jobs.nothing_left().await;
+    }
+    // A source that sends exactly what it announced and then keeps its connection open
+    // is not taken for a liar, nor waited for.
+    let uuid = jobs.import(jobs.body(&source.url("/exact/4000"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&uuid, "succeeded", 30).await;
+    let asset = job["result"]["asset_uuid"].as_str().unwrap();
+    let bytes = jobs.app.get(&jobs.service, &format!("/api/assets?asset_uuid={asset}")).await.bytes().await.unwrap();
+    assert_eq!(bytes.to_vec(), (0..4000).map(byte_at).collect::<Vec<u8>>());
     jobs.stop().await;
 }
 
@@ -756,10 +836,222 @@ async fn a_worker_killed_mid_import_is_replaced_and_the_job_finishes_once() {
     assert!(job["attempts"].as_i64().unwrap() >= 2, "{job}");
     assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets").await, 1);
     assert_eq!(jobs.app.scalar("SELECT count(*) FROM events WHERE type = 'AssetImported'").await, 1);
+    // The killed worker's temporary file is an orphan (no process holds it): swept.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    jobs.app.ctx.app.blobs.remove_orphan_temp_files().await.unwrap();
+    assert_eq!(TestApp::files_under(&jobs.app.tmp_dir()), 0, "nothing of the killed attempt stays");
     // Replay rebuilds the jobs table exactly.
     let before = jobs.app.table_snapshot("jobs", "job_uuid").await;
     let mut client = jobs.app.ctx.app.pool.get().await.unwrap();
     assetd::projections::replay(&mut client).await.unwrap();
     assert_eq!(jobs.app.table_snapshot("jobs", "job_uuid").await, before);
+    jobs.stop().await;
+}
+
+/// What a worker's commands carry: the system as actor.
+fn system_ctx(job: Uuid) -> assetd::app::CommandContext {
+    assetd::app::CommandContext {
+        actor: assetd::domain::principal::Actor {
+            kind: assetd::domain::principal::PrincipalKind::Service,
+            uuid: Uuid::nil(),
+        },
+        request_id: job.to_string(),
+        correlation_id: job.to_string(),
+        message: None,
+    }
+}
+
+/// `bytes`, complete and durable in a temporary file of `app`'s store.
+async fn sealed(app: &assetd::app::App, bytes: &[u8]) -> assetd::blobs::SealedBlob {
+    let mut blob = app.blobs.create_temp();
+    blob.write(bytes::Bytes::copy_from_slice(bytes)).await.unwrap();
+    blob.seal().await.unwrap()
+}
+
+fn is_conflict(result: &Result<(), assetd::app::AppError>) -> bool {
+    matches!(result, Err(assetd::app::AppError::Domain(assetd::domain::DomainError::Conflict(_))))
+}
+
+#[tokio::test]
+async fn a_stale_attempt_never_touches_the_asset_and_leftovers_go_with_jobs_that_end_without_one() {
+    use assetd::domain::job::asset_uuid_of;
+    // No workers: the test plays them, through the commands a worker runs.
+    let jobs = Jobs::start_with(quick_jobs("127.0.0.1"), TestOptions::default(), false, None).await;
+    let app = &jobs.app.ctx.app;
+    let queue = || async {
+        let accepted = jobs.import(jobs.body("http://127.0.0.1:9/never-fetched")).await;
+        accepted["job_uuid"].as_str().unwrap().parse::<Uuid>().unwrap()
+    };
+    let leave_bytes = |job: Uuid, bytes: &[u8]| {
+        let path = app.blobs.path(asset_uuid_of(job));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let now = chrono::Utc::now();
+    let minute = chrono::Duration::seconds(60);
+
+    // Attempt 1's worker stops reporting; the sweep schedules attempt 2, which starts
+    // elsewhere, finding what a crashed attempt left under the asset's id.
+    let job = queue().await;
+    let ctx = system_ctx(job);
+    app.start_job(&ctx, job, 1, "stale", now - chrono::Duration::seconds(1)).await.unwrap();
+    app.expire_job_lease(&ctx, job, now).await.unwrap();
+    app.start_job(&ctx, job, 2, "fresh", now + minute).await.unwrap();
+    let path = leave_bytes(job, b"a crashed attempt's bytes");
+    let loaded = app.load_job(job).await.unwrap();
+    let fresh = sealed(app, b"attempt 2's bytes").await;
+    let imported = loaded.imported_asset(&fresh, Some("fresh.bin"), None).unwrap();
+    app.import_succeeded(&ctx, job, 2, imported, fresh).await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"attempt 2's bytes", "the leftover was replaced");
+    // The stale attempt ends later, with other bytes: refused, and the asset keeps its own.
+    let stale = sealed(app, b"attempt 1's late bytes").await;
+    let imported = loaded.imported_asset(&stale, None, None).unwrap();
+    assert!(is_conflict(&app.import_succeeded(&ctx, job, 1, imported, stale).await));
+    app.discard_import_bytes(job).await;
+    let asset = asset_uuid_of(job);
+    let download = jobs.app.get(&jobs.service, &format!("/api/assets?asset_uuid={asset}")).await;
+    assert_eq!(download.bytes().await.unwrap().as_ref(), b"attempt 2's bytes");
+    assert_eq!(TestApp::files_under(&jobs.app.tmp_dir()), 0, "the stale attempt's file went with it");
+
+    // A job cancelled after a crash between placing its bytes and recording the asset:
+    // the bytes go.
+    let job = queue().await;
+    app.start_job(&system_ctx(job), job, 1, "w", now + minute).await.unwrap();
+    let path = leave_bytes(job, b"left by a crash");
+    assert_eq!(jobs.app.delete(&jobs.service, &format!("/api/jobs/{job}")).await.status(), 200);
+    assert!(!path.exists(), "a cancelled job's leftover goes");
+
+    // The same for a job that fails for good.
+    let job = queue().await;
+    app.start_job(&system_ctx(job), job, 1, "w", now + minute).await.unwrap();
+    let path = leave_bytes(job, b"left by a crash");
+    app.job_failed(&system_ctx(job), job, 1, "the source answered 404", false, now).await.unwrap();
+    assert!(!path.exists(), "a failed job's leftover goes");
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets").await, 1);
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_session_while_its_imports_finish_never_fails_and_leaves_no_asset() {
+    let jobs = Jobs::start_with(quick_jobs("127.0.0.1"), TestOptions::default(), false, None).await;
+    let app = &jobs.app.ctx.app;
+    for id in 100..116 {
+        jobs.app.put_session(&jobs.service, id, &json!({"session_name": "doomed"})).await;
+        let mut body = jobs.body("http://127.0.0.1:9/never-fetched");
+        body["id_session"] = json!(id);
+        let job: Uuid = jobs.import(body).await["job_uuid"].as_str().unwrap().parse().unwrap();
+        let ctx = system_ctx(job);
+        app.start_job(&ctx, job, 1, "w", chrono::Utc::now() + chrono::Duration::seconds(60)).await.unwrap();
+        let loaded = app.load_job(job).await.unwrap();
+        let bytes = sealed(app, format!("session {id}").as_bytes()).await;
+        let imported = loaded.imported_asset(&bytes, None, None).unwrap();
+        let session_path = format!("/api/sessions/{id}");
+        let (finished, deleted) = tokio::join!(
+            app.import_succeeded(&ctx, job, 1, imported, bytes),
+            jobs.app.delete(&jobs.service, &session_path),
+        );
+        assert_eq!(deleted.status(), 200, "{:?}", deleted.text().await);
+        assert!(
+            finished.is_ok()
+                || is_conflict(&finished)
+                || matches!(finished, Err(assetd::app::AppError::Domain(assetd::domain::DomainError::NotFound(_)))),
+            "{finished:?}"
+        );
+    }
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets WHERE asset_status = 'available'").await, 0);
+    assert_eq!(TestApp::files_under(&jobs.app.data_dir.path().join("blobs")), 0, "no bytes stay");
+    assert_eq!(TestApp::files_under(&jobs.app.tmp_dir()), 0);
+    // An import asked for a deleted session is refused.
+    let mut body = jobs.body("http://127.0.0.1:9/never-fetched");
+    body["id_session"] = json!(100);
+    let refused = jobs.app.post_json(&jobs.service, "/api/imports", &body).await;
+    crate::helpers::assert_error(refused, 404, "not_found").await;
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn a_shutdown_hands_the_running_attempt_back_without_using_it_up() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(JobsConfig { import_max_attempts: 1, ..quick_jobs("127.0.0.1") }).await;
+    let uuid = jobs.import(jobs.body(&source.url("/slow/2000000"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while jobs.job(&uuid).await["progress"]["done"].as_u64().unwrap_or(0) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the import never made progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The process stops during the job's only attempt.
+    jobs.shutdown.finish(Duration::from_secs(10)).await;
+    let job = jobs.job(&uuid).await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("shutdown"), "{job}");
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM events WHERE type = 'JobFailed'").await, 0);
+    assert_eq!(TestApp::files_under(&jobs.app.tmp_dir()), 0, "what it fetched went");
+    // The next process runs it, as the same attempt.
+    let again = assetd::shutdown::Shutdown::new();
+    assetd::cli::start_background(&jobs.app.ctx.app, &jobs.config, &again, assetd::cli::Role::Serve).unwrap();
+    let job = jobs.until(&uuid, "succeeded", 60).await;
+    assert_eq!(job["attempts"], 1, "{job}");
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM events WHERE type = 'AssetImported'").await, 1);
+    again.finish(Duration::from_secs(10)).await;
+    delete_queues(&jobs.config.amqp_prefix).await;
+}
+
+#[tokio::test]
+async fn a_worker_that_lost_its_lease_stops_and_the_next_attempt_makes_the_one_asset() {
+    let source = Source::start().await;
+    let jobs = Jobs::start_with(quick_jobs("127.0.0.1"), TestOptions::default(), false, None).await;
+    // A worker whose database connection the test can cut.
+    let proxy = crate::helpers::DatabaseProxy::start().await;
+    let mut stale_config = jobs.config.clone();
+    stale_config.database.database_url = proxy.url(&jobs.app.db.name);
+    stale_config.relay = false;
+    stale_config.commands = false;
+    stale_config.jobs.workers = true;
+    let stale_ctx = assetd::cli::build_context(&stale_config).await.unwrap();
+    let stale = assetd::shutdown::Shutdown::new();
+    assetd::cli::start_background(&stale_ctx.app, &stale_config, &stale, assetd::cli::Role::Worker).unwrap();
+    let len = 6_000_000u64;
+    let uuid =
+        jobs.import(jobs.body(&source.url(&format!("/slow/{len}")))).await["job_uuid"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while jobs.job(&uuid).await["progress"]["done"].as_u64().unwrap_or(0) == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the import never made progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its worker loses the database: its lease runs out, and another worker (with the
+    // lease sweep) runs attempt 2.
+    proxy.cut();
+    let mut fresh_config = jobs.config.clone();
+    fresh_config.relay = false;
+    fresh_config.commands = false;
+    let fresh = assetd::shutdown::Shutdown::new();
+    assetd::cli::start_background(&jobs.app.ctx.app, &fresh_config, &fresh, assetd::cli::Role::Worker).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = jobs.job(&uuid).await;
+        if job["status"] == "running" && job["attempts"] == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "attempt 2 never started: {job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The database comes back while attempt 1 is still fetching: it sees that it is no
+    // longer the job's attempt and stops, leaving attempt 2 alone.
+    proxy.restore();
+    let job = jobs.until(&uuid, "succeeded", 60).await;
+    assert_eq!(job["attempts"], 2, "{job}");
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM events WHERE type = 'AssetImported'").await, 1);
+    let asset = job["result"]["asset_uuid"].as_str().unwrap();
+    let download = jobs.app.get(&jobs.service, &format!("/api/assets?asset_uuid={asset}")).await;
+    let bytes = download.bytes().await.unwrap();
+    assert_eq!(hex::encode(Sha256::digest(&bytes)), sha_of(len));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while TestApp::files_under(&jobs.app.tmp_dir()) > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the stale attempt never stopped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stale.finish(Duration::from_secs(10)).await;
+    fresh.finish(Duration::from_secs(10)).await;
     jobs.stop().await;
 }

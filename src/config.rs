@@ -125,6 +125,10 @@ pub struct JobsConfig {
     /// Seconds a whole fetch may take.
     #[arg(long, env = "ASSETD_IMPORT_TIMEOUT", default_value_t = 3_600)]
     pub import_timeout: u64,
+    /// A PEM file of certificate authorities imports trust besides the public ones
+    /// (internal sources with a private CA).
+    #[arg(long, env = "ASSETD_IMPORT_CA_FILE")]
+    pub import_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for JobsConfig {
@@ -141,6 +145,7 @@ impl Default for JobsConfig {
             import_connect_timeout: 10,
             import_read_timeout: 30,
             import_timeout: 3_600,
+            import_ca_file: None,
         }
     }
 }
@@ -174,6 +179,10 @@ impl JobsConfig {
             read_timeout: Duration::from_secs(self.import_read_timeout.max(1)),
             total_timeout: Duration::from_secs(self.import_timeout.max(1)),
             max_size,
+            extra_roots: match &self.import_ca_file {
+                Some(path) => crate::jobs::fetch::read_certificates(path)?,
+                None => Vec::new(),
+            },
         })
     }
 }

@@ -145,6 +145,21 @@ pub struct FetchSettings {
     /// Longest a whole fetch may take.
     pub total_timeout: Duration,
     pub max_size: u64,
+    /// Certificate authorities trusted besides the public ones (`ASSETD_IMPORT_CA_FILE`).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+/// The certificates of a PEM file (`ASSETD_IMPORT_CA_FILE`); at least one.
+pub fn read_certificates(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    let certificates = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("{}: {error}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(certificates)
 }
 
 /// Why a fetch failed, and whether trying again may help.
@@ -207,7 +222,12 @@ struct Exchange {
 
 impl Fetcher {
     pub fn new(settings: FetchSettings) -> Result<Self, String> {
-        let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let mut roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for certificate in &settings.extra_roots {
+            roots
+                .add(certificate.clone())
+                .map_err(|error| format!("a certificate of ASSETD_IMPORT_CA_FILE: {error}"))?;
+        }
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|error| error.to_string())?
@@ -552,6 +572,18 @@ mod tests {
         assert!(allow.permits("anything", "10.9.9.9".parse().unwrap()));
         assert!(allow.permits("FILES.internal.", "192.168.0.1".parse().unwrap()));
         assert!(AllowList::parse("not a host").is_err());
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        assert!(read_certificates(&empty).unwrap_err().contains("no certificate"));
+        assert!(read_certificates(&dir.path().join("missing.pem")).is_err());
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").unwrap();
+        assert!(read_certificates(&broken).is_err());
     }
 
     #[test]

@@ -136,7 +136,8 @@ impl Source {
 /// A source that writes its answers by hand, as a broken or lying server would (hyper
 /// will not send more than the length it announced). Paths: `/long/<len>` announces
 /// `len` bytes and sends twice as many at once; `/late/<len>` sends `len`, then 50 ms
-/// later the rest; `/exact/<len>` sends `len` and keeps the connection open a second.
+/// later the rest; `/exact/<len>` sends `len` and keeps the connection open a second;
+/// `/stall/<len>` sends half and then nothing for a minute.
 struct RawSource {
     addr: SocketAddr,
 }
@@ -169,6 +170,10 @@ impl RawSource {
                     match kind {
                         "long" => {
                             let _ = stream.write_all(&bytes).await;
+                        }
+                        "stall" => {
+                            let _ = stream.write_all(&bytes[..len as usize / 2]).await;
+                            tokio::time::sleep(Duration::from_secs(60)).await;
                         }
                         "late" => {
                             let _ = stream.write_all(&bytes[..len as usize]).await;
@@ -462,7 +467,7 @@ async fn bad_sources_fail_and_leave_nothing_behind() {
 }
 
 #[tokio::test]
-async fn a_source_longer_than_it_announced_fails_and_leaves_nothing_behind() {
+async fn a_source_longer_than_it_announced_or_stalling_fails_and_leaves_nothing_behind() {
     let source = RawSource::start().await;
     let jobs = Jobs::start(JobsConfig { import_max_attempts: 2, ..quick_jobs("127.0.0.1") }).await;
     for path in ["/long/4000", "/late/4000", "/long/300000"] {
@@ -472,6 +477,14 @@ async fn a_source_longer_than_it_announced_fails_and_leaves_nothing_behind() {
         assert_eq!(job["attempts"], 1, "a lying source is not asked again: {job}");
         jobs.nothing_left().await;
     }
+    jobs.stop().await;
+    // A source that stops sending: the read timeout.
+    let jobs =
+        Jobs::start(JobsConfig { import_max_attempts: 1, import_read_timeout: 1, ..quick_jobs("127.0.0.1") }).await;
+    let uuid = jobs.import(jobs.body(&source.url("/stall/100000"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&uuid, "failed", 30).await;
+    assert!(job["error"].as_str().unwrap().contains("sent nothing for 1 s"), "{job}");
+    jobs.nothing_left().await;
     // A source that sends exactly what it announced and then keeps its connection open
     // is not taken for a liar, nor waited for.
     let uuid = jobs.import(jobs.body(&source.url("/exact/4000"))).await["job_uuid"].as_str().unwrap().to_owned();
@@ -1053,5 +1066,119 @@ async fn a_worker_that_lost_its_lease_stops_and_the_next_attempt_makes_the_one_a
     }
     stale.finish(Duration::from_secs(10)).await;
     fresh.finish(Duration::from_secs(10)).await;
+    jobs.stop().await;
+}
+
+/// An HTTPS source on 127.0.0.1, its certificate signed by a CA of its own: any path
+/// answers `len` bytes.
+struct TlsSource {
+    addr: SocketAddr,
+    ca_pem: String,
+}
+
+impl TlsSource {
+    async fn start(len: u64) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "assetd test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        let certificate = params.signed_by(&key, &ca, &ca_key).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![certificate.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut stream) = acceptor.accept(tcp).await else { return };
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
+                    let _ = stream.write_all(answer.as_bytes()).await;
+                    let _ = stream.write_all(&(0..len).map(byte_at).collect::<Vec<u8>>()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Self { addr, ca_pem: ca.pem() }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.addr.port())
+    }
+}
+
+#[tokio::test]
+async fn https_sources_are_verified_and_a_configured_ca_is_trusted() {
+    let len = 300_000;
+    let source = TlsSource::start(len).await;
+    // Its CA is no public one: refused, nothing left.
+    let jobs = Jobs::start(JobsConfig { import_max_attempts: 1, ..quick_jobs("127.0.0.1") }).await;
+    let uuid = jobs.import(jobs.body(&source.url("/report.bin"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&uuid, "failed", 30).await;
+    assert!(job["error"].as_str().unwrap().contains("certificate"), "{job}");
+    jobs.nothing_left().await;
+    jobs.stop().await;
+    // With its CA in ASSETD_IMPORT_CA_FILE, the same import succeeds.
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &source.ca_pem).unwrap();
+    let jobs = Jobs::start(JobsConfig { import_ca_file: Some(ca_file), ..quick_jobs("127.0.0.1") }).await;
+    let uuid = jobs.import(jobs.body(&source.url("/report.bin"))).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&uuid, "succeeded", 30).await;
+    assert_eq!(job["result"]["asset_sha256"], sha_of(len));
+    // By name too: the name is resolved (and checked), and is the one TLS verifies.
+    let by_name = source.url("/report.bin").replace("127.0.0.1", "localhost");
+    let uuid = jobs.import(jobs.body(&by_name)).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&uuid, "succeeded", 30).await;
+    assert_eq!(job["result"]["asset_sha256"], sha_of(len));
+    jobs.stop().await;
+}
+
+#[tokio::test]
+async fn at_most_five_redirects_are_followed() {
+    let source = Source::start().await;
+    let jobs = Jobs::start(JobsConfig { import_max_attempts: 1, ..quick_jobs("127.0.0.1") }).await;
+    // `depth` redirects in a row, then the file; the first one relative.
+    let chain = |depth: usize| {
+        let mut url = source.url("/data/1000");
+        for _ in 0..depth {
+            let encoded = percent_encoding::utf8_percent_encode(&url, percent_encoding::NON_ALPHANUMERIC).to_string();
+            url = source.url(&format!("/redirect?to={encoded}"));
+        }
+        url
+    };
+    let five = jobs.import(jobs.body(&chain(5))).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&five, "succeeded", 30).await;
+    assert_eq!(job["result"]["asset_sha256"], sha_of(1000));
+    let six = jobs.import(jobs.body(&chain(6))).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&six, "failed", 30).await;
+    assert!(job["error"].as_str().unwrap().contains("more than 5 redirects"), "{job}");
+    // A relative Location is resolved against the URL it came from.
+    let relative = source.url("/redirect?to=%2Fdata%2F1000");
+    let uuid = jobs.import(jobs.body(&relative)).await["job_uuid"].as_str().unwrap().to_owned();
+    jobs.until(&uuid, "succeeded", 30).await;
     jobs.stop().await;
 }

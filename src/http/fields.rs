@@ -249,11 +249,15 @@ pub const JOB_CURSOR_PATTERN: &str = "^(?:[1-9][0-9]{0,17})?$";
 
 /// An import's URL as the OpenAPI document promises it is accepted: http or https, a
 /// host name (its last label starting with a letter) or an IPv4 address, a port, then
-/// visible ASCII. (The server reads more, e.g. IPv6 literals and user info.)
+/// visible ASCII. A label has no `--` in its third and fourth places: `xn--` starts
+/// an internationalised (punycode) label, which must decode, and the pattern cannot
+/// promise that. (The server reads more, e.g. IPv6 literals, user info and valid
+/// punycode.)
 pub const IMPORT_URL_PATTERN: &str = concat!(
     r"^[Hh][Tt][Tt][Pp][Ss]?://",
     r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}",
-    r"|(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z][A-Za-z0-9-]{0,62})",
+    r"|(?:(?:[A-Za-z0-9-]{1,3}|[A-Za-z0-9-]{2}(?:[A-Za-z0-9][A-Za-z0-9-]|-[A-Za-z0-9])[A-Za-z0-9-]{0,59})\.)*",
+    r"(?:[A-Za-z][A-Za-z0-9-]{0,2}|[A-Za-z][A-Za-z0-9-](?:[A-Za-z0-9][A-Za-z0-9-]|-[A-Za-z0-9])[A-Za-z0-9-]{0,59}))",
     r"(?::[0-9]{1,4})?(?:[/?#][!-~]*)?$"
 );
 
@@ -703,6 +707,40 @@ mod tests {
             "text/plain; a=\"é\"",
         ] {
             assert!(check_media_type(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn import_urls_with_punycode_labels_are_read_by_the_server_not_promised_by_the_pattern() {
+        let user = crate::domain::principal::Principal {
+            kind: crate::domain::principal::PrincipalKind::User,
+            uuid: uuid::Uuid::nil(),
+            name: "u".into(),
+            superadmin: false,
+        };
+        let import = |url: &str| crate::app::jobs::ImportBody {
+            id_session: 1,
+            url: url.into(),
+            asset_name: "a".into(),
+            asset_type: None,
+            sha256: None,
+            directory: None,
+            tags: None,
+            metadata: None,
+            id_user: None,
+            id_participant: None,
+            id_device: None,
+            id_service: None,
+        };
+        for (url, promised, accepted) in [
+            ("http://xN--", false, false),
+            ("http://xn--x.example/f", false, false),
+            ("https://xn--bcher-kva.example/f", false, true),
+            ("https://ab-c.example-host.org:8443/f?x=1", true, true),
+            ("http://a--b.example/f", true, true),
+        ] {
+            assert_eq!(validator::<ImportUrl>().is_valid(&serde_json::json!(url)), promised, "{url}");
+            assert_eq!(import(url).validate(&user).is_ok(), accepted, "{url}");
         }
     }
 

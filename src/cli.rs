@@ -241,7 +241,7 @@ pub fn start_background(
             config
                 .jobs
                 .fetch_settings(config.max_upload_size)
-                .map_err(|e| anyhow::anyhow!("ASSETD_IMPORT_ALLOWLIST: {e}"))?,
+                .map_err(|e| anyhow::anyhow!("the import settings (ASSETD_IMPORT_*): {e}"))?,
         )
         .map_err(|e| anyhow::anyhow!("the import HTTP client: {e}"))?;
         let worker = crate::jobs::WorkerConfig {

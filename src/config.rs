@@ -174,13 +174,15 @@ impl JobsConfig {
     pub fn fetch_settings(&self, max_size: u64) -> Result<crate::jobs::fetch::FetchSettings, String> {
         use std::time::Duration;
         Ok(crate::jobs::fetch::FetchSettings {
-            allow: crate::jobs::fetch::AllowList::parse(&self.import_allowlist)?,
+            allow: crate::jobs::fetch::AllowList::parse(&self.import_allowlist)
+                .map_err(|error| format!("ASSETD_IMPORT_ALLOWLIST: {error}"))?,
             connect_timeout: Duration::from_secs(self.import_connect_timeout.max(1)),
             read_timeout: Duration::from_secs(self.import_read_timeout.max(1)),
             total_timeout: Duration::from_secs(self.import_timeout.max(1)),
             max_size,
             extra_roots: match &self.import_ca_file {
-                Some(path) => crate::jobs::fetch::read_certificates(path)?,
+                Some(path) => crate::jobs::fetch::read_certificates(path)
+                    .map_err(|error| format!("ASSETD_IMPORT_CA_FILE: {error}"))?,
                 None => Vec::new(),
             },
         })

@@ -19,7 +19,13 @@ pub struct Shutdown {
     consumers: TaskTracker,
     /// Tasks that end at `flush` (log subscribers: they hand on what was recorded).
     subscribers: TaskTracker,
-    handles: std::sync::Arc<std::sync::Mutex<Vec<(String, tokio::task::AbortHandle)>>>,
+    handles: std::sync::Arc<std::sync::Mutex<Vec<Handle>>>,
+}
+
+struct Handle {
+    name: String,
+    subscriber: bool,
+    abort: tokio::task::AbortHandle,
 }
 
 impl Shutdown {
@@ -40,16 +46,16 @@ impl Shutdown {
 
     /// Runs `task`, which ends once [`Self::stop_token`] is cancelled.
     pub fn spawn(&self, name: &str, task: impl Future<Output = ()> + Send + 'static) {
-        let handle = self.consumers.spawn(task);
-        self.handles.lock().expect("not poisoned").push((name.to_owned(), handle.abort_handle()));
+        let abort = self.consumers.spawn(task).abort_handle();
+        self.handles.lock().expect("not poisoned").push(Handle { name: name.to_owned(), subscriber: false, abort });
     }
 
     /// Runs `task`, a log subscriber, which ends once [`Self::flush_token`] is
     /// cancelled: after every [`Self::spawn`]ed task has ended, so that what they
     /// recorded on their way out (a worker's released attempt) is handed on too.
     pub fn spawn_subscriber(&self, name: &str, task: impl Future<Output = ()> + Send + 'static) {
-        let handle = self.subscribers.spawn(task);
-        self.handles.lock().expect("not poisoned").push((name.to_owned(), handle.abort_handle()));
+        let abort = self.subscribers.spawn(task).abort_handle();
+        self.handles.lock().expect("not poisoned").push(Handle { name: name.to_owned(), subscriber: true, abort });
     }
 
     /// Take no new work.
@@ -57,23 +63,30 @@ impl Shutdown {
         self.stop.cancel();
     }
 
-    /// Stops the consumers and waits for them, then flushes the subscribers and waits
-    /// for them, all within `timeout`; what has not finished by then is aborted (an
-    /// unacked message goes back to its queue; unpublished events wait for the next
-    /// relay).
+    /// Stops the consumers and waits for them for half of `timeout` (handing back an
+    /// attempt or finishing a command is a transaction), then flushes the subscribers
+    /// and waits for them until `timeout` is up. What has not finished in its time is
+    /// aborted: an unacked message goes back to its queue, unpublished events wait for
+    /// the next relay.
     pub async fn finish(&self, timeout: Duration) {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let started = tokio::time::Instant::now();
         self.stop.cancel();
         self.consumers.close();
-        let _ = tokio::time::timeout_at(deadline, self.consumers.wait()).await;
+        if tokio::time::timeout_at(started + timeout / 2, self.consumers.wait()).await.is_err() {
+            self.abort_unfinished(false, timeout / 2);
+        }
         self.flush.cancel();
         self.subscribers.close();
-        if tokio::time::timeout_at(deadline, self.subscribers.wait()).await.is_err() {
-            for (name, handle) in self.handles.lock().expect("not poisoned").iter() {
-                if !handle.is_finished() {
-                    tracing::warn!(task = %name, ?timeout, "did not finish in time; stopped");
-                    handle.abort();
-                }
+        if tokio::time::timeout_at(started + timeout, self.subscribers.wait()).await.is_err() {
+            self.abort_unfinished(true, timeout);
+        }
+    }
+
+    fn abort_unfinished(&self, subscribers: bool, after: Duration) {
+        for handle in self.handles.lock().expect("not poisoned").iter().filter(|h| h.subscriber == subscribers) {
+            if !handle.abort.is_finished() {
+                tracing::warn!(task = %handle.name, ?after, "did not finish in time; stopped");
+                handle.abort.abort();
             }
         }
     }
@@ -105,14 +118,34 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), ["consumer ended", "subscriber flushed"]);
     }
 
+    /// Sets its flag when dropped: a task that was aborted (or ended) drops it.
+    struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     #[tokio::test]
-    async fn what_does_not_finish_in_time_is_aborted() {
+    async fn what_does_not_finish_in_time_is_aborted_and_subscribers_still_get_their_time() {
         let shutdown = Shutdown::new();
-        shutdown.spawn("stuck", std::future::pending());
-        let flush = shutdown.flush_token();
-        shutdown.spawn_subscriber("subscriber", async move { flush.cancelled().await });
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = DropFlag(dropped.clone());
+        shutdown.spawn("stuck", async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        });
+        let flushed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flush, seen) = (shutdown.flush_token(), flushed.clone());
+        shutdown.spawn_subscriber("subscriber", async move {
+            flush.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
         let started = std::time::Instant::now();
-        shutdown.finish(Duration::from_millis(300)).await;
+        shutdown.finish(Duration::from_millis(600)).await;
         assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst), "the stuck consumer was aborted");
+        assert!(flushed.load(std::sync::atomic::Ordering::SeqCst), "the subscriber flushed in its half");
     }
 }

@@ -164,6 +164,17 @@ pub struct JobRequested {
     pub replayed: bool,
 }
 
+/// Where a running attempt stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptState {
+    /// Still the job's running attempt.
+    Current,
+    /// The job was cancelled.
+    Cancelled,
+    /// No longer the job's: it was run again (this worker lost its lease) or ended.
+    Superseded,
+}
+
 /// A job as a worker loads it.
 pub struct LoadedJob {
     pub job: Job,
@@ -373,14 +384,18 @@ impl App {
         Ok(LoadedJob { job, url, correlation_id })
     }
 
-    /// Whether `attempt` is still the job's running attempt (not cancelled, not taken
-    /// over after a lost lease): a running worker looks every second.
-    pub async fn attempt_is_current(&self, uuid: Uuid, attempt: u32) -> Result<bool, AppError> {
+    /// Whether `attempt` is still the job's running attempt: a running worker looks
+    /// every second.
+    pub async fn attempt_state(&self, uuid: Uuid, attempt: u32) -> Result<AttemptState, AppError> {
         let client = self.pool.get().await?;
         let row = client.query_opt("SELECT status, attempts FROM jobs WHERE job_uuid = $1", &[&uuid]).await?;
-        Ok(row.is_some_and(|row| {
-            row.get::<_, &str>(0) == "running" && i64::from(row.get::<_, i32>(1)) == i64::from(attempt)
-        }))
+        let Some(row) = row else { return Ok(AttemptState::Superseded) };
+        let (status, attempts): (&str, i32) = (row.try_get(0)?, row.try_get(1)?);
+        Ok(match status {
+            "cancelled" => AttemptState::Cancelled,
+            "running" if i64::from(attempts) == i64::from(attempt) => AttemptState::Current,
+            _ => AttemptState::Superseded,
+        })
     }
 
     /// Runs `command` on the job's stream. A job that ends without success loses
@@ -471,12 +486,30 @@ impl App {
     }
 
     /// An import's bytes are complete and checked: in one transaction, under the job's
-    /// lock and only while `attempt` is still the job's, they become the asset's blob
-    /// and the asset and the job's success are recorded. The asset stream must be new
-    /// (its id derives from the job), and the session must still be the one the job was
-    /// asked for. Nothing else ever puts bytes under that id, so a stale attempt (its
-    /// lease lost, the job run again elsewhere) can never touch another's asset.
+    /// lock and only while `attempt` is still the job's, the asset and the job's
+    /// success are recorded and, last, the bytes become the asset's blob. The asset
+    /// stream must be new (its id derives from the job), and the session must still be
+    /// the one the job was asked for. Nothing else ever puts bytes under that id, so a
+    /// stale attempt (its lease lost, the job run again elsewhere) can never touch
+    /// another's asset.
     pub async fn import_succeeded(
+        &self,
+        ctx: &CommandContext,
+        uuid: Uuid,
+        attempt: u32,
+        imported: AssetImported,
+        bytes: SealedBlob,
+    ) -> Result<(), AppError> {
+        let recorded = self.record_import(ctx, uuid, attempt, imported, bytes).await;
+        if recorded.is_err() {
+            // Also when the commit's outcome is unknown: the bytes stay if the asset
+            // turns out to be recorded.
+            self.discard_import_bytes(uuid).await;
+        }
+        recorded
+    }
+
+    async fn record_import(
         &self,
         ctx: &CommandContext,
         uuid: Uuid,
@@ -492,7 +525,7 @@ impl App {
             asset_sha256: imported.asset.asset_sha256.clone(),
         };
         let mut bytes = Some(bytes);
-        let recorded = in_transaction!(self, |tx| {
+        in_transaction!(self, |tx| {
             // The session's row before the job's stream: the order `delete_session` takes
             // them in (it cancels the session's jobs), so the two cannot deadlock.
             let session = tx
@@ -513,23 +546,15 @@ impl App {
             if !same_registration {
                 return Err(AppError::Domain(DomainError::NotFound("session")));
             }
-            let (job, _) =
-                stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Succeed { attempt, result: result.clone() })
-                    .await?;
+            stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Succeed { attempt, result: result.clone() }).await?;
             eventstore::refuse_if_written_after_us(&tx, &[id_session.stream()]).await?;
-            if let Some(sealed) = bytes.take() {
-                // Replaces what a crashed attempt of this job may have left there.
-                sealed.place(asset_uuid).await?;
-            }
             let import = AssetCommand::Import(imported.clone());
             stage_unlocked::<Asset>(&tx, ctx, &super::asset_stream(asset_uuid), import).await?;
-            Ok(job)
-        });
-        if recorded.is_err() {
-            // Also when the commit's outcome is unknown: the bytes stay if the asset
-            // turns out to be recorded.
-            self.discard_import_bytes(uuid).await;
-        }
-        recorded.map(|_| ())
+            // Last: nothing that could run this body again follows. It replaces what a
+            // crashed attempt of this job may have left there.
+            let sealed = bytes.take().ok_or(AppError::Unavailable("the import's bytes were already placed".into()))?;
+            sealed.place(asset_uuid).await?;
+            Ok(())
+        })
     }
 }

@@ -99,9 +99,17 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return is_public_v4(v4);
     }
-    // IPv4-compatible (::a.b.c.d, deprecated) and NAT64 (64:ff9b::/96) carry a v4 address.
-    if segments[..6] == [0; 6] || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    // IPv4-compatible (::a.b.c.d, deprecated), NAT64 (64:ff9b::/96) and SIIT's
+    // IPv4-translated (::ffff:0:a.b.c.d) carry a v4 address.
+    if segments[..6] == [0; 6]
+        || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+        || segments[..6] == [0, 0, 0, 0, 0xffff, 0]
+    {
         return !ip.is_unspecified() && !ip.is_loopback() && is_public_v4(embedded_v4(ip));
+    }
+    // Local-use NAT64 (64:ff9b:1::/48, RFC 8215) leads to a network of the operator's.
+    if segments[..3] == [0x64, 0xff9b, 1] {
+        return false;
     }
     // 6to4 (2002::/16) embeds one in its second and third segments.
     if segments[0] == 0x2002 {
@@ -277,7 +285,9 @@ impl Fetcher {
             let status = exchange.response.status();
             let location = exchange.response.headers().get(hyper1::header::LOCATION);
             if matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) && location.is_some() {
-                let location = location.and_then(|value| value.to_str().ok()).unwrap_or_default();
+                let location = location
+                    .and_then(|value| value.to_str().ok())
+                    .ok_or_else(|| FetchError::permanent("refused: a redirect whose Location is not visible ASCII"))?;
                 let next = url.join(location).map_err(|error| {
                     FetchError::permanent(format!("refused: a redirect to {location:?}, which is not a URL: {error}"))
                 })?;
@@ -488,10 +498,26 @@ async fn excess_after_body(mut connection: Connection) -> Option<String> {
                 _ => None,
             }
         }
-        // hyper read bytes after the response it was not waiting for.
-        Ok(Ok(Err(error))) if !error.is_closed() && !error.is_canceled() => Some(chain(&error)),
+        // hyper read bytes after the response it was not waiting for (an unexpected
+        // message). An I/O error (a reset, TLS ended without close_notify) is the
+        // connection closing, not more bytes.
+        Ok(Ok(Err(error))) if !caused_by_io(&error) && !error.is_closed() && !error.is_canceled() => {
+            Some(chain(&error))
+        }
         _ => None,
     }
+}
+
+/// Whether an I/O error is among `error`'s causes.
+fn caused_by_io(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        if inner.is::<std::io::Error>() {
+            return true;
+        }
+        cause = inner.source();
+    }
+    false
 }
 
 /// An error and its causes, as one line.
@@ -554,6 +580,9 @@ mod tests {
             "::ffff:10.0.0.1",
             "::127.0.0.1",
             "64:ff9b::a00:1",
+            "64:ff9b:1::808:808",
+            "::ffff:0:a00:1",
+            "::ffff:0:7f00:1",
             "2002:7f00:1::",
         ] {
             assert!(!is_public(refused.parse().unwrap()), "{refused} must be refused");

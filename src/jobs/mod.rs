@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::app::jobs::{JobPolicy, LoadedJob};
+use crate::app::jobs::{AttemptState, JobPolicy, LoadedJob};
 use crate::app::{App, AppError, CommandContext, ComponentState};
 use crate::blobs::SealedBlob;
 use crate::broker::{Broker, BrokerChannel, BrokerError};
@@ -283,55 +283,27 @@ impl Worker {
         loaded: &LoadedJob,
     ) -> Result<&'static str, AppError> {
         let cancel = CancellationToken::new();
-        let (progress, mut reported) = tokio::sync::watch::channel((0u64, None::<u64>));
+        let (progress, reported) = tokio::sync::watch::channel((0u64, None::<u64>));
         let work = self.import(loaded, &progress, &cancel);
         tokio::pin!(work);
-        // The first look is a second in: an `interval`'s first tick is immediate, which
-        // cost every attempt a query at its start (and, once its progress had moved, a
-        // `JobProgressed` transaction), however short the attempt.
-        let second = Duration::from_secs(1);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_beat = std::time::Instant::now();
-        // Why the work was stopped, if it was.
-        let mut stopped: Option<Stopped> = None;
-        let outcome = loop {
+        let ended = {
+            // The heartbeat runs beside the work (a slow database never holds the fetch
+            // up) and ends only when the attempt is no longer the job's. It is dropped
+            // at the end of this block, before anything is recorded: left unpolled in
+            // the middle of a renewal, it would hold the job's lock.
+            let heartbeat = self.heartbeat(ctx, job_uuid, attempt, reported);
+            tokio::pin!(heartbeat);
             tokio::select! {
-                outcome = &mut work => break outcome,
-                _ = tick.tick() => {
-                    if stopped.is_some() {
-                        continue;
-                    }
-                    // Renew the lease with the progress when it moved (at most once a
-                    // second), or every third of the lease anyway; else just look whether
-                    // the attempt is still the job's (cancelled, or run again elsewhere
-                    // after this worker lost its lease).
-                    let moved = reported.has_changed().unwrap_or(false);
-                    let due = last_beat.elapsed() >= self.config.lease / 3;
-                    let still_current = if moved || due {
-                        let now_progress = *reported.borrow_and_update();
-                        last_beat = std::time::Instant::now();
-                        let lease_until = later(Utc::now(), self.config.lease);
-                        match self.app.job_progress(ctx, job_uuid, attempt, now_progress, lease_until).await {
-                            Ok(_) => true,
-                            Err(AppError::Domain(DomainError::Conflict(_))) => false,
-                            Err(error) => {
-                                tracing::warn!(%job_uuid, %error, "could not renew a job's lease");
-                                true
-                            }
-                        }
-                    } else {
-                        self.app.attempt_is_current(job_uuid, attempt).await.unwrap_or(true)
-                    };
-                    if !still_current {
-                        stopped = Some(Stopped::NoLongerCurrent);
-                        cancel.cancel();
-                    }
-                }
-                _ = self.stop.cancelled(), if stopped.is_none() => {
-                    stopped = Some(Stopped::Shutdown);
-                    cancel.cancel();
-                }
+                outcome = &mut work => Ok(outcome),
+                why = &mut heartbeat => Err(why),
+                _ = self.stop.cancelled() => Err(Stopped::Shutdown),
+            }
+        };
+        let (outcome, stopped) = match ended {
+            Ok(outcome) => (outcome, None),
+            Err(why) => {
+                cancel.cancel();
+                (work.await, Some(why))
             }
         };
         match (outcome, stopped) {
@@ -353,8 +325,70 @@ impl Worker {
             }
             // What it fetched (a sealed temporary file) goes with it.
             (_, Some(Stopped::Shutdown)) => self.release(ctx, job_uuid, attempt).await,
-            (_, Some(Stopped::NoLongerCurrent)) => Ok("superseded"),
+            (_, Some(Stopped::Cancelled)) => Ok("cancelled"),
+            (_, Some(Stopped::Superseded)) => Ok("superseded"),
             (Err(error), None) => self.record_failure(ctx, job_uuid, attempt, &error).await,
+        }
+    }
+
+    /// Every second: renews the lease with the progress when it moved (at most once a
+    /// second), or every third of the lease anyway; else looks whether the attempt is
+    /// still the job's. Returns once it is not (cancelled, or run again elsewhere after
+    /// this worker lost its lease). A database that does not answer in time (a third
+    /// of the lease for a renewal, a second for a look) counts as no news: the work
+    /// goes on, and the lease decides.
+    async fn heartbeat(
+        &self,
+        ctx: &CommandContext,
+        job_uuid: Uuid,
+        attempt: u32,
+        mut reported: tokio::sync::watch::Receiver<(u64, Option<u64>)>,
+    ) -> Stopped {
+        // The first look is a second in: an `interval`'s first tick is immediate, which
+        // cost every attempt a query at its start (and, once its progress had moved, a
+        // `JobProgressed` transaction), however short the attempt.
+        let second = Duration::from_secs(1);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + second, second);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_beat = std::time::Instant::now();
+        loop {
+            tick.tick().await;
+            let moved = reported.has_changed().unwrap_or(false);
+            let due = last_beat.elapsed() >= self.config.lease / 3;
+            let state = if moved || due {
+                let now_progress = *reported.borrow_and_update();
+                last_beat = std::time::Instant::now();
+                let lease_until = later(Utc::now(), self.config.lease);
+                let renewal = self.app.job_progress(ctx, job_uuid, attempt, now_progress, lease_until);
+                match tokio::time::timeout((self.config.lease / 3).max(second), renewal).await {
+                    Ok(Ok(_)) => AttemptState::Current,
+                    Ok(Err(AppError::Domain(DomainError::Conflict(_)))) => {
+                        let state = tokio::time::timeout(second, self.app.attempt_state(job_uuid, attempt)).await;
+                        match state {
+                            Ok(Ok(AttemptState::Cancelled)) => AttemptState::Cancelled,
+                            _ => AttemptState::Superseded,
+                        }
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(%job_uuid, %error, "could not renew a job's lease");
+                        AttemptState::Current
+                    }
+                    Err(_) => {
+                        tracing::warn!(%job_uuid, "could not renew a job's lease: the database did not answer in time");
+                        AttemptState::Current
+                    }
+                }
+            } else {
+                match tokio::time::timeout(second, self.app.attempt_state(job_uuid, attempt)).await {
+                    Ok(Ok(state)) => state,
+                    _ => AttemptState::Current,
+                }
+            };
+            match state {
+                AttemptState::Current => {}
+                AttemptState::Cancelled => return Stopped::Cancelled,
+                AttemptState::Superseded => return Stopped::Superseded,
+            }
         }
     }
 
@@ -420,8 +454,10 @@ impl Worker {
 enum Stopped {
     /// The worker is stopping: the attempt is handed back.
     Shutdown,
-    /// Cancelled, or run again elsewhere after this worker lost its lease: it leaves.
-    NoLongerCurrent,
+    /// The job was cancelled: the attempt leaves.
+    Cancelled,
+    /// Run again elsewhere after this worker lost its lease: the attempt leaves.
+    Superseded,
 }
 
 /// Sends a job's message (as received) to wait `delay` in the retry queues: the

@@ -137,7 +137,8 @@ impl Source {
 /// will not send more than the length it announced). Paths: `/long/<len>` announces
 /// `len` bytes and sends twice as many at once; `/late/<len>` sends `len`, then 50 ms
 /// later the rest; `/exact/<len>` sends `len` and keeps the connection open a second;
-/// `/stall/<len>` sends half and then nothing for a minute.
+/// `/stall/<len>` sends half and then nothing for a minute; `/reset/<len>` sends `len`,
+/// then resets the connection.
 struct RawSource {
     addr: SocketAddr,
 }
@@ -174,6 +175,14 @@ impl RawSource {
                         "stall" => {
                             let _ = stream.write_all(&bytes[..len as usize / 2]).await;
                             tokio::time::sleep(Duration::from_secs(60)).await;
+                        }
+                        "reset" => {
+                            // All of it, then a reset rather than a clean close.
+                            let _ = stream.write_all(&bytes[..len as usize]).await;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            let _ = stream.set_zero_linger();
+                            drop(stream);
+                            return;
                         }
                         "late" => {
                             let _ = stream.write_all(&bytes[..len as usize]).await;
@@ -485,13 +494,15 @@ async fn a_source_longer_than_it_announced_or_stalling_fails_and_leaves_nothing_
     let job = jobs.until(&uuid, "failed", 30).await;
     assert!(job["error"].as_str().unwrap().contains("sent nothing for 1 s"), "{job}");
     jobs.nothing_left().await;
-    // A source that sends exactly what it announced and then keeps its connection open
-    // is not taken for a liar, nor waited for.
-    let uuid = jobs.import(jobs.body(&source.url("/exact/4000"))).await["job_uuid"].as_str().unwrap().to_owned();
-    let job = jobs.until(&uuid, "succeeded", 30).await;
-    let asset = job["result"]["asset_uuid"].as_str().unwrap();
-    let bytes = jobs.app.get(&jobs.service, &format!("/api/assets?asset_uuid={asset}")).await.bytes().await.unwrap();
-    assert_eq!(bytes.to_vec(), (0..4000).map(byte_at).collect::<Vec<u8>>());
+    // A source that sends exactly what it announced and then keeps its connection open,
+    // or resets it, is not taken for a liar, nor waited for.
+    for path in ["/exact/4000", "/reset/4000"] {
+        let uuid = jobs.import(jobs.body(&source.url(path))).await["job_uuid"].as_str().unwrap().to_owned();
+        let job = jobs.until(&uuid, "succeeded", 30).await;
+        let asset = job["result"]["asset_uuid"].as_str().unwrap();
+        let download = jobs.app.get(&jobs.service, &format!("/api/assets?asset_uuid={asset}")).await;
+        assert_eq!(download.bytes().await.unwrap().to_vec(), (0..4000).map(byte_at).collect::<Vec<u8>>(), "{path}");
+    }
     jobs.stop().await;
 }
 

@@ -28,8 +28,10 @@ pub fn job_stream(uuid: Uuid) -> String {
     <Job as crate::domain::Aggregate>::stream(uuid)
 }
 
-/// The body of `POST /imports` and of the AMQP command `import.request`.
+/// The body of `POST /imports` and of the AMQP command `import.request`. Fields it
+/// does not know are refused (a misspelt `sha256` must not silently go unchecked).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ImportBody {
     #[schema(value_type = crate::http::fields::SessionId)]
     #[serde(deserialize_with = "integral")]
@@ -112,6 +114,9 @@ impl ImportBody {
             self.url.trim().parse().map_err(|error| InvalidValue::new("url", format!("not a URL: {error}")))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
             return Err(InvalidValue::new("url", "must be an http or https URL with a host"));
+        }
+        if url.port() == Some(0) {
+            return Err(InvalidValue::new("url", "port 0 cannot be connected to"));
         }
         let asset_name = AssetName::parse(&self.asset_name)?;
         let asset_type = self

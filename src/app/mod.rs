@@ -21,6 +21,9 @@ use crate::eventstore::{self, EventStoreError, ExpectedVersion, NewEvent, Record
 use crate::projections::read::{self, AssetInfo, ListingCursor, SessionInfo};
 use crate::projections::{self, ProjectionError};
 
+/// The largest command body taken, over HTTP (JSON bodies) and AMQP alike.
+pub const MAX_COMMAND_BODY: usize = 1 << 20;
+
 /// How often a command is retried when another writer got to its stream first.
 pub(crate) const MAX_ATTEMPTS: u32 = 8;
 

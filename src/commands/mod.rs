@@ -600,6 +600,13 @@ async fn run_command(app: &App, config: &CommandsConfig, delivery: &Delivery) ->
     if let Some(refusal) = unclear_command(delivery) {
         return Err(refusal);
     }
+    if delivery.data.len() > crate::app::MAX_COMMAND_BODY {
+        return Err(Refusal::Invalid(format!(
+            "the body has {} bytes; commands are limited to {} (as JSON bodies over HTTP)",
+            delivery.data.len(),
+            crate::app::MAX_COMMAND_BODY
+        )));
+    }
     let name = command_name(delivery);
     let spec = COMMANDS
         .iter()

@@ -248,7 +248,7 @@ pub const CURSOR_PATTERN: &str = "^(?:-?[0-9]{1,18}_[0-9A-Fa-f]{32})?$";
 pub const JOB_CURSOR_PATTERN: &str = "^(?:[1-9][0-9]{0,17})?$";
 
 /// An import's URL as the OpenAPI document promises it is accepted: http or https, a
-/// host name (its last label starting with a letter) or an IPv4 address, a port, then
+/// host name (its last label starting with a letter) or an IPv4 address, a port (not 0), then
 /// visible ASCII. A label has no `--` in its third and fourth places: `xn--` starts
 /// an internationalised (punycode) label, which must decode, and the pattern cannot
 /// promise that. (The server reads more, e.g. IPv6 literals, user info and valid
@@ -258,7 +258,7 @@ pub const IMPORT_URL_PATTERN: &str = concat!(
     r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}",
     r"|(?:(?:[A-Za-z0-9-]{1,3}|[A-Za-z0-9-]{2}(?:[A-Za-z0-9][A-Za-z0-9-]|-[A-Za-z0-9])[A-Za-z0-9-]{0,59})\.)*",
     r"(?:[A-Za-z][A-Za-z0-9-]{0,2}|[A-Za-z][A-Za-z0-9-](?:[A-Za-z0-9][A-Za-z0-9-]|-[A-Za-z0-9])[A-Za-z0-9-]{0,59}))",
-    r"(?::[0-9]{1,4})?(?:[/?#][!-~]*)?$"
+    r"(?::[1-9][0-9]{0,3})?(?:[/?#][!-~]*)?$"
 );
 
 /// No NUL anywhere: PostgreSQL's `jsonb` cannot hold it.

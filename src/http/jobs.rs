@@ -113,6 +113,9 @@ async fn request_import(
     headers: HeaderMap,
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
+    if headers.get_all("idempotency-key").iter().count() > 1 {
+        return Err(ApiError::bad_request("invalid_header", "one Idempotency-Key header at most"));
+    }
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => {

@@ -228,7 +228,7 @@ pub(crate) fn respond<T: Reply>(result: Result<T, error::ApiError>) -> warp::rep
 }
 
 /// Largest JSON request body accepted.
-const MAX_JSON_BODY: usize = 1 << 20;
+const MAX_JSON_BODY: usize = crate::app::MAX_COMMAND_BODY;
 
 /// A JSON request body, taken but not yet read. Routes take it before authenticating,
 /// so a refused request's body is drained rather than reset under the client (see

@@ -289,16 +289,22 @@ impl Fetcher {
                     .and_then(|value| value.to_str().ok())
                     .ok_or_else(|| FetchError::permanent("refused: a redirect whose Location is not visible ASCII"))?;
                 let next = url.join(location).map_err(|error| {
-                    FetchError::permanent(format!("refused: a redirect to {location:?}, which is not a URL: {error}"))
+                    FetchError::permanent(format!("refused: a redirect to something that is not a URL ({error})"))
                 })?;
                 if redirects == MAX_REDIRECTS {
                     return Err(FetchError::permanent(format!("refused: more than {MAX_REDIRECTS} redirects")));
                 }
-                check_url(&next, &self.settings.allow)
-                    .map_err(|reason| FetchError::permanent(format!("refused: redirected to {next}: {reason}")))?;
+                check_url(&next, &self.settings.allow).map_err(|reason| {
+                    FetchError::permanent(format!("refused: redirected to {}: {reason}", redacted(&next)))
+                })?;
                 redirects += 1;
                 url = next;
                 continue;
+            }
+            // Only a whole file: not a part of one (206, never asked for), nor no
+            // content at all (204).
+            if status.is_success() && !matches!(status.as_u16(), 200 | 203) {
+                return Err(FetchError::permanent(format!("the source answered {status}, not the whole file (200)")));
             }
             if !status.is_success() {
                 let message = format!("the source answered {status}");
@@ -432,7 +438,16 @@ impl Fetcher {
             .map_err(|_| {
                 FetchError::passing(format!("{host} did not answer within {} s", self.settings.read_timeout.as_secs()))
             })?
-            .map_err(|error| FetchError::passing(format!("requesting from {host}: {}", chain(&error))))?;
+            .map_err(|error| {
+                // An answer hyper cannot read as HTTP (a bad or doubled Content-Length,
+                // a head too large, not HTTP at all) will not read better next time.
+                let message = format!("requesting from {host}: {}", chain(&error));
+                if error.is_parse() {
+                    FetchError::permanent(message)
+                } else {
+                    FetchError::passing(message)
+                }
+            })?;
         Ok(Exchange { response, sender, connection })
     }
 
@@ -544,9 +559,24 @@ pub fn redacted(url: &Url) -> String {
             .query_pairs()
             .map(|(name, value)| {
                 let lower = name.to_ascii_lowercase();
-                let secret = ["sig", "token", "key", "secret", "password", "passwd", "auth", "credential", "x-amz-"]
-                    .iter()
-                    .any(|word| lower.contains(word));
+                let secret = [
+                    "sig",
+                    "token",
+                    "key",
+                    "secret",
+                    "password",
+                    "passwd",
+                    "pwd",
+                    "auth",
+                    "credential",
+                    "x-amz-",
+                    "jwt",
+                    "session",
+                    "code",
+                    "hmac",
+                ]
+                .iter()
+                .any(|word| lower.contains(word));
                 (name.into_owned(), if secret { "REDACTED".to_owned() } else { value.into_owned() })
             })
             .collect();
@@ -624,5 +654,10 @@ mod tests {
         assert!(check_url(&"https://example.org/x".parse().unwrap(), &none).is_ok());
         let url: Url = "https://user:pw@example.org/a.bin?X-Amz-Signature=abc&part=2#f".parse().unwrap();
         assert_eq!(redacted(&url), "https://example.org/a.bin?X-Amz-Signature=REDACTED&part=2");
+        let url: Url = "https://example.org/f?jwt=a&pwd=b&sessionid=c&code=d&hmac=e&name=f".parse().unwrap();
+        assert_eq!(
+            redacted(&url),
+            "https://example.org/f?jwt=REDACTED&pwd=REDACTED&sessionid=REDACTED&code=REDACTED&hmac=REDACTED&name=f"
+        );
     }
 }

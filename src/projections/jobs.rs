@@ -83,6 +83,7 @@ impl JobRow {
                     }
                     JobEvent::JobSucceeded(s) => {
                         row.status = "succeeded";
+                        row.error = None;
                         // Done is done, even when it finished before its first report.
                         row.progress_done = signed(s.result.asset_file_size);
                         row.progress_total = Some(signed(s.result.asset_file_size));

@@ -138,7 +138,8 @@ impl Source {
 /// `len` bytes and sends twice as many at once; `/late/<len>` sends `len`, then 50 ms
 /// later the rest; `/exact/<len>` sends `len` and keeps the connection open a second;
 /// `/stall/<len>` sends half and then nothing for a minute; `/reset/<len>` sends `len`,
-/// then resets the connection.
+/// then resets the connection; `/partial` answers 206, `/doubled` two Content-Lengths,
+/// `/leak` a redirect to a private address with credentials and a token in it.
 struct RawSource {
     addr: SocketAddr,
 }
@@ -167,6 +168,18 @@ impl RawSource {
                     let announced =
                         format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/x-test\r\n\r\n");
                     let bytes: Vec<u8> = (0..2 * len).map(byte_at).collect();
+                    // Answers that are wrong in their head, written whole.
+                    let whole = match kind {
+                        "partial" => Some("HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-2/100\r\nContent-Length: 3\r\n\r\nabc"),
+                        "doubled" => Some("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"),
+                        "leak" => Some("HTTP/1.1 302 Found\r\nLocation: http://u:PASSWORD@10.0.0.1/x?token=SUPERSECRET\r\nContent-Length: 0\r\n\r\n"),
+                        _ => None,
+                    };
+                    if let Some(whole) = whole {
+                        let _ = stream.write_all(whole.as_bytes()).await;
+                        let _ = stream.shutdown().await;
+                        return;
+                    }
                     let _ = stream.write_all(announced.as_bytes()).await;
                     match kind {
                         "long" => {
@@ -386,6 +399,7 @@ async fn a_source_failing_twice_succeeds_on_attempt_3_with_retries_recorded_betw
         .to_owned();
     let job = jobs.until(&uuid, "succeeded", 60).await;
     assert_eq!(job["attempts"], 3);
+    assert_eq!(job["error"], Value::Null, "a succeeded job has no error left: {job}");
     assert_eq!(job["progress"], json!({"done": 1000, "total": 1000}), "{job}");
     assert_eq!(source.requests(&key), 3);
     assert_eq!(
@@ -486,6 +500,18 @@ async fn a_source_longer_than_it_announced_or_stalling_fails_and_leaves_nothing_
         assert_eq!(job["attempts"], 1, "a lying source is not asked again: {job}");
         jobs.nothing_left().await;
     }
+    // Answers that are not the whole file, or not readable HTTP, fail at once; a
+    // refused redirect's URL is shown without its secrets.
+    for (path, reason) in [("/partial", "206"), ("/doubled", "content-length"), ("/leak", "redirected to")] {
+        let uuid = jobs.import(jobs.body(&source.url(path))).await["job_uuid"].as_str().unwrap().to_owned();
+        let job = jobs.until(&uuid, "failed", 30).await;
+        let error = job["error"].as_str().unwrap();
+        assert!(error.to_ascii_lowercase().contains(reason), "{path}: {job}");
+        assert_eq!(job["attempts"], 1, "{path}: {job}");
+        assert!(!error.contains("SUPERSECRET") && !error.contains("PASSWORD"), "{error}");
+        jobs.nothing_left().await;
+    }
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM events WHERE data::text LIKE '%SUPERSECRET%'").await, 0);
     jobs.stop().await;
     // A source that stops sending: the read timeout.
     let jobs =
@@ -595,6 +621,30 @@ async fn idempotency_keys_give_the_same_job_and_refuse_another_body() {
             .json(&body);
         async move { request.send().await.unwrap() }
     };
+    let twice = jobs
+        .app
+        .client
+        .post(jobs.app.url("/api/imports"))
+        .header("authorization", format!("Bearer {}", jobs.service))
+        .header("idempotency-key", "k-1")
+        .header("idempotency-key", "k-2")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    crate::helpers::assert_error(twice, 400, "invalid_header").await;
+    let mut misspelt = body.clone();
+    misspelt["sha265"] = json!("0".repeat(64));
+    let refused = jobs.app.post_json(&jobs.service, "/api/imports", &misspelt).await;
+    assert_eq!(refused.status(), 422, "an unknown field is refused, not ignored");
+    let port_zero = jobs.body("http://127.0.0.1:0/x");
+    crate::helpers::assert_error(
+        jobs.app.post_json(&jobs.service, "/api/imports", &port_zero).await,
+        422,
+        "invalid_field",
+    )
+    .await;
+    assert_eq!(jobs.app.scalar("SELECT count(*) FROM jobs").await, 0);
     let first: Value = send(body.clone(), "k-1").await.json().await.unwrap();
     let again = send(body.clone(), "k-1").await;
     assert_eq!(again.status(), 202);
@@ -819,6 +869,34 @@ async fn import_request_over_amqp_replies_with_the_job() {
     let refused: Value = serde_json::from_slice(&refused.data).unwrap();
     assert_eq!(refused["ok"], false, "{refused}");
     assert!(refused["error"].as_str().unwrap().contains("url"), "{refused}");
+    // Over the 1 MiB that HTTP takes, or with a field it does not know: refused too.
+    let mut huge =
+        json!({"id_session": 1, "url": "http://example.org/x", "asset_name": "x", "id_user": Uuid::new_v4()});
+    huge["metadata"] = json!({"x": "a".repeat(2 << 20)});
+    let mut unknown =
+        json!({"id_session": 1, "url": "http://example.org/x", "asset_name": "x", "id_user": Uuid::new_v4()});
+    unknown["sha265"] = json!("misspelt");
+    for (n, body) in [huge, unknown].into_iter().enumerate() {
+        let properties = BasicProperties::default()
+            .with_message_id(format!("import-{}", n + 3).as_str().into())
+            .with_reply_to(reply_queue.name().clone());
+        channel
+            .basic_publish(
+                format!("{}.commands", jobs.config.amqp_prefix).as_str().into(),
+                "import.request".into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let refused =
+            tokio::time::timeout(Duration::from_secs(10), replies.next()).await.expect("a reply").unwrap().unwrap();
+        let refused: Value = serde_json::from_slice(&refused.data).unwrap();
+        assert_eq!(refused["ok"], false, "{refused}");
+    }
     assert_eq!(jobs.app.scalar("SELECT count(*) FROM jobs").await, 1);
     let _ = connection.close(200, "done".into()).await;
     jobs.stop().await;

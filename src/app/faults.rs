@@ -4,8 +4,6 @@
 //! dead-lettered). A failure of this kind says nothing about the request: the same
 //! request may succeed once the database is back.
 
-use std::error::Error as _;
-
 use super::AppError;
 use crate::eventstore::EventStoreError;
 use crate::projections::ProjectionError;
@@ -34,12 +32,17 @@ pub fn database_unavailable(error: &tokio_postgres::Error) -> bool {
     // Not an answer from the server: an I/O error on the socket (reset, EOF in the
     // middle of a message) is the connection going away. Anything else (a value that
     // does not convert, a wrong row count) is our own fault.
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if cause.is::<std::io::Error>() {
+    caused_by_io(error)
+}
+
+/// Whether an I/O error is among `error`'s causes.
+pub fn caused_by_io(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        if inner.is::<std::io::Error>() {
             return true;
         }
-        source = cause.source();
+        cause = inner.source();
     }
     false
 }

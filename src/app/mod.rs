@@ -288,7 +288,7 @@ pub mod jobs;
 mod recorder;
 pub mod sessions;
 
-pub use faults::{database_unavailable, RETRY_AFTER_SECONDS};
+pub use faults::{caused_by_io, database_unavailable, RETRY_AFTER_SECONDS};
 
 /// The application: shared by every request handler and consumer.
 #[derive(Clone)]

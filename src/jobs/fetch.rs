@@ -516,23 +516,11 @@ async fn excess_after_body(mut connection: Connection) -> Option<String> {
         // hyper read bytes after the response it was not waiting for (an unexpected
         // message). An I/O error (a reset, TLS ended without close_notify) is the
         // connection closing, not more bytes.
-        Ok(Ok(Err(error))) if !caused_by_io(&error) && !error.is_closed() && !error.is_canceled() => {
+        Ok(Ok(Err(error))) if !crate::app::caused_by_io(&error) && !error.is_closed() && !error.is_canceled() => {
             Some(chain(&error))
         }
         _ => None,
     }
-}
-
-/// Whether an I/O error is among `error`'s causes.
-fn caused_by_io(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        if inner.is::<std::io::Error>() {
-            return true;
-        }
-        cause = inner.source();
-    }
-    false
 }
 
 /// An error and its causes, as one line.

@@ -138,8 +138,9 @@ impl Source {
 /// `len` bytes and sends twice as many at once; `/late/<len>` sends `len`, then 50 ms
 /// later the rest; `/exact/<len>` sends `len` and keeps the connection open a second;
 /// `/stall/<len>` sends half and then nothing for a minute; `/reset/<len>` sends `len`,
-/// then resets the connection; `/partial` answers 206, `/doubled` two Content-Lengths,
-/// `/leak` a redirect to a private address with credentials and a token in it.
+/// then resets the connection; `/partial` answers 206, `/nocontent` 204, `/doubled` two
+/// Content-Lengths, `/badlocation` a redirect whose Location is not ASCII, `/leak` a
+/// redirect to a private address with credentials and a token in it.
 struct RawSource {
     addr: SocketAddr,
 }
@@ -172,6 +173,8 @@ impl RawSource {
                     let whole = match kind {
                         "partial" => Some("HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-2/100\r\nContent-Length: 3\r\n\r\nabc"),
                         "doubled" => Some("HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"),
+                        "badlocation" => Some("HTTP/1.1 302 Found\r\nLocation: http://h\u{e9}.example/\r\nContent-Length: 0\r\n\r\n"),
+                        "nocontent" => Some("HTTP/1.1 204 No Content\r\n\r\n"),
                         "leak" => Some("HTTP/1.1 302 Found\r\nLocation: http://u:PASSWORD@10.0.0.1/x?token=SUPERSECRET\r\nContent-Length: 0\r\n\r\n"),
                         _ => None,
                     };
@@ -502,7 +505,14 @@ async fn a_source_longer_than_it_announced_or_stalling_fails_and_leaves_nothing_
     }
     // Answers that are not the whole file, or not readable HTTP, fail at once; a
     // refused redirect's URL is shown without its secrets.
-    for (path, reason) in [("/partial", "206"), ("/doubled", "content-length"), ("/leak", "redirected to")] {
+    let cases = [
+        ("/partial", "206"),
+        ("/nocontent", "204"),
+        ("/doubled", "content-length"),
+        ("/badlocation", "not visible ascii"),
+        ("/leak", "redirected to"),
+    ];
+    for (path, reason) in cases {
         let uuid = jobs.import(jobs.body(&source.url(path))).await["job_uuid"].as_str().unwrap().to_owned();
         let job = jobs.until(&uuid, "failed", 30).await;
         let error = job["error"].as_str().unwrap();
@@ -813,57 +823,47 @@ async fn import_request_over_amqp_replies_with_the_job() {
     let ready: Value = jobs.app.get("", "/ready").await.json().await.unwrap();
     assert_eq!(ready["checks"]["workers"], "up", "{ready}");
     let body = jobs.body(&source.url("/data/777"));
-    let send = || async {
+    // Sends `body` as `import.request` with a message id (its correlation id alike).
+    let send = |body: Value, message_id: &'static str| {
         let properties = BasicProperties::default()
-            .with_message_id("import-1".into())
-            .with_correlation_id("corr-1".into())
+            .with_message_id(message_id.into())
+            .with_correlation_id(format!("corr-{message_id}").as_str().into())
             .with_reply_to(reply_queue.name().clone());
-        channel
-            .basic_publish(
-                format!("{}.commands", jobs.config.amqp_prefix).as_str().into(),
-                "import.request".into(),
-                BasicPublishOptions::default(),
-                body.to_string().as_bytes(),
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let channel = &channel;
+        let exchange = format!("{}.commands", jobs.config.amqp_prefix);
+        async move {
+            channel
+                .basic_publish(
+                    exchange.as_str().into(),
+                    "import.request".into(),
+                    BasicPublishOptions::default(),
+                    body.to_string().as_bytes(),
+                    properties,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
     };
-    send().await;
+    send(body.clone(), "import-1").await;
     let reply = tokio::time::timeout(Duration::from_secs(10), replies.next()).await.expect("a reply").unwrap().unwrap();
-    assert_eq!(reply.properties.correlation_id().as_ref().unwrap().as_str(), "corr-1");
+    assert_eq!(reply.properties.correlation_id().as_ref().unwrap().as_str(), "corr-import-1");
     let reply: Value = serde_json::from_slice(&reply.data).unwrap();
     crate::helpers::assert_conforms("schemas/commands/import.request.reply.json", &reply);
     assert_eq!(reply["ok"], true, "{reply}");
     let uuid = reply["result"]["job_uuid"].as_str().unwrap().to_owned();
     jobs.until(&uuid, "succeeded", 30).await;
     // Sent again (the same message id): the same job, not a second import.
-    send().await;
+    send(body.clone(), "import-1").await;
     let again = tokio::time::timeout(Duration::from_secs(10), replies.next()).await.expect("a reply").unwrap().unwrap();
     let again: Value = serde_json::from_slice(&again.data).unwrap();
     assert_eq!(again["duplicate"], true);
     assert_eq!(again["result"]["job_uuid"], uuid);
     assert_eq!(jobs.app.scalar("SELECT count(*) FROM jobs").await, 1);
     // An import that cannot be asked for as sent: refused in the reply (and dead-lettered).
-    let properties = BasicProperties::default()
-        .with_message_id("import-2".into())
-        .with_correlation_id("corr-2".into())
-        .with_reply_to(reply_queue.name().clone());
     let bad = json!({"id_session": 1, "url": "ftp://example.org/x", "asset_name": "x", "id_user": Uuid::new_v4()});
-    channel
-        .basic_publish(
-            format!("{}.commands", jobs.config.amqp_prefix).as_str().into(),
-            "import.request".into(),
-            BasicPublishOptions::default(),
-            bad.to_string().as_bytes(),
-            properties,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    send(bad, "import-2").await;
     let refused =
         tokio::time::timeout(Duration::from_secs(10), replies.next()).await.expect("a reply").unwrap().unwrap();
     let refused: Value = serde_json::from_slice(&refused.data).unwrap();
@@ -876,22 +876,8 @@ async fn import_request_over_amqp_replies_with_the_job() {
     let mut unknown =
         json!({"id_session": 1, "url": "http://example.org/x", "asset_name": "x", "id_user": Uuid::new_v4()});
     unknown["sha265"] = json!("misspelt");
-    for (n, body) in [huge, unknown].into_iter().enumerate() {
-        let properties = BasicProperties::default()
-            .with_message_id(format!("import-{}", n + 3).as_str().into())
-            .with_reply_to(reply_queue.name().clone());
-        channel
-            .basic_publish(
-                format!("{}.commands", jobs.config.amqp_prefix).as_str().into(),
-                "import.request".into(),
-                BasicPublishOptions::default(),
-                body.to_string().as_bytes(),
-                properties,
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+    for (body, message_id) in [(huge, "import-3"), (unknown, "import-4")] {
+        send(body, message_id).await;
         let refused =
             tokio::time::timeout(Duration::from_secs(10), replies.next()).await.expect("a reply").unwrap().unwrap();
         let refused: Value = serde_json::from_slice(&refused.data).unwrap();

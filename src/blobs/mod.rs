@@ -460,6 +460,12 @@ impl TempBlob {
         self.buffer_limit = next_buffer_limit(self.buffer_limit, self.filling_since.elapsed());
     }
 
+    /// The temporary file's path, chosen now if it was not yet (a fresh name in `tmp/`).
+    fn temp_path_chosen(&mut self) -> PathBuf {
+        let tmp_dir = &self.tmp_dir;
+        self.temp_path.get_or_insert_with(|| tmp_dir.join(format!("{}.part", Uuid::new_v4()))).clone()
+    }
+
     /// Waits for the buffer in flight, if any, and takes back the state.
     async fn settle(&mut self) -> io::Result<()> {
         let Some(in_flight) = self.in_flight.take() else { return Ok(()) };
@@ -473,7 +479,7 @@ impl TempBlob {
     async fn hand_over_pending(&mut self) -> io::Result<()> {
         self.settle().await?;
         let buffer = std::mem::take(&mut self.pending);
-        let path = self.temp_path.get_or_insert_with(|| self.tmp_dir.join(format!("{}.part", Uuid::new_v4()))).clone();
+        let path = self.temp_path_chosen();
         let mut state = self.state.take().expect("settled");
         if state.file.is_none() {
             // Created before any write goes off on its own, so that dropping this blob
@@ -503,7 +509,8 @@ impl TempBlob {
         self.settle().await?;
         let target = self.blobs.join(BlobStore::relative_path(id));
         let mut state = self.state.take().expect("settled");
-        let temp_path = self.temp_path.take().unwrap_or_else(|| self.tmp_dir.join(format!("{}.part", Uuid::new_v4())));
+        let temp_path = self.temp_path_chosen();
+        self.temp_path = None;
         let pending = std::mem::take(&mut self.pending);
         let durable_shards = self.durable_shards.clone();
         let hasher = tokio::task::spawn_blocking(move || {
@@ -540,8 +547,7 @@ impl TempBlob {
     pub async fn seal(mut self) -> io::Result<SealedBlob> {
         self.settle().await?;
         let mut state = self.state.take().expect("settled");
-        let temp_path =
-            self.temp_path.get_or_insert_with(|| self.tmp_dir.join(format!("{}.part", Uuid::new_v4()))).clone();
+        let temp_path = self.temp_path_chosen();
         let pending = std::mem::take(&mut self.pending);
         // On failure `self` still names the file, and dropping it removes it.
         let state = tokio::task::spawn_blocking(move || {

@@ -133,6 +133,21 @@ impl Source {
     }
 }
 
+/// Reads a request's head, up to its blank line, byte by byte (the hand-written sources
+/// answer nothing else); `None` if the connection ends first.
+async fn read_request_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// A source that writes its answers by hand, as a broken or lying server would (hyper
 /// will not send more than the length it announced). Paths: `/long/<len>` announces
 /// `len` bytes and sends twice as many at once; `/late/<len>` sends `len`, then 50 ms
@@ -147,22 +162,14 @@ struct RawSource {
 
 impl RawSource {
     async fn start() -> Self {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else { return };
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let Some(head) = read_request_head(&mut stream).await else { return };
                     let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
                     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
                     let (kind, len): (&str, u64) = (parts[0], parts.get(1).and_then(|l| l.parse().ok()).unwrap_or(0));
@@ -1154,7 +1161,7 @@ struct TlsSource {
 impl TlsSource {
     async fn start(len: u64) -> Self {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -1182,13 +1189,8 @@ impl TlsSource {
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let Ok(mut stream) = acceptor.accept(tcp).await else { return };
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
+                    if read_request_head(&mut stream).await.is_none() {
+                        return;
                     }
                     let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n");
                     let _ = stream.write_all(answer.as_bytes()).await;

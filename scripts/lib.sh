@@ -268,3 +268,83 @@ stop_nginx() {
 
 # sed replacement text: escape \, & and the | delimiter.
 sed_escape() { printf '%s' "$1" | sed -e 's/[\\&|]/\\&/g'; }
+
+# on_exit COMMAND: runs COMMAND when the script exits, before the EXIT trap already set
+# (which may end in `exit "$status"`), so one trap never clobbers another. The trap runs
+# without errexit, and whatever COMMAND returns, the old trap still sees the script's $?.
+on_exit() {
+    local command=$1 current
+    current=$(trap -p EXIT) # `trap -- 'COMMANDS' EXIT`, or nothing
+    if [[ -n "$current" ]]; then
+        eval "set -- $current"
+        current=$3
+    fi
+    # shellcheck disable=SC2016 # $? and $_exit_status expand when the trap runs
+    trap -- '_exit_status=$?; set +e; '"$command"'; (exit "$_exit_status"); '"$current" EXIT
+}
+
+# --- moto: a local S3 for the tests of the S3 blob backend ----------------------------
+MOTO_REQUIREMENTS=scripts/moto-requirements.txt
+MOTO_VENV='' MOTO_PID=''
+
+# Installs moto's server from PyPI, pinned (scripts/moto-requirements.txt, the whole
+# dependency tree, installed with --no-deps so every machine runs the same server), into a
+# venv kept between runs and clones, as scripts/schemathesis does; sets MOTO_VENV.
+ensure_moto() {
+    require_packages python3 python3-venv
+    local requirements_hash
+    requirements_hash=$(sha256sum "$MOTO_REQUIREMENTS" | cut -c1-16)
+    MOTO_VENV=${ASSETD_MOTO_VENV:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/assetd/moto-$requirements_hash}
+    mkdir -p "$(dirname "$MOTO_VENV")"
+    (
+        # Two runs at once (two clones) must not build the same venv together.
+        flock 9
+        if [[ ! -f "$MOTO_VENV/.installed" ]]; then
+            say "installing moto into $MOTO_VENV"
+            rm -rf "$MOTO_VENV"
+            python3 -m venv "$MOTO_VENV"
+            "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-virtualenv -r "$MOTO_REQUIREMENTS"
+            "$MOTO_VENV/bin/pip" check >/dev/null
+            touch "$MOTO_VENV/.installed"
+        fi
+    ) 9>"$MOTO_VENV.lock"
+}
+
+# Starts moto's server (after ensure_moto) on a free loopback port for as long as the
+# script runs, and exports ASSETD_TEST_S3_ENDPOINT for the tests. It keeps every bucket in
+# its own process (objects over ~5 MiB spill to temporary files), so each run starts empty
+# and its buckets go with it. Log: $LOG_DIR/moto.log.
+start_moto() {
+    [[ -x "$MOTO_VENV/bin/moto_server" ]] || die "moto is not installed: call ensure_moto first"
+    local port log=$LOG_DIR/moto.log tries
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$LOG_DIR"
+    "$MOTO_VENV/bin/moto_server" -H 127.0.0.1 -p "$port" </dev/null >"$log" 2>&1 &
+    MOTO_PID=$!
+    on_exit stop_moto
+    # Not wait_for: a moto that exited (its port taken meanwhile) fails at once.
+    for ((tries = 60; tries > 0; tries--)); do
+        curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$port/" 2>/dev/null && break
+        if ! kill -0 "$MOTO_PID" 2>/dev/null || ((tries == 1)); then
+            tail -n 30 "$log" >&2
+            die "moto did not start on 127.0.0.1:$port (log: $log)"
+        fi
+        sleep 0.5
+    done
+    export ASSETD_TEST_S3_ENDPOINT=http://127.0.0.1:$port
+    say "moto (S3) on $ASSETD_TEST_S3_ENDPOINT (pid $MOTO_PID)"
+}
+
+stop_moto() {
+    local tries
+    [[ -n "$MOTO_PID" ]] || return 0
+    kill -TERM "$MOTO_PID" 2>/dev/null || true
+    for ((tries = 50; tries > 0; tries--)); do
+        kill -0 "$MOTO_PID" 2>/dev/null || break
+        sleep 0.2
+    done
+    kill -KILL "$MOTO_PID" 2>/dev/null || true
+    wait "$MOTO_PID" 2>/dev/null || true
+    MOTO_PID=
+    return 0
+}

@@ -143,9 +143,9 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
     let mut client = pool.get().await.context("connecting to the database")?;
     crate::migrations::run(&mut client).await.context("migrating the database")?;
     drop(client);
-    let blobs = BlobStore::open(&config.data_dir)
-        .await
-        .with_context(|| format!("opening the data dir {}", config.data_dir.display()))?;
+    let blobs = BlobStore::open_configured(&config.data_dir, &config.blobs, &config.s3).await.with_context(|| {
+        format!("opening the blob store ({}, data dir {})", config.blobs, config.data_dir.display())
+    })?;
     let auth = Authenticator::with_limits(&config.jwt_secret, config.token_limits);
     let app = App::new(pool, blobs, auth, config.asset_token_ttl);
     let settings = HttpSettings {

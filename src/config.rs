@@ -16,6 +16,31 @@ pub struct DatabaseConfig {
     pub database_pool_size: usize,
 }
 
+/// The S3 backend's tuning (see `blobs::s3`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct S3Settings {
+    /// Size of each part of a multipart upload, in bytes (5 MiB to 5 GiB); a smaller
+    /// blob goes in one PUT.
+    #[arg(long, env = "ASSETD_S3_PART_SIZE", default_value_t = 8 << 20)]
+    pub part_size: usize,
+    /// Parts of one upload sent at once.
+    #[arg(long, env = "ASSETD_S3_PARTS_IN_FLIGHT", default_value_t = 2)]
+    pub parts_in_flight: usize,
+    /// Parts held in memory at once by all uploads together (each one part size).
+    #[arg(long, env = "ASSETD_S3_PARTS_IN_MEMORY", default_value_t = 8)]
+    pub parts_in_memory: usize,
+    /// When above 0, plain whole downloads answer 302 to a presigned GET URL of the
+    /// object, valid this many seconds (the S3 counterpart of X-Accel-Redirect).
+    #[arg(long, env = "ASSETD_S3_PRESIGNED_SECONDS", default_value_t = 0)]
+    pub presigned_seconds: u64,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self { part_size: 8 << 20, parts_in_flight: 2, parts_in_memory: 8, presigned_seconds: 0 }
+    }
+}
+
 /// Everything `assetd serve` needs.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeConfig {
@@ -30,6 +55,14 @@ pub struct ServeConfig {
     /// Directory for blobs and temporary files.
     #[arg(long, env = "ASSETD_DATA_DIR", default_value = "./var/data")]
     pub data_dir: PathBuf,
+    /// Where blobs go: `local` (files under the data dir) or `s3://bucket[/prefix]` (an
+    /// S3-compatible bucket, which must exist; endpoint, region and credentials from
+    /// `AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    /// `AWS_ALLOW_HTTP`). Blobs already stored stay readable where their events say.
+    #[arg(long, env = "ASSETD_BLOBS", default_value = "local")]
+    pub blobs: String,
+    #[command(flatten)]
+    pub s3: S3Settings,
     /// Largest accepted upload, in bytes.
     #[arg(long, env = "ASSETD_MAX_UPLOAD_SIZE", default_value_t = 10 * 1024 * 1024 * 1024)]
     pub max_upload_size: u64,

@@ -10,6 +10,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "command_receipts", include_str!("migrations/0004_command_receipts.sql")),
     (5, "session_registrations", include_str!("migrations/0005_session_registrations.sql")),
     (6, "jobs", include_str!("migrations/0006_jobs.sql")),
+    (7, "blob_locations", include_str!("migrations/0007_blob_locations.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

@@ -225,6 +225,7 @@ impl LoadedJob {
                 metadata: spec.metadata.clone(),
                 asset_creator: spec.asset_creator,
                 asset_source: AssetSource::Import,
+                blob: Some(bytes.location.clone()),
             },
             job_uuid: queued.job_uuid,
             source_url: spec.source_url.clone(),
@@ -433,7 +434,7 @@ impl App {
             eventstore::lock_stream(&tx, &job_stream(job_uuid)).await?;
             let asset = super::asset_stream(asset_uuid);
             if tx.query_opt("SELECT 1 FROM events WHERE stream = $1 LIMIT 1", &[&asset]).await?.is_none() {
-                self.blobs.remove(asset_uuid).await?;
+                self.blobs.remove(&self.blobs.location_for(asset_uuid)).await?;
             }
             Ok(())
         })
@@ -558,7 +559,7 @@ impl App {
             // Last: nothing that could run this body again follows. It replaces what a
             // crashed attempt of this job may have left there.
             let sealed = bytes.take().ok_or(AppError::Unavailable("the import's bytes were already placed".into()))?;
-            sealed.place(asset_uuid).await?;
+            sealed.place().await?;
             Ok(())
         })
     }

@@ -11,7 +11,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, TokenError};
-use crate::blobs::{BlobStore, StoredBlob, TempBlob};
+use crate::blobs::{BlobLocation, BlobStore, StoredBlob, TempBlob};
 use crate::domain::asset::{Asset, AssetCommand, AssetUploaded, DeletionReason};
 use crate::domain::names::{FileName, SessionId};
 use crate::domain::principal::{Actor, Principal};
@@ -456,8 +456,8 @@ impl App {
         let (deleted, cancelled_jobs) = in_transaction!(self, |tx| {
             receive_once(&tx, ctx, &id.stream()).await?;
             stage::<Session>(&tx, ctx, &id.stream(), SessionCommand::Delete).await?;
-            let uuids = read::live_asset_uuids(&tx, id).await?;
-            for uuid in &uuids {
+            let assets = read::live_asset_uuids(&tx, id).await?;
+            for (uuid, _) in &assets {
                 let delete = AssetCommand::Delete(DeletionReason::SessionDeleted);
                 stage_unlocked::<Asset>(&tx, ctx, &asset_stream(*uuid), delete).await?;
             }
@@ -467,16 +467,16 @@ impl App {
                 let cancel = crate::domain::job::JobCommand::Cancel(principal.actor());
                 stage_unlocked::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(*job), cancel).await?;
             }
-            Ok((uuids, jobs))
+            Ok((assets, jobs))
         })?;
         self.upload_sessions.invalidate(&id.get());
-        for uuid in &deleted {
-            self.remove_blob(*uuid).await;
+        for (_, location) in &deleted {
+            self.remove_blob(location).await;
         }
         for job in cancelled_jobs {
             self.discard_import_bytes(job).await;
         }
-        Ok(deleted)
+        Ok(deleted.into_iter().map(|(uuid, _)| uuid).collect())
     }
 
     /// The early check of an upload, before its bytes are received: is the session there
@@ -521,7 +521,7 @@ impl App {
 
     // ----- assets -----
 
-    /// Makes an uploaded file durable under `asset_uuid` and records the asset that
+    /// Makes an uploaded file durable under its key and records the asset that
     /// `describe` makes of it (see [`recorder`]). The session must still exist and still
     /// admit `principal`: both are checked again, under a lock on the session row,
     /// because either may have changed while the bytes were streaming. If the asset is not recorded, its bytes
@@ -531,15 +531,16 @@ impl App {
         principal: &Principal,
         ctx: &CommandContext,
         blob: TempBlob,
-        asset_uuid: Uuid,
         describe: impl FnOnce(StoredBlob) -> AssetUploaded,
     ) -> Result<AssetInfo, AppError> {
-        let uploaded = describe(blob.persist(asset_uuid).await?);
+        let stored = blob.persist().await?;
+        let location = stored.location.clone();
+        let uploaded = describe(stored);
         // Recorded together with whichever other uploads are waiting (group commit).
         let recorded = self.uploads.record(principal.clone(), ctx.clone(), uploaded).await;
         if let Err(error) = &recorded {
             if !matches!(error, AppError::CommitOutcomeUnknown(_)) {
-                self.remove_blob(asset_uuid).await;
+                self.remove_blob(&location).await;
             }
         }
         recorded
@@ -660,12 +661,12 @@ impl App {
         uuid: Uuid,
         access_token: Option<&str>,
     ) -> Result<(), AppError> {
-        self.asset_for(principal, uuid, access_token).await?;
+        let asset = self.asset_for(principal, uuid, access_token).await?;
         in_transaction!(self, |tx| {
             stage::<Asset>(&tx, ctx, &asset_stream(uuid), AssetCommand::Delete(DeletionReason::Requested)).await?;
             Ok(())
         })?;
-        self.remove_blob(uuid).await;
+        self.remove_blob(&asset.blob_location()).await;
         Ok(())
     }
 
@@ -687,9 +688,10 @@ impl App {
         self.auth.mint_asset_token(&[uuid], requester, self.asset_token_ttl)
     }
 
-    async fn remove_blob(&self, uuid: Uuid) {
-        if let Err(error) = self.blobs.remove(uuid).await {
-            tracing::warn!(%uuid, %error, "could not remove a deleted asset's bytes; the cleanup job will retry");
+    async fn remove_blob(&self, location: &BlobLocation) {
+        if let Err(error) = self.blobs.remove(location).await {
+            let key = &location.key;
+            tracing::warn!(key, %error, "could not remove a deleted asset's bytes; the cleanup job will retry");
         }
     }
 

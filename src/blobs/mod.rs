@@ -1,164 +1,37 @@
-//! The blob store: an asset's bytes on the local file system, addressed by uuid.
+//! Byte storage behind one trait, [`BlobBackend`]: the local file system ([`local`]) or
+//! an S3-compatible bucket ([`s3`]). Everything else (HTTP handlers, the recorder, jobs)
+//! goes through [`BlobStore`], which writes to the configured backend and reads each
+//! blob from the backend its event names ([`BlobLocation`]).
 //!
-//! Layout `<data_dir>/blobs/<2 hex>/<2 hex>/<uuid>`. A write goes to `<data_dir>/tmp/`,
-//! is hashed while it streams, fsynced, renamed into place and its directory fsynced,
-//! so a blob that exists is complete and durable. A [`TempBlob`] that is dropped before
-//! [`TempBlob::persist`] (error, client gone, task cancelled) removes its file.
-//!
-//! Memory: an upload keeps the chunks it received (no copy) until they are hashed and
-//! written, at most one buffer gathering and one being written. A buffer starts small
-//! and grows only while bytes arrive fast, and all uploads together hold at most a
-//! [`BufferBudget`]: past it, an upload writes what it holds and waits, which stops it
-//! reading its body (TCP then slows the client down).
+//! Every backend gives the same guarantees: a writer hashes (SHA-256) as the bytes
+//! stream, memory stays bounded whatever the size, and a blob becomes visible under its
+//! key only once complete and durable ([`BlobWrite::persist`], which never replaces a
+//! blob, or [`SealedBlob::place`], which may). A writer dropped before that leaves
+//! nothing visible and cleans up after itself (temporary file removed, multipart upload
+//! aborted).
 
-use std::collections::HashSet;
-use std::io::{self, IoSlice, Write};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+pub mod local;
+pub mod s3;
 
+use std::fmt;
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
-use tokio::fs;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use futures::stream::BoxStream;
 use uuid::Uuid;
 
+pub use crate::domain::blob::{is_valid_key, key_for, BackendKind, BlobLocation};
 use crate::domain::names::Sha256Hex;
+pub use local::{BufferBudget, LocalBackend, UPLOAD_BUFFER_BUDGET};
+pub use s3::{S3Backend, S3Settings};
 
-/// Received bytes that all uploads of a store may hold in memory at once, waiting to be
-/// hashed and written (see [`BufferBudget`]).
-pub const UPLOAD_BUFFER_BUDGET: usize = 32 << 20;
-/// The size a buffer starts at, and never goes below: what a slow client's upload holds.
-const MIN_WRITE_BUFFER: usize = 64 << 10;
-/// The largest buffer: large writes keep the blocking-pool hops rare on fast uploads.
-const MAX_WRITE_BUFFER: usize = 1 << 20;
-/// A buffer that fills faster than this doubles for the next one (up to the largest)...
-const FAST_FILL: Duration = Duration::from_millis(100);
-/// ...and one that takes longer than this halves (down to the smallest): a buffer holds
-/// about a tenth of a second to a second of what arrives.
-const SLOW_FILL: Duration = Duration::from_secs(1);
-/// Most chunks gathered in one buffer: a client sending tiny chunks costs a bounded list
-/// (and one `writev` takes them all).
-const MAX_CHUNKS: usize = 256;
-
-#[derive(Clone, Debug)]
-pub struct BlobStore {
-    blobs: PathBuf,
-    tmp: PathBuf,
-    durable_shards: DurableShards,
-    budget: BufferBudget,
-}
-
-/// Memory for received bytes not yet written, shared by every upload of a store, in
-/// bytes. An upload takes its share per chunk received and gives it back once the
-/// chunk is written (or dropped).
-///
-/// No upload can wait for memory while holding some that waits on it: one that finds
-/// the budget spent first hands what it gathered to the blocking pool, whose writes
-/// finish on their own and give their share back. What is still held is then held by
-/// uploads that are receiving (bounded in time by the body's idle timeout) or writing.
-#[derive(Clone, Debug)]
-pub struct BufferBudget {
-    bytes: Arc<Semaphore>,
-    total: usize,
-}
-
-impl BufferBudget {
-    pub fn new(total: usize) -> Self {
-        let total = total.clamp(1, u32::MAX as usize);
-        Self { bytes: Arc::new(Semaphore::new(total)), total }
-    }
-
-    /// Bytes not taken by any upload.
-    pub fn available(&self) -> usize {
-        self.bytes.available_permits()
-    }
-
-    pub fn total(&self) -> usize {
-        self.total
-    }
-
-    /// A chunk larger than the whole budget takes all of it.
-    fn share(&self, len: usize) -> u32 {
-        len.min(self.total) as u32
-    }
-
-    fn try_take(&self, len: usize) -> Option<OwnedSemaphorePermit> {
-        self.bytes.clone().try_acquire_many_owned(self.share(len)).ok()
-    }
-
-    async fn take(&self, len: usize) -> OwnedSemaphorePermit {
-        self.bytes.clone().acquire_many_owned(self.share(len)).await.expect("the budget's semaphore is never closed")
-    }
-}
-
-/// Shard directories (`ab/cd`) this process has made sure exist durably: created, and
-/// their parents fsynced. Checked per process rather than by "did I create it", because
-/// another upload (or process) may have created it a moment ago and not fsynced yet.
-#[derive(Clone, Debug, Default)]
-struct DurableShards(Arc<Mutex<HashSet<PathBuf>>>);
-
-impl DurableShards {
-    /// Blocking: called from the blocking pool. The outer directories exist already
-    /// (see [`BlobStore::open`]): a new shard costs one mkdir and one directory fsync.
-    fn ensure(&self, shard: &Path) -> io::Result<()> {
-        if self.0.lock().expect("not poisoned").contains(shard) {
-            return Ok(());
-        }
-        std::fs::create_dir_all(shard)?;
-        sync_dir(shard.parent().expect("a shard is inside an outer directory"))?;
-        self.0.lock().expect("not poisoned").insert(shard.to_owned());
-        Ok(())
-    }
-}
-
-/// Temporary files older than this are left over from a crash and are removed at start,
-/// even where the file system cannot say whether a writer still holds them.
-const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
-/// A temporary file no process holds and untouched for this long is an orphan (its
-/// writer was killed): its writer locks it the moment it creates it, so this only has
-/// to cover that moment.
-const ORPHAN_TEMP_AGE: Duration = Duration::from_secs(2);
-
-/// Creates a temporary file and takes an exclusive `flock` on it, held for as long as
-/// the file is open: a sweep can then tell a live writer's file (locked) from one
-/// whose writer died (the kernel drops the lock with the process).
-fn create_temp_file(path: &Path) -> io::Result<std::fs::File> {
-    let file = std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on a descriptor we own. A file system without flock
-        // leaves the file unlocked; the sweep then goes by age alone.
-        unsafe {
-            libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB);
-        }
-    }
-    Ok(file)
-}
-
-/// Whether the temporary file at `path` is an orphan: older than [`ORPHAN_TEMP_AGE`]
-/// and locked by no one, or older than [`STALE_TEMP_AGE`] where locks do not work.
-fn is_orphan_temp(path: &Path) -> bool {
-    let Ok(age) = std::fs::metadata(path).and_then(|m| m.modified()).map(|m| m.elapsed().unwrap_or_default()) else {
-        return false;
-    };
-    if age > STALE_TEMP_AGE {
-        return true;
-    }
-    if age < ORPHAN_TEMP_AGE {
-        return false;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let Ok(file) = std::fs::File::open(path) else { return false };
-        // SAFETY: a plain syscall on a descriptor we own; closing it releases the lock.
-        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        locked == 0
-    }
-    #[cfg(not(target_os = "linux"))]
-    false
+fn invalid_key(key: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("{key:?} is not a blob key"))
 }
 
 /// What a completed write produced.
@@ -166,742 +39,217 @@ fn is_orphan_temp(path: &Path) -> bool {
 pub struct StoredBlob {
     pub size: u64,
     pub sha256: Sha256Hex,
+    pub location: BlobLocation,
 }
 
-impl BlobStore {
-    /// Opens (creating if needed) the store under `data_dir`, with uploads sharing
-    /// [`UPLOAD_BUFFER_BUDGET`] bytes of memory.
-    pub async fn open(data_dir: &Path) -> io::Result<Self> {
-        Self::open_with_budget(data_dir, BufferBudget::new(UPLOAD_BUFFER_BUDGET)).await
-    }
-
-    /// Opens the store with uploads sharing `budget`.
-    pub async fn open_with_budget(data_dir: &Path, budget: BufferBudget) -> io::Result<Self> {
-        let store = Self {
-            blobs: data_dir.join("blobs"),
-            tmp: data_dir.join("tmp"),
-            durable_shards: DurableShards::default(),
-            budget,
-        };
-        fs::create_dir_all(&store.blobs).await?;
-        fs::create_dir_all(&store.tmp).await?;
-        // The 256 outer shard directories, made once and durably, so that an upload never
-        // has to create (and fsync) two levels.
-        let blobs = store.blobs.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut created = false;
-            for outer in 0..=255u8 {
-                let dir = blobs.join(format!("{outer:02x}"));
-                if !dir.is_dir() {
-                    std::fs::create_dir_all(&dir)?;
-                    created = true;
-                }
-            }
-            if created {
-                sync_dir(&blobs)?;
-            }
-            Ok::<_, io::Error>(())
-        })
-        .await
-        .map_err(io::Error::other)??;
-        store.remove_orphan_temp_files().await?;
-        Ok(store)
-    }
-
-    /// Removes the temporary files of writers that died (a process killed mid-upload or
-    /// mid-import): those no process holds. Another process sharing the data directory
-    /// holds its own, which stay. Run at start and every minute (see `cli`). Returns how
-    /// many went.
-    pub async fn remove_orphan_temp_files(&self) -> io::Result<usize> {
-        let tmp = self.tmp.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut removed = 0;
-            for entry in std::fs::read_dir(&tmp)? {
-                let path = entry?.path();
-                if is_orphan_temp(&path) && std::fs::remove_file(&path).is_ok() {
-                    removed += 1;
-                }
-            }
-            Ok(removed)
-        })
-        .await
-        .map_err(io::Error::other)?
-    }
-
-    /// Where the blob `id` lives, whether or not it exists.
-    pub fn path(&self, id: Uuid) -> PathBuf {
-        self.blobs.join(Self::relative_path(id))
-    }
-
-    /// The blob's path below the `blobs` directory (`ab/cd/<uuid>`), as nginx's
-    /// X-Accel-Redirect location sees it.
-    pub fn relative_path(id: Uuid) -> String {
-        let hex = id.simple().to_string();
-        format!("{}/{}/{}", &hex[0..2], &hex[2..4], id)
-    }
-
-    /// Starts a streaming write. The temporary file is created when the bytes outgrow the
-    /// first buffer, so a small upload costs a single blocking call in [`TempBlob::persist`].
-    pub fn create_temp(&self) -> TempBlob {
-        TempBlob {
-            temp_path: None,
-            pending: Buffer::default(),
-            buffer_limit: MIN_WRITE_BUFFER,
-            filling_since: Instant::now(),
-            state: Some(WriteState { hasher: Sha256::new(), file: None, written: 0 }),
-            in_flight: None,
-            size: 0,
-            tmp_dir: self.tmp.clone(),
-            blobs: self.blobs.clone(),
-            durable_shards: self.durable_shards.clone(),
-            budget: self.budget.clone(),
-        }
-    }
-
-    /// The memory budget its uploads share.
-    pub fn budget(&self) -> &BufferBudget {
-        &self.budget
-    }
-
-    pub async fn open_read(&self, id: Uuid) -> io::Result<fs::File> {
-        fs::File::open(self.path(id)).await
-    }
-
-    /// Removes a blob; a blob already gone is not an error.
-    pub async fn remove(&self, id: Uuid) -> io::Result<()> {
-        match fs::remove_file(self.path(id)).await {
-            Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
-            _ => Ok(()),
-        }
-    }
-
-    /// Files in the temporary directory (tests check that failed uploads leave none).
-    pub async fn temp_file_count(&self) -> io::Result<usize> {
-        let mut entries = fs::read_dir(&self.tmp).await?;
-        let mut count = 0;
-        while entries.next_entry().await?.is_some() {
-            count += 1;
-        }
-        Ok(count)
-    }
+/// A blob as a listing or `stat` sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobStat {
+    pub key: String,
+    pub size: u64,
+    pub modified: SystemTime,
 }
 
-/// A blob being written. Dropping it unpersisted deletes the temporary file.
-///
-/// Received chunks gather in a buffer (kept as they came, not copied); each full buffer
-/// is hashed and written by the blocking pool while the next one fills, so receiving
-/// overlaps with hashing and writing (SHA-256 alone is about as costly as the rest of a
-/// large upload).
-pub struct TempBlob {
-    /// The temporary file's path, chosen before the file is created so that dropping
-    /// the blob at any moment (a cancelled request) removes whatever was created.
-    temp_path: Option<PathBuf>,
-    /// Chunks received and not yet handed over.
-    pending: Buffer,
-    /// How many bytes `pending` gathers before it is handed over: from
-    /// [`MIN_WRITE_BUFFER`], doubling while buffers fill fast, to [`MAX_WRITE_BUFFER`].
-    buffer_limit: usize,
-    /// When `pending` got its first chunk.
-    filling_since: Instant,
-    /// What the blocking pool works with between buffers; `None` while a buffer is in
-    /// flight (then it is in `in_flight`).
-    state: Option<WriteState>,
-    in_flight: Option<InFlight>,
-    size: u64,
-    tmp_dir: PathBuf,
-    blobs: PathBuf,
-    durable_shards: DurableShards,
-    budget: BufferBudget,
+/// The bytes of a blob (or of a range of it), as they are read.
+pub type BlobRead = BoxStream<'static, io::Result<Bytes>>;
+
+/// How a download's bytes can best leave: the backend's suggestion; the HTTP layer
+/// decides with what the request and configuration allow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryHint {
+    /// A file nginx can send itself (X-Accel-Redirect): the key below the `blobs/` dir.
+    LocalFile(String),
+    /// A presigned GET URL of the object (302).
+    Redirect(String),
+    /// Read it through assetd.
+    Stream,
 }
 
-/// A buffer being hashed and written: gives back the state. The buffer itself, and its
-/// share of the budget, are dropped as soon as it is written.
-type InFlight = tokio::task::JoinHandle<(io::Result<()>, WriteState)>;
-
-/// Chunks gathered for one write, with their share of the budget.
-#[derive(Default)]
-struct Buffer {
-    chunks: Vec<Bytes>,
-    len: usize,
-    share: Option<OwnedSemaphorePermit>,
+/// A blob being written. Dropped before `persist`/`seal`, it leaves nothing behind.
+#[async_trait]
+pub trait BlobWrite: Send {
+    /// Takes a received chunk. May wait (bounded memory: the writer applies backpressure).
+    async fn write(&mut self, chunk: Bytes) -> io::Result<()>;
+    /// Writes out what is held in memory now, so that a paused client does not sit on
+    /// its share of the uploads' memory budget.
+    async fn write_held(&mut self) -> io::Result<()>;
+    /// Bytes taken so far.
+    fn size(&self) -> u64;
+    /// Makes the bytes visible under the writer's key, durably, never replacing a blob
+    /// already there (`AlreadyExists`).
+    async fn persist(self: Box<Self>) -> io::Result<StoredBlob>;
+    /// Completes, hashes and makes the bytes durable without making them visible yet:
+    /// the caller checks them (their SHA-256), then decides under its own lock.
+    async fn seal(self: Box<Self>) -> io::Result<SealedBlob>;
 }
 
-impl Buffer {
-    fn push(&mut self, chunk: Bytes, share: OwnedSemaphorePermit) {
-        self.len += chunk.len();
-        self.chunks.push(chunk);
-        match &mut self.share {
-            Some(held) => held.merge(share),
-            None => self.share = Some(share),
-        }
-    }
+/// A blob being written: what `BlobStore::create_temp` hands out.
+pub type TempBlob = Box<dyn BlobWrite>;
 
-    fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
-    }
+/// The backend side of a sealed blob: makes it visible, or (dropped) discards it.
+#[async_trait]
+pub trait PlaceSealed: Send {
+    /// Makes the bytes visible under their key, durably, replacing whatever is there.
+    async fn place(self: Box<Self>) -> io::Result<()>;
 }
 
-/// The hash of the bytes handed over so far, and the file they went to.
-struct WriteState {
-    hasher: Sha256,
-    file: Option<Arc<std::fs::File>>,
-    /// Bytes written to the file so far.
-    written: u64,
-}
-
-impl WriteState {
-    /// Blocking: hashes `chunks` and appends them to the file at `path` (created on first
-    /// use), then asks for them to be written back.
-    fn append(&mut self, path: &Path, chunks: &[Bytes]) -> io::Result<()> {
-        for chunk in chunks {
-            self.hasher.update(chunk);
-        }
-        let file = match &self.file {
-            Some(file) => file.clone(),
-            None => {
-                let file = Arc::new(create_temp_file(path)?);
-                self.file = Some(file.clone());
-                file
-            }
-        };
-        let len = write_all_chunks(&file, chunks)?;
-        start_writeback(&file, self.written, len);
-        self.written += len as u64;
-        Ok(())
-    }
-}
-
-/// The size of the next buffer, after one of `limit` bytes took `took` to fill.
-fn next_buffer_limit(limit: usize, took: Duration) -> usize {
-    if took < FAST_FILL {
-        (limit * 2).min(MAX_WRITE_BUFFER)
-    } else if took > SLOW_FILL {
-        (limit / 2).max(MIN_WRITE_BUFFER)
-    } else {
-        limit
-    }
-}
-
-/// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
-fn write_all_chunks(file: &std::fs::File, chunks: &[Bytes]) -> io::Result<usize> {
-    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|chunk| IoSlice::new(chunk)).collect();
-    let total = chunks.iter().map(Bytes::len).sum();
-    let mut remaining = &mut slices[..];
-    IoSlice::advance_slices(&mut remaining, 0);
-    while !remaining.is_empty() {
-        match (&*file).write_vectored(remaining) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut remaining, n),
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(total)
-}
-
-impl TempBlob {
-    /// Takes a received chunk. Waits while the uploads' memory budget is spent, after
-    /// handing over what this one holds.
-    pub async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        self.size += chunk.len() as u64;
-        if !self.pending.is_empty() {
-            if self.pending.len + chunk.len() > self.buffer_limit {
-                self.adapt_buffer_limit();
-                self.hand_over_pending().await?;
-            } else if self.pending.chunks.len() >= MAX_CHUNKS {
-                self.hand_over_pending().await?;
-            }
-        }
-        let share = match self.budget.try_take(chunk.len()) {
-            Some(share) => share,
-            None => {
-                if !self.pending.is_empty() {
-                    self.hand_over_pending().await?;
-                }
-                self.budget.take(chunk.len()).await
-            }
-        };
-        if self.pending.is_empty() {
-            self.filling_since = Instant::now();
-        }
-        self.pending.push(chunk, share);
-        Ok(())
-    }
-
-    /// Hands what this upload holds to the blocking pool to be written now, so that its
-    /// share of the budget comes back even if no more bytes arrive (a paused client).
-    pub async fn write_held(&mut self) -> io::Result<()> {
-        if !self.pending.is_empty() {
-            self.hand_over_pending().await?;
-        }
-        Ok(())
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// How many bytes a buffer gathers before it is written, now.
-    pub fn buffer_limit(&self) -> usize {
-        self.buffer_limit
-    }
-
-    /// Bytes received and not yet handed over to be written.
-    pub fn buffered(&self) -> usize {
-        self.pending.len
-    }
-
-    /// Called when `pending` is full: the next buffer grows if this one filled fast, and
-    /// shrinks if it filled slowly.
-    fn adapt_buffer_limit(&mut self) {
-        self.buffer_limit = next_buffer_limit(self.buffer_limit, self.filling_since.elapsed());
-    }
-
-    /// The temporary file's path, chosen now if it was not yet (a fresh name in `tmp/`).
-    fn temp_path_chosen(&mut self) -> PathBuf {
-        let tmp_dir = &self.tmp_dir;
-        self.temp_path.get_or_insert_with(|| tmp_dir.join(format!("{}.part", Uuid::new_v4()))).clone()
-    }
-
-    /// Waits for the buffer in flight, if any, and takes back the state.
-    async fn settle(&mut self) -> io::Result<()> {
-        let Some(in_flight) = self.in_flight.take() else { return Ok(()) };
-        let (result, state) = in_flight.await.map_err(io::Error::other)?;
-        self.state = Some(state);
-        result
-    }
-
-    /// Sends the pending chunks to the blocking pool to be hashed and written, after the
-    /// previous buffer is done (one at a time: the hash is sequential).
-    async fn hand_over_pending(&mut self) -> io::Result<()> {
-        self.settle().await?;
-        let buffer = std::mem::take(&mut self.pending);
-        let path = self.temp_path_chosen();
-        let mut state = self.state.take().expect("settled");
-        if state.file.is_none() {
-            // Created before any write goes off on its own, so that dropping this blob
-            // (which unlinks the path at once) can never race with the file's creation.
-            let create_path = path.clone();
-            let created =
-                tokio::task::spawn_blocking(move || create_temp_file(&create_path)).await.map_err(io::Error::other);
-            match created {
-                Ok(Ok(file)) => state.file = Some(Arc::new(file)),
-                Ok(Err(error)) | Err(error) => {
-                    self.state = Some(state);
-                    return Err(error);
-                }
-            }
-        }
-        self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let result = state.append(&path, &buffer.chunks);
-            drop(buffer);
-            (result, state)
-        }));
-        Ok(())
-    }
-
-    /// Makes the bytes durable under `id`: hash and write what is buffered, fsync, rename
-    /// into place, fsync the directory. A small blob does all of it in one blocking call.
-    pub async fn persist(mut self, id: Uuid) -> io::Result<StoredBlob> {
-        self.settle().await?;
-        let target = self.blobs.join(BlobStore::relative_path(id));
-        let mut state = self.state.take().expect("settled");
-        let temp_path = self.temp_path_chosen();
-        self.temp_path = None;
-        let pending = std::mem::take(&mut self.pending);
-        let durable_shards = self.durable_shards.clone();
-        let hasher = tokio::task::spawn_blocking(move || {
-            // From here the temporary file is ours to remove on any failure.
-            let renamed = (|| {
-                state.append(&temp_path, &pending.chunks)?;
-                drop(pending);
-                state.file.as_ref().expect("append creates the file").sync_all()?;
-                let shard = target.parent().expect("blob paths have two shard directories");
-                durable_shards.ensure(shard)?;
-                rename_no_replace(&temp_path, &target)
-            })();
-            if let Err(error) = renamed {
-                let _ = std::fs::remove_file(&temp_path);
-                return Err(error);
-            }
-            if let Err(error) = sync_dir(target.parent().expect("blob paths have a parent")) {
-                // Not known to be durable: take it back rather than let an event name it.
-                let _ = std::fs::remove_file(&target);
-                return Err(error);
-            }
-            Ok(state.hasher)
-        })
-        .await
-        .map_err(io::Error::other)??;
-        Ok(StoredBlob { size: self.size, sha256: Sha256Hex::from_digest(&hasher.finalize()) })
-    }
-}
-
-impl TempBlob {
-    /// Hashes and writes what is buffered and makes the temporary file durable, without
-    /// giving it an id yet: the caller checks what it got (its SHA-256) and then decides,
-    /// under whatever lock it needs, where it goes ([`SealedBlob::place`]).
-    pub async fn seal(mut self) -> io::Result<SealedBlob> {
-        self.settle().await?;
-        let mut state = self.state.take().expect("settled");
-        let temp_path = self.temp_path_chosen();
-        let pending = std::mem::take(&mut self.pending);
-        // On failure `self` still names the file, and dropping it removes it.
-        let state = tokio::task::spawn_blocking(move || {
-            state.append(&temp_path, &pending.chunks)?;
-            drop(pending);
-            state.file.as_ref().expect("append creates the file").sync_all()?;
-            Ok::<_, io::Error>(state)
-        })
-        .await
-        .map_err(io::Error::other)??;
-        Ok(SealedBlob {
-            temp_path: self.temp_path.take(),
-            file: state.file,
-            size: self.size,
-            sha256: Sha256Hex::from_digest(&state.hasher.finalize()),
-            blobs: self.blobs.clone(),
-            durable_shards: self.durable_shards.clone(),
-        })
-    }
-}
-
-/// A blob whose bytes are complete, hashed and durable in a temporary file, and under
-/// no id yet. Dropping it removes the file.
+/// A blob whose bytes are complete, hashed and durable, and not yet visible. Dropping it
+/// discards the bytes.
 pub struct SealedBlob {
-    temp_path: Option<PathBuf>,
-    /// Kept open (with its lock) until placed, so no sweep takes it for an orphan.
-    file: Option<Arc<std::fs::File>>,
     pub size: u64,
     pub sha256: Sha256Hex,
-    blobs: PathBuf,
-    durable_shards: DurableShards,
+    pub location: BlobLocation,
+    inner: Box<dyn PlaceSealed>,
 }
 
 impl SealedBlob {
-    /// Makes the bytes the blob `id`, durably, *replacing* whatever is there. Only for a
-    /// caller that holds the right to that id (an import, under its job's lock, whose
-    /// asset is not recorded yet): uploads use [`TempBlob::persist`], which never replaces.
-    pub async fn place(mut self, id: Uuid) -> io::Result<StoredBlob> {
-        let temp_path = self.temp_path.take().expect("a sealed blob has its file");
-        let target = self.blobs.join(BlobStore::relative_path(id));
-        let durable_shards = self.durable_shards.clone();
-        let stored = StoredBlob { size: self.size, sha256: self.sha256.clone() };
-        let file = self.file.take();
-        tokio::task::spawn_blocking(move || {
-            let shard = target.parent().expect("blob paths have two shard directories");
-            let renamed = durable_shards.ensure(shard).and_then(|()| std::fs::rename(&temp_path, &target));
-            drop(file);
-            if let Err(error) = renamed {
-                let _ = std::fs::remove_file(&temp_path);
-                return Err(error);
-            }
-            if let Err(error) = sync_dir(shard) {
-                let _ = std::fs::remove_file(&target);
-                return Err(error);
-            }
-            Ok(())
-        })
-        .await
-        .map_err(io::Error::other)??;
+    pub fn new(size: u64, sha256: Sha256Hex, location: BlobLocation, inner: Box<dyn PlaceSealed>) -> Self {
+        Self { size, sha256, location, inner }
+    }
+
+    /// Makes the bytes visible under their key, *replacing* whatever is there. Only for
+    /// a caller that holds the right to that key (an import, under its job's lock, whose
+    /// asset is not recorded yet): uploads use [`BlobWrite::persist`], which never replaces.
+    pub async fn place(self) -> io::Result<StoredBlob> {
+        let stored = StoredBlob { size: self.size, sha256: self.sha256, location: self.location };
+        self.inner.place().await?;
         Ok(stored)
     }
 }
 
-impl Drop for SealedBlob {
-    fn drop(&mut self) {
-        if let Some(path) = self.temp_path.take() {
-            let _ = std::fs::remove_file(path);
-        }
+impl fmt::Debug for SealedBlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedBlob").field("size", &self.size).field("location", &self.location).finish()
     }
 }
 
-impl Drop for TempBlob {
-    fn drop(&mut self) {
-        // Best effort and synchronous: drop can't await, and unlink is quick. A buffer
-        // still in flight writes on into the unlinked file, which goes with its handle,
-        // and gives its share of the budget back when done; the pending one goes now.
-        if let Some(path) = self.temp_path.take() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+/// One kind of byte storage. Keys are [`key_for`] a uuid.
+#[async_trait]
+pub trait BlobBackend: Send + Sync + fmt::Debug {
+    fn kind(&self) -> BackendKind;
+    /// Starts a streaming write of the blob `key`.
+    fn create_writer(&self, key: String) -> TempBlob;
+    /// The bytes in `range` (which the caller has checked against the blob's size).
+    async fn read(&self, key: &str, range: Range<u64>) -> io::Result<BlobRead>;
+    /// The blob's size and time, or `None` when there is none.
+    async fn stat(&self, key: &str) -> io::Result<Option<BlobStat>>;
+    /// Removes a blob; one already gone is not an error.
+    async fn remove(&self, key: &str) -> io::Result<()>;
+    /// Every blob, for cleanup (order unspecified).
+    fn list(&self) -> BoxStream<'static, io::Result<BlobStat>>;
+    /// How a whole download of `key` can best be delivered.
+    async fn delivery_hint(&self, key: &str) -> io::Result<DeliveryHint>;
 }
 
-/// Asks the kernel to start writing a just-written range to disk, without waiting: a
-/// large upload's bytes then reach the disk while it streams, and `persist`'s fsync
-/// waits only for the last of them rather than the whole file. A hint: errors are
-/// ignored (the fsync still decides).
-fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a plain syscall on a descriptor we own, with no memory passed.
-        unsafe {
-            libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
+/// An error that means the backend is out of reach (503, retried), not that the request
+/// or the blob is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("the blob store is unavailable: {0}")]
+pub struct BackendUnavailable(pub String);
+
+/// Whether `error` is the backend being out of reach.
+pub fn is_backend_unavailable(error: &io::Error) -> bool {
+    error.get_ref().is_some_and(|inner| inner.is::<BackendUnavailable>())
 }
 
-/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`): a blob, once
-/// there, is never replaced, whatever uuid a caller passes.
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::ffi::CString;
-        use std::os::unix::ffi::OsStrExt;
-        let from_c = CString::new(from.as_os_str().as_bytes()).map_err(io::Error::other)?;
-        let to_c = CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
-        // SAFETY: both pointers are valid NUL-terminated strings for the call's duration.
-        let result = unsafe {
-            libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::RENAME_NOREPLACE)
+/// The blob stores of a deployment: the local one (always there: it also holds the
+/// temporary files) and, when configured, an S3-compatible one. New blobs go to the
+/// configured backend; a blob is read from wherever its event says it is.
+#[derive(Clone, Debug)]
+pub struct BlobStore {
+    local: Arc<LocalBackend>,
+    s3: Option<Arc<S3Backend>>,
+}
+
+impl BlobStore {
+    /// A local store under `data_dir`.
+    pub async fn open(data_dir: &Path) -> io::Result<Self> {
+        Ok(Self { local: Arc::new(LocalBackend::open(data_dir).await?), s3: None })
+    }
+
+    /// A local store with uploads sharing `budget`.
+    pub async fn open_with_budget(data_dir: &Path, budget: BufferBudget) -> io::Result<Self> {
+        Ok(Self { local: Arc::new(LocalBackend::open_with_budget(data_dir, budget).await?), s3: None })
+    }
+
+    /// The store `ASSETD_BLOBS` names: `local` (the default) or `s3://bucket/prefix`.
+    pub async fn open_configured(data_dir: &Path, blobs: &str, s3: &S3Settings) -> anyhow::Result<Self> {
+        let local = Arc::new(LocalBackend::open(data_dir).await?);
+        let s3 = match blobs.trim() {
+            "" | "local" => None,
+            url => Some(Arc::new(S3Backend::open(url, s3, local.clone()).await?)),
         };
-        if result == 0 {
-            return Ok(());
+        Ok(Self { local, s3 })
+    }
+
+    /// The backend new blobs go to.
+    pub fn writer_backend(&self) -> &dyn BlobBackend {
+        match &self.s3 {
+            Some(s3) => s3.as_ref(),
+            None => self.local.as_ref(),
         }
-        let error = io::Error::last_os_error();
-        // A file system without RENAME_NOREPLACE: link (which never replaces) and unlink.
-        if !matches!(error.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
-            return Err(error);
+    }
+
+    pub fn writer_kind(&self) -> BackendKind {
+        self.writer_backend().kind()
+    }
+
+    /// The backend a recorded blob is on.
+    pub fn backend(&self, kind: BackendKind) -> io::Result<&dyn BlobBackend> {
+        match kind {
+            BackendKind::Local => Ok(self.local.as_ref()),
+            BackendKind::S3 => match &self.s3 {
+                Some(s3) => Ok(s3.as_ref()),
+                None => Err(io::Error::other(BackendUnavailable(
+                    "the blob is on S3, and no S3 bucket is configured (ASSETD_BLOBS)".into(),
+                ))),
+            },
         }
     }
-    std::fs::hard_link(from, to)?;
-    std::fs::remove_file(from)
-}
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn opening_removes_temp_files_left_by_a_crash_but_not_recent_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).await.unwrap();
-        let old = dir.path().join("tmp/old.part");
-        let recent = dir.path().join("tmp/recent.part");
-        std::fs::write(&old, b"x").unwrap();
-        std::fs::write(&recent, b"x").unwrap();
-        let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(48 * 3600);
-        std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_days_ago).unwrap();
-        drop(store);
-        BlobStore::open(dir.path()).await.unwrap();
-        assert!(!old.exists(), "a day-old temp file is a crash's leftover");
-        assert!(recent.exists(), "a recent one may be another process's upload");
+    /// Where the blob of `id` goes when written now.
+    pub fn location_for(&self, id: Uuid) -> BlobLocation {
+        BlobLocation::new(self.writer_kind(), id)
     }
 
-    #[tokio::test]
-    async fn orphan_temp_files_go_and_those_a_writer_holds_stay() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).await.unwrap();
-        // A writer alive: a blob being written, its file older than the orphan age.
-        let mut held = store.create_temp();
-        held.write(bytes(1, 3 << 20)).await.unwrap();
-        held.write_held().await.unwrap();
-        held.settle().await.unwrap();
-        let held_path = held.temp_path.clone().unwrap();
-        // A writer that died: a file nobody holds.
-        let orphan = dir.path().join("tmp/orphan.part");
-        std::fs::write(&orphan, b"x").unwrap();
-        let a_minute_ago = std::time::SystemTime::now() - Duration::from_secs(60);
-        for path in [&orphan, &held_path] {
-            std::fs::File::options().write(true).open(path).unwrap().set_modified(a_minute_ago).unwrap();
+    /// Starts a streaming write of the blob of `id` on the configured backend.
+    pub fn create_temp(&self, id: Uuid) -> TempBlob {
+        self.writer_backend().create_writer(key_for(id))
+    }
+
+    pub async fn read(&self, location: &BlobLocation, range: Range<u64>) -> io::Result<BlobRead> {
+        self.backend(location.backend)?.read(&location.key, range).await
+    }
+
+    pub async fn stat(&self, location: &BlobLocation) -> io::Result<Option<BlobStat>> {
+        self.backend(location.backend)?.stat(&location.key).await
+    }
+
+    /// Removes a blob; one already gone is not an error.
+    pub async fn remove(&self, location: &BlobLocation) -> io::Result<()> {
+        self.backend(location.backend)?.remove(&location.key).await
+    }
+
+    /// The local backend: temporary files, and blobs recorded as local.
+    pub fn local(&self) -> &LocalBackend {
+        &self.local
+    }
+
+    /// The memory budget uploads share.
+    pub fn budget(&self) -> &BufferBudget {
+        self.local.budget()
+    }
+
+    /// Whether the S3 bucket answers: `None` without one.
+    pub async fn ready(&self) -> Option<bool> {
+        match &self.s3 {
+            Some(s3) => Some(s3.ready().await),
+            None => None,
         }
-        assert_eq!(store.remove_orphan_temp_files().await.unwrap(), 1);
-        assert!(!orphan.exists(), "no process holds it");
-        assert!(held_path.exists(), "its writer holds it");
-        let stored = held.persist(Uuid::new_v4()).await.unwrap();
-        assert_eq!(stored.size, 3 << 20);
-        assert_eq!(store.temp_file_count().await.unwrap(), 0);
     }
 
-    #[tokio::test]
-    async fn a_sealed_blob_is_hashed_before_it_has_an_id_and_placing_replaces_a_leftover() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).await.unwrap();
-        let id = Uuid::new_v4();
-        // Dropped once sealed: nothing stays.
-        let mut blob = store.create_temp();
-        blob.write(bytes(2, 100_000)).await.unwrap();
-        let sealed = blob.seal().await.unwrap();
-        assert_eq!(sealed.sha256, Sha256Hex::from_digest(&Sha256::digest(bytes(2, 100_000))));
-        drop(sealed);
-        assert_eq!(store.temp_file_count().await.unwrap(), 0);
-        // A leftover under the id is replaced.
-        std::fs::create_dir_all(store.path(id).parent().unwrap()).unwrap();
-        std::fs::write(store.path(id), b"leftover").unwrap();
-        for (pattern, len) in [(3u8, 10usize), (4, 3 << 20), (5, 0)] {
-            let mut blob = store.create_temp();
-            blob.write(bytes(pattern, len)).await.unwrap();
-            let stored = blob.seal().await.unwrap().place(id).await.unwrap();
-            assert_eq!(stored.size, len as u64);
-            assert_eq!(std::fs::read(store.path(id)).unwrap(), bytes(pattern, len).to_vec());
-        }
-        assert_eq!(store.temp_file_count().await.unwrap(), 0);
-    }
-
-    fn bytes(pattern: u8, len: usize) -> Bytes {
-        Bytes::from(vec![pattern; len])
-    }
-
-    #[tokio::test]
-    async fn persisted_blobs_are_hashed_and_temp_files_never_linger() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).await.unwrap();
-        let mut blob = store.create_temp();
-        blob.write(Bytes::from_static(b"hello ")).await.unwrap();
-        blob.write(Bytes::from_static(b"world")).await.unwrap();
-        let id = Uuid::new_v4();
-        let stored = blob.persist(id).await.unwrap();
-        assert_eq!(stored.size, 11);
-        assert_eq!(stored.sha256.as_str(), "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9");
-        assert_eq!(std::fs::read(store.path(id)).unwrap(), b"hello world");
-        assert_eq!(store.temp_file_count().await.unwrap(), 0);
-
-        let mut small = store.create_temp();
-        small.write(Bytes::from_static(b"partial")).await.unwrap();
-        assert_eq!(store.temp_file_count().await.unwrap(), 0, "small writes are buffered until persist");
-        drop(small);
-
-        let mut abandoned = store.create_temp();
-        abandoned.write(bytes(7, MIN_WRITE_BUFFER)).await.unwrap();
-        abandoned.write(Bytes::from_static(b"more")).await.unwrap();
-        assert_eq!(store.temp_file_count().await.unwrap(), 1, "past one buffer the bytes go to a temp file");
-        abandoned.write(bytes(8, MAX_WRITE_BUFFER)).await.unwrap();
-        drop(abandoned);
-        assert_eq!(store.temp_file_count().await.unwrap(), 0);
-
-        let mut large = store.create_temp();
-        let content: Vec<u8> = (0..3 * MAX_WRITE_BUFFER + 5).map(|i| (i % 251) as u8).collect();
-        for chunk in content.chunks(100_000) {
-            large.write(Bytes::copy_from_slice(chunk)).await.unwrap();
-        }
-        let large_id = Uuid::new_v4();
-        let stored = large.persist(large_id).await.unwrap();
-        assert_eq!(stored.size, content.len() as u64);
-        assert_eq!(stored.sha256.as_str(), hex::encode(Sha256::digest(&content)));
-        assert_eq!(std::fs::read(store.path(large_id)).unwrap(), content);
-        assert_eq!(store.temp_file_count().await.unwrap(), 0);
-
-        let mut again = store.create_temp();
-        again.write(Bytes::from_static(b"other bytes")).await.unwrap();
-        let refused = again.persist(id).await.unwrap_err();
-        assert_eq!(refused.kind(), io::ErrorKind::AlreadyExists);
-        assert_eq!(std::fs::read(store.path(id)).unwrap(), b"hello world", "a blob is never replaced");
-        assert_eq!(store.temp_file_count().await.unwrap(), 0);
-
-        store.remove(id).await.unwrap();
-        store.remove(id).await.unwrap();
-        assert!(!store.path(id).exists());
-    }
-
-    /// Waits (bounded) until every upload has given its memory back.
-    async fn budget_returned(store: &BlobStore) -> bool {
-        for _ in 0..500 {
-            if store.budget().available() == store.budget().total() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        false
-    }
-
-    #[tokio::test]
-    async fn a_paused_upload_gives_its_share_back_once_what_it_holds_is_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).await.unwrap();
-        let total = store.budget().total();
-        let mut blob = store.create_temp();
-        blob.write(Bytes::from(vec![1u8; 4096])).await.unwrap();
-        assert_eq!(store.budget().available(), total - 4096, "held while receiving");
-        blob.write_held().await.unwrap();
-        assert!(budget_returned(&store).await, "written out, its share comes back while the client pauses");
-        blob.write(Bytes::from(vec![2u8; 10])).await.unwrap();
-        let id = Uuid::new_v4();
-        assert_eq!(blob.persist(id).await.unwrap().size, 4106);
-        let mut expected = vec![1u8; 4096];
-        expected.extend_from_slice(&[2u8; 10]);
-        assert_eq!(std::fs::read(store.path(id)).unwrap(), expected, "and the file is whole");
-        assert!(budget_returned(&store).await);
-    }
-
-    #[tokio::test]
-    async fn a_buffer_starts_small_and_holds_only_what_was_received() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = BlobStore::open(dir.path()).await.unwrap();
-        let total = store.budget().total();
-        let mut blob = store.create_temp();
-        assert_eq!(blob.buffer_limit(), MIN_WRITE_BUFFER, "a new upload's buffer is small");
-        assert_eq!(store.budget().available(), total, "and holds no memory before bytes arrive");
-        blob.write(bytes(1, 4096)).await.unwrap();
-        assert_eq!(blob.buffered(), 4096);
-        assert_eq!(store.budget().available(), total - 4096, "it holds what it received, no more");
-        drop(blob);
-        assert_eq!(store.budget().available(), total, "dropping it gives the memory back");
-
-        let mut large = store.create_temp();
-        for _ in 0..64 {
-            large.write(bytes(2, 64 * 1024)).await.unwrap();
-            assert!(large.buffered() <= large.buffer_limit() && large.buffer_limit() <= MAX_WRITE_BUFFER);
-        }
-        large.persist(Uuid::new_v4()).await.unwrap();
-        assert!(budget_returned(&store).await, "a persisted upload holds nothing");
-    }
-
-    #[test]
-    fn buffers_grow_while_bytes_arrive_fast_and_shrink_when_they_trickle() {
-        let fast = Duration::from_millis(1);
-        let steady = Duration::from_millis(500);
-        let slow = Duration::from_secs(5);
-        let mut limit = MIN_WRITE_BUFFER;
-        let mut sizes = vec![limit];
-        while limit < MAX_WRITE_BUFFER {
-            limit = next_buffer_limit(limit, fast);
-            sizes.push(limit);
-        }
-        assert_eq!(sizes, [64, 128, 256, 512, 1024].map(|k| k << 10));
-        assert_eq!(next_buffer_limit(MAX_WRITE_BUFFER, fast), MAX_WRITE_BUFFER);
-        assert_eq!(next_buffer_limit(256 << 10, steady), 256 << 10);
-        assert_eq!(next_buffer_limit(256 << 10, slow), 128 << 10);
-        assert_eq!(next_buffer_limit(MIN_WRITE_BUFFER, slow), MIN_WRITE_BUFFER);
-    }
-
-    #[tokio::test]
-    async fn uploads_share_a_bounded_budget_without_deadlock_and_aborted_ones_give_it_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let budget = BufferBudget::new(256 * 1024);
-        let store = BlobStore::open_with_budget(dir.path(), budget.clone()).await.unwrap();
-        // Eight uploads of 2 MiB each at once, through a budget that holds an eighth of one.
-        let uploads = (0..8u8).map(|n| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let mut blob = store.create_temp();
-                let content: Vec<u8> = (0..2 * 1024 * 1024).map(|i| (i % 241) as u8 ^ n).collect();
-                for chunk in content.chunks(48 * 1024) {
-                    blob.write(Bytes::copy_from_slice(chunk)).await.unwrap();
-                    assert!(store.budget().available() <= store.budget().total());
-                }
-                if n % 2 == 0 {
-                    // An aborted upload: dropped with buffers pending and in flight.
-                    drop(blob);
-                    return;
-                }
-                let id = Uuid::new_v4();
-                let stored = blob.persist(id).await.unwrap();
-                assert_eq!(stored.sha256.as_str(), hex::encode(Sha256::digest(&content)));
-                assert_eq!(std::fs::read(store.path(id)).unwrap(), content);
-            })
-        });
-        let all = futures::future::try_join_all(uploads);
-        tokio::time::timeout(Duration::from_secs(60), all).await.expect("no upload waits forever").unwrap();
-        assert!(budget_returned(&store).await, "every byte of the budget comes back");
-        assert_eq!(store.temp_file_count().await.unwrap(), 0, "aborted uploads leave no file");
+    /// See [`LocalBackend::remove_orphan_temp_files`].
+    pub async fn remove_orphan_temp_files(&self) -> io::Result<usize> {
+        self.local.remove_orphan_temp_files().await
     }
 }

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::blob::{BackendKind, BlobLocation};
 use super::names::{AssetName, Directory, FileName, MediaType, SessionId, Sha256Hex, Tags};
 use super::principal::Actor;
 use super::{domain_events, DomainError};
@@ -45,6 +46,17 @@ pub struct AssetUploaded {
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub asset_creator: Actor,
     pub asset_source: AssetSource,
+    /// Where the bytes are stored (absent only from events recorded before backends
+    /// were recorded: those are on the local backend at `key_for(asset_uuid)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobLocation>,
+}
+
+impl AssetUploaded {
+    /// Where the asset's bytes are.
+    pub fn blob_location(&self) -> BlobLocation {
+        self.blob.clone().unwrap_or_else(|| BlobLocation::new(BackendKind::Local, self.asset_uuid))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -213,6 +225,7 @@ mod tests {
             metadata: Default::default(),
             asset_creator: Actor { kind: PrincipalKind::User, uuid: Uuid::new_v4() },
             asset_source: AssetSource::Upload,
+            blob: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! (`handle_*`), so the rules are unit-tested with given-events / when / then-events.
 
 pub mod asset;
+pub mod blob;
 pub mod job;
 pub mod names;
 pub mod principal;

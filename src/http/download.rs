@@ -4,17 +4,14 @@
 
 use chrono::{Timelike, Utc};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use warp::http::{HeaderMap, HeaderValue, Response, StatusCode};
 use warp::hyper::Body;
 
 use super::conditional::{self, format_http_date, ByteRange, Decision, Validators};
 use super::error::ApiError;
-use crate::blobs::BlobStore;
+use crate::app::AppError;
+use crate::blobs::{BlobStore, DeliveryHint};
 use crate::projections::read::AssetInfo;
-
-/// Bytes read from disk per chunk of a streamed download.
-const READ_CHUNK: usize = 256 * 1024;
 
 /// RFC 5987 `attr-char`: what may stand unencoded in `filename*`.
 const ATTR_CHAR: &AsciiSet = &NON_ALPHANUMERIC
@@ -48,13 +45,14 @@ pub fn etag(asset: &AssetInfo) -> String {
 pub enum Delivery<'a> {
     /// Stream the file from the blob store.
     Direct,
-    /// Let nginx send it: `X-Accel-Redirect: <prefix><ab>/<cd>/<uuid>`.
+    /// Let nginx send it (a local blob): `X-Accel-Redirect: <prefix><key>`.
     AccelRedirect(&'a str),
 }
 
 /// The full answer to a GET (or HEAD) of `asset`: preconditions (RFC 9110 §13.2.2 order),
-/// then the range, then the bytes. Every decision is made here, so both deliveries
-/// answer alike; nginx is only handed plain full downloads, which it answers the same way.
+/// then the range, then the bytes, from whichever backend holds them. Every decision is
+/// made here, so every delivery answers alike; nginx is handed only requests it answers
+/// the same way (see [`handover_agrees`]).
 pub async fn respond(
     asset: &AssetInfo,
     request: &HeaderMap,
@@ -104,23 +102,37 @@ pub async fn respond(
         )
         .header("content-disposition", content_disposition(&asset.asset_original_filename));
 
-    // nginx parses Range and preconditions by its own rules (stricter on whitespace and
-    // numbers, and it cannot see what its proxying already normalised), so only plain
-    // full downloads are handed over; ranges and conditional requests are served here.
-    let nginx_would_agree = !is_head
-        && ["range", "if-match", "if-unmodified-since", "if-range"].iter().all(|name| request.get(*name).is_none());
-    if let (Delivery::AccelRedirect(prefix), true) = (delivery, nginx_would_agree) {
-        let path = blobs.path(asset.asset_uuid);
-        if tokio::fs::metadata(&path).await.is_err() {
-            return Err(ApiError::internal(format!(
-                "asset {} is available but {} is missing",
-                asset.asset_uuid,
-                path.display()
-            )));
+    let location = asset.blob_location();
+    let missing =
+        |detail: String| ApiError::internal(format!("asset {} is available but its bytes {detail}", asset.asset_uuid));
+    let backend = blobs.backend(location.backend).map_err(|error| ApiError::from(AppError::Storage(error)))?;
+    let whole = matches!(range, ByteRange::Full);
+    if !is_head && (handover_agrees(request) || whole) {
+        match backend.delivery_hint(&location.key).await.map_err(|error| ApiError::from(AppError::Storage(error)))? {
+            DeliveryHint::LocalFile(key) => {
+                if let (Delivery::AccelRedirect(prefix), true) = (&delivery, handover_agrees(request)) {
+                    if backend.stat(&location.key).await.ok().flatten().is_none() {
+                        return Err(missing(format!("({key}) are missing")));
+                    }
+                    // nginx sends the bytes (the same single range, if any) with its
+                    // own Accept-Ranges and Content-Range.
+                    return builder
+                        .header("x-accel-redirect", format!("{prefix}{key}"))
+                        .body(Body::empty())
+                        .map_err(ApiError::internal);
+                }
+            }
+            // A presigned URL answers with the object store's own headers, so only a
+            // plain whole download goes there.
+            DeliveryHint::Redirect(url) if whole && request.get("range").is_none() => {
+                return builder
+                    .status(StatusCode::FOUND)
+                    .header("location", url)
+                    .body(Body::empty())
+                    .map_err(ApiError::internal);
+            }
+            _ => {}
         }
-        // nginx sends the bytes (applying the same single range) and its own Accept-Ranges.
-        let location = format!("{prefix}{}", BlobStore::relative_path(asset.asset_uuid));
-        return builder.header("x-accel-redirect", location).body(Body::empty()).map_err(ApiError::internal);
     }
 
     builder = builder.header("accept-ranges", "bytes");
@@ -134,33 +146,85 @@ pub async fn respond(
     builder = builder.status(status).header("content-length", length);
     if is_head {
         // Answer HEAD as GET would: an asset whose bytes are missing is not a 200.
-        if tokio::fs::metadata(blobs.path(asset.asset_uuid)).await.is_err() {
-            return Err(ApiError::internal(format!(
-                "asset {} is available but its bytes are missing",
-                asset.asset_uuid
-            )));
+        if backend.stat(&location.key).await.map_err(|error| ApiError::from(AppError::Storage(error)))?.is_none() {
+            return Err(missing("are missing".into()));
         }
         return builder.body(Body::empty()).map_err(ApiError::internal);
     }
-    let mut file = blobs.open_read(asset.asset_uuid).await.map_err(|error| {
-        ApiError::internal(format!("asset {} is available but its bytes cannot be opened: {error}", asset.asset_uuid))
-    })?;
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start)).await.map_err(ApiError::internal)?;
-    }
+    let bytes = match backend.read(&location.key, start..start + length).await {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(missing(format!("cannot be read: {error}")))
+        }
+        Err(error) => return Err(AppError::Storage(error).into()),
+    };
     // Counted as each chunk is handed to hyper: a client that goes away leaves at most
     // the chunks in flight counted but unsent.
     let metrics = metrics.clone();
-    let stream = futures::TryStreamExt::inspect_ok(
-        tokio_util::io::ReaderStream::with_capacity(file.take(length), READ_CHUNK),
-        move |chunk| metrics.download_sent(chunk.len() as u64),
-    );
+    let stream = futures::TryStreamExt::inspect_ok(bytes, move |chunk| metrics.download_sent(chunk.len() as u64));
     builder.body(Body::wrap_stream(stream)).map_err(ApiError::internal)
+}
+
+/// Whether nginx, handed this request with X-Accel-Redirect, answers exactly as assetd
+/// decided. nginx evaluates Range and If-Range itself, by its own rules: it is handed
+/// only what both read alike — no Range, or one plain single range (`bytes=N-M`,
+/// `bytes=N-`, `bytes=-N`) that assetd found satisfiable; If-Range only as an entity tag
+/// (nginx compares it byte for byte with the ETag assetd sends, the strong comparison
+/// assetd makes). Requests with If-Match or If-Unmodified-Since, already answered by
+/// assetd, are served here.
+fn handover_agrees(request: &HeaderMap) -> bool {
+    if ["if-match", "if-unmodified-since"].iter().any(|name| request.contains_key(*name)) {
+        return false;
+    }
+    let if_range_ok = match request.get_all("if-range").iter().collect::<Vec<_>>().as_slice() {
+        [] => true,
+        [value] => value.to_str().is_ok_and(|value| value.len() >= 2 && value.ends_with('"')),
+        _ => false,
+    };
+    let range_ok = match request.get_all("range").iter().collect::<Vec<_>>().as_slice() {
+        [] => true,
+        [value] => value.to_str().is_ok_and(is_plain_single_range),
+        _ => false,
+    };
+    if_range_ok && range_ok
+}
+
+/// `bytes=N-M`, `bytes=N-` or `bytes=-N`: digits only (at most 18), no spaces.
+fn is_plain_single_range(value: &str) -> bool {
+    let digits = |text: &str| !text.is_empty() && text.len() <= 18 && text.bytes().all(|b| b.is_ascii_digit());
+    let Some(spec) = value.strip_prefix("bytes=") else { return false };
+    let Some((first, last)) = spec.split_once('-') else { return false };
+    match (first.is_empty(), last.is_empty()) {
+        (false, false) => digits(first) && digits(last),
+        (false, true) => digits(first),
+        (true, false) => digits(last),
+        (true, true) => false,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_single_ranges_go_to_nginx() {
+        for plain in ["bytes=0-99", "bytes=5-", "bytes=-7", "bytes=000-1"] {
+            assert!(is_plain_single_range(plain), "{plain}");
+        }
+        for other in [
+            "bytes=0-1,3-4",
+            "bytes= 0-1",
+            "bytes=0 -1",
+            "bytes=-",
+            "bytes=a-1",
+            "Bytes=0-1",
+            "bytes=0-1234567890123456789",
+            "items=0-1",
+            "bytes=+1-2",
+        ] {
+            assert!(!is_plain_single_range(other), "{other}");
+        }
+    }
 
     #[test]
     fn content_disposition_keeps_non_ascii_names() {

@@ -127,6 +127,8 @@ impl From<AppError> for ApiError {
             AppError::Storage(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Self::new(StatusCode::CONFLICT, "conflict", "an asset with this uuid already exists")
             }
+            // The S3 bucket out of reach: retry later, as with the database.
+            AppError::Storage(e) if crate::blobs::is_backend_unavailable(&e) => Self::unavailable(e),
             // ENOSPC / EDQUOT: the disk is full, which is 507 in API.md.
             AppError::Storage(e) if matches!(e.raw_os_error(), Some(28) | Some(122)) => {
                 Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", "no space left to store the upload")

@@ -20,27 +20,31 @@ pub fn health() -> warp::reply::Response {
     warp::reply::json(&json!({"status": "ok"})).into_response()
 }
 
-/// Ready to serve requests: Postgres answers. The broker's state is reported too
+/// Ready to serve requests: Postgres answers, and so does the S3 bucket when blobs are
+/// there (`blobs`: ok, unreachable, or local). The broker's state is reported too
 /// (`broker`: up, connecting or disabled; `relay`, `commands`, `workers`: up, standby,
 /// connecting or disabled) but does not make this 503: requests succeed without it,
 /// and events wait in Postgres for the relay.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
-    (status = 200, description = "the database answers"),
-    (status = 503, description = "the database is down"),
+    (status = 200, description = "the database (and the S3 bucket) answer"),
+    (status = 503, description = "the database or the S3 bucket is down"),
 ))]
 pub async fn ready(ctx: Context) -> warp::reply::Response {
-    let database_ok = ctx.app.database_ready().await;
+    let (database_ok, blobs) = tokio::join!(ctx.app.database_ready(), ctx.app.blobs.ready());
+    let blobs_ok = blobs != Some(false);
+    let ready = database_ok && blobs_ok;
     let body = json!({
-        "status": if database_ok { "ready" } else { "unavailable" },
+        "status": if ready { "ready" } else { "unavailable" },
         "checks": {
             "database": if database_ok { "ok" } else { "unreachable" },
+            "blobs": match blobs { None => "local", Some(true) => "ok", Some(false) => "unreachable" },
             "broker": ctx.app.messaging.broker().as_str(),
             "relay": ctx.app.messaging.relay().as_str(),
             "commands": ctx.app.messaging.commands().as_str(),
             "workers": ctx.app.messaging.workers().as_str(),
         },
     });
-    if database_ok {
+    if ready {
         return warp::reply::json(&body).into_response();
     }
     // Not ready is an error answer too: the error shape (with the request id) beside
@@ -48,7 +52,7 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
     let mut body = body;
     body["error"] = json!({
         "code": "unavailable",
-        "message": "the database is unreachable",
+        "message": if database_ok { "the blob store is unreachable" } else { "the database is unreachable" },
         "request_id": super::request_id::current(),
     });
     let mut response =

@@ -201,9 +201,9 @@ async fn upload(
         return Err(ApiError::too_large(max));
     }
 
-    let (plan, file) = receive_form(body, meter, boundary, &principal, &ctx).await?;
-
     let asset_uuid = Uuid::new_v4();
+    let (plan, file) = receive_form(body, meter, boundary, &principal, &ctx, asset_uuid).await?;
+
     let asset_type =
         plan.asset_type.or(file.part_type).unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
     let command = CommandContext::for_request(&principal, &request_id);
@@ -212,7 +212,7 @@ async fn upload(
     let info = ctx
         .app
         .run_to_completion(async move {
-            app.store_upload(&principal, &command, file.blob, asset_uuid, |stored| AssetUploaded {
+            app.store_upload(&principal, &command, file.blob, |stored| AssetUploaded {
                 asset_uuid,
                 id_session: plan.id_session,
                 asset_name: plan.asset_name,
@@ -227,6 +227,7 @@ async fn upload(
                 metadata: plan.metadata,
                 asset_creator: plan.creator,
                 asset_source: AssetSource::Upload,
+                blob: Some(stored.location),
             })
             .await
         })
@@ -249,6 +250,7 @@ async fn receive_form<B: Buf + Send + 'static>(
     boundary: String,
     principal: &Principal,
     ctx: &Context,
+    asset_uuid: Uuid,
 ) -> Result<(UploadPlan, ReceivedFile), ApiError> {
     let max = ctx.settings.max_upload_size;
     let limits = multer::SizeLimit::new()
@@ -287,7 +289,7 @@ async fn receive_form<B: Buf + Send + 'static>(
                     .content_type()
                     .filter(|m| m.essence_str() != "application/octet-stream")
                     .and_then(|m| MediaType::parse(m.as_ref()).ok());
-                let mut blob = ctx.app.blobs.create_temp();
+                let mut blob = ctx.app.blobs.create_temp(asset_uuid);
                 let storage = |e| ApiError::from(AppError::Storage(e));
                 loop {
                     let next = field.chunk();
@@ -533,6 +535,7 @@ mod tests {
                     metadata: plan.metadata,
                     asset_creator: plan.creator,
                     asset_source: AssetSource::Upload,
+                    blob: None,
                 });
                 // Through text, as the event store keeps it.
                 let stored: serde_json::Value = serde_json::from_str(&event.to_data().to_string()).unwrap();

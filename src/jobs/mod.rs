@@ -432,7 +432,7 @@ impl Worker {
         let url =
             loaded.url.as_deref().ok_or_else(|| FetchError::permanent("the job's source URL is not on record"))?;
         let url: url::Url = url.parse().map_err(|_| FetchError::permanent("the job's source URL is invalid"))?;
-        let mut blob = self.app.blobs.create_temp();
+        let mut blob = self.app.blobs.create_temp(crate::domain::job::asset_uuid_of(queued.job_uuid));
         let fetched = self.config.fetcher.fetch(&url, &mut blob, progress, cancel).await?;
         let stored = blob.seal().await.map_err(|e| FetchError::passing(format!("storing the bytes: {e}")))?;
         if let Some(expected) = spec.sha256.as_ref().filter(|expected| **expected != stored.sha256) {

@@ -159,6 +159,8 @@ struct AssetRow {
     asset_source: String,
     asset_version: i64,
     created_position: i64,
+    blob_backend: &'static str,
+    blob_key: String,
 }
 
 impl AssetRow {
@@ -182,13 +184,15 @@ impl AssetRow {
             asset_source: a.asset_source.as_str().to_owned(),
             asset_version: event.version,
             created_position: event.position,
+            blob_backend: a.blob_location().backend.as_str(),
+            blob_key: a.blob_location().key,
         }
     }
 
     const COLUMNS: &'static str = "asset_uuid, id_session, asset_name, asset_original_filename, asset_type, \
         asset_file_size, asset_sha256, asset_datetime, directory, tags, metadata, asset_status, asset_created_at, \
-        creator_kind, creator_uuid, asset_source, asset_version, created_position";
-    const TYPES: [Type; 18] = [
+        creator_kind, creator_uuid, asset_source, asset_version, created_position, blob_backend, blob_key";
+    const TYPES: [Type; 20] = [
         Type::UUID,
         Type::INT8,
         Type::TEXT,
@@ -207,9 +211,11 @@ impl AssetRow {
         Type::TEXT,
         Type::INT8,
         Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
     ];
 
-    fn values(&self) -> [&(dyn ToSql + Sync); 18] {
+    fn values(&self) -> [&(dyn ToSql + Sync); 20] {
         [
             &self.asset_uuid,
             &self.id_session,
@@ -229,6 +235,8 @@ impl AssetRow {
             &self.asset_source,
             &self.asset_version,
             &self.created_position,
+            &self.blob_backend,
+            &self.blob_key,
         ]
     }
 }
@@ -276,7 +284,7 @@ async fn apply_asset(
             };
             let statement = client
                 .prepare_cached(&format!(
-                    "INSERT INTO assets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                    "INSERT INTO assets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
                     AssetRow::COLUMNS
                 ))
                 .await?;

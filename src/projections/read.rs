@@ -5,6 +5,8 @@ use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::domain::blob::{BackendKind, BlobLocation};
+
 use crate::domain::names::SessionId;
 use crate::domain::principal::{Actor, PrincipalKind};
 use crate::domain::session::SessionDetails;
@@ -78,11 +80,20 @@ pub struct AssetInfo {
     /// The global position of the event that created the asset.
     #[serde(skip)]
     pub created_position: i64,
+    /// Where the bytes are (internal: never in answers).
+    #[serde(skip)]
+    pub blob: Option<BlobLocation>,
 }
 
 impl AssetInfo {
     pub fn is_available(&self) -> bool {
         self.asset_status == "available"
+    }
+
+    /// Where the asset's bytes are: as recorded, else (recorded before backends were)
+    /// on the local backend at the uuid's key.
+    pub fn blob_location(&self) -> BlobLocation {
+        self.blob.clone().unwrap_or_else(|| BlobLocation::new(BackendKind::Local, self.asset_uuid))
     }
 }
 
@@ -107,7 +118,7 @@ fn session_from_row(row: &tokio_postgres::Row) -> Result<SessionInfo, tokio_post
 
 const ASSET_COLUMNS: &str = "asset_uuid, id_session, asset_name, asset_original_filename, asset_type, asset_file_size, \
     asset_sha256, asset_datetime, directory, tags, metadata, asset_status, asset_created_at, creator_kind, creator_uuid, \
-    asset_source, asset_version, created_position";
+    asset_source, asset_version, created_position, blob_backend, blob_key";
 
 fn asset_from_row(row: &tokio_postgres::Row) -> Result<AssetInfo, tokio_postgres::Error> {
     let tags: serde_json::Value = row.try_get(9)?;
@@ -137,6 +148,13 @@ fn asset_from_row(row: &tokio_postgres::Row) -> Result<AssetInfo, tokio_postgres
         asset_source: row.try_get(15)?,
         asset_version: row.try_get(16)?,
         created_position: row.try_get(17)?,
+        blob: match (
+            row.try_get::<_, Option<&str>>(18)?.and_then(BackendKind::parse),
+            row.try_get::<_, Option<String>>(19)?,
+        ) {
+            (Some(backend), Some(key)) => Some(BlobLocation { backend, key }),
+            _ => None,
+        },
     })
 }
 
@@ -217,13 +235,28 @@ pub async fn session_assets(
 }
 
 /// Uuids of a session's live assets (for deleting them with the session).
-pub async fn live_asset_uuids(client: &impl GenericClient, id: SessionId) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+pub async fn live_asset_uuids(
+    client: &impl GenericClient,
+    id: SessionId,
+) -> Result<Vec<(Uuid, BlobLocation)>, tokio_postgres::Error> {
     let statement = client
         .prepare_cached(
-            "SELECT asset_uuid FROM assets WHERE id_session = $1 AND asset_status = 'available' ORDER BY asset_uuid",
+            "SELECT asset_uuid, blob_backend, blob_key FROM assets WHERE id_session = $1 AND asset_status = 'available' \
+             ORDER BY asset_uuid",
         )
         .await?;
-    client.query(&statement, &[&id.get()]).await?.iter().map(|row| row.try_get(0)).collect()
+    let rows = client.query(&statement, &[&id.get()]).await?;
+    rows.iter()
+        .map(|row| {
+            let uuid: Uuid = row.try_get(0)?;
+            let backend = row.try_get::<_, Option<&str>>(1)?.and_then(BackendKind::parse);
+            let location = match (backend, row.try_get::<_, Option<String>>(2)?) {
+                (Some(backend), Some(key)) => BlobLocation { backend, key },
+                _ => BlobLocation::new(BackendKind::Local, uuid),
+            };
+            Ok((uuid, location))
+        })
+        .collect()
 }
 
 /// The sessions that are registered among `ids`, holding a share lock on their rows

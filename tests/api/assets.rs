@@ -5,11 +5,10 @@ use assetd::domain::principal::{Principal, PrincipalKind};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{assert_error, pseudo_random_bytes, sha256_hex, TestApp};
+use crate::helpers::{assert_error, pseudo_random_bytes, sha256_hex, Backend, TestApp};
 
-#[tokio::test]
-async fn upload_download_rename_delete_round_trip_with_events() {
-    let app = TestApp::spawn().await;
+async fn upload_download_rename_delete_round_trip_with_events(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (user, token) = app.session_with_user(1).await;
     let bytes = pseudo_random_bytes(1, 300_000);
     let response = app
@@ -77,7 +76,7 @@ async fn upload_download_rename_delete_round_trip_with_events() {
     assert_eq!(deleted.status(), 200);
     assert_error(app.get(&token, &format!("/api/assets?asset_uuid={uuid}")).await, 404, "not_found").await;
     assert_error(app.delete(&token, &format!("/api/assets?uuid={uuid}")).await, 404, "not_found").await;
-    assert!(!app.ctx.app.blobs.path(uuid.parse().unwrap()).exists(), "bytes removed after the event");
+    assert!(!app.blob_exists(uuid.parse().unwrap()).await, "bytes removed after the event");
     let infos: Value = app.get(&token, &format!("/api/assets/infos?asset_uuid={uuid}")).await.json().await.unwrap();
     assert_eq!(infos["asset_status"], "deleted");
 
@@ -95,9 +94,8 @@ async fn upload_download_rename_delete_round_trip_with_events() {
     assert_eq!(history[1]["data"]["previous_filename"], "name.zip");
 }
 
-#[tokio::test]
-async fn ranges_and_conditional_requests() {
-    let app = TestApp::spawn().await;
+async fn ranges_and_conditional_requests(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let bytes = pseudo_random_bytes(2, 1000);
     let info = app.upload_ok(&token, 1, "r.bin", &bytes).await;
@@ -145,9 +143,8 @@ async fn ranges_and_conditional_requests() {
     assert_eq!(fresh_if_range.status(), 206);
 }
 
-#[tokio::test]
-async fn access_tokens_open_one_asset_to_callers_without_session_access() {
-    let app = TestApp::spawn().await;
+async fn access_tokens_open_one_asset_to_callers_without_session_access(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (user, token) = app.session_with_user(1).await;
     let info = app.upload_ok(&token, 1, "x.txt", b"secret").await;
     let other = app.upload_ok(&token, 1, "y.txt", b"other").await;
@@ -223,9 +220,8 @@ async fn access_tokens_open_one_asset_to_callers_without_session_access() {
     );
 }
 
-#[tokio::test]
-async fn services_upload_on_behalf_of_a_named_creator() {
-    let app = TestApp::spawn().await;
+async fn services_upload_on_behalf_of_a_named_creator(backend: Backend) {
+    let app = TestApp::on(backend).await;
     app.session_with_user(1).await;
     let service = app.service_token();
     let participant = Uuid::new_v4();
@@ -254,9 +250,8 @@ async fn services_upload_on_behalf_of_a_named_creator() {
     assert_error(two, 422, "invalid_field").await;
 }
 
-#[tokio::test]
-async fn non_members_cannot_reach_a_sessions_assets_but_superadmins_can() {
-    let app = TestApp::spawn().await;
+async fn non_members_cannot_reach_a_sessions_assets_but_superadmins_can(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let info = app.upload_ok(&token, 1, "a.txt", b"a").await;
     let uuid = info["asset_uuid"].as_str().unwrap();
@@ -290,9 +285,8 @@ async fn non_members_cannot_reach_a_sessions_assets_but_superadmins_can() {
     );
 }
 
-#[tokio::test]
-async fn asset_types_come_from_file_asset_then_the_part_then_the_name() {
-    let app = TestApp::spawn().await;
+async fn asset_types_come_from_file_asset_then_the_part_then_the_name(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let explicit = app
         .upload(
@@ -317,9 +311,8 @@ async fn asset_types_come_from_file_asset_then_the_part_then_the_name() {
     assert_eq!(unknown.json::<Value>().await.unwrap()["asset_type"], "application/octet-stream");
 }
 
-#[tokio::test]
-async fn empty_files_and_a_file_part_before_file_asset_are_accepted() {
-    let app = TestApp::spawn().await;
+async fn empty_files_and_a_file_part_before_file_asset_are_accepted(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let empty = app.upload_ok(&token, 1, "empty.txt", b"").await;
     assert_eq!(empty["asset_file_size"], 0);
@@ -336,9 +329,8 @@ async fn empty_files_and_a_file_part_before_file_asset_are_accepted() {
 }
 
 /// Concurrent commands on one stream queue up instead of failing with 409.
-#[tokio::test]
-async fn concurrent_commands_on_one_asset_or_session_all_succeed() {
-    let app = TestApp::spawn().await;
+async fn concurrent_commands_on_one_asset_or_session_all_succeed(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let info = app.upload_ok(&token, 1, "a.txt", b"a").await;
     let uuid = info["asset_uuid"].as_str().unwrap().to_owned();
@@ -364,10 +356,12 @@ async fn concurrent_commands_on_one_asset_or_session_all_succeed() {
 }
 
 /// With ASSETD_PUBLIC_URL set, answer URLs ignore what the client says its host is.
-#[tokio::test]
-async fn a_configured_public_url_is_not_overridden_by_request_headers() {
-    let options =
-        crate::helpers::TestOptions { public_url: Some("https://files.example.org".into()), ..Default::default() };
+async fn a_configured_public_url_is_not_overridden_by_request_headers(backend: Backend) {
+    let options = crate::helpers::TestOptions {
+        public_url: Some("https://files.example.org".into()),
+        backend,
+        ..Default::default()
+    };
     let app = TestApp::spawn_with(options).await;
     let (_, token) = app.session_with_user(1).await;
     let form = reqwest::multipart::Form::new()
@@ -392,9 +386,8 @@ async fn a_configured_public_url_is_not_overridden_by_request_headers() {
 /// The `AssetUploaded` event and the asset's info say the same `asset_datetime`: the
 /// upload time when none is given, a leap second as the next second, to the microsecond;
 /// one that rolls over into the year 10000 is refused.
-#[tokio::test]
-async fn the_event_and_the_info_agree_on_the_asset_datetime() {
-    let app = TestApp::spawn().await;
+async fn the_event_and_the_info_agree_on_the_asset_datetime(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     for (given, shown) in [
         (None, None),
@@ -440,9 +433,8 @@ async fn the_event_and_the_info_agree_on_the_asset_datetime() {
 /// them as exact decimals (1.7976931348623157e308 as 309 digits), which must read back
 /// to the same f64, not overflow (found by schemathesis: the upload's events could not be
 /// read back, and the whole batch failed with 503).
-#[tokio::test]
-async fn metadata_numbers_at_the_ends_of_f64_come_back_as_sent() {
-    let app = TestApp::spawn().await;
+async fn metadata_numbers_at_the_ends_of_f64_come_back_as_sent(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let metadata = json!({
         "max": f64::MAX, "lowest": f64::MIN, "big": 1.7900647685940498e261,
@@ -460,3 +452,17 @@ async fn metadata_numbers_at_the_ends_of_f64_come_back_as_sent() {
     let history: Value = app.get(&token, &format!("/api/assets/{uuid}/events")).await.json().await.unwrap();
     assert_eq!(history[0]["data"]["metadata"], metadata);
 }
+
+on_both_backends!(
+    upload_download_rename_delete_round_trip_with_events,
+    ranges_and_conditional_requests,
+    access_tokens_open_one_asset_to_callers_without_session_access,
+    services_upload_on_behalf_of_a_named_creator,
+    non_members_cannot_reach_a_sessions_assets_but_superadmins_can,
+    asset_types_come_from_file_asset_then_the_part_then_the_name,
+    empty_files_and_a_file_part_before_file_asset_are_accepted,
+    concurrent_commands_on_one_asset_or_session_all_succeed,
+    a_configured_public_url_is_not_overridden_by_request_headers,
+    the_event_and_the_info_agree_on_the_asset_datetime,
+    metadata_numbers_at_the_ends_of_f64_come_back_as_sent,
+);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{assert_error, TestApp, TestOptions};
+use crate::helpers::{assert_error, Backend, TestApp, TestOptions};
 
 const BOUNDARY: &str = "----assetd-test-boundary";
 
@@ -65,9 +65,8 @@ async fn post_streamed(app: &TestApp, token: &str, chunks: Vec<Result<Vec<u8>, s
 
 const GOOD_FILE_ASSET: &str = r#"{"id_session": 1, "asset_name": "Asset Name"}"#;
 
-#[tokio::test]
-async fn malformed_forms_are_refused_and_leave_nothing() {
-    let app = TestApp::spawn().await;
+async fn malformed_forms_are_refused_and_leave_nothing(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
     let content = vec![7u8; 200_000];
@@ -321,9 +320,9 @@ async fn wrong_content_types_get_415() {
     assert_eq!(app.footprint().await, before);
 }
 
-#[tokio::test]
-async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
-    let app = TestApp::spawn_with(TestOptions { max_upload_size: Some(1024 * 1024), ..Default::default() }).await;
+async fn bodies_over_the_limit_get_413_whether_declared_or_streamed(backend: Backend) {
+    let app =
+        TestApp::spawn_with(TestOptions { max_upload_size: Some(1024 * 1024), backend, ..Default::default() }).await;
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
 
@@ -353,9 +352,8 @@ async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
     assert_eq!(fits.status(), 200);
 }
 
-#[tokio::test]
-async fn a_client_disconnecting_mid_upload_leaves_nothing() {
-    let app = TestApp::spawn().await;
+async fn a_client_disconnecting_mid_upload_leaves_nothing(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
 
@@ -393,11 +391,56 @@ async fn a_client_disconnecting_mid_upload_leaves_nothing() {
     );
 }
 
+/// S3: a client that goes away after several parts were sent leaves no object and no
+/// multipart upload open in the bucket (nothing billed), and no temporary file.
+#[tokio::test]
+async fn a_failed_multipart_upload_leaves_no_object_and_no_pending_upload() {
+    let app = TestApp::on(Backend::S3).await;
+    let bucket = app.bucket.as_ref().unwrap();
+    let (_, token) = app.session_with_user(1).await;
+    let before = app.footprint().await;
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n"
+    );
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "POST /file/api/assets HTTP/1.1\r\nHost: {}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
+        app.addr,
+        64 * 1024 * 1024
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Two and a half parts (5 MiB each in the tests): two are sent while the rest arrives.
+    for _ in 0..(25 * 16) {
+        stream.write_all(&[9u8; 32 * 1024]).await.unwrap();
+    }
+    stream.flush().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while bucket.pending_multipart_uploads().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no multipart upload was started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stream);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while app.footprint().await != before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.footprint().await, before, "no asset, event or temporary file is left");
+    assert_eq!(bucket.pending_multipart_uploads().await, vec![], "the multipart upload was aborted");
+    assert_eq!(bucket.object_keys().await, Vec::<String>::new(), "no object was made");
+    assert_eq!(
+        app.upload(&token, &json!({"id_session": 1, "asset_name": "ok"}), "ok.bin", vec![1; 6 << 20]).await.status(),
+        200,
+        "the server still takes uploads, multipart ones too"
+    );
+    assert_eq!(bucket.pending_multipart_uploads().await, vec![], "a completed upload leaves none open");
+    assert_eq!(bucket.object_keys().await.len(), 1);
+}
+
 /// Many uploads cut off at once, at different points: every one gives back its
 /// temporary file and its memory, and the server goes on answering.
-#[tokio::test]
-async fn many_concurrent_disconnecting_uploads_leave_nothing_and_memory_comes_back() {
-    let app = TestApp::spawn().await;
+async fn many_concurrent_disconnecting_uploads_leave_nothing_and_memory_comes_back(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
     let budget = app.ctx.app.blobs.budget().clone();
@@ -438,9 +481,8 @@ async fn many_concurrent_disconnecting_uploads_leave_nothing_and_memory_comes_ba
     assert_eq!(ok.status(), 200, "the server still takes uploads");
 }
 
-#[tokio::test]
-async fn garbage_requests_get_json_errors_not_500s() {
-    let app = TestApp::spawn().await;
+async fn garbage_requests_get_json_errors_not_500s(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     assert_error(app.get(&token, "/api/assets").await, 400, "missing_parameter").await;
     assert_error(app.get(&token, "/api/assets?asset_uuid=nope").await, 400, "invalid_parameter").await;
@@ -505,9 +547,9 @@ async fn a_preamble_without_delimiters_is_cut_off() {
 }
 
 /// A client that stops sending mid-upload gets 408 and leaves nothing.
-#[tokio::test]
-async fn a_stalled_upload_times_out_with_408() {
-    let app = TestApp::spawn_with(TestOptions { body_idle_timeout_seconds: Some(1), ..Default::default() }).await;
+async fn a_stalled_upload_times_out_with_408(backend: Backend) {
+    let app =
+        TestApp::spawn_with(TestOptions { body_idle_timeout_seconds: Some(1), backend, ..Default::default() }).await;
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
     let head = format!(
@@ -527,9 +569,8 @@ async fn a_stalled_upload_times_out_with_408() {
 }
 
 /// RFC 5987 names are read; parameters that merely contain "filename" are not names.
-#[tokio::test]
-async fn extended_filenames_are_understood() {
-    let app = TestApp::spawn().await;
+async fn extended_filenames_are_understood(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let part = |disposition: &str| {
         (format!("Content-Disposition: form-data; name=\"file\"; {disposition}").into_bytes(), b"x".to_vec())
@@ -558,3 +599,13 @@ async fn extended_filenames_are_understood() {
         post_raw(&app, &token, &[file_asset_part(GOOD_FILE_ASSET), part("filename*=KOI8-R''%E9.txt")]).await;
     assert_error(unknown_charset, 422, "invalid_field").await;
 }
+
+on_both_backends!(
+    malformed_forms_are_refused_and_leave_nothing,
+    bodies_over_the_limit_get_413_whether_declared_or_streamed,
+    a_client_disconnecting_mid_upload_leaves_nothing,
+    many_concurrent_disconnecting_uploads_leave_nothing_and_memory_comes_back,
+    a_stalled_upload_times_out_with_408,
+    extended_filenames_are_understood,
+    garbage_requests_get_json_errors_not_500s,
+);

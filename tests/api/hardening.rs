@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{assert_error, TestApp};
+use crate::helpers::{assert_error, Backend, TestApp};
 use assetd::domain::principal::{Principal, PrincipalKind};
 
 /// Uploads with `file_asset` sent as this exact text (which need not be valid JSON).
@@ -91,9 +91,8 @@ fn hostile_file_assets(id_session: i64) -> Vec<String> {
     cases
 }
 
-#[tokio::test]
-async fn hostile_uploads_fail_only_themselves_and_what_is_stored_reads_back() {
-    let app = TestApp::spawn().await;
+async fn hostile_uploads_fail_only_themselves_and_what_is_stored_reads_back(backend: Backend) {
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let hostile = hostile_file_assets(1);
     let rounds = 3;
@@ -391,10 +390,9 @@ fn mutate(mut body: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
 /// The multipart reader and `file_asset` parsing, fuzzed through the real server:
 /// damaged bodies get a 200 or a JSON 4xx, never a 5xx or a hang, and leave no temp file
 /// and no asset behind unless they were answered 200.
-#[tokio::test]
-async fn damaged_multipart_bodies_get_json_answers_and_leave_nothing_behind() {
+async fn damaged_multipart_bodies_get_json_answers_and_leave_nothing_behind(backend: Backend) {
     use proptest::strategy::{Strategy, ValueTree};
-    let app = TestApp::spawn().await;
+    let app = TestApp::on(backend).await;
     let (_, token) = app.session_with_user(1).await;
     let valid =
         multipart_body("B0undary", r#"{"id_session":1,"asset_name":"fuzz","metadata":{"a":[1.5,"x"]}}"#, &[7; 200]);
@@ -426,3 +424,8 @@ async fn damaged_multipart_bodies_get_json_answers_and_leave_nothing_behind() {
     assert_eq!((assets, blobs), (stored, stored as usize), "only what was answered 200 is stored");
     assert_eq!(temp_files, 0, "no temp file is left behind");
 }
+
+on_both_backends!(
+    hostile_uploads_fail_only_themselves_and_what_is_stored_reads_back,
+    damaged_multipart_bodies_get_json_answers_and_leave_nothing_behind,
+);

@@ -243,6 +243,17 @@ pub struct TestOptions {
     pub proxied_database: bool,
     /// Jobs and imports (defaults otherwise).
     pub jobs: Option<assetd::config::JobsConfig>,
+    /// Where blobs go (the local backend by default).
+    pub backend: Backend,
+}
+
+/// The blob backends the asset suite runs on (see [`on_both_backends!`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    #[default]
+    Local,
+    /// A bucket of its own on the test S3 server (moto, started by scripts/test).
+    S3,
 }
 
 pub struct TestApp {
@@ -255,10 +266,15 @@ pub struct TestApp {
     pub db: TestDatabase,
     /// With [`TestOptions::proxied_database`]: what stands between assetd and its database.
     pub database_proxy: Option<DatabaseProxy>,
+    /// With [`Backend::S3`]: the test's bucket.
+    pub bucket: Option<crate::s3::TestBucket>,
 }
 
 pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) -> ServeConfig {
     ServeConfig {
+        blobs: "local".into(),
+        // The smallest part S3 allows, so that a few MiB already make a multipart upload.
+        s3: assetd::config::S3Settings { part_size: 5 << 20, ..Default::default() },
         database: DatabaseConfig { database_url: database_url.to_owned(), database_pool_size: 16 },
         listen: "127.0.0.1:0".parse().unwrap(),
         base_path: "/file".into(),
@@ -299,7 +315,22 @@ impl TestApp {
             Some(proxy) => proxy.url(&db.name),
             None => db.url.clone(),
         };
-        let config = serve_config(&database_url, data_dir.path(), &options);
+        let mut config = serve_config(&database_url, data_dir.path(), &options);
+        let bucket = match options.backend {
+            Backend::Local => None,
+            Backend::S3 => {
+                let bucket = crate::s3::TestBucket::create().await;
+                // The same values in every test (only the bucket differs, in ASSETD_BLOBS),
+                // so tests running side by side in one process agree on them.
+                for (name, value) in bucket.env("assets") {
+                    match name.as_str() {
+                        "ASSETD_BLOBS" => config.blobs = value,
+                        _ => std::env::set_var(name, value),
+                    }
+                }
+                Some(bucket)
+            }
+        };
         let ctx = build_context(&config).await.expect("building the app");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -313,7 +344,31 @@ impl TestApp {
             data_dir,
             db,
             database_proxy,
+            bucket,
         }
+    }
+
+    /// A server on `backend`, otherwise as [`TestApp::spawn`].
+    pub async fn on(backend: Backend) -> Self {
+        Self::spawn_with(TestOptions { backend, ..Default::default() }).await
+    }
+
+    /// Blobs in the store new blobs go to (files under `blobs/`, or the bucket's objects
+    /// and the multipart uploads left open in it: a failed upload leaves neither).
+    pub async fn blob_count(&self) -> usize {
+        use futures::TryStreamExt;
+        let listing = self.ctx.app.blobs.writer_backend().list();
+        let blobs = listing.try_collect::<Vec<_>>().await.expect("listing the blobs").len();
+        match &self.bucket {
+            Some(bucket) => blobs + bucket.pending_multipart_uploads().await.len(),
+            None => blobs,
+        }
+    }
+
+    /// Whether the blob of asset `uuid` exists where its event put it.
+    pub async fn blob_exists(&self, uuid: Uuid) -> bool {
+        let location = self.ctx.app.blobs.location_for(uuid);
+        self.ctx.app.blobs.stat(&location).await.expect("stat of a blob").is_some()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -450,7 +505,7 @@ impl TestApp {
             self.event_count().await,
             self.scalar("SELECT count(*) FROM assets").await,
             Self::files_under(&self.tmp_dir()),
-            Self::files_under(&self.data_dir.path().join("blobs")),
+            self.blob_count().await,
         )
     }
 }
@@ -514,11 +569,11 @@ pub async fn store_upload_via(
     use assetd::domain::names::{AssetName, Directory, FileName, MediaType, SessionId, Tags};
     use assetd::domain::principal::Actor;
 
-    let mut blob = app.blobs.create_temp();
+    let mut blob = app.blobs.create_temp(asset_uuid);
     blob.write(bytes::Bytes::copy_from_slice(asset_uuid.as_bytes())).await.unwrap();
     let context =
         CommandContext { actor: principal.actor(), request_id: "r".into(), correlation_id: "r".into(), message: None };
-    app.store_upload(principal, &context, blob, asset_uuid, |stored| AssetUploaded {
+    app.store_upload(principal, &context, blob, |stored| AssetUploaded {
         asset_uuid,
         id_session: SessionId::new(id_session).unwrap(),
         asset_name: AssetName::parse("n").unwrap(),
@@ -532,6 +587,27 @@ pub async fn store_upload_via(
         metadata: Default::default(),
         asset_creator: Actor { kind: principal.kind, uuid: principal.uuid },
         asset_source: AssetSource::Upload,
+        blob: Some(stored.location),
     })
     .await
+}
+
+/// Runs each named test function (taking a [`Backend`]) once per blob backend, as the
+/// tests `<name>::local` and `<name>::s3`: the asset suite holds on both.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn local() {
+                    super::$name($crate::helpers::Backend::Local).await
+                }
+
+                #[tokio::test]
+                async fn s3() {
+                    super::$name($crate::helpers::Backend::S3).await
+                }
+            }
+        )*
+    };
 }

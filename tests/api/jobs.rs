@@ -956,9 +956,9 @@ fn system_ctx(job: Uuid) -> assetd::app::CommandContext {
     }
 }
 
-/// `bytes`, complete and durable in a temporary file of `app`'s store.
-async fn sealed(app: &assetd::app::App, bytes: &[u8]) -> assetd::blobs::SealedBlob {
-    let mut blob = app.blobs.create_temp();
+/// `bytes` for the asset of `job`, complete and durable in a temporary file of `app`'s store.
+async fn sealed(app: &assetd::app::App, job: Uuid, bytes: &[u8]) -> assetd::blobs::SealedBlob {
+    let mut blob = app.blobs.create_temp(assetd::domain::job::asset_uuid_of(job));
     blob.write(bytes::Bytes::copy_from_slice(bytes)).await.unwrap();
     blob.seal().await.unwrap()
 }
@@ -978,7 +978,7 @@ async fn a_stale_attempt_never_touches_the_asset_and_leftovers_go_with_jobs_that
         accepted["job_uuid"].as_str().unwrap().parse::<Uuid>().unwrap()
     };
     let leave_bytes = |job: Uuid, bytes: &[u8]| {
-        let path = app.blobs.path(asset_uuid_of(job));
+        let path = app.blobs.local().path(asset_uuid_of(job));
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, bytes).unwrap();
         path
@@ -995,12 +995,12 @@ async fn a_stale_attempt_never_touches_the_asset_and_leftovers_go_with_jobs_that
     app.start_job(&ctx, job, 2, "fresh", now + minute).await.unwrap();
     let path = leave_bytes(job, b"a crashed attempt's bytes");
     let loaded = app.load_job(job).await.unwrap();
-    let fresh = sealed(app, b"attempt 2's bytes").await;
+    let fresh = sealed(app, job, b"attempt 2's bytes").await;
     let imported = loaded.imported_asset(&fresh, Some("fresh.bin"), None).unwrap();
     app.import_succeeded(&ctx, job, 2, imported, fresh).await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"attempt 2's bytes", "the leftover was replaced");
     // The stale attempt ends later, with other bytes: refused, and the asset keeps its own.
-    let stale = sealed(app, b"attempt 1's late bytes").await;
+    let stale = sealed(app, job, b"attempt 1's late bytes").await;
     let imported = loaded.imported_asset(&stale, None, None).unwrap();
     assert!(is_conflict(&app.import_succeeded(&ctx, job, 1, imported, stale).await));
     app.discard_import_bytes(job).await;
@@ -1039,7 +1039,7 @@ async fn deleting_a_session_while_its_imports_finish_never_fails_and_leaves_no_a
         let ctx = system_ctx(job);
         app.start_job(&ctx, job, 1, "w", chrono::Utc::now() + chrono::Duration::seconds(60)).await.unwrap();
         let loaded = app.load_job(job).await.unwrap();
-        let bytes = sealed(app, format!("session {id}").as_bytes()).await;
+        let bytes = sealed(app, job, format!("session {id}").as_bytes()).await;
         let imported = loaded.imported_asset(&bytes, None, None).unwrap();
         let session_path = format!("/api/sessions/{id}");
         let (finished, deleted) = tokio::join!(

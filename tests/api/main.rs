@@ -2,6 +2,9 @@
 //! per area of the contract. Every test builds its own `TestApp` (database, data dir,
 //! port), so they run in parallel and can run again.
 
+#[macro_use]
+mod helpers;
+
 mod assets;
 mod auth;
 mod bad_input;
@@ -11,10 +14,10 @@ mod database_outage;
 mod error_shape;
 mod eventstore;
 mod hardening;
-mod helpers;
 mod jobs;
 mod nginx;
 mod ops;
 mod relay;
 mod replay;
+mod s3;
 mod sessions;

@@ -19,27 +19,43 @@ pub struct Nginx {
     _dir: tempfile::TempDir,
 }
 
+/// The template's one upstream line, which the tests replace with their servers.
+const UPSTREAM_LINE: &str = "server {{upstream}};";
+
 impl Nginx {
     /// Starts nginx and waits until assetd answers through it.
     pub async fn start(upstream: std::net::SocketAddr, blob_dir: &Path) -> Self {
-        let nginx = Self::start_unchecked(upstream, blob_dir).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while reqwest::get(format!("{}/health", nginx.base)).await.map(|r| r.status() != 200).unwrap_or(true) {
-            assert!(tokio::time::Instant::now() < deadline, "assetd does not answer through nginx");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        nginx
+        Self::start_unchecked(upstream, blob_dir).await.until_healthy().await
     }
 
     /// Starts nginx and waits until it listens, whatever is behind it.
     pub async fn start_unchecked(upstream: std::net::SocketAddr, blob_dir: &Path) -> Self {
+        Self::launch(&[upstream], "", blob_dir).await
+    }
+
+    /// Starts nginx in front of several assetd processes (the template's multi-process
+    /// setup: each skipped for 5 s after one failure) and waits until assetd answers
+    /// through it.
+    pub async fn start_cluster(upstreams: &[std::net::SocketAddr], blob_dir: &Path) -> Self {
+        assert!(!upstreams.is_empty(), "a cluster has at least one process");
+        Self::launch(upstreams, " max_fails=1 fail_timeout=5s", blob_dir).await.until_healthy().await
+    }
+
+    /// Renders `nginx/assetd.conf` with one `server <addr><options>;` line per upstream,
+    /// starts nginx on it and waits until it listens.
+    async fn launch(upstreams: &[std::net::SocketAddr], options: &str, blob_dir: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let template =
             std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("nginx/assetd.conf")).unwrap();
+        assert!(template.contains(UPSTREAM_LINE), "nginx/assetd.conf has the line `{UPSTREAM_LINE}`");
+        let servers: Vec<String> = upstreams.iter().map(|addr| format!("server {addr}{options};")).collect();
+        let listed: Vec<String> = upstreams.iter().map(|addr| addr.to_string()).collect();
         let config = template
+            .replace(UPSTREAM_LINE, &servers.join("\n        "))
+            // What is left of the placeholder is in the header comment.
+            .replace("{{upstream}}", &listed.join(", "))
             .replace("{{listen}}", &format!("127.0.0.1:{port}"))
-            .replace("{{upstream}}", &upstream.to_string())
             .replace("{{blob_dir}}", &blob_dir.display().to_string());
         assert!(!config.contains("{{"), "every placeholder is filled");
         for sub in ["logs", "tmp"] {
@@ -59,12 +75,24 @@ impl Nginx {
             .spawn()
             .expect("nginx is installed (scripts/test installs it)");
         let base = format!("http://127.0.0.1:{port}/file");
+        // Built now, so that nginx is stopped (Drop) if it never comes up.
+        let nginx = Self { base, child, _dir: dir };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
             assert!(tokio::time::Instant::now() < deadline, "nginx did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { base, child, _dir: dir }
+        nginx
+    }
+
+    /// Waits (20 s at most) until `/file/health` answers 200 through nginx.
+    async fn until_healthy(self) -> Self {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while reqwest::get(format!("{}/health", self.base)).await.map(|r| r.status() != 200).unwrap_or(true) {
+            assert!(tokio::time::Instant::now() < deadline, "assetd does not answer through nginx");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self
     }
 }
 
@@ -184,7 +212,7 @@ async fn round_trip(accel: bool) {
     assert_eq!(ranged.bytes().await.unwrap().as_ref(), &pseudo_random_bytes(2, 10)[..]);
 
     // The internal location is not reachable from outside.
-    let blob_path = assetd::blobs::BlobStore::relative_path(uuid.parse().unwrap());
+    let blob_path = assetd::blobs::key_for(uuid.parse().unwrap());
     let direct =
         reqwest::get(format!("{}/_assetd_blobs/{blob_path}", nginx.base.trim_end_matches("/file"))).await.unwrap();
     assert_eq!(direct.status(), 404);

@@ -1,6 +1,9 @@
 //! The outbox relay: every committed event reaches a consumer bound to the exchange.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -15,17 +18,23 @@ use uuid::Uuid;
 
 use assetd::broker::Broker;
 
-use crate::helpers::{amqp_url, assert_conforms, assert_event_conforms, never_stop, BrokerProxy, TestApp};
+use crate::helpers::{
+    amqp_url, assert_conforms, assert_event_conforms, never_stop, pseudo_random_bytes, sha256_hex, Backend,
+    BrokerProxy, TestApp,
+};
+use crate::nginx::Nginx;
+use crate::s3::TestBucket;
 
 /// A consumer on an exchange of the test's own, bound to everything.
-struct Listener {
+pub(crate) struct Listener {
     connection: Connection,
-    exchange: String,
+    /// `<prefix>.events`
+    pub(crate) exchange: String,
     consumer: lapin::Consumer,
 }
 
 impl Listener {
-    async fn bind() -> Self {
+    pub(crate) async fn bind() -> Self {
         let exchange = format!("assetd_test_{}.events", Uuid::new_v4().simple());
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
@@ -66,7 +75,7 @@ impl Listener {
     }
 
     /// Messages (routing key, message id, body) until `done` says so or 60 s pass.
-    async fn receive_until(
+    pub(crate) async fn receive_until(
         &mut self,
         mut done: impl FnMut(&[(String, String, Value)]) -> bool,
     ) -> Vec<(String, String, Value)> {
@@ -98,7 +107,7 @@ impl Listener {
         received
     }
 
-    async fn delete(self) {
+    pub(crate) async fn delete(self) {
         let channel = self.connection.create_channel().await.unwrap();
         let _ = channel.exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
         let _ = self.connection.close(200, "done".into()).await;
@@ -626,10 +635,17 @@ async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stre
         assert!(again.contains(id), "event {id} was unconfirmed at the kill and not published again");
     }
     received.extend(after_restart);
-    // Per stream, the first delivery of each event comes in version order.
+    assert_first_deliveries_in_stream_order(&received);
+    relay.process.start_kill().unwrap();
+    relay.listener.delete().await;
+}
+
+/// Per stream, the first delivery of each event comes in version order (later ones are
+/// the at-least-once copies a relay sends again after taking over from a dead one).
+fn assert_first_deliveries_in_stream_order(received: &[(String, String, Value)]) {
     let mut first_seen = HashSet::new();
     let mut last_version: std::collections::HashMap<String, i64> = Default::default();
-    for (_, id, body) in &received {
+    for (_, id, body) in received {
         if first_seen.insert(id.clone()) {
             let stream = body["stream"].as_str().unwrap().to_owned();
             let version = body["version"].as_i64().unwrap();
@@ -637,8 +653,6 @@ async fn after_a_sigkill_in_the_middle_of_publishing_every_event_arrives_in_stre
             assert!(version > previous, "{stream}: version {version} after {previous}");
         }
     }
-    relay.process.start_kill().unwrap();
-    relay.listener.delete().await;
 }
 
 /// SIGTERM: before exiting, the relay publishes what the process's last requests
@@ -693,4 +707,311 @@ async fn sigterm_without_a_broker_exits_at_once() {
     let exit = tokio::time::timeout(Duration::from_secs(5), relay.wait()).await.expect("exits at once").unwrap();
     assert!(exit.success(), "{exit:?}");
     assert_eq!(relay_lag(&app).await, 1, "the session's event waits for the next relay");
+}
+
+/// Clients uploading at once through nginx in the cluster test, and uploads each.
+const CLUSTER_CLIENTS: usize = 32;
+const UPLOADS_PER_CLIENT: usize = 6;
+/// Uploads stored through nginx before the relay leader is killed.
+const KILL_AFTER: usize = 40;
+
+/// Three `assetd serve` processes behind one nginx, sharing one database, one bucket and
+/// one exchange; 32 clients upload through nginx while the relay leader is killed with
+/// SIGKILL. Only uploads in flight on the killed process fail (nginx answering for it);
+/// every stored one downloads intact through nginx and from each survivor; a survivor
+/// takes over the relay and every recorded event arrives, each stream in order; no
+/// multipart upload is left open but the killed process's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_processes_behind_one_nginx_on_one_bucket_survive_a_sigkill_of_the_relay_leader() {
+    let app = TestApp::on(Backend::S3).await;
+    let bucket = app.bucket.as_ref().expect("an S3 test app has its bucket");
+    let mut listener = Listener::bind().await;
+    let prefix = listener.exchange.trim_end_matches(".events").to_owned();
+    let (_, token) = app.session_with_user(1).await;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap();
+
+    let data_dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut processes: Vec<(tokio::process::Child, SocketAddr)> =
+        data_dirs.iter().map(|dir| cluster_process(&app, bucket, &prefix, dir.path())).collect();
+    for (_, addr) in &processes {
+        wait_until_ready(&client, *addr).await;
+    }
+    let addrs: Vec<SocketAddr> = processes.iter().map(|(_, addr)| *addr).collect();
+    // Blobs are in the bucket: nginx's X-Accel-Redirect directory goes unused.
+    let nginx = Nginx::start_cluster(&addrs, &app.data_dir.path().join("blobs")).await;
+    let leaders = relay_leaders(&client, &addrs).await;
+    assert_eq!(leaders.len(), 1, "one relay leads, not {leaders:?}");
+
+    // The clients upload through nginx; once KILL_AFTER uploads are stored, the leader
+    // is killed under them.
+    let progress = Arc::new(ClusterProgress::default());
+    let clients: Vec<_> = (0..CLUSTER_CLIENTS)
+        .map(|number| {
+            let (client, base, token) = (client.clone(), nginx.base.clone(), token.clone());
+            tokio::spawn(cluster_client(client, base, token, number, progress.clone()))
+        })
+        .collect();
+    tokio::time::timeout(Duration::from_secs(120), progress.enough.notified())
+        .await
+        .expect("uploads are stored through nginx");
+    let (mut leader, leader_addr) = processes.remove(leaders[0]);
+    progress.killed.store(true, Ordering::SeqCst);
+    leader.start_kill().unwrap();
+    leader.wait().await.unwrap();
+    let survivors = processes;
+    let survivor_addrs: Vec<SocketAddr> = survivors.iter().map(|(_, addr)| *addr).collect();
+    // Another relay takes over (the lock died with its holder's connection) while the
+    // clients keep uploading.
+    let new_leaders = relay_leaders(&client, &survivor_addrs).await;
+    assert_eq!(new_leaders.len(), 1, "one survivor leads after {leader_addr} was killed, not {new_leaders:?}");
+
+    let mut stored = Vec::new();
+    let mut failed = Vec::new();
+    for handle in clients {
+        for outcome in handle.await.expect("a client panicked") {
+            match outcome {
+                Ok(upload) => stored.push(upload),
+                Err(failure) => failed.push(failure),
+            }
+        }
+    }
+    let failures = failed.iter().map(|failure| format!("\n  {failure}")).collect::<String>();
+    assert!(failed.iter().all(|failure| failure.after_kill), "uploads failed before the kill:{failures}");
+    // What was in flight on the killed process: nginx's answer for a lost upstream (or a
+    // connection closed under a body still being sent). Each client has one upload in
+    // flight at a time.
+    assert!(
+        failed.iter().all(|failure| matches!(failure.status, None | Some(502..=504))),
+        "failures other than a lost upstream:{failures}"
+    );
+    assert!(failed.len() <= CLUSTER_CLIENTS, "more failures than uploads in flight:{failures}");
+    assert!(stored.len() >= 150, "only {} uploads stored; failures:{failures}", stored.len());
+
+    let mut bases = vec![nginx.base.clone()];
+    bases.extend(survivor_addrs.iter().map(|addr| format!("http://{addr}/file")));
+    assert_downloads_intact(&client, &bases, &token, &stored).await;
+
+    // The survivors still serve, each on its own.
+    for (number, addr) in survivor_addrs.iter().enumerate() {
+        let (status, ready) = ready_of(&client, *addr).await.unwrap_or_else(|| panic!("{addr} answers /ready"));
+        assert_eq!(status, 200, "{addr}: {ready}");
+        let bytes = pseudo_random_bytes(number as u64 * 2 + 1_000_001, 1000);
+        let response = post_upload(&client, &format!("http://{addr}/file"), &token, &format!("after{number}"), bytes)
+            .await
+            .unwrap_or_else(|error| panic!("upload to {addr}: {error}"));
+        assert_eq!(response.status(), 200, "{addr} takes an upload after the kill");
+    }
+
+    // Every event recorded (those of the uploads just above too) is published by the
+    // relay that took over.
+    let db = app.ctx.app.pool.get().await.unwrap();
+    let all: HashSet<String> =
+        db.query("SELECT id::text FROM events", &[]).await.unwrap().iter().map(|row| row.get(0)).collect();
+    let received = listener
+        .receive_until(|m| m.iter().map(|(_, id, _)| id.clone()).collect::<HashSet<_>>().is_superset(&all))
+        .await;
+    assert_first_deliveries_in_stream_order(&received);
+
+    let pending = bucket.pending_multipart_uploads().await;
+    assert!(
+        pending.len() <= failed.len(),
+        "multipart uploads left open beyond the killed process's ({} failed uploads): {pending:?}",
+        failed.len()
+    );
+
+    for (mut process, _) in survivors {
+        process.start_kill().unwrap();
+        process.wait().await.unwrap();
+    }
+    drop(nginx);
+    listener.delete().await;
+}
+
+/// One `assetd serve` of a cluster: the test's database, its bucket under the prefix
+/// "assets" (where the test's own server keeps blobs too), the exchange `prefix`, the
+/// relay on (the processes elect one leader); a data directory and port of its own.
+fn cluster_process(
+    app: &TestApp,
+    bucket: &TestBucket,
+    prefix: &str,
+    data_dir: &std::path::Path,
+) -> (tokio::process::Child, SocketAddr) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
+        .arg("serve")
+        .envs(bucket.env("assets"))
+        // The smallest part S3 allows: a 6 MiB upload is a multipart upload.
+        .env("ASSETD_S3_PART_SIZE", "5242880")
+        .env("ASSETD_DATABASE_URL", &app.db.url)
+        .env("ASSETD_JWT_SECRET", crate::helpers::JWT_SECRET)
+        .env("ASSETD_URL_SIGNING_KEY", "test-url-signing-key")
+        .env("ASSETD_LISTEN", addr.to_string())
+        .env("ASSETD_DATA_DIR", data_dir)
+        .env("ASSETD_AMQP_URL", amqp_url())
+        .env("ASSETD_AMQP_PREFIX", prefix)
+        .env("ASSETD_RELAY", "true")
+        .env("ASSETD_COMMANDS", "false")
+        .env("ASSETD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, addr)
+}
+
+/// `/file/ready` of one process, asked directly: its status and JSON answer, or None
+/// while it does not answer.
+async fn ready_of(client: &reqwest::Client, addr: SocketAddr) -> Option<(u16, Value)> {
+    let response = client.get(format!("http://{addr}/file/ready")).send().await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.json().await.ok()?))
+}
+
+/// Waits (60 s at most: three debug builds start at once) until the process at `addr`
+/// answers `/file/ready` with 200.
+async fn wait_until_ready(client: &reqwest::Client, addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = ready_of(client, addr).await;
+        if matches!(answer, Some((200, _))) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{addr} is not ready: {answer:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The indexes in `addrs` of the processes whose relay leads (`checks.relay` "up"),
+/// once at least one does (30 s at most). The advisory lock allows one at a time, so
+/// more than one is a bug the caller asserts against.
+async fn relay_leaders(client: &reqwest::Client, addrs: &[SocketAddr]) -> Vec<usize> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut states = Vec::new();
+        for addr in addrs {
+            let answer = ready_of(client, *addr).await;
+            states.push(answer.map(|(_, ready)| ready["checks"]["relay"].clone()).unwrap_or(Value::Null));
+        }
+        let leaders: Vec<usize> = (0..addrs.len()).filter(|&i| states[i] == "up").collect();
+        if !leaders.is_empty() {
+            return leaders;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no relay leads: {states:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Posts an OpenTera upload of `bytes` to session 1, asset `name`, at `base`.
+async fn post_upload(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    name: &str,
+    bytes: Vec<u8>,
+) -> reqwest::Result<reqwest::Response> {
+    let form = reqwest::multipart::Form::new()
+        .text("file_asset", json!({"id_session": 1, "asset_name": name}).to_string())
+        .part("file", reqwest::multipart::Part::bytes(bytes).file_name(format!("{name}.bin")));
+    client
+        .post(format!("{base}/api/assets"))
+        .header("Authorization", format!("OpenTera {token}"))
+        .multipart(form)
+        .send()
+        .await
+}
+
+/// What the cluster test's clients share with it.
+#[derive(Default)]
+struct ClusterProgress {
+    /// Uploads answered 200 so far.
+    stored: AtomicUsize,
+    /// Notified once `stored` reaches KILL_AFTER (the permit waits if no one listens yet).
+    enough: tokio::sync::Notify,
+    /// Set just before the leader is killed: what fails earlier is not the kill's doing.
+    killed: AtomicBool,
+}
+
+/// An upload through nginx that got no 200.
+struct FailedUpload {
+    /// The answer's status, or None if there was no answer (`detail` says why).
+    status: Option<u16>,
+    detail: String,
+    after_kill: bool,
+}
+
+impl std::fmt::Display for FailedUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = self.status.map_or_else(|| "no answer".to_owned(), |status| status.to_string());
+        let when = if self.after_kill { "after" } else { "before" };
+        write!(f, "{status} ({when} the kill), {}", self.detail)
+    }
+}
+
+/// One client of the cluster test: its uploads through nginx at `base`, one after the
+/// other, each stored (asset uuid, SHA-256 of the bytes sent) or failed. Mostly 20 to
+/// 200 KB; the third is 6 MiB, a multipart upload (two 5 MiB parts at most).
+async fn cluster_client(
+    client: reqwest::Client,
+    base: String,
+    token: String,
+    number: usize,
+    progress: Arc<ClusterProgress>,
+) -> Vec<Result<(String, String), FailedUpload>> {
+    let mut outcomes = Vec::new();
+    for upload in 0..UPLOADS_PER_CLIENT {
+        // Odd seeds: pseudo_random_bytes sets the low bit, so each upload has bytes of its own.
+        let seed = (number * UPLOADS_PER_CLIENT + upload) as u64 * 2 + 1;
+        let size = if upload == 2 { 6 << 20 } else { 20_000 + (seed as usize * 7_919) % 180_000 };
+        let bytes = pseudo_random_bytes(seed, size);
+        let sha256 = sha256_hex(&bytes);
+        let name = format!("c{number}u{upload}");
+        let outcome = match post_upload(&client, &base, &token, &name, bytes).await {
+            Ok(response) if response.status() == 200 => {
+                let info: Value = response.json().await.unwrap_or_else(|error| panic!("{name}: {error}"));
+                assert_eq!(info["asset_sha256"].as_str(), Some(sha256.as_str()), "{name}: {info}");
+                let uuid = info["asset_uuid"].as_str().unwrap_or_else(|| panic!("{name}: {info}")).to_owned();
+                if progress.stored.fetch_add(1, Ordering::SeqCst) + 1 == KILL_AFTER {
+                    progress.enough.notify_one();
+                }
+                Ok((uuid, sha256))
+            }
+            Ok(response) => {
+                let after_kill = progress.killed.load(Ordering::SeqCst);
+                let status = Some(response.status().as_u16());
+                let detail = response.text().await.unwrap_or_else(|error| error.to_string());
+                Err(FailedUpload { status, detail: format!("{name}: {detail}"), after_kill })
+            }
+            Err(error) => {
+                let after_kill = progress.killed.load(Ordering::SeqCst);
+                Err(FailedUpload { status: None, detail: format!("{name}: {error:?}"), after_kill })
+            }
+        };
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// Asserts that every stored upload (asset uuid, SHA-256 of the bytes sent) downloads
+/// from each of `bases` with that hash, 16 downloads at a time.
+async fn assert_downloads_intact(client: &reqwest::Client, bases: &[String], token: &str, stored: &[(String, String)]) {
+    let mut downloads = Vec::new();
+    for (uuid, sha256) in stored {
+        for base in bases {
+            downloads.push((uuid, sha256, base));
+        }
+    }
+    futures::stream::iter(downloads)
+        .for_each_concurrent(16, move |(uuid, sha256, base)| async move {
+            let response = client
+                .get(format!("{base}/api/assets?asset_uuid={uuid}"))
+                .header("Authorization", format!("OpenTera {token}"))
+                .send()
+                .await
+                .unwrap_or_else(|error| panic!("GET {uuid} from {base}: {error}"));
+            assert_eq!(response.status(), 200, "GET {uuid} from {base}");
+            let bytes = response.bytes().await.unwrap_or_else(|error| panic!("GET {uuid} from {base}: {error}"));
+            assert_eq!(sha256_hex(&bytes), *sha256, "{uuid} from {base}: not the bytes sent");
+        })
+        .await;
 }

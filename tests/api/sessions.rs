@@ -154,7 +154,7 @@ async fn deleting_a_session_deletes_its_assets_with_an_event_each() {
         assert_eq!(history[1]["data"]["reason"], "session_deleted");
         assert_error(app.get(&app.service_token(), &format!("/api/assets?asset_uuid={uuid}")).await, 404, "not_found")
             .await;
-        assert!(!app.ctx.app.blobs.path(uuid.parse().unwrap()).exists(), "bytes removed");
+        assert!(!app.ctx.app.blobs.local().path(uuid.parse().unwrap()).exists(), "bytes removed");
     }
     let kept_uuid = kept["asset_uuid"].as_str().unwrap();
     assert_eq!(app.get(&other_token, &format!("/api/assets?asset_uuid={kept_uuid}")).await.status(), 200);
@@ -257,7 +257,7 @@ async fn an_upload_is_not_recorded_when_its_session_changes_meanwhile() {
     let before = app.footprint().await;
     let (result, uuid) = store(member(user), 8).await;
     assert!(matches!(result, Err(AppError::Domain(assetd::domain::DomainError::NotFound("session")))), "{result:?}");
-    assert!(!app.ctx.app.blobs.path(uuid).exists(), "the bytes are removed");
+    assert!(!app.ctx.app.blobs.local().path(uuid).exists(), "the bytes are removed");
     assert_eq!(app.footprint().await, before);
 
     // Session 9 no longer lists this user.
@@ -268,7 +268,7 @@ async fn an_upload_is_not_recorded_when_its_session_changes_meanwhile() {
     let before = app.footprint().await;
     let (result, uuid) = store(member(other_user), 9).await;
     assert!(matches!(result, Err(AppError::Forbidden(_))), "{result:?}");
-    assert!(!app.ctx.app.blobs.path(uuid).exists());
+    assert!(!app.ctx.app.blobs.local().path(uuid).exists());
     assert_eq!(app.footprint().await, before);
 }
 
@@ -309,17 +309,17 @@ async fn uploads_recorded_together_are_judged_one_by_one() {
     // The same uuid again, however it comes, never replaces the bytes nor the record.
     let again = app.store_upload_directly(&user, 8, twice).await;
     assert!(matches!(&again, Err(AppError::Storage(e)) if e.kind() == std::io::ErrorKind::AlreadyExists), "{again:?}");
-    assert_eq!(std::fs::read(app.ctx.app.blobs.path(twice)).unwrap(), twice.as_bytes());
+    assert_eq!(std::fs::read(app.ctx.app.blobs.local().path(twice)).unwrap(), twice.as_bytes());
     for ((session, uuid), outcome) in planned.iter().zip(&outcomes) {
         match (session, outcome) {
             (8, Ok(info)) if *uuid != taken => {
                 assert_eq!(info.asset_uuid, *uuid);
-                assert!(app.ctx.app.blobs.path(*uuid).exists());
+                assert!(app.ctx.app.blobs.local().path(*uuid).exists());
             }
             (8, Err(AppError::EventStore(conflict))) if *uuid == taken => assert!(conflict.is_conflict()),
-            (9, Err(AppError::Forbidden(_))) => assert!(!app.ctx.app.blobs.path(*uuid).exists()),
+            (9, Err(AppError::Forbidden(_))) => assert!(!app.ctx.app.blobs.local().path(*uuid).exists()),
             (77, Err(AppError::Domain(assetd::domain::DomainError::NotFound("session")))) => {
-                assert!(!app.ctx.app.blobs.path(*uuid).exists())
+                assert!(!app.ctx.app.blobs.local().path(*uuid).exists())
             }
             other => panic!("unexpected outcome for session {session}: {other:?}"),
         }

@@ -60,7 +60,7 @@ MIB = 1024 * 1024
 # "import" comes first: its assetd runs the outbox relay, which starts from the
 # beginning of the log, and the log is nearly empty then (after the other rows it
 # would have hundreds of thousands of events to publish before the first job).
-STEPS = ["import", "upload", "download", "small", "pgbench", "memory", "aborted", "replay"]
+STEPS = ["import", "upload", "download", "range", "small", "pgbench", "memory", "aborted", "replay"]
 
 # The import row: imports from the baseline nginx, run by the `jobs` assetd.
 # Imports one worker runs at once (ASSETD_IMPORT_CONCURRENCY; assetd's default is 4).
@@ -432,6 +432,57 @@ class Bench:
         ]:
             self.alternate(name, lambda port=port: self.download(f"http://127.0.0.1:{port}{path}"), baseline, "MiB/s", True)
         self.download_asset = asset_uuid
+
+    def bench_ranges(self):
+        """1 MiB slices of the large file at concurrency 4: assetd through nginx (which
+        authorises, then hands the range to nginx with X-Accel-Redirect) against nginx
+        serving the same file statically. Slices/s and p50 latency."""
+        log("1 MiB range requests at concurrency 4 vs nginx static")
+        if not hasattr(self, "download_asset"):
+            _, self.download_asset = self.upload_large(ASSETD_ACCEL_PORT)
+        asset_uuid = self.download_asset
+        hexid = asset_uuid.replace("-", "")
+        static = f"http://127.0.0.1:{NGINX_BASELINE_PORT}/static/{hexid[0:2]}/{hexid[2:4]}/{asset_uuid}"
+        target = f"http://127.0.0.1:{NGINX_ACCEL_PORT}/file/api/assets?asset_uuid={asset_uuid}"
+        self.download(static, with_auth=False)  # the page cache warm for both
+        seconds = self.small_seconds
+        targets, baselines = [], []
+        for round_number in range(self.rounds):
+            targets.append(self.wrk_ranges(target, seconds, with_auth=True))
+            baselines.append(self.wrk_ranges(static, seconds, with_auth=False))
+            log(f"ranges round {round_number + 1}/{self.rounds}: assetd {targets[-1]['rate']:.0f}/s "
+                f"(p50 {targets[-1]['p50_ms']:.2f} ms), nginx {baselines[-1]['rate']:.0f}/s "
+                f"(p50 {baselines[-1]['p50_ms']:.2f} ms)")
+        t = [r["rate"] for r in targets]
+        b = [r["rate"] for r in baselines]
+        self.results["1 MiB ranges via X-Accel-Redirect, concurrency 4"] = {
+            "unit": "slices/s",
+            "assetd": summary(t),
+            "nginx": summary(b),
+            "ratio": statistics.median(t) / statistics.median(b),
+            "target_ratio": 0.8,
+            "assetd_p50_ms": summary([r["p50_ms"] for r in targets]),
+            "assetd_p99_ms": summary([r["p99_ms"] for r in targets]),
+            "nginx_p50_ms": summary([r["p50_ms"] for r in baselines]),
+        }
+
+    def wrk_ranges(self, url, seconds, with_auth):
+        env = dict(os.environ, BENCH_TOKEN=self.user_token if with_auth else "", BENCH_FILE_SIZE=str(self.large_size))
+        result = run(
+            ["wrk", "-t2", "-c4", f"-d{seconds}s", "--timeout", "10s", "-s", os.path.join(BENCH_DIR, "range.lua"), url],
+            seconds + 60,
+            env=env,
+        )
+        latency = dict(re.findall(r"(\w+)_us=(\d+)", re.search(r"BENCH_LATENCY.*", result.stdout).group(0)))
+        counts = dict(re.findall(r"(\w+)=(\d+)", re.search(r"BENCH_SUMMARY.*", result.stdout).group(0)))
+        errors = sum(int(counts[k]) for k in ["connect", "read", "write", "status", "timeout"])
+        if errors:
+            raise RuntimeError(f"wrk saw {errors} errors against {url}: {counts}\n{result.stdout}")
+        return {
+            "rate": int(counts["requests"]) / (int(counts["duration_us"]) / 1e6),
+            "p50_ms": int(latency["p50"]) / 1000,
+            "p99_ms": int(latency["p99"]) / 1000,
+        }
 
     def wrk(self, url, seconds):
         env = dict(os.environ, BENCH_TOKEN=self.user_token, BENCH_SESSION=str(SESSION), BENCH_FILE_SIZE="4096")
@@ -984,6 +1035,8 @@ class Bench:
             extra = ""
             if "assetd_p99_ms" in r:
                 extra = f"; p50 {r['assetd_p50_ms']['median']:.1f} ms, p99 {r['assetd_p99_ms']['median']:.1f} ms ({r['assetd_p99_ms']['min']:.1f}–{r['assetd_p99_ms']['max']:.1f})"
+            if "nginx_p50_ms" in r:
+                extra += f"; nginx p50 {r['nginx_p50_ms']['median']:.2f} ms"
             if "server_p99_ms" in r:
                 extra += f"; as recorded: p50 {r['server_p50_ms']['median']:.1f} ms, p99 {r['server_p99_ms']['median']:.1f} ms"
             if "ratio" in r:
@@ -1211,6 +1264,7 @@ def main():
             ("import", bench.bench_import),
             ("upload", bench.bench_large_upload),
             ("download", bench.bench_large_download),
+            ("range", bench.bench_ranges),
             ("small", bench.bench_small_uploads),
             ("pgbench", bench.bench_pgbench),
             ("memory", bench.bench_memory),

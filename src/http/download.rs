@@ -107,10 +107,13 @@ pub async fn respond(
         |detail: String| ApiError::internal(format!("asset {} is available but its bytes {detail}", asset.asset_uuid));
     let backend = blobs.backend(location.backend).map_err(|error| ApiError::from(AppError::Storage(error)))?;
     let whole = matches!(range, ByteRange::Full);
-    if !is_head && (handover_agrees(request) || whole) {
+    // A Range header that assetd ignored (invalid, or an If-Range that did not match)
+    // is read by nginx by its own rules: such requests are not handed over.
+    let handover = handover_agrees(request) && (request.get("range").is_none() || !whole);
+    if !is_head && (handover || whole) {
         match backend.delivery_hint(&location.key).await.map_err(|error| ApiError::from(AppError::Storage(error)))? {
             DeliveryHint::LocalFile(key) => {
-                if let (Delivery::AccelRedirect(prefix), true) = (&delivery, handover_agrees(request)) {
+                if let (Delivery::AccelRedirect(prefix), true) = (&delivery, handover) {
                     if backend.stat(&location.key).await.ok().flatten().is_none() {
                         return Err(missing(format!("({key}) are missing")));
                     }
@@ -166,27 +169,44 @@ pub async fn respond(
 }
 
 /// Whether nginx, handed this request with X-Accel-Redirect, answers exactly as assetd
-/// decided. nginx evaluates Range and If-Range itself, by its own rules: it is handed
-/// only what both read alike — no Range, or one plain single range (`bytes=N-M`,
-/// `bytes=N-`, `bytes=-N`) that assetd found satisfiable; If-Range only as an entity tag
-/// (nginx compares it byte for byte with the ETag assetd sends, the strong comparison
-/// assetd makes). Requests with If-Match or If-Unmodified-Since, already answered by
-/// assetd, are served here.
+/// decided. nginx evaluates Range and If-Range itself, by its own rules, on the values
+/// it received (which its proxying may have normalised before assetd saw them: trailing
+/// whitespace, say). So nginx/assetd.conf passes those raw values along, bracketed so
+/// that nothing trims them (`X-Assetd-Range: [<Range>]`, `X-Assetd-If-Range:
+/// [<If-Range>]`), and a request is handed over only when they are what assetd read and
+/// both parsers agree on them: no Range, or one plain single range (`bytes=N-M`,
+/// `bytes=N-`, `bytes=-N`); If-Range only as an entity tag (nginx compares it byte for
+/// byte with the ETag assetd sends, the strong comparison assetd makes). Requests with
+/// If-Match or If-Unmodified-Since, already answered by assetd, are served here.
 fn handover_agrees(request: &HeaderMap) -> bool {
     if ["if-match", "if-unmodified-since"].iter().any(|name| request.contains_key(*name)) {
         return false;
     }
-    let if_range_ok = match request.get_all("if-range").iter().collect::<Vec<_>>().as_slice() {
-        [] => true,
-        [value] => value.to_str().is_ok_and(|value| value.len() >= 2 && value.ends_with('"')),
-        _ => false,
+    let Some(range) = single_value(request, "range") else { return false };
+    let Some(if_range) = single_value(request, "if-range") else { return false };
+    let as_nginx_has_it = |header: &str, value: &str| match single_value(request, header) {
+        Some(raw) => raw.strip_prefix('[').and_then(|raw| raw.strip_suffix(']')) == Some(value),
+        // An nginx that does not say what it holds: only requests without these.
+        None => value.is_empty(),
     };
-    let range_ok = match request.get_all("range").iter().collect::<Vec<_>>().as_slice() {
-        [] => true,
-        [value] => value.to_str().is_ok_and(is_plain_single_range),
-        _ => false,
-    };
-    if_range_ok && range_ok
+    (range.is_empty() || is_plain_single_range(range))
+        && (if_range.is_empty() || (if_range.len() >= 2 && if_range.ends_with('"')))
+        && as_nginx_has_it("x-assetd-range", range)
+        && as_nginx_has_it("x-assetd-if-range", if_range)
+}
+
+/// The one value of header `name` ("" when absent); `None` when it is repeated or not
+/// text.
+fn single_value<'a>(request: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let mut values = request.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return None;
+    }
+    match first {
+        Some(value) => value.to_str().ok(),
+        None => Some(""),
+    }
 }
 
 /// `bytes=N-M`, `bytes=N-` or `bytes=-N`: digits only (at most 18), no spaces.

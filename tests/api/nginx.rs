@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{pseudo_random_bytes, sha256_hex, TestApp, TestOptions};
+use crate::helpers::{pseudo_random_bytes, sha256_hex, Backend, TestApp, TestOptions};
 
 /// An nginx of the test's own, on a free port, configured by `nginx/assetd.conf`.
 pub struct Nginx {
@@ -253,11 +253,16 @@ type DownloadCase<'a> = (&'static str, &'a Value, Vec<(&'static str, String)>);
 /// Every conditional and range case answers the same whether assetd streams the bytes
 /// (through nginx) or hands them to nginx with X-Accel-Redirect.
 #[tokio::test]
-async fn downloads_answer_alike_in_both_modes() {
+async fn downloads_answer_alike_in_every_mode() {
     let mut answers = Vec::new();
-    for accel in [false, true] {
-        let options =
-            TestOptions { accel_redirect_prefix: accel.then(|| "/_assetd_blobs/".to_owned()), ..Default::default() };
+    // Local blobs proxied, local blobs sent by nginx (X-Accel-Redirect, ranges too), and
+    // S3 blobs streamed by assetd.
+    for (accel, backend) in [(false, Backend::Local), (true, Backend::Local), (false, Backend::S3)] {
+        let options = TestOptions {
+            accel_redirect_prefix: accel.then(|| "/_assetd_blobs/".to_owned()),
+            backend,
+            ..Default::default()
+        };
         let app = TestApp::spawn_with(options).await;
         let nginx = Nginx::start(app.addr, &app.data_dir.path().join("blobs")).await;
         let (_, token) = app.session_with_user(1).await;
@@ -292,7 +297,16 @@ async fn downloads_answer_alike_in_both_modes() {
             // Proxies drop trailing whitespace: a valid range either way.
             ("trailing tab", &info, vec![("Range", "bytes=0-5\t".into())]),
             ("if-range date", &info, vec![("Range", "bytes=0-1".into()), ("If-Range", last_modified.clone())]),
+            ("suffix range", &info, vec![("Range", "bytes=-7".into())]),
+            ("open range", &info, vec![("Range", "bytes=990-".into())]),
+            ("range past the end", &info, vec![("Range", "bytes=995-2000".into())]),
+            ("if-range same", &info, vec![("Range", "bytes=3-8".into()), ("If-Range", etag.clone())]),
+            ("if-range weak", &info, vec![("Range", "bytes=3-8".into()), ("If-Range", format!("W/{etag}"))]),
         ];
+        // What nginx sends itself with X-Accel-Redirect: whole downloads and plain
+        // single ranges (the rest assetd streams, so that the answers stay alike).
+        let sent_by_nginx =
+            ["plain", "single range", "suffix range", "open range", "range past the end", "if-range same"];
         let client = reqwest::Client::new();
         let mut mode = Vec::new();
         for (name, asset, headers) in cases {
@@ -300,14 +314,32 @@ async fn downloads_answer_alike_in_both_modes() {
             for (header, value) in headers {
                 request = request.header(header, value);
             }
+            let streamed_before = download_sent_bytes(&app).await;
             let response = request.send().await.unwrap();
             let status = response.status().as_u16();
             let json_error = response.headers().get("content-type").is_some_and(|t| t == "application/json");
+            // The headers a client relies on, alike in every mode.
+            let headers: Vec<String> =
+                ["content-range", "etag", "content-disposition", "accept-ranges", "content-type"]
+                    .iter()
+                    .map(|name| {
+                        let values = response.headers().get_all(*name).iter();
+                        format!("{name}: {:?}", values.map(|v| v.to_str().unwrap_or("?")).collect::<Vec<_>>())
+                    })
+                    .collect();
+            if status < 300 {
+                // assetd's (the asset's creation), whoever sends the bytes.
+                assert_eq!(response.headers()["last-modified"], last_modified.as_str(), "{name}");
+            }
             let body = response.bytes().await.unwrap();
             if status >= 400 {
                 assert!(json_error, "{name}: errors are JSON ({status})");
             }
-            mode.push((name, status, if status < 300 { sha256_hex(&body) } else { String::new() }));
+            let summary = if status < 300 { format!("{} {headers:?}", sha256_hex(&body)) } else { String::new() };
+            mode.push((name, status, summary));
+            if accel && sent_by_nginx.contains(&name) {
+                assert_eq!(download_sent_bytes(&app).await, streamed_before, "{name}: assetd streamed it, not nginx");
+            }
         }
         // Straight to assetd (no nginx to follow a redirect): always the bytes themselves.
         let direct = app.get(&token, &format!("/api/assets?asset_uuid={}", info["asset_uuid"].as_str().unwrap())).await;
@@ -318,12 +350,21 @@ async fn downloads_answer_alike_in_both_modes() {
         answers.push(mode);
     }
     // An If-Modified-Since later than now is ignored (RFC 9110 §13.1.3): 200.
-    let expected_status = [200, 206, 206, 200, 200, 200, 416, 416, 416, 412, 200, 304, 200, 200, 206, 206, 200];
+    let expected_status =
+        [200, 206, 206, 200, 200, 200, 416, 416, 416, 412, 200, 304, 200, 200, 206, 206, 206, 206, 206, 206, 200, 200];
     for mode in &answers {
         let statuses: Vec<u16> = mode.iter().map(|(_, status, _)| *status).collect();
         assert_eq!(statuses, expected_status, "{mode:?}");
     }
-    assert_eq!(answers[0], answers[1], "both delivery modes answer alike");
+    assert_eq!(answers[0], answers[1], "proxied and X-Accel-Redirect downloads answer alike");
+    assert_eq!(answers[0], answers[2], "local and S3 blobs answer alike");
+}
+
+/// `assetd_download_sent_bytes_total`: bytes assetd streamed itself.
+async fn download_sent_bytes(app: &TestApp) -> u64 {
+    let text = app.get("", "/metrics").await.text().await.unwrap();
+    let line = text.lines().find(|l| l.starts_with("assetd_download_sent_bytes_total ")).expect("the metric");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// Early refusals of large uploads reach the client through nginx as assetd's JSON,

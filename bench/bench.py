@@ -53,6 +53,11 @@ NGINX_ACCEL_PORT = 4180
 NGINX_PLAIN_PORT = 4181
 NGINX_BASELINE_PORT = 4190
 ASSETD_JOBS_PORT = 4144
+ASSETD_S3_PORT = 4145
+# The S3 row's bucket, in the moto server scripts/bench starts (ASSETD_BENCH_S3_ENDPOINT).
+S3_BUCKET = "assetd-bench"
+# moto checks no signature, but takes a request without Authorization as anonymous.
+S3_DUMMY_AUTH = "AWS4-HMAC-SHA256 Credential=bench/20250101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0"
 DATABASE = "assetd_bench"
 SESSION = 1
 
@@ -60,7 +65,7 @@ MIB = 1024 * 1024
 # "import" comes first: its assetd runs the outbox relay, which starts from the
 # beginning of the log, and the log is nearly empty then (after the other rows it
 # would have hundreds of thousands of events to publish before the first job).
-STEPS = ["import", "upload", "download", "range", "small", "pgbench", "memory", "aborted", "replay"]
+STEPS = ["import", "upload", "download", "range", "s3", "small", "pgbench", "memory", "aborted", "replay"]
 
 # The import row: imports from the baseline nginx, run by the `jobs` assetd.
 # Imports one worker runs at once (ASSETD_IMPORT_CONCURRENCY; assetd's default is 4).
@@ -465,6 +470,65 @@ class Bench:
             "assetd_p99_ms": summary([r["p99_ms"] for r in targets]),
             "nginx_p50_ms": summary([r["p50_ms"] for r in baselines]),
         }
+
+    def bench_s3(self):
+        """The S3 backend against the moto server (ASSETD_BENCH_S3_ENDPOINT): the large file
+        uploaded to an assetd on S3 (a multipart upload streamed from a staging file) against
+        boto3 uploading the same file straight to the bucket (what `aws s3 cp` does: 8 MiB
+        parts, 10 at once); then downloaded from that assetd (streamed from the bucket)
+        against curl fetching the object straight from moto. Both sides are bounded by
+        moto (one Python process), so the ratio is what assetd adds; with assetd's peak
+        RSS meanwhile (constant memory whatever the size)."""
+        endpoint = os.environ.get("ASSETD_BENCH_S3_ENDPOINT")
+        boto_python = os.environ.get("ASSETD_BENCH_S3_PYTHON")
+        if not endpoint or not boto_python:
+            raise RuntimeError("the s3 step needs ASSETD_BENCH_S3_ENDPOINT and ASSETD_BENCH_S3_PYTHON (scripts/bench sets them)")
+        log(f"S3 backend (moto at {endpoint}): {self.size_label} upload and download")
+        status, body = self.request("PUT", f"{endpoint}/{S3_BUCKET}", {"Authorization": S3_DUMMY_AUTH})
+        if status != 200:
+            raise RuntimeError(f"creating the bench bucket: {status} {body[:200]}")
+        s3_env = dict(AWS_ENDPOINT=endpoint, AWS_REGION="us-east-1", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_ALLOW_HTTP="true")
+        process = self.start_assetd("s3", ASSETD_S3_PORT, accel=False, ASSETD_BLOBS=f"s3://{S3_BUCKET}/assetd", **s3_env)
+        uploaded = []
+
+        def target():
+            seconds, asset_uuid = self.upload_large(ASSETD_S3_PORT)
+            uploaded.append(asset_uuid)
+            return seconds
+
+        script = (
+            "import boto3, sys, time\n"
+            "s3 = boto3.client('s3', endpoint_url=sys.argv[1], region_name='us-east-1',"
+            " aws_access_key_id='bench', aws_secret_access_key='bench')\n"
+            "started = time.monotonic()\n"
+            "s3.upload_file(sys.argv[2], sys.argv[3], 'direct/large.bin')\n"
+            "print(time.monotonic() - started)\n"
+        )
+
+        def baseline():
+            result = run([boto_python, "-c", script, endpoint, self.large_file, S3_BUCKET], 900)
+            return float(result.stdout.strip().splitlines()[-1])
+
+        rss = self.peak_rss(process.pid, lambda: self.alternate(
+            f"upload {self.size_label} to S3 (moto), direct", target, baseline, "MiB/s", True))
+        self.results[f"upload {self.size_label} to S3 (moto), direct"]["baseline"] = "boto3 upload_file"
+        self.results[f"peak RSS, {self.size_label} uploads to S3"] = {"unit": "MiB", "value": rss}
+        asset_uuid = uploaded[-1]
+
+        def download_target():
+            return self.download(f"http://127.0.0.1:{ASSETD_S3_PORT}/file/api/assets?asset_uuid={asset_uuid}")
+
+        def download_baseline():
+            status, size, seconds = self.curl(
+                ["-o", "/dev/null", "-H", f"Authorization: {S3_DUMMY_AUTH}", f"{endpoint}/{S3_BUCKET}/direct/large.bin"])
+            if status != 200 or size != self.large_size:
+                raise RuntimeError(f"the direct S3 download answered {status} with {size} bytes")
+            return seconds
+
+        rss = self.peak_rss(process.pid, lambda: self.alternate(
+            f"download {self.size_label} from S3 (moto), direct", download_target, download_baseline, "MiB/s", True))
+        self.results[f"peak RSS, {self.size_label} downloads from S3"] = {"unit": "MiB", "value": rss}
 
     def wrk_ranges(self, url, seconds, with_auth):
         env = dict(os.environ, BENCH_TOKEN=self.user_token if with_auth else "", BENCH_FILE_SIZE=str(self.large_size))
@@ -1265,6 +1329,7 @@ def main():
             ("upload", bench.bench_large_upload),
             ("download", bench.bench_large_download),
             ("range", bench.bench_ranges),
+            ("s3", bench.bench_s3),
             ("small", bench.bench_small_uploads),
             ("pgbench", bench.bench_pgbench),
             ("memory", bench.bench_memory),

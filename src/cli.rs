@@ -143,7 +143,9 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
     let mut client = pool.get().await.context("connecting to the database")?;
     crate::migrations::run(&mut client).await.context("migrating the database")?;
     drop(client);
-    let blobs = BlobStore::open_configured(&config.data_dir, &config.blobs, &config.s3).await.with_context(|| {
+    let blobs = BlobStore::open_configured(&config.data_dir, &config.blobs, &config.s3, config.max_upload_size)
+        .await
+        .with_context(|| {
         format!("opening the blob store ({}, data dir {})", config.blobs, config.data_dir.display())
     })?;
     let auth = Authenticator::with_limits(&config.jwt_secret, config.token_limits);
@@ -158,6 +160,10 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
     };
     Ok(Context { app, settings: std::sync::Arc::new(settings) })
 }
+
+/// How long a stopping process waits for the multipart uploads of failed S3 writes to
+/// be aborted.
+const BLOB_ABORTS_TIMEOUT: Duration = Duration::from_secs(10);
 
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ctx = build_context(&config).await?;
@@ -174,8 +180,10 @@ async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             shutdown.stop();
         }
     };
+    let blobs = ctx.app.blobs.clone();
     http::serve(ctx, listener, signal, Duration::from_secs(config.shutdown_grace_seconds)).await?;
     shutdown.finish(BACKGROUND_SHUTDOWN_TIMEOUT).await;
+    blobs.finish(BLOB_ABORTS_TIMEOUT).await;
     tracing::info!("assetd stopped");
     Ok(())
 }
@@ -187,6 +195,7 @@ async fn worker(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!("assetd worker running");
     shutdown_signal().await;
     shutdown.finish(BACKGROUND_SHUTDOWN_TIMEOUT).await;
+    ctx.app.blobs.finish(BLOB_ABORTS_TIMEOUT).await;
     tracing::info!("assetd worker stopped");
     Ok(())
 }

@@ -33,11 +33,15 @@ pub struct S3Settings {
     /// object, valid this many seconds (the S3 counterpart of X-Accel-Redirect).
     #[arg(long, env = "ASSETD_S3_PRESIGNED_SECONDS", default_value_t = 0)]
     pub presigned_seconds: u64,
+    /// `object_store` settings applied over the `AWS_*` environment (`aws_endpoint`,
+    /// …): for embedding and tests, which must not change the process's environment.
+    #[arg(skip)]
+    pub aws_overrides: Vec<(String, String)>,
 }
 
 impl Default for S3Settings {
     fn default() -> Self {
-        Self { part_size: 8 << 20, parts_in_flight: 2, parts_in_memory: 8, presigned_seconds: 0 }
+        Self { part_size: 8 << 20, parts_in_flight: 2, parts_in_memory: 8, presigned_seconds: 0, aws_overrides: vec![] }
     }
 }
 

@@ -434,7 +434,7 @@ impl App {
             eventstore::lock_stream(&tx, &job_stream(job_uuid)).await?;
             let asset = super::asset_stream(asset_uuid);
             if tx.query_opt("SELECT 1 FROM events WHERE stream = $1 LIMIT 1", &[&asset]).await?.is_none() {
-                self.blobs.remove(&self.blobs.location_for(asset_uuid)).await?;
+                self.blobs.remove_everywhere(&crate::blobs::key_for(asset_uuid)).await?;
             }
             Ok(())
         })

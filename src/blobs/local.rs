@@ -693,13 +693,13 @@ impl LocalWriter {
 
     /// A small blob's bytes and their SHA-256, taken from memory (see
     /// [`LocalWriter::in_memory_only`]).
-    pub(super) fn take_in_memory(&mut self) -> (Vec<Bytes>, Sha256Hex) {
+    pub(super) fn take_in_memory(&mut self) -> (HeldBuffer, Sha256Hex) {
         let pending = std::mem::take(&mut self.pending);
         let state = self.state.as_mut().expect("nothing in flight");
         for chunk in &pending.chunks {
             state.hasher.update(chunk);
         }
-        (pending.chunks, Sha256Hex::from_digest(&state.hasher.clone().finalize()))
+        (HeldBuffer(pending), Sha256Hex::from_digest(&state.hasher.clone().finalize()))
     }
 
     /// The SHA-256 of everything flushed.
@@ -723,6 +723,16 @@ impl LocalWriter {
         })
         .await
         .map_err(io::Error::other)?
+    }
+}
+
+/// Chunks taken from a writer with their share of the upload budget, given back when
+/// this is dropped.
+pub(super) struct HeldBuffer(Buffer);
+
+impl HeldBuffer {
+    pub(super) fn chunks(&self) -> &[Bytes] {
+        &self.0.chunks
     }
 }
 

@@ -173,13 +173,38 @@ impl BlobStore {
     }
 
     /// The store `ASSETD_BLOBS` names: `local` (the default) or `s3://bucket/prefix`.
-    pub async fn open_configured(data_dir: &Path, blobs: &str, s3: &S3Settings) -> anyhow::Result<Self> {
+    /// `max_blob_size`: the largest blob that will be written (S3 part counts are checked
+    /// against it).
+    pub async fn open_configured(
+        data_dir: &Path,
+        blobs: &str,
+        s3: &S3Settings,
+        max_blob_size: u64,
+    ) -> anyhow::Result<Self> {
         let local = Arc::new(LocalBackend::open(data_dir).await?);
         let s3 = match blobs.trim() {
             "" | "local" => None,
-            url => Some(Arc::new(S3Backend::open(url, s3, local.clone()).await?)),
+            url => Some(Arc::new(S3Backend::open(url, s3, local.clone(), max_blob_size).await?)),
         };
         Ok(Self { local, s3 })
+    }
+
+    /// At shutdown: waits (at most `timeout`) for the multipart uploads of failed S3
+    /// writes to be aborted.
+    pub async fn finish(&self, timeout: std::time::Duration) {
+        if let Some(s3) = &self.s3 {
+            s3.finish_aborts(timeout).await;
+        }
+    }
+
+    /// Removes the blob `key` from every configured backend (bytes a failed import
+    /// attempt may have left, wherever the process that ran it was writing).
+    pub async fn remove_everywhere(&self, key: &str) -> io::Result<()> {
+        self.local.remove(key).await?;
+        if let Some(s3) = &self.s3 {
+            s3.remove(key).await?;
+        }
+        Ok(())
     }
 
     /// The backend new blobs go to.

@@ -3,13 +3,16 @@
 //! credentials from the standard `AWS_*` variables as `object_store` reads them.
 //!
 //! An upload is received as with the local backend (hashed, its memory bounded by the
-//! shared budget) into a staging file under `<data_dir>/tmp`, and each full part is
-//! read back (from the page cache) and sent as a part of a multipart upload while the
-//! next one arrives: at most `ASSETD_S3_PARTS_IN_FLIGHT` parts of one upload, and
-//! `ASSETD_S3_PARTS_IN_MEMORY` parts of all uploads, are in memory at once. A blob smaller
-//! than a part goes in one PUT. The object becomes visible only when the upload is
-//! completed; a writer dropped before that aborts its multipart upload, so a failed or
-//! cancelled upload leaves nothing billed behind.
+//! shared budget) into a staging file under `<data_dir>/tmp` (not fsynced: the bucket
+//! makes it durable), and each full part is read back (from the page cache) and sent as
+//! a part of a multipart upload while the next one arrives: at most
+//! `ASSETD_S3_PARTS_IN_FLIGHT` parts of one upload, and `ASSETD_S3_PARTS_IN_MEMORY`
+//! part-sized buffers of all uploads (a blob smaller than a part, sent in one PUT, takes
+//! one too), are in memory at once. The object becomes visible only when the upload is
+//! completed; a writer dropped before that aborts its multipart upload (in the
+//! background, waited for at shutdown), so a failed or cancelled upload leaves nothing
+//! billed behind. Only a process killed outright leaves one open: the bucket's lifecycle
+//! rule for incomplete multipart uploads is what removes those.
 
 use std::collections::VecDeque;
 use std::io;
@@ -50,7 +53,11 @@ pub struct S3Backend {
 
 #[derive(Debug)]
 struct S3Inner {
+    /// Writes and metadata: requests that must end within minutes.
     store: AmazonS3,
+    /// Downloads: a GET streams at the pace of the client that downloads it, so its
+    /// request timeout is long.
+    reader: AmazonS3,
     /// The prefix every key goes under (no slashes at either end), or empty.
     prefix: String,
     /// Where uploads are staged (its temporary files, its memory budget).
@@ -60,6 +67,9 @@ struct S3Inner {
     /// One permit per part held in memory, across all uploads.
     part_memory: Arc<Semaphore>,
     presigned: Option<Duration>,
+    /// Aborts of multipart uploads running in the background (see [`abort_later`]),
+    /// waited for at shutdown ([`S3Backend::finish_aborts`]).
+    aborts: tokio_util::task::TaskTracker,
 }
 
 impl S3Inner {
@@ -79,53 +89,68 @@ impl S3Inner {
 }
 
 /// An `object_store` error as an I/O error: a missing object is `NotFound`, an existing
-/// one `AlreadyExists`; anything else is the store being out of reach or failing.
+/// one `AlreadyExists`; refused credentials or an unsupported request are faults of the
+/// deployment (500, logged); anything else (unreachable, timed out, 5xx after retries)
+/// is the store being out of reach ([`BackendUnavailable`]: 503, try again).
 fn s3_error(error: object_store::Error) -> io::Error {
+    use object_store::Error as E;
     match error {
-        object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, error.to_string()),
-        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+        E::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, error.to_string()),
+        E::AlreadyExists { .. } | E::Precondition { .. } => {
             io::Error::new(io::ErrorKind::AlreadyExists, error.to_string())
+        }
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
+            io::Error::new(io::ErrorKind::PermissionDenied, error.to_string())
+        }
+        E::NotImplemented { .. } | E::NotSupported { .. } | E::InvalidPath { .. } => {
+            io::Error::other(error.to_string())
         }
         other => io::Error::other(BackendUnavailable(other.to_string())),
     }
 }
 
+/// S3's most parts in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
+/// S3's longest presigned URL lifetime (a week).
+const MAX_PRESIGNED_SECONDS: u64 = 7 * 24 * 3600;
+
 impl S3Backend {
     /// Opens the bucket of `url` (`s3://bucket[/prefix]`), which must exist: a listing of
     /// the prefix is tried now, so that a wrong bucket or endpoint stops `serve` at once.
-    pub async fn open(url: &str, settings: &S3Settings, staging: Arc<LocalBackend>) -> anyhow::Result<Self> {
+    pub async fn open(
+        url: &str,
+        settings: &S3Settings,
+        staging: Arc<LocalBackend>,
+        max_blob_size: u64,
+    ) -> anyhow::Result<Self> {
         let (bucket, prefix) = parse_s3_url(url)?;
         anyhow::ensure!(
             (MIN_PART_SIZE..=MAX_PART_SIZE).contains(&settings.part_size),
             "ASSETD_S3_PART_SIZE must be between 5 MiB and 5 GiB (S3's limits), not {}",
             settings.part_size
         );
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(&bucket);
-        // A GET streams at the pace of the client that downloads it: the request timeout
-        // (object_store's default is 30 s for the whole request) must be long. Only
-        // where the environment does not set these already.
-        for (key, value) in [(ClientConfigKey::Timeout, "24h"), (ClientConfigKey::ConnectTimeout, "5s")] {
-            let key = AmazonS3ConfigKey::Client(key);
-            if builder.get_config_value(&key).is_none() {
-                builder = builder.with_config(key, value);
-            }
-        }
-        let store = builder
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig::default(),
-                max_retries: 3,
-                retry_timeout: Duration::from_secs(30),
-            })
-            .build()
-            .map_err(|e| anyhow::anyhow!("configuring the S3 bucket {bucket}: {e}"))?;
+        anyhow::ensure!(
+            max_blob_size.div_ceil(settings.part_size as u64) <= MAX_PARTS,
+            "ASSETD_S3_PART_SIZE {} is too small for uploads of up to {max_blob_size} bytes \
+             (ASSETD_MAX_UPLOAD_SIZE): S3 takes at most {MAX_PARTS} parts",
+            settings.part_size
+        );
+        anyhow::ensure!(
+            settings.presigned_seconds <= MAX_PRESIGNED_SECONDS,
+            "ASSETD_S3_PRESIGNED_SECONDS must be at most {MAX_PRESIGNED_SECONDS} (a week, S3's limit)"
+        );
+        let store = build_store(&bucket, &settings.aws_overrides, "300s")?;
+        let reader = build_store(&bucket, &settings.aws_overrides, "24h")?;
         let inner = S3Inner {
             store,
+            reader,
             prefix,
             staging,
             part_size: settings.part_size,
             parts_in_flight: settings.parts_in_flight.max(1),
             part_memory: Arc::new(Semaphore::new(settings.parts_in_memory.max(1))),
             presigned: (settings.presigned_seconds > 0).then(|| Duration::from_secs(settings.presigned_seconds)),
+            aborts: tokio_util::task::TaskTracker::new(),
         };
         let prefix_path = (!inner.prefix.is_empty()).then(|| ObjectPath::from(inner.prefix.as_str()));
         inner.store.list_with_delimiter(prefix_path.as_ref()).await.map_err(|e| {
@@ -134,12 +159,46 @@ impl S3Backend {
         Ok(Self { inner: Arc::new(inner) })
     }
 
+    /// Waits (at most `timeout`) for the multipart uploads being aborted in the
+    /// background, so that a stopping process leaves none open.
+    pub async fn finish_aborts(&self, timeout: Duration) {
+        self.inner.aborts.close();
+        if tokio::time::timeout(timeout, self.inner.aborts.wait()).await.is_err() {
+            tracing::warn!("some multipart uploads could not be aborted before stopping");
+        }
+    }
+
     /// Whether the bucket answers (for `/ready`).
     pub async fn ready(&self) -> bool {
         let prefix = (!self.inner.prefix.is_empty()).then(|| ObjectPath::from(self.inner.prefix.as_str()));
         let check = self.inner.store.list_with_delimiter(prefix.as_ref());
         matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Ok(_)))
     }
+}
+
+/// A client of `bucket` configured from the `AWS_*` environment, then `overrides`
+/// (`object_store` config keys such as `aws_endpoint`), with `timeout` for each whole
+/// request (and 5 s to connect) unless those set their own.
+fn build_store(bucket: &str, overrides: &[(String, String)], timeout: &str) -> anyhow::Result<AmazonS3> {
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    for (key, value) in overrides {
+        let key: AmazonS3ConfigKey = key.parse().map_err(|e| anyhow::anyhow!("unknown S3 setting {key}: {e}"))?;
+        builder = builder.with_config(key, value);
+    }
+    for (key, value) in [(ClientConfigKey::Timeout, timeout), (ClientConfigKey::ConnectTimeout, "5s")] {
+        let key = AmazonS3ConfigKey::Client(key);
+        if builder.get_config_value(&key).is_none() {
+            builder = builder.with_config(key, value);
+        }
+    }
+    builder
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(30),
+        })
+        .build()
+        .map_err(|e| anyhow::anyhow!("configuring the S3 bucket {bucket}: {e}"))
 }
 
 /// `s3://bucket[/prefix]` → (bucket, prefix without slashes at its ends).
@@ -153,9 +212,16 @@ fn parse_s3_url(url: &str) -> anyhow::Result<(String, String)> {
         "ASSETD_BLOBS names no valid bucket: {url:?}"
     );
     let prefix = prefix.trim_matches('/');
+    // Plain characters only: the prefix is compared with the object paths listed back.
+    let plain = |part: &str| {
+        !part.is_empty()
+            && part != "."
+            && part != ".."
+            && part.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    };
     anyhow::ensure!(
-        prefix.is_empty() || prefix.split('/').all(|part| !part.is_empty() && part != "." && part != ".."),
-        "ASSETD_BLOBS has an invalid prefix: {url:?}"
+        prefix.is_empty() || prefix.split('/').all(plain),
+        "ASSETD_BLOBS has an invalid prefix (letters, digits, '-', '.', '_' between slashes): {url:?}"
     );
     Ok((bucket.to_owned(), prefix.to_owned()))
 }
@@ -171,7 +237,7 @@ impl BlobBackend for S3Backend {
             inner: self.inner.clone(),
             staging: self.inner.staging.writer(None),
             key,
-            upload: None,
+            upload: Upload::None,
             parts: VecDeque::new(),
             sent: 0,
         })
@@ -185,7 +251,7 @@ impl BlobBackend for S3Backend {
             return Ok(futures::stream::empty().boxed());
         }
         let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
-        let result = self.inner.store.get_opts(&path, options).await.map_err(s3_error)?;
+        let result = self.inner.reader.get_opts(&path, options).await.map_err(s3_error)?;
         Ok(result.into_stream().map_err(s3_error).boxed())
     }
 
@@ -235,20 +301,36 @@ struct S3Writer {
     inner: Arc<S3Inner>,
     staging: LocalWriter,
     key: String,
-    /// The multipart upload, once the first full part was sent.
-    upload: Option<Box<dyn MultipartUpload>>,
+    upload: Upload,
     /// Parts being sent, oldest first; each holds a permit of `part_memory`.
     parts: VecDeque<JoinHandle<object_store::Result<()>>>,
     /// Bytes handed to parts so far.
     sent: u64,
 }
 
+/// The writer's multipart upload.
+enum Upload {
+    /// None yet: no full part was sent.
+    None,
+    /// Being created, in a task of its own: a writer dropped meanwhile still learns its
+    /// id (and aborts it) rather than leave it open.
+    Creating(JoinHandle<object_store::Result<Box<dyn MultipartUpload>>>),
+    Created(Box<dyn MultipartUpload>),
+}
+
 /// How the bytes of a finished write go up.
 enum Finished {
-    /// A blob smaller than a part: one PUT.
-    Single(PutPayload),
+    /// A blob smaller than a part: one PUT, with the memory it holds (a part's permit, or
+    /// the upload budget's share of the few bytes that never left memory).
+    Single(PutPayload, #[allow(dead_code)] Held),
     /// Every part sent: complete the upload.
     Multipart(Box<dyn MultipartUpload>),
+}
+
+/// Memory a finished small blob holds until it is sent; released when dropped.
+enum Held {
+    Part(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+    Budget(#[allow(dead_code)] super::local::HeldBuffer),
 }
 
 impl S3Writer {
@@ -265,11 +347,8 @@ impl S3Writer {
         }
         let permit = self.inner.part_memory.clone().acquire_owned().await.map_err(io::Error::other)?;
         let bytes = self.staging.read_flushed(self.sent, len).await?;
-        if self.upload.is_none() {
-            let path = self.inner.path(&self.key)?;
-            self.upload = Some(self.inner.store.put_multipart(&path).await.map_err(s3_error)?);
-        }
-        let part = self.upload.as_mut().expect("created above").put_part(PutPayload::from(bytes));
+        let upload = self.created_upload().await?;
+        let part = upload.put_part(PutPayload::from(bytes));
         self.parts.push_back(tokio::spawn(async move {
             let sent = part.await;
             drop(permit);
@@ -279,23 +358,46 @@ impl S3Writer {
         Ok(())
     }
 
+    /// The multipart upload, created (in a task of its own) on first use.
+    async fn created_upload(&mut self) -> io::Result<&mut Box<dyn MultipartUpload>> {
+        if matches!(self.upload, Upload::None) {
+            let (store, path) = (self.inner.store.clone(), self.inner.path(&self.key)?);
+            self.upload = Upload::Creating(tokio::spawn(async move { store.put_multipart(&path).await }));
+        }
+        if let Upload::Creating(creating) = &mut self.upload {
+            let created = creating.await.map_err(io::Error::other);
+            self.upload = Upload::None;
+            self.upload = Upload::Created(created?.map_err(s3_error)?);
+        }
+        match &mut self.upload {
+            Upload::Created(upload) => Ok(upload),
+            _ => unreachable!("created above"),
+        }
+    }
+
+    /// Waits for the oldest part in flight. It stays in `parts` until it has finished,
+    /// so that a writer dropped meanwhile aborts it.
     async fn finish_oldest_part(&mut self) -> io::Result<()> {
-        let Some(part) = self.parts.pop_front() else { return Ok(()) };
-        part.await.map_err(io::Error::other)?.map_err(s3_error)
+        let Some(part) = self.parts.front_mut() else { return Ok(()) };
+        let sent = part.await;
+        self.parts.pop_front();
+        sent.map_err(io::Error::other)?.map_err(s3_error)
     }
 
     /// Everything received is hashed and sent (or, for a small blob, ready to PUT).
     async fn finish(&mut self) -> io::Result<(u64, crate::domain::names::Sha256Hex, Finished)> {
         let size = self.staging.size();
-        if self.upload.is_none() && self.staging.in_memory_only() {
-            let (chunks, sha256) = self.staging.take_in_memory();
-            return Ok((size, sha256, Finished::Single(chunks.into_iter().collect())));
+        if matches!(self.upload, Upload::None) && self.staging.in_memory_only() {
+            let (held, sha256) = self.staging.take_in_memory();
+            let payload = held.chunks().iter().cloned().collect();
+            return Ok((size, sha256, Finished::Single(payload, Held::Budget(held))));
         }
         self.staging.flush().await?;
         let sha256 = self.staging.flushed_sha256();
-        if self.upload.is_none() {
+        if matches!(self.upload, Upload::None) {
+            let permit = self.inner.part_memory.clone().acquire_owned().await.map_err(io::Error::other)?;
             let bytes = self.staging.read_flushed(0, size as usize).await?;
-            return Ok((size, sha256, Finished::Single(PutPayload::from(bytes))));
+            return Ok((size, sha256, Finished::Single(PutPayload::from(bytes), Held::Part(permit))));
         }
         let rest = size - self.sent;
         if rest > 0 {
@@ -304,7 +406,10 @@ impl S3Writer {
         while !self.parts.is_empty() {
             self.finish_oldest_part().await?;
         }
-        Ok((size, sha256, Finished::Multipart(self.upload.take().expect("a multipart upload"))))
+        match std::mem::replace(&mut self.upload, Upload::None) {
+            Upload::Created(upload) => Ok((size, sha256, Finished::Multipart(upload))),
+            _ => unreachable!("parts were sent"),
+        }
     }
 
     fn location(&self) -> BlobLocation {
@@ -333,18 +438,30 @@ impl BlobWrite for S3Writer {
         self.staging.size()
     }
 
+    /// Never replaces an object: a single PUT is conditional (`If-None-Match: *`); before
+    /// a multipart upload is completed, the key is checked to be free (object_store has
+    /// no conditional completion; keys are fresh uuids, so this guards only a bug).
     async fn persist(mut self: Box<Self>) -> io::Result<StoredBlob> {
-        let (size, sha256, finished) = self.finish().await?;
         let path = self.inner.path(&self.key)?;
+        let (size, sha256, finished) = self.finish().await?;
         match finished {
-            Finished::Single(payload) => {
-                // Never replaces an object (conditional PUT, where the store supports it).
+            Finished::Single(payload, held) => {
                 let options = PutOptions { mode: PutMode::Create, ..Default::default() };
                 self.inner.store.put_opts(&path, payload, options).await.map_err(s3_error)?;
+                drop(held);
             }
             Finished::Multipart(mut upload) => {
+                let exists = match self.inner.store.head(&path).await {
+                    Ok(_) => Some(io::Error::new(io::ErrorKind::AlreadyExists, format!("{path} exists"))),
+                    Err(object_store::Error::NotFound { .. }) => None,
+                    Err(error) => Some(s3_error(error)),
+                };
+                if let Some(error) = exists {
+                    self.abort_later(upload);
+                    return Err(error);
+                }
                 if let Err(error) = upload.complete().await {
-                    abort_later(upload);
+                    self.abort_later(upload);
                     return Err(s3_error(error));
                 }
             }
@@ -359,27 +476,54 @@ impl BlobWrite for S3Writer {
     }
 }
 
-impl Drop for S3Writer {
-    fn drop(&mut self) {
-        for part in self.parts.drain(..) {
-            part.abort();
-        }
-        if let Some(upload) = self.upload.take() {
-            abort_later(upload);
-        }
+impl S3Writer {
+    fn abort_later(&self, upload: Box<dyn MultipartUpload>) {
+        abort_later(&self.inner, upload);
     }
 }
 
-/// Aborts a multipart upload in the background (drop cannot await). Without a runtime
-/// (the process is ending), the bucket's lifecycle rule for incomplete uploads is what
-/// removes it.
-fn abort_later(mut upload: Box<dyn MultipartUpload>) {
+impl Drop for S3Writer {
+    fn drop(&mut self) {
+        let parts: Vec<_> = self.parts.drain(..).collect();
+        for part in &parts {
+            part.abort();
+        }
+        let upload = std::mem::replace(&mut self.upload, Upload::None);
+        let inner = self.inner.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        // The parts are stopped first: one still being sent could outlive the abort.
+        inner.aborts.clone().spawn_on(
+            async move {
+                for part in parts {
+                    let _ = part.await;
+                }
+                let upload = match upload {
+                    Upload::None => return,
+                    Upload::Creating(creating) => match creating.await {
+                        Ok(Ok(upload)) => upload,
+                        _ => return,
+                    },
+                    Upload::Created(upload) => upload,
+                };
+                abort_now(upload).await;
+            },
+            &runtime,
+        );
+    }
+}
+
+/// Aborts a multipart upload in the background (drop cannot await), tracked so that a
+/// stopping process waits for it. Without a runtime (the process is ending), the bucket's
+/// lifecycle rule for incomplete uploads is what removes it.
+fn abort_later(inner: &S3Inner, upload: Box<dyn MultipartUpload>) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            if let Err(error) = upload.abort().await {
-                tracing::warn!(%error, "could not abort a multipart upload");
-            }
-        });
+        inner.aborts.spawn_on(abort_now(upload), &runtime);
+    }
+}
+
+async fn abort_now(mut upload: Box<dyn MultipartUpload>) {
+    if let Err(error) = upload.abort().await {
+        tracing::warn!(%error, "could not abort a multipart upload; the bucket's lifecycle rule will");
     }
 }
 
@@ -396,12 +540,13 @@ impl PlaceSealed for S3Sealed {
     async fn place(mut self: Box<Self>) -> io::Result<()> {
         let path = self.inner.path(&self.key)?;
         match self.finished.take().expect("placed once") {
-            Finished::Single(payload) => {
+            Finished::Single(payload, held) => {
                 self.inner.store.put(&path, payload).await.map_err(s3_error)?;
+                drop(held);
             }
             Finished::Multipart(mut upload) => {
                 if let Err(error) = upload.complete().await {
-                    abort_later(upload);
+                    abort_later(&self.inner, upload);
                     return Err(s3_error(error));
                 }
             }
@@ -413,7 +558,7 @@ impl PlaceSealed for S3Sealed {
 impl Drop for S3Sealed {
     fn drop(&mut self) {
         if let Some(Finished::Multipart(upload)) = self.finished.take() {
-            abort_later(upload);
+            abort_later(&self.inner, upload);
         }
     }
 }

@@ -159,8 +159,10 @@ struct AssetRow {
     asset_source: String,
     asset_version: i64,
     created_position: i64,
-    blob_backend: &'static str,
-    blob_key: String,
+    /// As the event recorded them: none for events from before blobs had locations
+    /// (read as local, at the uuid's key), so that replay reproduces the rows exactly.
+    blob_backend: Option<&'static str>,
+    blob_key: Option<String>,
 }
 
 impl AssetRow {
@@ -184,8 +186,8 @@ impl AssetRow {
             asset_source: a.asset_source.as_str().to_owned(),
             asset_version: event.version,
             created_position: event.position,
-            blob_backend: a.blob_location().backend.as_str(),
-            blob_key: a.blob_location().key,
+            blob_backend: a.blob.as_ref().map(|blob| blob.backend.as_str()),
+            blob_key: a.blob.as_ref().map(|blob| blob.key.clone()),
         }
     }
 

@@ -72,6 +72,7 @@ async fn upload_download_rename_delete_round_trip_with_events(backend: Backend) 
         "attachment; filename=\"vid_o du jour.zip\"; filename*=UTF-8''vid%C3%A9o%20du%20jour.zip"
     );
 
+    assert!(app.blob_exists(uuid.parse().unwrap()).await, "the bytes are where the event says");
     let deleted = app.delete(&token, &format!("/api/assets?uuid={uuid}")).await;
     assert_eq!(deleted.status(), 200);
     assert_error(app.get(&token, &format!("/api/assets?asset_uuid={uuid}")).await, 404, "not_found").await;
@@ -141,6 +142,26 @@ async fn ranges_and_conditional_requests(backend: Backend) {
     assert_eq!(stale_if_range.status(), 200, "If-Range with another validator sends everything");
     let fresh_if_range = get(vec![("Range", "bytes=0-1".into()), ("If-Range", etag)]).await.unwrap();
     assert_eq!(fresh_if_range.status(), 206);
+
+    // A blob of several parts on S3 (5 MiB each in the tests): ranges across a part's
+    // end, within the last part, and the whole.
+    let large = pseudo_random_bytes(3, (11 << 20) + 7);
+    let info = app.upload_ok(&token, 1, "large.bin", &large).await;
+    let url = format!("http://{}/file/api/assets?asset_uuid={}", app.addr, info["asset_uuid"].as_str().unwrap());
+    for (start, end) in [(0, 9), ((5 << 20) - 3, (5 << 20) + 2), ((10 << 20) + 1, large.len() - 1)] {
+        let answer = app
+            .client
+            .get(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Range", format!("bytes={start}-{end}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 206);
+        assert_eq!(answer.bytes().await.unwrap().as_ref(), &large[start..=end], "bytes {start}-{end}");
+    }
+    let whole = app.client.get(&url).header("Authorization", format!("Bearer {token}")).send().await.unwrap();
+    assert_eq!(sha256_hex(&whole.bytes().await.unwrap()), sha256_hex(&large));
 }
 
 async fn access_tokens_open_one_asset_to_callers_without_session_access(backend: Backend) {

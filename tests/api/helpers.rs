@@ -103,21 +103,16 @@ impl BrokerProxy {
     }
 }
 
-/// A TCP proxy to the test PostgreSQL server that a test can cut (every connection
-/// through it dropped, new ones refused) and restore: the database going away and
-/// coming back as assetd sees it, without touching the server other tests use.
-pub struct DatabaseProxy {
-    port: u16,
+/// A TCP proxy to `target` that a test can cut (every connection through it dropped,
+/// new ones refused) and restore: a server going away and coming back as assetd sees
+/// it, without touching the server other tests use.
+pub struct TcpProxy {
+    pub port: u16,
     cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-impl DatabaseProxy {
-    pub async fn start() -> Self {
-        // postgres://user@host:port → host:port
-        let server = server_url();
-        let authority = server.split("://").nth(1).unwrap_or(&server);
-        let authority = authority.rsplit('@').next().unwrap_or(authority);
-        let target = authority.split('/').next().unwrap_or(authority).to_owned();
+impl TcpProxy {
+    pub async fn start(target: String) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
@@ -142,20 +137,42 @@ impl DatabaseProxy {
         Self { port, cut }
     }
 
-    /// The URL of database `name` through the proxy.
-    pub fn url(&self, name: &str) -> String {
-        let server = server_url();
-        let (scheme, rest) = server.split_once("://").unwrap_or(("postgres", &server));
-        let user = rest.rsplit_once('@').map(|(user, _)| format!("{user}@")).unwrap_or_default();
-        format!("{scheme}://{user}127.0.0.1:{}/{name}", self.port)
-    }
-
     pub fn cut(&self) {
         self.cut.send_replace(true);
     }
 
     pub fn restore(&self) {
         self.cut.send_replace(false);
+    }
+}
+
+/// A [`TcpProxy`] to the test PostgreSQL server.
+pub struct DatabaseProxy(TcpProxy);
+
+impl DatabaseProxy {
+    pub async fn start() -> Self {
+        // postgres://user@host:port → host:port
+        let server = server_url();
+        let authority = server.split("://").nth(1).unwrap_or(&server);
+        let authority = authority.rsplit('@').next().unwrap_or(authority);
+        let target = authority.split('/').next().unwrap_or(authority).to_owned();
+        Self(TcpProxy::start(target).await)
+    }
+
+    /// The URL of database `name` through the proxy.
+    pub fn url(&self, name: &str) -> String {
+        let server = server_url();
+        let (scheme, rest) = server.split_once("://").unwrap_or(("postgres", &server));
+        let user = rest.rsplit_once('@').map(|(user, _)| format!("{user}@")).unwrap_or_default();
+        format!("{scheme}://{user}127.0.0.1:{}/{name}", self.0.port)
+    }
+
+    pub fn cut(&self) {
+        self.0.cut();
+    }
+
+    pub fn restore(&self) {
+        self.0.restore();
     }
 }
 
@@ -245,6 +262,11 @@ pub struct TestOptions {
     pub jobs: Option<assetd::config::JobsConfig>,
     /// Where blobs go (the local backend by default).
     pub backend: Backend,
+    /// On S3: reach the bucket at this endpoint (a proxy the test can cut) rather than
+    /// the test server's.
+    pub s3_endpoint: Option<String>,
+    /// On S3: `ASSETD_S3_PRESIGNED_SECONDS`.
+    pub s3_presigned_seconds: u64,
 }
 
 /// The blob backends the asset suite runs on (see [`on_both_backends!`]).
@@ -274,7 +296,11 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
     ServeConfig {
         blobs: "local".into(),
         // The smallest part S3 allows, so that a few MiB already make a multipart upload.
-        s3: assetd::config::S3Settings { part_size: 5 << 20, ..Default::default() },
+        s3: assetd::config::S3Settings {
+            part_size: 5 << 20,
+            presigned_seconds: options.s3_presigned_seconds,
+            ..Default::default()
+        },
         database: DatabaseConfig { database_url: database_url.to_owned(), database_pool_size: 16 },
         listen: "127.0.0.1:0".parse().unwrap(),
         base_path: "/file".into(),
@@ -320,12 +346,16 @@ impl TestApp {
             Backend::Local => None,
             Backend::S3 => {
                 let bucket = crate::s3::TestBucket::create().await;
-                // The same values in every test (only the bucket differs, in ASSETD_BLOBS),
-                // so tests running side by side in one process agree on them.
+                // Given as settings, not through the process's environment, which tests
+                // running side by side in one process share.
                 for (name, value) in bucket.env("assets") {
                     match name.as_str() {
                         "ASSETD_BLOBS" => config.blobs = value,
-                        _ => std::env::set_var(name, value),
+                        "AWS_ENDPOINT" if options.s3_endpoint.is_some() => {
+                            let endpoint = options.s3_endpoint.clone().unwrap();
+                            config.s3.aws_overrides.push(("aws_endpoint".into(), endpoint));
+                        }
+                        _ => config.s3.aws_overrides.push((name.to_ascii_lowercase(), value)),
                     }
                 }
                 Some(bucket)
@@ -365,9 +395,12 @@ impl TestApp {
         }
     }
 
-    /// Whether the blob of asset `uuid` exists where its event put it.
+    /// Whether the blob of asset `uuid` exists where its event put it (the backend of
+    /// this app's blob store when no such asset was recorded).
     pub async fn blob_exists(&self, uuid: Uuid) -> bool {
-        let location = self.ctx.app.blobs.location_for(uuid);
+        let client = self.ctx.app.pool.get().await.unwrap();
+        let asset = assetd::projections::read::asset(&client, uuid).await.unwrap();
+        let location = asset.map_or_else(|| self.ctx.app.blobs.location_for(uuid), |asset| asset.blob_location());
         self.ctx.app.blobs.stat(&location).await.expect("stat of a blob").is_some()
     }
 
@@ -590,6 +623,47 @@ pub async fn store_upload_via(
         blob: Some(stored.location),
     })
     .await
+}
+
+/// `assetd serve` as its own process on `app`'s database (and bucket, on S3) with the
+/// data directory `data_dir`, on a free port; relay and commands off.
+pub fn serve_process(app: &TestApp, data_dir: &Path) -> (tokio::process::Child, SocketAddr) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"));
+    if let Some(bucket) = &app.bucket {
+        command.envs(bucket.env("assets")).env("ASSETD_S3_PART_SIZE", (5 << 20).to_string());
+    }
+    let child = command
+        .arg("serve")
+        .env("ASSETD_DATABASE_URL", &app.db.url)
+        .env("ASSETD_JWT_SECRET", JWT_SECRET)
+        .env("ASSETD_URL_SIGNING_KEY", "test-url-signing-key")
+        .env("ASSETD_LISTEN", addr.to_string())
+        .env("ASSETD_DATA_DIR", data_dir)
+        .env("ASSETD_AMQP_PREFIX", format!("assetd_test_{}", Uuid::new_v4().simple()))
+        .env("ASSETD_RELAY", "false")
+        .env("ASSETD_COMMANDS", "false")
+        .env("ASSETD_WORKERS", "false")
+        .env("ASSETD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, addr)
+}
+
+/// Waits (60 s at most) until the process at `addr` answers `/file/ready` with 200.
+pub async fn wait_until_serving(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = reqwest::get(format!("http://{addr}/file/ready")).await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{addr} does not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs each named test function (taking a [`Backend`]) once per blob backend, as the

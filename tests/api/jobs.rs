@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::helpers::{amqp_url, serve_config, BrokerProxy, TestApp, TestOptions};
+use crate::helpers::{amqp_url, serve_config, sha256_hex, BrokerProxy, TestApp, TestOptions};
 
 /// Byte `i` of every source file (so the test can hash what it expects).
 fn byte_at(i: u64) -> u8 {
@@ -965,6 +965,45 @@ async fn sealed(app: &assetd::app::App, job: Uuid, bytes: &[u8]) -> assetd::blob
 
 fn is_conflict(result: &Result<(), assetd::app::AppError>) -> bool {
     matches!(result, Err(assetd::app::AppError::Domain(assetd::domain::DomainError::Conflict(_))))
+}
+
+/// On S3: an import streams into a multipart object, completed only when the asset is
+/// recorded; a stale attempt that ends later with other bytes is refused, the object
+/// keeps the import's bytes, and the stale attempt's multipart upload is aborted.
+#[tokio::test]
+async fn an_import_on_s3_becomes_one_object_and_a_stale_attempt_cannot_replace_it() {
+    let source = Source::start().await;
+    let options = TestOptions { backend: crate::helpers::Backend::S3, ..Default::default() };
+    let jobs = Jobs::start_with(quick_jobs("127.0.0.1"), options, true, None).await;
+    let len: u64 = 12 << 20;
+    let expected = sha_of(len);
+    let mut body = jobs.body(&source.url(&format!("/data/{len}")));
+    body["sha256"] = json!(expected);
+    let uuid = jobs.import(body).await["job_uuid"].as_str().unwrap().to_owned();
+    let job = jobs.until(&uuid, "succeeded", 120).await;
+    let download_path = format!("/api/assets?asset_uuid={}", job["result"]["asset_uuid"].as_str().unwrap());
+    let download = jobs.app.get(&jobs.service, &download_path).await;
+    assert_eq!(sha256_hex(&download.bytes().await.unwrap()), expected);
+    let bucket = jobs.app.bucket.as_ref().unwrap();
+    assert_eq!(bucket.object_keys().await.len(), 1);
+    assert_eq!(bucket.pending_multipart_uploads().await, vec![]);
+
+    let app = &jobs.app.ctx.app;
+    let job_uuid: Uuid = uuid.parse().unwrap();
+    let loaded = app.load_job(job_uuid).await.unwrap();
+    let stale = sealed(app, job_uuid, &vec![9u8; 6 << 20]).await;
+    assert_eq!(bucket.pending_multipart_uploads().await.len(), 1, "the stale attempt's parts are up");
+    let imported = loaded.imported_asset(&stale, None, None).unwrap();
+    assert!(is_conflict(&app.import_succeeded(&system_ctx(job_uuid), job_uuid, 1, imported, stale).await));
+    let download = jobs.app.get(&jobs.service, &download_path).await;
+    assert_eq!(sha256_hex(&download.bytes().await.unwrap()), expected, "the asset keeps the import's bytes");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !bucket.pending_multipart_uploads().await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the stale attempt's multipart upload stays open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(bucket.object_keys().await.len(), 1);
+    jobs.stop().await;
 }
 
 #[tokio::test]

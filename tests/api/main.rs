@@ -8,6 +8,7 @@ mod helpers;
 mod assets;
 mod auth;
 mod bad_input;
+mod blob_store;
 mod commands;
 mod contract;
 mod database_outage;

@@ -531,6 +531,10 @@ class Bench:
         self.results[f"peak RSS, {self.size_label} downloads from S3"] = {"unit": "MiB", "value": rss}
 
     def wrk_ranges(self, url, seconds, with_auth):
+        headers = ["-H", f"Range: bytes={MIB}-{2 * MIB - 1}"]
+        status, size, _ = self.curl(["-o", "/dev/null", *headers, *(self.auth() if with_auth else []), url])
+        if status != 206 or size != MIB:
+            raise RuntimeError(f"a 1 MiB slice of {url} answered {status} with {size} bytes")
         env = dict(os.environ, BENCH_TOKEN=self.user_token if with_auth else "", BENCH_FILE_SIZE=str(self.large_size))
         result = run(
             ["wrk", "-t2", "-c4", f"-d{seconds}s", "--timeout", "10s", "-s", os.path.join(BENCH_DIR, "range.lua"), url],
@@ -609,17 +613,20 @@ class Bench:
         imported = int(self.psql("SELECT count(*) FROM events WHERE type = 'AssetImported'"))
         deleted = int(self.psql("SELECT count(*) FROM events WHERE type = 'AssetDeleted'"))
         live = int(self.psql("SELECT count(*) FROM assets WHERE asset_status = 'available'"))
-        blobs = sum(len(files) for _, _, files in os.walk(os.path.join(self.work, "data/blobs")))
+        # The S3 row's assets are in the bucket; every other one is a file.
+        in_bucket = int(self.psql("SELECT count(*) FROM assets WHERE asset_status = 'available' AND blob_backend = 's3'"))
+        blobs = in_bucket + sum(len(files) for _, _, files in os.walk(os.path.join(self.work, "data/blobs")))
         self.results["uploads recorded"] = {
             "uploaded": uploaded,
             "imported": imported,
             "deleted": deleted,
             "live_assets": live,
-            "blob_files": blobs,
+            "blobs": blobs,
+            "of_which_in_s3": in_bucket,
         }
         if not uploaded + imported - deleted == live == blobs:
             raise RuntimeError(
-                f"{uploaded} uploaded + {imported} imported - {deleted} deleted, {live} live assets, {blobs} blob files"
+                f"{uploaded} uploaded + {imported} imported - {deleted} deleted, {live} live assets, {blobs} blobs"
             )
 
     def psql(self, sql, timeout=600):

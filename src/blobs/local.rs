@@ -329,9 +329,16 @@ impl BlobBackend for LocalBackend {
             .boxed()
     }
 
+    /// A file nginx can send, once it is known to be there. The `stat` is made here on
+    /// the runtime's thread, as nginx makes its own: on a local file system it answers
+    /// from the dentry cache in microseconds, cheaper than a hop to the blocking pool
+    /// (which, at a thousand range requests a second, costs the hop's latency on each).
     async fn delivery_hint(&self, key: &str) -> io::Result<DeliveryHint> {
-        self.path_of(key)?;
-        Ok(DeliveryHint::LocalFile(key.to_owned()))
+        match std::fs::metadata(self.path_of(key)?) {
+            Ok(_) => Ok(DeliveryHint::LocalFile(key.to_owned())),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(DeliveryHint::Stream),
+            Err(error) => Err(error),
+        }
     }
 }
 

@@ -112,11 +112,9 @@ pub async fn respond(
     let handover = handover_agrees(request) && (request.get("range").is_none() || !whole);
     if !is_head && (handover || whole) {
         match backend.delivery_hint(&location.key).await.map_err(|error| ApiError::from(AppError::Storage(error)))? {
+            // (A missing file is `Stream`: reading it below says what is wrong.)
             DeliveryHint::LocalFile(key) => {
                 if let (Delivery::AccelRedirect(prefix), true) = (&delivery, handover) {
-                    if backend.stat(&location.key).await.ok().flatten().is_none() {
-                        return Err(missing(format!("({key}) are missing")));
-                    }
                     // nginx sends the bytes (the same single range, if any) with its
                     // own Accept-Ranges and Content-Range.
                     return builder

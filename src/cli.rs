@@ -150,6 +150,7 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
     })?;
     let auth = Authenticator::with_limits(&config.jwt_secret, config.token_limits);
     let app = App::new(pool, blobs, auth, config.asset_token_ttl);
+    app.read_cache.spawn_listener(config.database.database_url.clone());
     let settings = HttpSettings {
         base_path: config.base_path.clone(),
         max_upload_size: config.max_upload_size,

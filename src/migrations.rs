@@ -11,6 +11,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "session_registrations", include_str!("migrations/0005_session_registrations.sql")),
     (6, "jobs", include_str!("migrations/0006_jobs.sql")),
     (7, "blob_locations", include_str!("migrations/0007_blob_locations.sql")),
+    (8, "read_model_notifications", include_str!("migrations/0008_read_model_notifications.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

@@ -285,6 +285,7 @@ macro_rules! in_transaction {
 
 mod faults;
 pub mod jobs;
+mod read_cache;
 mod recorder;
 pub mod sessions;
 
@@ -303,6 +304,8 @@ pub struct App {
     uploads: recorder::UploadRecorder,
     /// Sessions recently found by [`App::precheck_upload`]: see there.
     upload_sessions: moka::sync::Cache<i64, SessionDetails>,
+    /// Asset and session records for reads, dropped as soon as they change.
+    pub read_cache: read_cache::ReadCache,
     /// What the relay and the command consumer report of the broker (for `/ready`).
     pub messaging: Arc<MessagingStatus>,
     /// The process's metrics (for `/metrics`); one set, shared by every clone.
@@ -403,6 +406,7 @@ impl App {
                 .max_capacity(10_000)
                 .time_to_live(UPLOAD_SESSION_CACHE_TTL)
                 .build(),
+            read_cache: read_cache::ReadCache::default(),
         }
     }
 
@@ -437,6 +441,7 @@ impl App {
             read::session(&tx, id).await?.ok_or(AppError::Domain(DomainError::NotFound("session")))
         });
         self.upload_sessions.invalidate(&id.get());
+        self.read_cache.forget_session(id.get());
         session
     }
 
@@ -470,6 +475,10 @@ impl App {
             Ok((assets, jobs))
         })?;
         self.upload_sessions.invalidate(&id.get());
+        self.read_cache.forget_session(id.get());
+        for (uuid, _) in &deleted {
+            self.read_cache.forget_asset(*uuid);
+        }
         for (_, location) in &deleted {
             self.remove_blob(location).await;
         }
@@ -555,9 +564,22 @@ impl App {
         uuid: Uuid,
         access_token: Option<&str>,
     ) -> Result<AssetInfo, AppError> {
+        // Without a database round trip when both records are kept (see `read_cache`).
+        if let Some(asset) = self.read_cache.asset(uuid) {
+            if principal.is_privileged() {
+                return Ok(asset);
+            }
+            if let Some(session) = self.read_cache.session(asset.id_session) {
+                self.asset_access(principal, &asset, Some(&session), access_token)?;
+                return Ok(asset);
+            }
+        }
+        let generation = self.read_cache.generation();
         let client = self.pool.get().await?;
         let asset = read::asset(&client, uuid).await?.ok_or(DomainError::NotFound("asset"))?;
-        self.check_asset_access(&client, principal, &asset, access_token).await?;
+        let session = if principal.is_privileged() { None } else { session_of(&client, &asset).await? };
+        self.read_cache.fill(generation, &asset, session.as_ref());
+        self.asset_access(principal, &asset, session.as_ref(), access_token)?;
         Ok(asset)
     }
 
@@ -592,21 +614,6 @@ impl App {
     /// it names to anyone, for as long as the one who asked for the token could still
     /// reach it (a token grants what its requester could do when it is used, within its
     /// lifetime). A bad token is reported only if the caller is not let in anyway.
-    async fn check_asset_access(
-        &self,
-        client: &impl GenericClient,
-        principal: &Principal,
-        asset: &AssetInfo,
-        access_token: Option<&str>,
-    ) -> Result<(), AppError> {
-        if principal.is_privileged() {
-            return Ok(());
-        }
-        let session = session_of(client, asset).await?;
-        self.asset_access(principal, asset, session.as_ref(), access_token)
-    }
-
-    /// [`App::check_asset_access`] with the asset's session already read.
     fn asset_access(
         &self,
         principal: &Principal,
@@ -647,10 +654,13 @@ impl App {
         new_name: FileName,
     ) -> Result<AssetInfo, AppError> {
         self.asset_for(principal, uuid, access_token).await?;
-        in_transaction!(self, |tx| {
+        let renamed = in_transaction!(self, |tx| {
             stage::<Asset>(&tx, ctx, &asset_stream(uuid), AssetCommand::Rename(new_name.clone())).await?;
             read::asset(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("asset")))
-        })
+        });
+        // Also when the outcome is unknown: it may have committed.
+        self.read_cache.forget_asset(uuid);
+        renamed
     }
 
     /// Appends `AssetDeleted`, then removes the bytes.
@@ -662,10 +672,12 @@ impl App {
         access_token: Option<&str>,
     ) -> Result<(), AppError> {
         let asset = self.asset_for(principal, uuid, access_token).await?;
-        in_transaction!(self, |tx| {
+        let deleted = in_transaction!(self, |tx| {
             stage::<Asset>(&tx, ctx, &asset_stream(uuid), AssetCommand::Delete(DeletionReason::Requested)).await?;
             Ok(())
-        })?;
+        });
+        self.read_cache.forget_asset(uuid);
+        deleted?;
         self.remove_blob(&asset.blob_location()).await;
         Ok(())
     }
@@ -683,7 +695,7 @@ impl App {
     }
 
     /// An access token for the asset, asked for by `requester` (see
-    /// [`App::check_asset_access`] for what it grants).
+    /// [`App::asset_access`] for what it grants).
     pub fn asset_token(&self, uuid: Uuid, requester: &Principal) -> String {
         self.auth.mint_asset_token(&[uuid], requester, self.asset_token_ttl)
     }

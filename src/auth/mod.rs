@@ -10,7 +10,7 @@
 //! counted from now, whatever `iat` says); a header with `crit` extensions is refused
 //! (we understand none, RFC 7515 §4.1.11), and so is an `nbf` or `iat` that is not a
 //! number. An asset access token names who asked for it, and grants what that requester
-//! could do when the token is used (see `App::check_asset_access`).
+//! could do when the token is used (see `App::asset_access`).
 
 use chrono::Utc;
 use jsonwebtoken::{decode, encode, errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};

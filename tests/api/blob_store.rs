@@ -106,3 +106,75 @@ async fn serve_stops_at_once_when_its_bucket_does_not_exist() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("assetd-no-such-bucket") && stderr.contains("must exist"), "{stderr}");
 }
+
+/// Two processes on one database and one bucket: what one changes (a rename, a member
+/// removed, a deletion) the other never serves from what it kept of the asset or the
+/// session, and the one that made the change sees it at once.
+#[tokio::test]
+async fn kept_records_never_outlive_a_change_made_by_any_process() {
+    let app = TestApp::on(Backend::S3).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let (_other, other_addr) = crate::helpers::serve_process(&app, data_dir.path());
+    crate::helpers::wait_until_serving(other_addr).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !app.ctx.app.read_cache.is_live() {
+        assert!(tokio::time::Instant::now() < deadline, "the read cache never listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (user, token) = app.session_with_user(1).await;
+    let info = app.upload_ok(&token, 1, "first.bin", b"kept").await;
+    let path = format!("/file/api/assets?asset_uuid={}", info["asset_uuid"].as_str().unwrap());
+    let here = format!("http://{}{path}", app.addr);
+    let there = format!("http://{other_addr}{path}");
+    let get = |url: String| {
+        let token = token.clone();
+        async move { reqwest::Client::new().get(url).bearer_auth(token).send().await.unwrap() }
+    };
+    for url in [&here, &there, &here, &there] {
+        assert_eq!(get(url.clone()).await.status(), 200, "{url}: read (and kept)");
+    }
+    // Within two seconds at the other process; at once where the change was made.
+    let eventually = |url: String, expect: &'static (dyn Fn(&reqwest::Response) -> bool + Sync)| {
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                let response = get(url.clone()).await;
+                if expect(&response) {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{url}: {:?}", response.headers());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let renamed = app
+        .post_json(
+            &token,
+            "/api/assets/infos",
+            &json!({"file_asset": {"asset_uuid": info["asset_uuid"], "asset_original_filename": "second.bin"}}),
+        )
+        .await;
+    assert_eq!(renamed.status(), 200);
+    static NEW_NAME: fn(&reqwest::Response) -> bool =
+        |r| r.headers().get("content-disposition").is_some_and(|v| v.to_str().unwrap().contains("second.bin"));
+    assert!(NEW_NAME(&get(here.clone()).await), "the renaming process sees the new name at once");
+    eventually(there.clone(), &NEW_NAME).await;
+
+    // The user leaves the session: no more access, anywhere.
+    let members = json!({"session_name": "session 1", "session_users": []});
+    assert_eq!(app.put_session(&app.service_token(), 1, &members).await.status(), 200);
+    static FORBIDDEN: fn(&reqwest::Response) -> bool = |r| r.status() == 403;
+    assert!(FORBIDDEN(&get(here.clone()).await), "the process that changed the session refuses at once");
+    eventually(there.clone(), &FORBIDDEN).await;
+
+    // Back in, then the asset is deleted: 404 everywhere.
+    let members = json!({"session_name": "session 1", "session_users": [user]});
+    assert_eq!(app.put_session(&app.service_token(), 1, &members).await.status(), 200);
+    static OK: fn(&reqwest::Response) -> bool = |r| r.status() == 200;
+    eventually(there.clone(), &OK).await;
+    let uuid = info["asset_uuid"].as_str().unwrap();
+    assert_eq!(app.delete(&token, &format!("/api/assets?uuid={uuid}")).await.status(), 200);
+    static GONE: fn(&reqwest::Response) -> bool = |r| r.status() == 404;
+    assert!(GONE(&get(here.clone()).await), "the deleting process answers 404 at once");
+    eventually(there.clone(), &GONE).await;
+}

@@ -134,17 +134,15 @@ async fn kept_records_never_outlive_a_change_made_by_any_process() {
         assert_eq!(get(url.clone()).await.status(), 200, "{url}: read (and kept)");
     }
     // Within two seconds at the other process; at once where the change was made.
-    let eventually = |url: String, expect: &'static (dyn Fn(&reqwest::Response) -> bool + Sync)| {
-        async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-            loop {
-                let response = get(url.clone()).await;
-                if expect(&response) {
-                    return;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "{url}: {:?}", response.headers());
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    let eventually = |url: String, expect: &'static (dyn Fn(&reqwest::Response) -> bool + Sync)| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let response = get(url.clone()).await;
+            if expect(&response) {
+                return;
             }
+            assert!(tokio::time::Instant::now() < deadline, "{url}: {:?}", response.headers());
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     let renamed = app

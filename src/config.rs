@@ -21,17 +21,17 @@ pub struct DatabaseConfig {
 pub struct S3Settings {
     /// Size of each part of a multipart upload, in bytes (5 MiB to 5 GiB); a smaller
     /// blob goes in one PUT.
-    #[arg(long, env = "ASSETD_S3_PART_SIZE", default_value_t = 8 << 20)]
+    #[arg(long = "s3-part-size", env = "ASSETD_S3_PART_SIZE", default_value_t = 8 << 20)]
     pub part_size: usize,
     /// Parts of one upload sent at once.
-    #[arg(long, env = "ASSETD_S3_PARTS_IN_FLIGHT", default_value_t = 2)]
+    #[arg(long = "s3-parts-in-flight", env = "ASSETD_S3_PARTS_IN_FLIGHT", default_value_t = 2)]
     pub parts_in_flight: usize,
     /// Parts held in memory at once by all uploads together (each one part size).
-    #[arg(long, env = "ASSETD_S3_PARTS_IN_MEMORY", default_value_t = 8)]
+    #[arg(long = "s3-parts-in-memory", env = "ASSETD_S3_PARTS_IN_MEMORY", default_value_t = 8)]
     pub parts_in_memory: usize,
     /// When above 0, plain whole downloads answer 302 to a presigned GET URL of the
     /// object, valid this many seconds (the S3 counterpart of X-Accel-Redirect).
-    #[arg(long, env = "ASSETD_S3_PRESIGNED_SECONDS", default_value_t = 0)]
+    #[arg(long = "s3-presigned-seconds", env = "ASSETD_S3_PRESIGNED_SECONDS", default_value_t = 0)]
     pub presigned_seconds: u64,
     /// `object_store` settings applied over the `AWS_*` environment (`aws_endpoint`,
     /// …): for embedding and tests, which must not change the process's environment.

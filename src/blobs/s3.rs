@@ -53,7 +53,8 @@ pub struct S3Backend {
 
 #[derive(Debug)]
 struct S3Inner {
-    /// Writes and metadata: requests that must end within minutes.
+    /// Writes and metadata: requests that must end within two minutes (a part of up to
+    /// the part size, a completion, a stat).
     store: AmazonS3,
     /// Downloads: a GET streams at the pace of the client that downloads it, so its
     /// request timeout is long.
@@ -139,7 +140,7 @@ impl S3Backend {
             settings.presigned_seconds <= MAX_PRESIGNED_SECONDS,
             "ASSETD_S3_PRESIGNED_SECONDS must be at most {MAX_PRESIGNED_SECONDS} (a week, S3's limit)"
         );
-        let store = build_store(&bucket, &settings.aws_overrides, "300s")?;
+        let store = build_store(&bucket, &settings.aws_overrides, "120s")?;
         let reader = build_store(&bucket, &settings.aws_overrides, "24h")?;
         let inner = S3Inner {
             store,
@@ -154,7 +155,9 @@ impl S3Backend {
         };
         let prefix_path = (!inner.prefix.is_empty()).then(|| ObjectPath::from(inner.prefix.as_str()));
         inner.store.list_with_delimiter(prefix_path.as_ref()).await.map_err(|e| {
-            anyhow::Error::new(e).context(format!("the S3 bucket {bucket} cannot be listed (it must exist)"))
+            anyhow::Error::new(e).context(format!(
+                "the S3 bucket {bucket} cannot be listed: is the endpoint reachable, and does the bucket exist?"
+            ))
         })?;
         Ok(Self { inner: Arc::new(inner) })
     }
@@ -178,19 +181,18 @@ impl S3Backend {
 
 /// A client of `bucket` configured from the `AWS_*` environment, then `overrides`
 /// (`object_store` config keys such as `aws_endpoint`), with `timeout` for each whole
-/// request (and 5 s to connect) unless those set their own.
+/// request and 5 s to connect.
 fn build_store(bucket: &str, overrides: &[(String, String)], timeout: &str) -> anyhow::Result<AmazonS3> {
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     for (key, value) in overrides {
         let key: AmazonS3ConfigKey = key.parse().map_err(|e| anyhow::anyhow!("unknown S3 setting {key}: {e}"))?;
         builder = builder.with_config(key, value);
     }
-    for (key, value) in [(ClientConfigKey::Timeout, timeout), (ClientConfigKey::ConnectTimeout, "5s")] {
-        let key = AmazonS3ConfigKey::Client(key);
-        if builder.get_config_value(&key).is_none() {
-            builder = builder.with_config(key, value);
-        }
-    }
+    // Set whatever the environment says: object_store's own default (30 s for a whole
+    // request) would cut off every download slower than its size in 30 s.
+    builder = builder
+        .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), timeout)
+        .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout), "5s");
     builder
         .with_retry(RetryConfig {
             backoff: BackoffConfig::default(),
@@ -521,9 +523,22 @@ fn abort_later(inner: &S3Inner, upload: Box<dyn MultipartUpload>) {
     }
 }
 
+/// Aborts, and tries again for about a minute while the bucket is out of reach (an
+/// outage is what failed many uploads at once).
 async fn abort_now(mut upload: Box<dyn MultipartUpload>) {
-    if let Err(error) = upload.abort().await {
-        tracing::warn!(%error, "could not abort a multipart upload; the bucket's lifecycle rule will");
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match upload.abort().await {
+            Ok(()) => return,
+            Err(error) if delay > Duration::from_secs(32) => {
+                tracing::warn!(%error, "could not abort a multipart upload; the bucket's lifecycle rule will remove it");
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
     }
 }
 

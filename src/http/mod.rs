@@ -141,20 +141,31 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
     };
     tokio::pin!(deadline);
-    tokio::select! {
-        result = &mut server => result??,
+    let grace_spent = tokio::select! {
+        result = &mut server => {
+            result??;
+            false
+        }
         _ = &mut deadline => {
             tracing::warn!(?grace, "in-flight requests did not finish within the grace period; closing them");
             server.abort();
             let _ = server.await;
+            true
         }
-    }
+    };
     // Commands detached from their requests (uploads being recorded, deletes removing
-    // bytes) finish too, within what is left of the grace period.
+    // bytes) finish too, within what is left of the grace period (the deadline, once
+    // passed, is not waited on again).
     commands.close();
-    tokio::select! {
-        _ = commands.wait() => {}
-        _ = &mut deadline => tracing::warn!(remaining = commands.len(), "commands still running at exit"),
+    if grace_spent {
+        if !commands.is_empty() {
+            tracing::warn!(remaining = commands.len(), "commands still running at exit");
+        }
+    } else {
+        tokio::select! {
+            _ = commands.wait() => {}
+            _ = &mut deadline => tracing::warn!(remaining = commands.len(), "commands still running at exit"),
+        }
     }
     Ok(())
 }

@@ -509,6 +509,63 @@ async fn a_sigkill_during_an_upload_leaves_nothing_visible_and_the_restart_clean
     assert_eq!(download.bytes().await.unwrap().as_ref(), &bytes[..], "and its bytes come back whole");
 }
 
+/// SIGTERM while an upload outlasts the grace period: the process closes it and exits
+/// cleanly (it once panicked, polling its spent deadline again).
+#[tokio::test]
+async fn sigterm_with_an_upload_outlasting_the_grace_period_exits_cleanly() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
+        .arg("serve")
+        .env("ASSETD_DATABASE_URL", &app.db.url)
+        .env("ASSETD_JWT_SECRET", crate::helpers::JWT_SECRET)
+        .env("ASSETD_URL_SIGNING_KEY", "k")
+        .env("ASSETD_LISTEN", addr.to_string())
+        .env("ASSETD_DATA_DIR", data_dir.path())
+        .env("ASSETD_RELAY", "false")
+        .env("ASSETD_COMMANDS", "false")
+        .env("ASSETD_WORKERS", "false")
+        .env("ASSETD_SHUTDOWN_GRACE", "1")
+        .env("ASSETD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_until_serving(addr).await;
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.bin\"\r\n\r\n"
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /file/api/assets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
+        64 * 1024 * 1024
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(&[1u8; 256 * 1024]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = process.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // The upload keeps trickling, past the grace period.
+    let trickle = async {
+        for _ in 0..40 {
+            if stream.write_all(&[1u8; 1024]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (exit, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(30), process.wait()), trickle);
+    let exit = exit.expect("exits after the grace period").unwrap();
+    let mut stderr = String::new();
+    process.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+    assert!(exit.success(), "{exit:?}\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(app.scalar("SELECT count(*) FROM assets").await, 0, "the cut upload made no asset");
+}
+
 /// Many uploads cut off at once, at different points: every one gives back its
 /// temporary file and its memory, and the server goes on answering.
 async fn many_concurrent_disconnecting_uploads_leave_nothing_and_memory_comes_back(backend: Backend) {

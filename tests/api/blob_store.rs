@@ -104,7 +104,7 @@ async fn serve_stops_at_once_when_its_bucket_does_not_exist() {
     .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("assetd-no-such-bucket") && stderr.contains("must exist"), "{stderr}");
+    assert!(stderr.contains("assetd-no-such-bucket") && stderr.contains("does the bucket exist"), "{stderr}");
 }
 
 /// Two processes on one database and one bucket: what one changes (a rename, a member

@@ -536,26 +536,17 @@ class Bench:
         if status != 206 or size != MIB:
             raise RuntimeError(f"a 1 MiB slice of {url} answered {status} with {size} bytes")
         env = dict(os.environ, BENCH_TOKEN=self.user_token if with_auth else "", BENCH_FILE_SIZE=str(self.large_size))
-        result = run(
-            ["wrk", "-t2", "-c4", f"-d{seconds}s", "--timeout", "10s", "-s", os.path.join(BENCH_DIR, "range.lua"), url],
-            seconds + 60,
-            env=env,
-        )
-        latency = dict(re.findall(r"(\w+)_us=(\d+)", re.search(r"BENCH_LATENCY.*", result.stdout).group(0)))
-        counts = dict(re.findall(r"(\w+)=(\d+)", re.search(r"BENCH_SUMMARY.*", result.stdout).group(0)))
-        errors = sum(int(counts[k]) for k in ["connect", "read", "write", "status", "timeout"])
-        if errors:
-            raise RuntimeError(f"wrk saw {errors} errors against {url}: {counts}\n{result.stdout}")
-        return {
-            "rate": int(counts["requests"]) / (int(counts["duration_us"]) / 1e6),
-            "p50_ms": int(latency["p50"]) / 1000,
-            "p99_ms": int(latency["p99"]) / 1000,
-        }
+        return self.run_wrk("range.lua", 4, url, seconds, env)
 
     def wrk(self, url, seconds):
         env = dict(os.environ, BENCH_TOKEN=self.user_token, BENCH_SESSION=str(SESSION), BENCH_FILE_SIZE="4096")
+        return self.run_wrk("upload.lua", 32, url, seconds, env)
+
+    def run_wrk(self, script, connections, url, seconds, env):
+        """wrk with one of bench/*.lua (which print BENCH_LATENCY and BENCH_SUMMARY) on 2
+        threads; any error fails the run. Rate, request count and latencies."""
         result = run(
-            ["wrk", "-t2", "-c32", f"-d{seconds}s", "--timeout", "10s", "-s", os.path.join(BENCH_DIR, "upload.lua"), url],
+            ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", os.path.join(BENCH_DIR, script), url],
             seconds + 60,
             env=env,
         )

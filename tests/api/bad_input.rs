@@ -38,6 +38,26 @@ fn file_part(filename: &[u8], content: &[u8]) -> Part {
     (headers, content.to_vec())
 }
 
+/// Connects to `addr` and sends an upload's request head and its form up to the file's
+/// first byte (`file_asset`, then the `file` part named `filename`), announcing
+/// `length` bytes in all: the test sends what it wants of the file, or vanishes.
+async fn start_raw_upload(
+    addr: std::net::SocketAddr,
+    token: &str,
+    filename: &str,
+    length: usize,
+) -> tokio::net::TcpStream {
+    let head = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n\r\n"
+    );
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /file/api/assets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {length}\r\n\r\n{head}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
 async fn post_raw(app: &TestApp, token: &str, parts: &[Part]) -> reqwest::Response {
     let borrowed: Vec<(&[u8], &[u8])> = parts.iter().map(|(h, c)| (h.as_slice(), c.as_slice())).collect();
     app.client
@@ -357,16 +377,7 @@ async fn a_client_disconnecting_mid_upload_leaves_nothing(backend: Backend) {
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
 
-    let head = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n"
-    );
-    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let request = format!(
-        "POST /file/api/assets HTTP/1.1\r\nHost: {}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
-        app.addr,
-        50 * 1024 * 1024
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = start_raw_upload(app.addr, &token, "cut.bin", 50 * 1024 * 1024).await;
     for _ in 0..32 {
         stream.write_all(&[5u8; 64 * 1024]).await.unwrap();
     }
@@ -399,16 +410,7 @@ async fn a_failed_multipart_upload_leaves_no_object_and_no_pending_upload() {
     let bucket = app.bucket.as_ref().unwrap();
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
-    let head = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n"
-    );
-    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let request = format!(
-        "POST /file/api/assets HTTP/1.1\r\nHost: {}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
-        app.addr,
-        64 * 1024 * 1024
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = start_raw_upload(app.addr, &token, "cut.bin", 64 * 1024 * 1024).await;
     // Two and a half parts (5 MiB each in the tests): two are sent while the rest arrives.
     for _ in 0..(25 * 16) {
         stream.write_all(&[9u8; 32 * 1024]).await.unwrap();
@@ -450,15 +452,7 @@ async fn a_sigkill_during_an_upload_leaves_nothing_visible_and_the_restart_clean
     wait_until_serving(addr).await;
     let (events, assets) = (app.event_count().await, app.scalar("SELECT count(*) FROM assets").await);
 
-    let head = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"killed.bin\"\r\n\r\n"
-    );
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "POST /file/api/assets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
-        64 * 1024 * 1024
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = start_raw_upload(addr, &token, "killed.bin", 64 * 1024 * 1024).await;
     for _ in 0..(12 * 32) {
         stream.write_all(&[4u8; 32 * 1024]).await.unwrap();
     }
@@ -535,15 +529,7 @@ async fn sigterm_with_an_upload_outlasting_the_grace_period_exits_cleanly() {
         .spawn()
         .unwrap();
     wait_until_serving(addr).await;
-    let head = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"slow.bin\"\r\n\r\n"
-    );
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "POST /file/api/assets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
-        64 * 1024 * 1024
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut stream = start_raw_upload(addr, &token, "slow.bin", 64 * 1024 * 1024).await;
     stream.write_all(&[1u8; 256 * 1024]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = process.id().unwrap().to_string();
@@ -573,18 +559,10 @@ async fn many_concurrent_disconnecting_uploads_leave_nothing_and_memory_comes_ba
     let (_, token) = app.session_with_user(1).await;
     let before = app.footprint().await;
     let budget = app.ctx.app.blobs.budget().clone();
-    let head = format!(
-        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file_asset\"\r\n\r\n{GOOD_FILE_ASSET}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"cut.bin\"\r\n\r\n"
-    );
     let clients = (0..24usize).map(|n| {
-        let (addr, token, head) = (app.addr, token.clone(), head.clone());
+        let (addr, token) = (app.addr, token.clone());
         tokio::spawn(async move {
-            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let request = format!(
-                "POST /file/api/assets HTTP/1.1\r\nHost: {addr}\r\nAuthorization: OpenTera {token}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
-                8 * 1024 * 1024
-            );
-            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut stream = start_raw_upload(addr, &token, "cut.bin", 8 * 1024 * 1024).await;
             // Cut after 1 byte, 64 KiB + 1, 128 KiB + 2, ... up to about 1.5 MiB.
             let cut = n * (64 * 1024 + 1) + 1;
             let content = vec![n as u8; cut];

@@ -626,20 +626,27 @@ pub async fn store_upload_via(
 }
 
 /// `assetd serve` as its own process on `app`'s database (and bucket, on S3) with the
-/// data directory `data_dir`, on a free port; relay and commands off.
+/// data directory `data_dir`, on a free port; relay, commands and workers off.
 pub fn serve_process(app: &TestApp, data_dir: &Path) -> (tokio::process::Child, SocketAddr) {
+    let (mut command, addr) = serve_command(app, data_dir);
+    (command.spawn().unwrap(), addr)
+}
+
+/// The command of [`serve_process`], for a test to add to (it overrides what it sets).
+pub fn serve_command(app: &TestApp, data_dir: &Path) -> (tokio::process::Command, SocketAddr) {
     let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"));
     if let Some(bucket) = &app.bucket {
         command.envs(bucket.env("assets")).env("ASSETD_S3_PART_SIZE", (5 << 20).to_string());
     }
-    let child = command
+    command
         .arg("serve")
         .env("ASSETD_DATABASE_URL", &app.db.url)
         .env("ASSETD_JWT_SECRET", JWT_SECRET)
         .env("ASSETD_URL_SIGNING_KEY", "test-url-signing-key")
         .env("ASSETD_LISTEN", addr.to_string())
         .env("ASSETD_DATA_DIR", data_dir)
+        .env("ASSETD_AMQP_URL", amqp_url())
         .env("ASSETD_AMQP_PREFIX", format!("assetd_test_{}", Uuid::new_v4().simple()))
         .env("ASSETD_RELAY", "false")
         .env("ASSETD_COMMANDS", "false")
@@ -647,10 +654,8 @@ pub fn serve_process(app: &TestApp, data_dir: &Path) -> (tokio::process::Child, 
         .env("ASSETD_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    (child, addr)
+        .kill_on_drop(true);
+    (command, addr)
 }
 
 /// Waits (60 s at most) until the process at `addr` answers `/file/ready` with 200.

@@ -23,7 +23,6 @@ use crate::helpers::{
     BrokerProxy, TestApp,
 };
 use crate::nginx::Nginx;
-use crate::s3::TestBucket;
 
 /// A consumer on an exchange of the test's own, bound to everything.
 pub(crate) struct Listener {
@@ -732,7 +731,7 @@ async fn three_processes_behind_one_nginx_on_one_bucket_survive_a_sigkill_of_the
 
     let data_dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut processes: Vec<(tokio::process::Child, SocketAddr)> =
-        data_dirs.iter().map(|dir| cluster_process(&app, bucket, &prefix, dir.path())).collect();
+        data_dirs.iter().map(|dir| cluster_process(&app, &prefix, dir.path())).collect();
     for (_, addr) in &processes {
         wait_until_ready(&client, *addr).await;
     }
@@ -827,37 +826,12 @@ async fn three_processes_behind_one_nginx_on_one_bucket_survive_a_sigkill_of_the
     listener.delete().await;
 }
 
-/// One `assetd serve` of a cluster: the test's database, its bucket under the prefix
-/// "assets" (where the test's own server keeps blobs too), the exchange `prefix`, the
-/// relay on (the processes elect one leader); a data directory and port of its own.
-fn cluster_process(
-    app: &TestApp,
-    bucket: &TestBucket,
-    prefix: &str,
-    data_dir: &std::path::Path,
-) -> (tokio::process::Child, SocketAddr) {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
-        .arg("serve")
-        .envs(bucket.env("assets"))
-        // The smallest part S3 allows: a 6 MiB upload is a multipart upload.
-        .env("ASSETD_S3_PART_SIZE", "5242880")
-        .env("ASSETD_DATABASE_URL", &app.db.url)
-        .env("ASSETD_JWT_SECRET", crate::helpers::JWT_SECRET)
-        .env("ASSETD_URL_SIGNING_KEY", "test-url-signing-key")
-        .env("ASSETD_LISTEN", addr.to_string())
-        .env("ASSETD_DATA_DIR", data_dir)
-        .env("ASSETD_AMQP_URL", amqp_url())
-        .env("ASSETD_AMQP_PREFIX", prefix)
-        .env("ASSETD_RELAY", "true")
-        .env("ASSETD_COMMANDS", "false")
-        .env("ASSETD_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    (child, addr)
+/// One of the cluster's `assetd serve` processes: the app's database and bucket (S3,
+/// the same prefix as the in-process app), the listener's exchange, its relay on.
+fn cluster_process(app: &TestApp, prefix: &str, data_dir: &std::path::Path) -> (tokio::process::Child, SocketAddr) {
+    let (mut command, addr) = crate::helpers::serve_command(app, data_dir);
+    command.env("ASSETD_AMQP_PREFIX", prefix).env("ASSETD_RELAY", "true").env("ASSETD_WORKERS", "true");
+    (command.spawn().unwrap(), addr)
 }
 
 /// `/file/ready` of one process, asked directly: its status and JSON answer, or None

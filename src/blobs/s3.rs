@@ -89,13 +89,17 @@ impl S3Inner {
     }
 }
 
-/// An `object_store` error as an I/O error: a missing object is `NotFound`, an existing
+/// An `object_store` error as an I/O error: a missing object (not bucket) is `NotFound`, an existing
 /// one `AlreadyExists`; refused credentials or an unsupported request are faults of the
 /// deployment (500, logged); anything else (unreachable, timed out, 5xx after retries)
 /// is the store being out of reach ([`BackendUnavailable`]: 503, try again).
 fn s3_error(error: object_store::Error) -> io::Error {
     use object_store::Error as E;
     match error {
+        // A missing bucket is the deployment's store gone, not a missing blob.
+        E::NotFound { .. } if error.to_string().contains("NoSuchBucket") => {
+            io::Error::other(BackendUnavailable(error.to_string()))
+        }
         E::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, error.to_string()),
         E::AlreadyExists { .. } | E::Precondition { .. } => {
             io::Error::new(io::ErrorKind::AlreadyExists, error.to_string())

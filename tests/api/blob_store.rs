@@ -176,3 +176,18 @@ async fn kept_records_never_outlive_a_change_made_by_any_process() {
     assert!(GONE(&get(here.clone()).await), "the deleting process answers 404 at once");
     eventually(there.clone(), &GONE).await;
 }
+
+/// The bucket deleted under a running deployment is the store gone (503, like an
+/// unreachable one), not a missing blob (500) or a missing asset.
+#[tokio::test]
+async fn a_bucket_deleted_under_a_running_server_is_a_503() {
+    let app = TestApp::on(Backend::S3).await;
+    let (_, token) = app.session_with_user(1).await;
+    let info = app.upload_ok(&token, 1, "a.bin", b"bytes").await;
+    app.bucket.as_ref().unwrap().delete_everything().await;
+    let download = app.get(&token, &format!("/api/assets?asset_uuid={}", info["asset_uuid"].as_str().unwrap())).await;
+    assert_error(download, 503, "unavailable").await;
+    let upload = app.upload(&token, &json!({"id_session": 1, "asset_name": "b"}), "b.bin", vec![1; 100]).await;
+    assert_error(upload, 503, "unavailable").await;
+    assert_eq!(app.get("", "/ready").await.status(), 503);
+}

@@ -105,6 +105,19 @@ impl TestBucket {
         .collect()
     }
 
+    /// Deletes every object, then the bucket itself (a deployment's bucket gone).
+    pub async fn delete_everything(&self) {
+        let client = reqwest::Client::new();
+        for key in self.object_keys().await {
+            let url = format!("{}/{}/{key}", self.endpoint, self.name);
+            let response = client.delete(&url).header(reqwest::header::AUTHORIZATION, AUTHORIZATION).send().await;
+            assert!(response.unwrap().status().is_success(), "DELETE {url}");
+        }
+        let response =
+            client.delete(self.url()).header(reqwest::header::AUTHORIZATION, AUTHORIZATION).send().await.unwrap();
+        assert!(response.status().is_success(), "DELETE the bucket: {}", response.status());
+    }
+
     fn url(&self) -> Url {
         let url = format!("{}/{}", self.endpoint, self.name);
         Url::parse(&url).unwrap_or_else(|error| panic!("bad S3 endpoint in {url}: {error}"))

@@ -510,24 +510,8 @@ async fn sigterm_with_an_upload_outlasting_the_grace_period_exits_cleanly() {
     let app = TestApp::spawn().await;
     let (_, token) = app.session_with_user(1).await;
     let data_dir = tempfile::tempdir().unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_assetd"))
-        .arg("serve")
-        .env("ASSETD_DATABASE_URL", &app.db.url)
-        .env("ASSETD_JWT_SECRET", crate::helpers::JWT_SECRET)
-        .env("ASSETD_URL_SIGNING_KEY", "k")
-        .env("ASSETD_LISTEN", addr.to_string())
-        .env("ASSETD_DATA_DIR", data_dir.path())
-        .env("ASSETD_RELAY", "false")
-        .env("ASSETD_COMMANDS", "false")
-        .env("ASSETD_WORKERS", "false")
-        .env("ASSETD_SHUTDOWN_GRACE", "1")
-        .env("ASSETD_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut command, addr) = crate::helpers::serve_command(&app, data_dir.path());
+    let mut process = command.env("ASSETD_SHUTDOWN_GRACE", "1").stderr(std::process::Stdio::piped()).spawn().unwrap();
     wait_until_serving(addr).await;
     let mut stream = start_raw_upload(addr, &token, "slow.bin", 64 * 1024 * 1024).await;
     stream.write_all(&[1u8; 256 * 1024]).await.unwrap();

@@ -45,6 +45,9 @@ enum Command {
         #[arg(long, default_value = "assetd")]
         prefix: String,
     },
+    /// Queue a job that expires the two-phase uploads past their time (removing their
+    /// bytes), print its uuid and exit; a worker runs it.
+    ExpireUploads(Box<ServeConfig>),
     /// Mint a principal token for development and tests.
     Token(TokenArgs),
 }
@@ -76,6 +79,18 @@ pub async fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(config) => serve(*config).await,
         Command::Worker(config) => worker(*config).await,
+        Command::ExpireUploads(config) => {
+            let ctx = build_context(&config).await?;
+            let system = crate::app::CommandContext {
+                actor: crate::domain::principal::Actor { kind: PrincipalKind::Service, uuid: Uuid::nil() },
+                request_id: format!("cli-{}", Uuid::new_v4()),
+                correlation_id: format!("cli-{}", Uuid::new_v4()),
+                message: None,
+            };
+            let job = ctx.app.request_upload_expiry(&system, config.jobs.import_policy()).await?;
+            println!("{job}");
+            Ok(())
+        }
         Command::Migrate(db) => {
             let pool = db.pool()?;
             let applied = crate::migrations::run(&mut pool.get().await.context("connecting to the database")?).await?;
@@ -149,7 +164,8 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
         format!("opening the blob store ({}, data dir {})", config.blobs, config.data_dir.display())
     })?;
     let auth = Authenticator::with_limits(&config.jwt_secret, config.token_limits);
-    let app = App::new(pool, blobs, auth, config.asset_token_ttl);
+    let mut app = App::new(pool, blobs, auth, config.asset_token_ttl);
+    app.upload_ttl = Duration::from_secs(config.upload_ttl_seconds.clamp(1, MAX_UPLOAD_TTL_SECONDS));
     app.read_cache.spawn_listener(config.database.database_url.clone());
     let settings = HttpSettings {
         base_path: config.base_path.clone(),
@@ -158,9 +174,17 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
         body_idle_timeout: Duration::from_secs(config.body_idle_timeout_seconds.max(1)),
         public_url: config.public_url.clone(),
         import_policy: config.jobs.import_policy(),
+        signer: crate::auth::UrlSigner::new(config.url_signing_key.clone(), config.url_signing_key_previous.clone()),
+        signed_url_seconds: config.signed_url_seconds.clamp(1, MAX_SIGNED_URL_SECONDS),
+        signed_url_max_seconds: config.signed_url_max_seconds.clamp(1, MAX_SIGNED_URL_SECONDS),
     };
     Ok(Context { app, settings: std::sync::Arc::new(settings) })
 }
+
+/// The longest any signed URL may live (a year): an absurd setting must not overflow.
+const MAX_SIGNED_URL_SECONDS: u64 = 365 * 24 * 3600;
+/// The longest an upload may wait for its commit (a year).
+const MAX_UPLOAD_TTL_SECONDS: u64 = 365 * 24 * 3600;
 
 /// How long a stopping process waits for the multipart uploads of failed S3 writes to
 /// be aborted.

@@ -73,9 +73,22 @@ pub struct ServeConfig {
     /// HS256 secret that signs principal tokens (and, derived, asset access tokens).
     #[arg(long, env = "ASSETD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: String,
-    /// HMAC key for signed URLs.
+    /// HMAC-SHA256 key of signed URLs (download URLs, upload URLs); not the JWT secret.
     #[arg(long, env = "ASSETD_URL_SIGNING_KEY", hide_env_values = true)]
     pub url_signing_key: String,
+    /// The key before the last rotation: URLs it signed still verify (never signs).
+    #[arg(long, env = "ASSETD_URL_SIGNING_KEY_PREVIOUS", hide_env_values = true)]
+    pub url_signing_key_previous: Option<String>,
+    /// How long a signed download URL is valid when `expires_in` is not given, in seconds.
+    #[arg(long, env = "ASSETD_SIGNED_URL_SECONDS", default_value_t = 15 * 60)]
+    pub signed_url_seconds: u64,
+    /// The longest a signed download URL may be valid, in seconds (longer asks are cut to it).
+    #[arg(long, env = "ASSETD_SIGNED_URL_MAX_SECONDS", default_value_t = 7 * 24 * 3600)]
+    pub signed_url_max_seconds: u64,
+    /// How long a two-phase upload (and its upload URL) lives before it expires unless
+    /// committed or imported, in seconds.
+    #[arg(long, env = "ASSETD_UPLOAD_TTL", default_value_t = 24 * 3600)]
+    pub upload_ttl_seconds: u64,
     /// When set, downloads answer with `X-Accel-Redirect: <prefix><ab>/<cd>/<uuid>` and
     /// nginx sends the bytes (its internal location aliases `<data_dir>/blobs/`).
     #[arg(long, env = "ASSETD_ACCEL_REDIRECT_PREFIX")]

@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (6, "jobs", include_str!("migrations/0006_jobs.sql")),
     (7, "blob_locations", include_str!("migrations/0007_blob_locations.sql")),
     (8, "read_model_notifications", include_str!("migrations/0008_read_model_notifications.sql")),
+    (9, "uploads", include_str!("migrations/0009_uploads.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

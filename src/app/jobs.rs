@@ -11,12 +11,13 @@ use super::{receive_once, stage, stage_unlocked, App, AppError, CommandContext};
 use crate::blobs::SealedBlob;
 use crate::domain::asset::{Asset, AssetCommand, AssetImported, AssetSource, AssetUploaded};
 use crate::domain::job::{
-    asset_uuid_of, ImportSpec, Job, JobCommand, JobEvent, JobKind, JobQueued, JobResult, JobStatus,
+    asset_uuid_of, ImportResult, ImportSpec, Job, JobCommand, JobEvent, JobKind, JobQueued, JobResult, JobStatus,
 };
 use crate::domain::names::{
     check_storable_json, AssetName, Directory, FileName, InvalidValue, MediaType, SessionId, Sha256Hex, Tags,
 };
 use crate::domain::principal::{Actor, Principal, PrincipalKind};
+use crate::domain::upload::{Upload, UploadCommand};
 use crate::domain::DomainError;
 use crate::eventstore;
 use crate::projections::read::{self, JobInfo};
@@ -82,8 +83,100 @@ fn integral<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D:
 #[derive(Debug, Clone)]
 pub struct ImportRequest {
     pub id_session: SessionId,
-    pub url: url::Url,
+    /// The source; none for the import of a two-phase upload (`spec.upload_uuid`).
+    pub url: Option<url::Url>,
     pub spec: ImportSpec,
+    /// For an upload's import: its position (the upload must belong to the session's
+    /// current registration).
+    pub upload_created_position: Option<i64>,
+}
+
+/// The body of `POST /imports` that imports a received two-phase upload (instead of a
+/// URL). Fields it does not know are refused.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UploadImportBody {
+    #[schema(value_type = crate::http::fields::UuidText)]
+    pub upload_uuid: Uuid,
+    #[schema(value_type = crate::http::fields::AssetName)]
+    pub asset_name: String,
+    /// MIME type; else the type declared for the upload, else the PUT's Content-Type,
+    /// else guessed from the file name.
+    #[schema(value_type = Option<crate::http::fields::MediaType>)]
+    pub asset_type: Option<String>,
+    #[schema(value_type = Option<crate::http::fields::AssetDateTime>)]
+    pub asset_datetime: Option<String>,
+    /// The SHA-256 the bytes must have (hex); checked by the job.
+    #[schema(value_type = Option<String>, pattern = "^[0-9a-fA-F]{64}$")]
+    pub sha256: Option<String>,
+    #[schema(value_type = Option<crate::http::fields::Directory>)]
+    pub directory: Option<String>,
+    #[schema(value_type = Option<crate::http::fields::Tags>)]
+    pub tags: Option<Vec<String>>,
+    #[schema(value_type = Option<crate::http::fields::Metadata>)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Either body of `POST /imports` (and of `import.request`): a URL, or a received upload.
+#[derive(Debug, Clone, utoipa::ToSchema, schemars::JsonSchema)]
+#[schemars(untagged)]
+#[allow(clippy::large_enum_variant)]
+pub enum AnyImportBody {
+    Url(ImportBody),
+    Upload(UploadImportBody),
+}
+
+impl<'de> Deserialize<'de> for AnyImportBody {
+    /// By the presence of `upload_uuid`, so that each shape's own errors are reported
+    /// (an untagged enum would only say that neither matched).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let result = match value.get("upload_uuid") {
+            Some(_) => serde_json::from_value(value).map(Self::Upload),
+            None => serde_json::from_value(value).map(Self::Url),
+        };
+        result.map_err(serde::de::Error::custom)
+    }
+}
+
+impl UploadImportBody {
+    /// The import as `JobQueued` will say (the session is the upload's, read by
+    /// [`App::request_import`]).
+    pub fn validate(self, principal: &Principal) -> Result<ImportSpec, InvalidValue> {
+        let fields = super::uploads::AssetFields {
+            asset_name: AssetName::parse(&self.asset_name)?,
+            asset_type: self
+                .asset_type
+                .as_deref()
+                .map(|given| crate::http::fields::check_media_type(given).and_then(|()| MediaType::parse(given)))
+                .transpose()?,
+            asset_datetime: self
+                .asset_datetime
+                .as_deref()
+                .map(crate::http::fields::parse_asset_datetime)
+                .transpose()?,
+            directory: match self.directory.as_deref() {
+                Some(dir) => Directory::parse(dir)?,
+                None => Directory::root(),
+            },
+            tags: Tags::parse(self.tags.unwrap_or_default())?,
+            metadata: self.metadata.unwrap_or_default(),
+        };
+        check_storable_json("metadata", &serde_json::Value::Object(fields.metadata.clone()))?;
+        Ok(ImportSpec {
+            source_url: None,
+            upload_uuid: Some(self.upload_uuid),
+            asset_datetime: fields.asset_datetime,
+            asset_name: fields.asset_name,
+            asset_type: fields.asset_type,
+            sha256: self.sha256.as_deref().map(|s| Sha256Hex::parse(&s.to_ascii_lowercase())).transpose()?,
+            directory: fields.directory,
+            tags: fields.tags,
+            metadata: fields.metadata,
+            // The upload's creator (filled in from the upload).
+            asset_creator: principal.actor(),
+        })
+    }
 }
 
 /// The creator of what `principal` makes: services name one of four kinds, exactly one;
@@ -135,7 +228,9 @@ impl ImportBody {
         let asset_creator =
             creator_named(principal, [self.id_user, self.id_participant, self.id_device, self.id_service])?;
         let spec = ImportSpec {
-            source_url: crate::jobs::fetch::redacted(&url),
+            source_url: Some(crate::jobs::fetch::redacted(&url)),
+            upload_uuid: None,
+            asset_datetime: None,
             asset_name,
             asset_type,
             sha256,
@@ -144,7 +239,7 @@ impl ImportBody {
             metadata,
             asset_creator,
         };
-        Ok(ImportRequest { id_session, url, spec })
+        Ok(ImportRequest { id_session, url: Some(url), spec, upload_created_position: None })
     }
 }
 
@@ -213,7 +308,7 @@ impl LoadedJob {
         Ok(AssetImported {
             asset: AssetUploaded {
                 asset_uuid: asset_uuid_of(queued.job_uuid),
-                id_session: queued.id_session,
+                id_session: queued.id_session.ok_or("an import names its session")?,
                 asset_name: spec.asset_name.clone(),
                 asset_original_filename: file_name,
                 asset_type,
@@ -229,6 +324,7 @@ impl LoadedJob {
             },
             job_uuid: queued.job_uuid,
             source_url: spec.source_url.clone(),
+            upload_uuid: None,
         })
     }
 }
@@ -246,6 +342,7 @@ impl App {
     ) -> Result<JobRequested, AppError> {
         self.session_for(principal, request.id_session).await?;
         let job_uuid = Uuid::new_v4();
+        let upload_uuid = request.spec.upload_uuid;
         let key_lock = idempotency
             .as_ref()
             .map(|key| format!("idempotency-{}-{}-{}", principal.kind.as_str(), principal.uuid, key.key));
@@ -276,24 +373,30 @@ impl App {
             // Read again under a share lock: a session deleted since the check above is
             // not imported into, and one being deleted now waits for this job (and then
             // cancels it with the session's other jobs).
-            tx.execute("SELECT 1 FROM sessions WHERE id_session = $1 FOR SHARE", &[&request.id_session.get()]).await?;
-            let admits = read::session(&tx, request.id_session)
-                .await?
-                .is_some_and(|session| session.details().is_some_and(|details| details.grants(principal)));
-            if !admits {
-                return Err(AppError::Domain(DomainError::NotFound("session")));
+            super::uploads::lock_session_admitting(&tx, request.id_session, request.upload_created_position, principal)
+                .await
+                .map_err(|error| match error {
+                    AppError::Forbidden(_) => AppError::Domain(DomainError::NotFound("session")),
+                    other => other,
+                })?;
+            if let Some(upload_uuid) = upload_uuid {
+                // The upload is the job's from now on (a second import is refused).
+                let queue = UploadCommand::QueueImport { job_uuid, now: Utc::now() };
+                stage::<Upload>(&tx, ctx, &super::uploads::upload_stream(upload_uuid), queue).await?;
             }
             let queued = JobQueued {
                 job_uuid,
                 kind: JobKind::Import,
-                id_session: request.id_session,
+                id_session: Some(request.id_session),
                 requested_by: principal.actor(),
                 max_attempts: policy.max_attempts.max(1),
                 import: Some(request.spec.clone()),
             };
-            stage::<Job>(&tx, ctx, &job_stream(job_uuid), JobCommand::Queue(queued)).await?;
-            tx.execute("INSERT INTO job_inputs (job_uuid, url) VALUES ($1, $2)", &[&job_uuid, &request.url.as_str()])
-                .await?;
+            stage::<Job>(&tx, ctx, &job_stream(job_uuid), JobCommand::Queue(Box::new(queued))).await?;
+            if let Some(url) = &request.url {
+                tx.execute("INSERT INTO job_inputs (job_uuid, url) VALUES ($1, $2)", &[&job_uuid, &url.as_str()])
+                    .await?;
+            }
             if let Some(key) = &idempotency {
                 tx.execute(
                     "INSERT INTO idempotency_keys (principal_kind, principal_uuid, key, body_sha256, job_uuid)
@@ -321,9 +424,9 @@ impl App {
         if principal.is_privileged() || job.requested_by == principal.uuid {
             return Ok(job);
         }
-        let session = match SessionId::new(job.id_session) {
-            Ok(id) => read::session(&client, id).await?,
-            Err(_) => None,
+        let session = match job.id_session.map(SessionId::new) {
+            Some(Ok(id)) => read::session(&client, id).await?,
+            _ => None,
         };
         let admits = session.is_some_and(|s| {
             job.created_position > s.registered_position && s.details().is_some_and(|d| d.grants(principal))
@@ -344,11 +447,15 @@ impl App {
     ) -> Result<JobInfo, AppError> {
         self.job_for(principal, uuid).await?;
         let actor = principal.actor();
-        let job = in_transaction!(self, |tx| {
-            stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Cancel(actor)).await?;
-            read::job(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("job")))
+        let (job, upload_bytes) = in_transaction!(self, |tx| {
+            let (state, _) = stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Cancel(actor)).await?;
+            let upload_bytes = upload_follows_job(&tx, ctx, uuid, &state).await?;
+            Ok((read::job(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("job")))?, upload_bytes))
         })?;
         self.discard_import_bytes(uuid).await;
+        if let Some(location) = upload_bytes {
+            self.remove_upload_bytes(&location).await;
+        }
         Ok(job)
     }
 
@@ -407,12 +514,16 @@ impl App {
     /// Runs `command` on the job's stream. A job that ends without success loses
     /// whatever bytes an attempt left under its asset's id.
     async fn on_job(&self, ctx: &CommandContext, uuid: Uuid, command: JobCommand) -> Result<Job, AppError> {
-        let job = in_transaction!(self, |tx| {
+        let (job, upload_bytes) = in_transaction!(self, |tx| {
             let (job, _) = stage::<Job>(&tx, ctx, &job_stream(uuid), command.clone()).await?;
-            Ok(job)
+            let upload_bytes = upload_follows_job(&tx, ctx, uuid, &job).await?;
+            Ok((job, upload_bytes))
         })?;
         if matches!(job.status, JobStatus::Failed | JobStatus::Cancelled) {
             self.discard_import_bytes(uuid).await;
+        }
+        if let Some(location) = upload_bytes {
+            self.remove_upload_bytes(&location).await;
         }
         Ok(job)
     }
@@ -504,7 +615,7 @@ impl App {
         uuid: Uuid,
         attempt: u32,
         imported: AssetImported,
-        bytes: SealedBlob,
+        bytes: Option<SealedBlob>,
     ) -> Result<(), AppError> {
         let recorded = self.record_import(ctx, uuid, attempt, imported, bytes).await;
         if recorded.is_err() {
@@ -521,15 +632,15 @@ impl App {
         uuid: Uuid,
         attempt: u32,
         imported: AssetImported,
-        bytes: SealedBlob,
+        bytes: Option<SealedBlob>,
     ) -> Result<(), AppError> {
         let asset_uuid = imported.asset.asset_uuid;
         let id_session = imported.asset.id_session;
-        let result = JobResult {
+        let result = JobResult::Import(ImportResult {
             asset_uuid,
             asset_file_size: imported.asset.asset_file_size,
             asset_sha256: imported.asset.asset_sha256.clone(),
-        };
+        });
         let mut bytes = Some(bytes);
         in_transaction!(self, |tx| {
             // The session's row before the job's stream: the order `delete_session` takes
@@ -554,13 +665,79 @@ impl App {
             }
             stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Succeed { attempt, result: result.clone() }).await?;
             eventstore::refuse_if_written_after_us(&tx, &[id_session.stream()]).await?;
+            if let Some(upload_uuid) = imported.upload_uuid {
+                // The upload becomes the asset: it must still be this job's.
+                let done = UploadCommand::ImportSucceeded { job_uuid: uuid };
+                stage::<Upload>(&tx, ctx, &super::uploads::upload_stream(upload_uuid), done).await?;
+            }
             let import = AssetCommand::Import(imported.clone());
             stage_unlocked::<Asset>(&tx, ctx, &super::asset_stream(asset_uuid), import).await?;
             // Last: nothing that could run this body again follows. It replaces what a
-            // crashed attempt of this job may have left there.
-            let sealed = bytes.take().ok_or(AppError::Unavailable("the import's bytes were already placed".into()))?;
-            sealed.place().await?;
+            // crashed attempt of this job may have left there. (An upload's import has
+            // nothing to place: its bytes are where the upload put them.)
+            if let Some(sealed) = bytes.take().flatten() {
+                sealed.place().await?;
+            }
             Ok(())
         })
+    }
+}
+
+/// In a job's transaction, after its event: the upload an import of an upload works on
+/// follows the job's end. A failed import fails the upload (its bytes go: returned, for
+/// removal once committed); a cancelled one gives the upload back (`received`).
+pub(super) async fn upload_follows_job(
+    tx: &deadpool_postgres::Transaction<'_>,
+    ctx: &CommandContext,
+    job_uuid: Uuid,
+    job: &Job,
+) -> Result<Option<crate::blobs::BlobLocation>, AppError> {
+    let Some(upload_uuid) = job.queued.as_ref().and_then(|q| q.import.as_ref()).and_then(|i| i.upload_uuid) else {
+        return Ok(None);
+    };
+    let command = match job.status {
+        JobStatus::Failed => UploadCommand::ImportFailed {
+            job_uuid,
+            error: job.last_error.clone().unwrap_or_else(|| "the import failed".into()),
+        },
+        JobStatus::Cancelled => UploadCommand::ImportCancelled { job_uuid },
+        _ => return Ok(None),
+    };
+    let failed = matches!(command, UploadCommand::ImportFailed { .. });
+    let (upload, events) = stage::<Upload>(tx, ctx, &super::uploads::upload_stream(upload_uuid), command).await?;
+    Ok(upload.received.filter(|_| failed && !events.is_empty()).map(|received| received.blob))
+}
+
+impl App {
+    /// Queues the expiry of the uploads past their time (a job of kind
+    /// `expire_uploads`, on no session). The scheduler of "Archives and cleanup" runs it
+    /// periodically; `assetd expire-uploads` queues it by hand.
+    pub async fn request_upload_expiry(&self, ctx: &CommandContext, policy: JobPolicy) -> Result<Uuid, AppError> {
+        let job_uuid = Uuid::new_v4();
+        let queued = JobQueued {
+            job_uuid,
+            kind: JobKind::ExpireUploads,
+            id_session: None,
+            requested_by: ctx.actor,
+            max_attempts: policy.max_attempts.max(1),
+            import: None,
+        };
+        in_transaction!(self, |tx| {
+            stage::<Job>(&tx, ctx, &job_stream(job_uuid), JobCommand::Queue(Box::new(queued.clone()))).await?;
+            Ok(())
+        })?;
+        Ok(job_uuid)
+    }
+
+    /// A worker's expiry attempt is done: records its success.
+    pub async fn expiry_succeeded(
+        &self,
+        ctx: &CommandContext,
+        uuid: Uuid,
+        attempt: u32,
+        uploads_expired: u64,
+    ) -> Result<(), AppError> {
+        let result = JobResult::ExpireUploads(crate::domain::job::ExpiryResult { uploads_expired });
+        self.on_job(ctx, uuid, JobCommand::Succeed { attempt, result }).await.map(|_| ())
     }
 }

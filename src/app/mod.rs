@@ -55,6 +55,10 @@ pub enum AppError {
     Unavailable(String),
     #[error("message {0:?} was already received")]
     AlreadyReceived(String),
+    /// The request was understood but what it carries is not what it must be (bytes
+    /// that do not match their declared size or SHA-256): 422 with this code.
+    #[error("{1}")]
+    Unprocessable(&'static str, String),
 }
 
 impl AppError {
@@ -288,6 +292,7 @@ pub mod jobs;
 mod read_cache;
 mod recorder;
 pub mod sessions;
+pub mod uploads;
 
 pub use faults::{caused_by_io, database_unavailable, RETRY_AFTER_SECONDS};
 
@@ -310,6 +315,8 @@ pub struct App {
     pub messaging: Arc<MessagingStatus>,
     /// The process's metrics (for `/metrics`); one set, shared by every clone.
     pub metrics: crate::metrics::Metrics,
+    /// How long a two-phase upload waits for its bytes and its commit before it expires.
+    pub upload_ttl: std::time::Duration,
 }
 
 /// The broker connection and what uses it, as `/ready` shows them.
@@ -407,6 +414,7 @@ impl App {
                 .time_to_live(UPLOAD_SESSION_CACHE_TTL)
                 .build(),
             read_cache: read_cache::ReadCache::default(),
+            upload_ttl: std::time::Duration::from_secs(24 * 3600),
         }
     }
 
@@ -470,7 +478,10 @@ impl App {
             let jobs = read::unfinished_session_jobs(&tx, id).await?;
             for job in &jobs {
                 let cancel = crate::domain::job::JobCommand::Cancel(principal.actor());
-                stage_unlocked::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(*job), cancel).await?;
+                let (state, _) =
+                    stage_unlocked::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(*job), cancel).await?;
+                // An upload being imported is given back (and expires in its time).
+                jobs::upload_follows_job(&tx, ctx, *job, &state).await?;
             }
             Ok((assets, jobs))
         })?;
@@ -580,6 +591,21 @@ impl App {
         let session = if principal.is_privileged() { None } else { session_of(&client, &asset).await? };
         self.read_cache.fill(generation, &asset, session.as_ref());
         self.asset_access(principal, &asset, session.as_ref(), access_token)?;
+        Ok(asset)
+    }
+
+    /// The asset a signed URL names (the URL is the permission): only while available.
+    pub async fn asset_by_url(&self, uuid: Uuid) -> Result<AssetInfo, AppError> {
+        let asset = match self.read_cache.asset(uuid) {
+            Some(asset) => asset,
+            None => {
+                let client = self.pool.get().await?;
+                read::asset(&client, uuid).await?.ok_or(DomainError::NotFound("asset"))?
+            }
+        };
+        if !asset.is_available() {
+            return Err(DomainError::NotFound("asset").into());
+        }
         Ok(asset)
     }
 

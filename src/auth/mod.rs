@@ -20,6 +20,9 @@ use uuid::Uuid;
 
 use crate::domain::principal::{Principal, PrincipalKind};
 
+mod signed_url;
+pub use signed_url::{SignatureError, UrlSigner};
+
 /// Seconds of clock skew tolerated on `exp`.
 const LEEWAY_SECONDS: u64 = 5;
 

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::app::jobs::{ImportBody, JobPolicy};
+use crate::app::jobs::{AnyImportBody, JobPolicy};
 use crate::app::sessions::{SessionBody, SessionDeletedReply};
 use crate::app::{App, AppError, CommandContext, ComponentState, ReceivedMessage};
 use crate::broker::BrokerError;
@@ -510,8 +510,8 @@ pub static COMMANDS: [CommandSpec; 3] = [
     },
     CommandSpec {
         name: IMPORT_REQUEST,
-        description: "Import a file from a URL into a session, as `POST /file/api/imports`: the reply names the job.",
-        schema: |generator| generator.root_schema_for::<ImportBody>(),
+        description: "Import a file from a URL (or a received two-phase upload) into a session, as `POST /file/api/imports`: the reply names the job.",
+        schema: |generator| generator.root_schema_for::<AnyImportBody>(),
         reply_schema: |generator| generator.root_schema_for::<CommandReply<ImportQueued>>(),
         run: run_import_request,
         ran_before: import_request_ran_before,
@@ -566,8 +566,13 @@ pub struct ImportQueued {
 
 fn run_import_request<'a>(call: &'a Invocation<'a>) -> Running<'a, Value> {
     Box::pin(async move {
-        let body: ImportBody = body_of(call.body)?;
-        let request = body.validate(&call.principal).map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let request = match body_of::<AnyImportBody>(call.body)? {
+            AnyImportBody::Url(body) => body.validate(&call.principal).map_err(|e| Refusal::Invalid(e.to_string()))?,
+            AnyImportBody::Upload(body) => {
+                let spec = body.validate(&call.principal).map_err(|e| Refusal::Invalid(e.to_string()))?;
+                call.app.upload_import_request(&call.principal, spec).await?
+            }
+        };
         let requested =
             call.app.request_import(&call.principal, &call.ctx, request, None, call.config.import_policy).await?;
         Ok(to_value(ImportQueued { job_uuid: requested.job.job_uuid, status: requested.job.status.to_owned() }))

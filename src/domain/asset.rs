@@ -99,15 +99,30 @@ pub struct AssetDeleted {
 pub struct AssetImported {
     #[serde(flatten)]
     pub asset: AssetUploaded,
-    /// The job that made it (the asset's uuid derives from it).
+    /// The job that made it (the asset's uuid derives from it, or is the upload's).
     pub job_uuid: Uuid,
-    /// Where the bytes came from, without credentials or query secrets.
-    pub source_url: String,
+    /// Where the bytes came from, without credentials or query secrets; absent for the
+    /// import of a two-phase upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
+    /// The two-phase upload it imported (whose uuid the asset has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_uuid: Option<Uuid>,
+}
+
+/// The payload of `AssetCommitted`: a two-phase upload committed as an asset
+/// (`asset_source: "signed_upload"`; the asset has the upload's uuid and its bytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct AssetCommitted {
+    #[serde(flatten)]
+    pub asset: AssetUploaded,
+    pub upload_uuid: Uuid,
 }
 
 domain_events!(AssetEvent {
     AssetUploaded(AssetUploaded),
     AssetImported(AssetImported),
+    AssetCommitted(AssetCommitted),
     AssetRenamed(AssetRenamed),
     AssetDeleted(AssetDeleted),
 });
@@ -124,6 +139,7 @@ pub struct Asset {
 pub enum AssetCommand {
     Upload(AssetUploaded),
     Import(AssetImported),
+    Commit(AssetCommitted),
     Rename(FileName),
     Delete(DeletionReason),
 }
@@ -134,6 +150,7 @@ impl Asset {
         match command {
             AssetCommand::Upload(uploaded) => self.handle_upload(uploaded),
             AssetCommand::Import(imported) => self.handle_import(imported),
+            AssetCommand::Commit(committed) => self.handle_commit(committed),
             AssetCommand::Rename(name) => self.handle_rename(name),
             AssetCommand::Delete(reason) => self.handle_delete(reason),
         }
@@ -143,6 +160,7 @@ impl Asset {
         match event {
             AssetEvent::AssetUploaded(uploaded) => self.uploaded = Some(uploaded.clone()),
             AssetEvent::AssetImported(imported) => self.uploaded = Some(imported.asset.clone()),
+            AssetEvent::AssetCommitted(committed) => self.uploaded = Some(committed.asset.clone()),
             AssetEvent::AssetRenamed(renamed) => {
                 if let Some(uploaded) = &mut self.uploaded {
                     uploaded.asset_original_filename = renamed.asset_original_filename.clone();
@@ -173,6 +191,14 @@ impl Asset {
             return Err(DomainError::Conflict(format!("asset {} already exists", imported.asset.asset_uuid)));
         }
         Ok(vec![AssetEvent::AssetImported(imported)])
+    }
+
+    /// Record the asset a two-phase upload became (its bytes already durable).
+    pub fn handle_commit(&self, committed: AssetCommitted) -> Result<Vec<AssetEvent>, DomainError> {
+        if self.uploaded.is_some() {
+            return Err(DomainError::Conflict(format!("asset {} already exists", committed.asset.asset_uuid)));
+        }
+        Ok(vec![AssetEvent::AssetCommitted(committed)])
     }
 
     /// Rename (OpenTera renames `asset_original_filename`). The same name again is a no-op.

@@ -16,14 +16,18 @@ use super::{domain_events, DomainError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
-    /// Fetch a URL into a session as a new asset.
+    /// Fetch a URL into a session as a new asset, or turn a received two-phase upload
+    /// into one.
     Import,
+    /// Expire the two-phase uploads past their time (no session: the whole deployment).
+    ExpireUploads,
 }
 
 impl JobKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Import => "import",
+            Self::ExpireUploads => "expire_uploads",
         }
     }
 }
@@ -32,8 +36,16 @@ impl JobKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ImportSpec {
     /// The source, without credentials and with secret-looking query values replaced
-    /// (the full URL is kept out of the event log, which every consumer reads).
-    pub source_url: String,
+    /// (the full URL is kept out of the event log, which every consumer reads); absent
+    /// for the import of a two-phase upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
+    /// The received two-phase upload to import (instead of a URL); the asset has its uuid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_uuid: Option<Uuid>,
+    /// As asked for (imports of uploads); else the upload time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asset_datetime: Option<DateTime<Utc>>,
     pub asset_name: AssetName,
     /// As asked for; else the response's Content-Type, else guessed from the name.
     pub asset_type: Option<MediaType>,
@@ -49,7 +61,9 @@ pub struct ImportSpec {
 pub struct JobQueued {
     pub job_uuid: Uuid,
     pub kind: JobKind,
-    pub id_session: SessionId,
+    /// The session it works on; none for a job on the whole deployment (expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_session: Option<SessionId>,
     pub requested_by: Actor,
     /// Attempts before the job fails for good.
     pub max_attempts: u32,
@@ -80,13 +94,37 @@ pub struct JobProgressed {
     pub lease_until: DateTime<Utc>,
 }
 
-/// What a job made.
+/// What a job made, by kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct JobResult {
-    /// The asset an import created.
+#[serde(untagged)]
+pub enum JobResult {
+    Import(ImportResult),
+    ExpireUploads(ExpiryResult),
+}
+
+impl JobResult {
+    /// The work done, as the job's progress shows it once finished (bytes, uploads).
+    pub fn done(&self) -> u64 {
+        match self {
+            Self::Import(import) => import.asset_file_size,
+            Self::ExpireUploads(expiry) => expiry.uploads_expired,
+        }
+    }
+}
+
+/// What an import made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ImportResult {
+    /// The asset the import created.
     pub asset_uuid: Uuid,
     pub asset_file_size: u64,
     pub asset_sha256: Sha256Hex,
+}
+
+/// What an expiry of uploads did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ExpiryResult {
+    pub uploads_expired: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -184,7 +222,7 @@ pub enum NextStep {
 /// What may be asked of a job (by its requester, its worker, the lease sweeper).
 #[derive(Debug, Clone)]
 pub enum JobCommand {
-    Queue(JobQueued),
+    Queue(Box<JobQueued>),
     Start {
         attempt: u32,
         worker: String,
@@ -224,7 +262,7 @@ impl Job {
     /// [`crate::domain::Aggregate::handle`].
     pub fn decide(&self, command: JobCommand) -> Result<Vec<JobEvent>, DomainError> {
         match command {
-            JobCommand::Queue(queued) => self.handle_queue(queued),
+            JobCommand::Queue(queued) => self.handle_queue(*queued),
             JobCommand::Start { attempt, worker, now, lease_until } => {
                 self.handle_start(attempt, &worker, now, lease_until)
             }
@@ -423,7 +461,7 @@ mod tests {
         JobEvent::JobQueued(JobQueued {
             job_uuid: Uuid::new_v4(),
             kind: JobKind::Import,
-            id_session: SessionId::new(1).unwrap(),
+            id_session: Some(SessionId::new(1).unwrap()),
             requested_by: Actor { kind: PrincipalKind::Service, uuid: Uuid::nil() },
             max_attempts,
             import: None,
@@ -506,11 +544,11 @@ mod tests {
     }
 
     fn sample_result() -> JobResult {
-        JobResult {
+        JobResult::Import(ImportResult {
             asset_uuid: Uuid::nil(),
             asset_file_size: 0,
             asset_sha256: Sha256Hex::parse(&"a".repeat(64)).unwrap(),
-        }
+        })
     }
 
     #[test]

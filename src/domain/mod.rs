@@ -11,6 +11,7 @@ pub mod job;
 pub mod names;
 pub mod principal;
 pub mod session;
+pub mod upload;
 
 /// Why a command was refused by an aggregate. The HTTP and AMQP edges map these to
 /// their own error shapes.
@@ -22,6 +23,9 @@ pub enum DomainError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// Its time is over (an upload past its expiry).
+    #[error("{0}")]
+    Expired(String),
 }
 
 /// An event as the domain sees it: a type name and a JSON payload. The event store
@@ -75,6 +79,7 @@ const UUID_PATTERN: &str = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 aggregate!(session::Session, session::SessionEvent, session::SessionCommand, "session", "[1-9][0-9]*");
 aggregate!(asset::Asset, asset::AssetEvent, asset::AssetCommand, "asset", UUID_PATTERN);
 aggregate!(job::Job, job::JobEvent, job::JobCommand, "job", UUID_PATTERN);
+aggregate!(upload::Upload, upload::UploadEvent, upload::UploadCommand, "upload", UUID_PATTERN);
 
 /// Visits every aggregate: what must cover them all (the contract's event schemas)
 /// takes them from here, so a new aggregate is one line here.
@@ -86,6 +91,7 @@ pub fn visit_aggregates(visitor: &mut impl AggregateVisitor) {
     visitor.visit::<session::Session>();
     visitor.visit::<asset::Asset>();
     visitor.visit::<job::Job>();
+    visitor.visit::<upload::Upload>();
 }
 
 /// Visits the payload type of each event type of an aggregate (for the JSON Schemas

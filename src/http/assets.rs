@@ -183,6 +183,17 @@ async fn download_asset(
     if !asset.is_available() {
         return Err(ApiError::not_found("asset"));
     }
+    deliver(&asset, &method, &headers, &ctx).await
+}
+
+/// The answer to a GET or HEAD of an available asset's bytes, however it was reached
+/// (the API, a signed URL).
+pub(super) async fn deliver(
+    asset: &AssetInfo,
+    method: &warp::http::Method,
+    headers: &HeaderMap,
+    ctx: &Context,
+) -> Result<warp::reply::Response, ApiError> {
     // Only nginx's requests are answered with X-Accel-Redirect (nginx/assetd.conf marks
     // them): a client that reaches assetd directly gets the bytes, not an empty body.
     let delivery = match &ctx.settings.accel_redirect_prefix {
@@ -190,7 +201,7 @@ async fn download_asset(
         _ => Delivery::Direct,
     };
     let is_head = method == warp::http::Method::HEAD;
-    download::respond(&asset, &headers, is_head, &ctx.app.blobs, delivery, &ctx.app.metrics).await
+    download::respond(asset, headers, is_head, &ctx.app.blobs, delivery, &ctx.app.metrics).await
 }
 
 /// Delete an asset; its bytes are removed and downloads answer 404.

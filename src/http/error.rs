@@ -115,6 +115,8 @@ impl From<AppError> for ApiError {
             AppError::Domain(DomainError::Invalid(message)) => {
                 Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
             }
+            AppError::Domain(DomainError::Expired(message)) => Self::new(StatusCode::GONE, "upload_expired", message),
+            AppError::Unprocessable(code, message) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message),
             AppError::Forbidden(message) => Self::new(StatusCode::FORBIDDEN, "forbidden", message),
             AppError::AccessTokenExpired(message) => Self::new(StatusCode::FORBIDDEN, "access_token_expired", message),
             AppError::EventStore(e) if e.is_conflict() => {

@@ -175,6 +175,17 @@ pub fn datetime_pattern() -> String {
 
 /// Refuses an `asset_datetime` outside [`datetime_pattern`] (its grammar by hand, the
 /// calendar by chrono), before chrono, which reads more forms, parses it.
+/// An `asset_datetime` as the API takes it: RFC 3339, or without an offset for UTC;
+/// within the years the database keeps.
+pub fn parse_asset_datetime(value: &str) -> Result<chrono::DateTime<chrono::Utc>, InvalidValue> {
+    check_datetime(value)?;
+    let parsed = chrono::DateTime::parse_from_rfc3339(value)
+        .map(|d| d.with_timezone(&chrono::Utc))
+        .or_else(|_| chrono::NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|n| n.and_utc()))
+        .map_err(|_| InvalidValue::new("asset_datetime", "must be an RFC 3339 date-time"))?;
+    crate::domain::names::check_storable_datetime("asset_datetime", parsed)
+}
+
 pub fn check_datetime(value: &str) -> Result<(), InvalidValue> {
     let invalid = || {
         InvalidValue::new(

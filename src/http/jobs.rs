@@ -13,7 +13,7 @@ use super::auth::authenticated;
 use super::error::{ApiError, ErrorBody};
 use super::fields;
 use super::{get_or_head, json_body, parse_uuid, query_map, request_context, respond, with_context, Context, JsonBody};
-use crate::app::jobs::{IdempotencyKey, ImportBody};
+use crate::app::jobs::{AnyImportBody, IdempotencyKey};
 use crate::app::CommandContext;
 use crate::domain::principal::Principal;
 use crate::projections::read::JobInfo;
@@ -89,9 +89,10 @@ fn view(mut job: JobInfo, principal: &Principal, headers: &HeaderMap, ctx: &Cont
     job
 }
 
-/// Import a file from a URL into a session, as a job.
+/// Import a file into a session, as a job: from a URL, or a received two-phase upload
+/// (`upload_uuid`), which the job verifies and commits without copying its bytes.
 #[utoipa::path(post, path = "/api/imports", tag = "jobs",
-    request_body = ImportBody,
+    request_body = AnyImportBody,
     params(("Idempotency-Key" = Option<fields::IdempotencyKey>, Header,
         description = "the same key and body give the same job (409 for another body); at most 255 characters")),
     responses(
@@ -100,7 +101,8 @@ fn view(mut job: JobInfo, principal: &Principal, headers: &HeaderMap, ctx: &Cont
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "no access to the session", body = ErrorBody),
         (status = 404, description = "unknown session", body = ErrorBody),
-        (status = 409, description = "the Idempotency-Key was used with another body", body = ErrorBody),
+        (status = 409, description = "the Idempotency-Key was used with another body; or the upload has no bytes yet, is already imported or committed", body = ErrorBody),
+        (status = 410, description = "the upload expired", body = ErrorBody),
         (status = 413, description = "body over 1 MiB", body = ErrorBody),
         (status = 415, description = "body not application/json", body = ErrorBody),
         (status = 422, description = "invalid field (url, name, type…)", body = ErrorBody),
@@ -135,8 +137,14 @@ async fn request_import(
             Some(key.to_owned())
         }
     };
-    let (body, bytes): (ImportBody, Vec<u8>) = body.parse_keeping_bytes().await?;
-    let request = body.validate(&principal).map_err(ApiError::invalid_field)?;
+    let (body, bytes): (AnyImportBody, Vec<u8>) = body.parse_keeping_bytes().await?;
+    let request = match body {
+        AnyImportBody::Url(body) => body.validate(&principal).map_err(ApiError::invalid_field)?,
+        AnyImportBody::Upload(body) => {
+            let spec = body.validate(&principal).map_err(ApiError::invalid_field)?;
+            ctx.app.upload_import_request(&principal, spec).await?
+        }
+    };
     let idempotency = key.map(|key| IdempotencyKey { key, body_sha256: crate::app::body_sha256(&bytes) });
     let command = CommandContext::for_request(&principal, &request_id);
     let requested =

@@ -11,12 +11,15 @@ mod connection;
 mod download;
 pub mod error;
 pub(crate) mod fields;
+mod helper;
 mod jobs;
 pub mod openapi;
 mod ops;
 pub mod request_id;
 pub mod sessions;
+mod signed;
 mod upload;
+mod uploads;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -43,6 +46,11 @@ pub struct HttpSettings {
     pub public_url: Option<String>,
     /// How the imports it queues run.
     pub import_policy: crate::app::jobs::JobPolicy,
+    /// Signs and checks signed URLs.
+    pub signer: crate::auth::UrlSigner,
+    /// A signed download URL's lifetime when none is asked for, and the longest one.
+    pub signed_url_seconds: u64,
+    pub signed_url_max_seconds: u64,
 }
 
 /// Shared state of the handlers.
@@ -81,10 +89,21 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
             .unify()
             .or(jobs::routes(ctx.clone()))
             .unify()
+            .or(uploads::routes(ctx.clone()))
+            .unify()
+            .or(signed::routes(ctx.clone()))
+            .unify()
             .boxed(),
     );
     base_path(&ctx.settings.base_path)
-        .and(api.or(ops::routes(ctx.clone())).unify().or(openapi::routes(&ctx.settings.base_path)).unify())
+        .and(
+            api.or(helper::routes(ctx.clone()))
+                .unify()
+                .or(ops::routes(ctx.clone()))
+                .unify()
+                .or(openapi::routes(&ctx.settings.base_path))
+                .unify(),
+        )
         .recover(error::recover)
         .unify()
         .boxed()

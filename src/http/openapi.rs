@@ -12,7 +12,7 @@ use warp::http::Uri;
 use warp::{Filter, Reply};
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{assets, fields, jobs, ops, sessions, upload};
+use super::{assets, fields, helper, jobs, ops, sessions, signed, upload, uploads};
 use crate::domain::principal::{Actor, PrincipalKind};
 use crate::projections::read::{AssetInfo, SessionInfo};
 
@@ -38,6 +38,14 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         jobs::get_job,
         jobs::cancel_job,
         jobs::list_jobs,
+        uploads::create_upload,
+        uploads::upload_status,
+        uploads::commit_upload,
+        signed::ask_download_url,
+        signed::signed_download,
+        signed::signed_upload,
+        helper::helper_download,
+        helper::helper_upload,
         ops::health,
         ops::ready,
         ops::metrics,
@@ -47,7 +55,9 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         crate::app::sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, crate::app::sessions::SessionDeletedReply,
         upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
         fields::PageSize, fields::ListingCursor, fields::JobCursor, fields::ImportUrl, fields::IdempotencyKey, fields::UuidText,
-        crate::app::jobs::ImportBody, jobs::ImportAccepted, jobs::JobPage,
+        crate::app::jobs::ImportBody, crate::app::jobs::UploadImportBody, crate::app::jobs::AnyImportBody, jobs::ImportAccepted, jobs::JobPage,
+        uploads::NewUpload, uploads::UploadCreated, uploads::CommitUpload, uploads::UploadView, crate::projections::read::UploadInfo,
+        signed::SignedUrl, helper::HelperUploadForm,
         crate::projections::read::JobInfo, crate::projections::read::JobProgress,
         assets::InfosRequest, assets::InfosBatch, assets::InfosRename, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
     )),
@@ -56,6 +66,9 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         (name = "sessions", description = "the registry of sessions"),
         (name = "assets", description = "files of sessions (OpenTera compatible)"),
         (name = "jobs", description = "imports from URLs and other long work, run by workers"),
+        (name = "uploads", description = "two-phase uploads: ask for an upload URL, PUT the bytes, commit or import"),
+        (name = "signed", description = "signed URLs: downloads and uploads without an Authorization header"),
+        (name = "helpers", description = "routes for devices that cannot build URLs"),
         (name = "operations", description = "health and readiness"),
     ),
 )]

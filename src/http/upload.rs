@@ -9,7 +9,7 @@
 //! so a refused upload leaves no asset, no event and no file.
 
 use bytes::Buf;
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -25,9 +25,7 @@ use super::{request_context, respond, with_context, Context};
 use crate::app::{AppError, CommandContext};
 use crate::blobs::TempBlob;
 use crate::domain::asset::{AssetSource, AssetUploaded};
-use crate::domain::names::{
-    check_storable_datetime, check_storable_json, AssetName, Directory, FileName, MediaType, SessionId, Tags,
-};
+use crate::domain::names::{check_storable_json, AssetName, Directory, FileName, MediaType, SessionId, Tags};
 use crate::domain::principal::{Actor, Principal, PrincipalKind};
 use crate::projections::read::AssetInfo;
 
@@ -125,8 +123,33 @@ pub fn route(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and(with_context(ctx))
-        .then(|request_id, headers, body, ctx| async move { respond(upload(request_id, headers, body, ctx).await) })
+        .then(|request_id, headers, body, ctx| async move {
+            respond(upload(request_id, headers, body, ctx, FILE_ASSET).await)
+        })
         .boxed()
+}
+
+/// The form field that holds the asset's JSON: `file_asset` (OpenTera), or `jsonData`
+/// on the device helper route.
+pub(super) const FILE_ASSET: &str = "file_asset";
+pub(super) const JSON_DATA: &str = "jsonData";
+
+/// The answer to an upload (and to a commit): the asset, a token that opens it, its URLs.
+pub(super) fn uploaded_answer(
+    info: AssetInfo,
+    requester: &Principal,
+    headers: &HeaderMap,
+    ctx: &Context,
+) -> UploadedAsset {
+    let origin = super::origin(&ctx.settings, headers);
+    let base = &ctx.settings.base_path;
+    let asset_uuid = info.asset_uuid;
+    UploadedAsset {
+        access_token: ctx.app.asset_token(asset_uuid, requester),
+        asset_url: format!("{origin}{base}/api/assets?asset_uuid={asset_uuid}"),
+        asset_infos_url: format!("{origin}{base}/api/assets/infos?asset_uuid={asset_uuid}"),
+        info,
+    }
 }
 
 /// What a validated `file_asset` says, with the session checked.
@@ -166,11 +189,12 @@ struct ReceivedFile {
         (status = 507, description = "no space left to store the upload", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-async fn upload(
+pub(super) async fn upload(
     request_id: String,
     headers: HeaderMap,
     body: impl Stream<Item = Result<impl Buf + Send + 'static, warp::Error>> + Send + 'static,
     ctx: Context,
+    json_field: &'static str,
 ) -> Result<impl warp::Reply, ApiError> {
     // Guard the body before anything can fail: an early answer then drains what the
     // client is still sending instead of resetting the connection under it.
@@ -188,7 +212,7 @@ async fn upload(
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            "uploads must be multipart/form-data with the fields file_asset and file",
+            format!("uploads must be multipart/form-data with the fields {json_field} and file"),
         ));
     }
     let boundary =
@@ -202,7 +226,7 @@ async fn upload(
     }
 
     let asset_uuid = Uuid::new_v4();
-    let (plan, file) = receive_form(body, meter, boundary, &principal, &ctx, asset_uuid).await?;
+    let (plan, file) = receive_form(body, meter, boundary, &principal, &ctx, asset_uuid, json_field).await?;
 
     let asset_type =
         plan.asset_type.or(file.part_type).unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
@@ -232,14 +256,7 @@ async fn upload(
             .await
         })
         .await?;
-    let origin = super::origin(&ctx.settings, &headers);
-    let base = &ctx.settings.base_path;
-    Ok(warp::reply::json(&UploadedAsset {
-        access_token: ctx.app.asset_token(asset_uuid, &requester),
-        asset_url: format!("{origin}{base}/api/assets?asset_uuid={asset_uuid}"),
-        asset_infos_url: format!("{origin}{base}/api/assets/infos?asset_uuid={asset_uuid}"),
-        info,
-    }))
+    Ok(warp::reply::json(&uploaded_answer(info, &requester, &headers, &ctx)))
 }
 
 /// Reads the multipart form as it arrives: `file_asset` is checked as soon as it is
@@ -251,6 +268,7 @@ async fn receive_form<B: Buf + Send + 'static>(
     principal: &Principal,
     ctx: &Context,
     asset_uuid: Uuid,
+    json_field: &'static str,
 ) -> Result<(UploadPlan, ReceivedFile), ApiError> {
     let max = ctx.settings.max_upload_size;
     let limits = multer::SizeLimit::new()
@@ -268,10 +286,11 @@ async fn receive_form<B: Buf + Send + 'static>(
     } {
         meter.in_field();
         match field.name() {
-            Some("file_asset") if plan.is_none() => {
+            Some(name) if name == json_field && plan.is_none() => {
                 let bytes = field.bytes().await.map_err(|e| multipart_error(e, max))?;
-                let text = std::str::from_utf8(&bytes)
-                    .map_err(|_| ApiError::bad_request("invalid_file_asset", "file_asset must be UTF-8 JSON"))?;
+                let text = std::str::from_utf8(&bytes).map_err(|_| {
+                    ApiError::bad_request("invalid_file_asset", format!("{json_field} must be UTF-8 JSON"))
+                })?;
                 plan = Some(check_file_asset(text, principal, ctx).await?);
             }
             Some("file") if file.is_none() => {
@@ -311,7 +330,7 @@ async fn receive_form<B: Buf + Send + 'static>(
                 }
                 file = Some(ReceivedFile { blob, filename, part_type });
             }
-            Some(name @ ("file_asset" | "file")) => {
+            Some(name) if name == json_field || name == "file" => {
                 return Err(ApiError::bad_request("duplicate_field", format!("the field '{name}' was sent twice")));
             }
             _ => {
@@ -320,8 +339,9 @@ async fn receive_form<B: Buf + Send + 'static>(
             }
         }
     }
-    let plan = plan
-        .ok_or_else(|| ApiError::bad_request("missing_file_asset", "the multipart field 'file_asset' is required"))?;
+    let plan = plan.ok_or_else(|| {
+        ApiError::bad_request("missing_file_asset", format!("the multipart field '{json_field}' is required"))
+    })?;
     let file = file.ok_or_else(|| ApiError::bad_request("missing_file", "the multipart field 'file' is required"))?;
 
     Ok((plan, file))
@@ -385,18 +405,7 @@ fn parse_file_asset(text: &str, principal: &Principal) -> Result<UploadPlan, Api
 }
 
 pub(super) fn parse_datetime(value: &str) -> Result<DateTime<Utc>, ApiError> {
-    fields::check_datetime(value).map_err(ApiError::invalid_field)?;
-    let parsed = DateTime::parse_from_rfc3339(value)
-        .map(|d| d.with_timezone(&Utc))
-        .or_else(|_| NaiveDateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f").map(|n| n.and_utc()))
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_field",
-                "asset_datetime must be an RFC 3339 date-time",
-            )
-        })?;
-    check_storable_datetime("asset_datetime", parsed).map_err(ApiError::invalid_field)
+    fields::parse_asset_datetime(value).map_err(ApiError::invalid_field)
 }
 
 /// The file part's name. RFC 6266: `filename*` (RFC 5987, UTF-8 or ISO-8859-1, which

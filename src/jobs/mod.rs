@@ -114,8 +114,11 @@ fn worker_context(job_uuid: Uuid, loaded: &LoadedJob) -> CommandContext {
 /// backoff). At stop, running attempts are stopped and scheduled again at once, for
 /// whichever worker runs next.
 pub async fn run(app: App, config: WorkerConfig, stop: CancellationToken) {
-    let limits: HashMap<JobKind, Arc<tokio::sync::Semaphore>> =
-        HashMap::from([(JobKind::Import, Arc::new(tokio::sync::Semaphore::new(config.import_concurrency.max(1))))]);
+    let limits: HashMap<JobKind, Arc<tokio::sync::Semaphore>> = HashMap::from([
+        (JobKind::Import, Arc::new(tokio::sync::Semaphore::new(config.import_concurrency.max(1)))),
+        // One expiry at a time per worker is plenty: it is a sweep of the whole deployment.
+        (JobKind::ExpireUploads, Arc::new(tokio::sync::Semaphore::new(1))),
+    ]);
     let worker = Arc::new(Worker { app, config, limits, running: TaskTracker::new(), stop: stop.clone() });
     let mut backoff = Duration::from_millis(200);
     while !stop.is_cancelled() {
@@ -158,7 +161,7 @@ impl Worker {
     /// As many messages as the kinds' limits together (not what is free now: a
     /// consumer that starts over while attempts still run keeps the same bound).
     fn prefetch(&self) -> u16 {
-        u16::try_from(self.config.import_concurrency.max(1)).unwrap_or(u16::MAX)
+        u16::try_from(self.config.import_concurrency.max(1) + 1).unwrap_or(u16::MAX)
     }
 
     async fn consume(self: Arc<Self>) -> Result<(), BrokerError> {
@@ -284,7 +287,7 @@ impl Worker {
     ) -> Result<&'static str, AppError> {
         let cancel = CancellationToken::new();
         let (progress, reported) = tokio::sync::watch::channel((0u64, None::<u64>));
-        let work = self.import(loaded, &progress, &cancel);
+        let work = self.work(loaded, &progress, &cancel);
         tokio::pin!(work);
         let ended = {
             // The heartbeat runs beside the work (a slow database never holds the fetch
@@ -307,8 +310,15 @@ impl Worker {
             }
         };
         match (outcome, stopped) {
-            (Ok((imported, bytes)), None) => {
-                match self.app.import_succeeded(ctx, job_uuid, attempt, imported, bytes).await {
+            (Ok(Outcome::Expired(count)), None) => {
+                match self.app.expiry_succeeded(ctx, job_uuid, attempt, count).await {
+                    Ok(()) => Ok("succeeded"),
+                    Err(AppError::Domain(DomainError::Conflict(_))) => Ok("cancelled"),
+                    Err(error) => Err(error),
+                }
+            }
+            (Ok(Outcome::Imported(imported, bytes)), None) => {
+                match self.app.import_succeeded(ctx, job_uuid, attempt, *imported, bytes).await {
                     Ok(()) => Ok("succeeded"),
                     Err(AppError::Domain(DomainError::NotFound(_))) => {
                         let reason = "the session was deleted (or registered again) while importing";
@@ -419,6 +429,123 @@ impl Worker {
         }
     }
 
+    /// The job's work, by kind.
+    async fn work(
+        &self,
+        loaded: &LoadedJob,
+        progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, FetchError> {
+        let queued = loaded.job.queued.as_ref().ok_or_else(|| FetchError::permanent("the job has no request"))?;
+        match queued.kind {
+            JobKind::ExpireUploads => {
+                let ctx = worker_context(queued.job_uuid, loaded);
+                let expired = self.app.expire_uploads(&ctx, Utc::now()).await;
+                expired.map(Outcome::Expired).map_err(|error| FetchError::passing(format!("expiring uploads: {error}")))
+            }
+            JobKind::Import => {
+                let spec = queued.import.as_ref().ok_or_else(|| FetchError::permanent("the job is not an import"))?;
+                match spec.upload_uuid {
+                    Some(upload_uuid) => self.import_upload(queued.job_uuid, upload_uuid, spec, progress, cancel).await,
+                    None => self.import(loaded, progress, cancel).await,
+                }
+            }
+        }
+    }
+
+    /// Turns a received two-phase upload into the asset it is to become, without
+    /// copying its bytes: they are read back and hashed (nothing may have changed them
+    /// since the PUT, and a `sha256` asked for must match), and the asset keeps them
+    /// where they are.
+    async fn import_upload(
+        &self,
+        job_uuid: Uuid,
+        upload_uuid: Uuid,
+        spec: &crate::domain::job::ImportSpec,
+        progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, FetchError> {
+        use sha2::Digest;
+        let upload = match self.app.upload_by_url(upload_uuid).await {
+            Ok(upload) => upload,
+            Err(AppError::Domain(DomainError::NotFound(_))) => return Err(FetchError::permanent("the upload is gone")),
+            Err(error) => return Err(FetchError::passing(format!("reading the upload: {error}"))),
+        };
+        if upload.status != "importing" || upload.job_uuid != Some(job_uuid) {
+            return Err(FetchError::permanent(format!(
+                "the upload is {}, not being imported by this job",
+                upload.status
+            )));
+        }
+        let (Some(location), Some(size), Some(recorded_sha256)) =
+            (upload.blob.clone(), upload.size, upload.sha256.clone())
+        else {
+            return Err(FetchError::permanent("the upload has no bytes"));
+        };
+        let size = u64::try_from(size).unwrap_or_default();
+        let mut bytes = self.app.blobs.read(&location, 0..size).await.map_err(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => FetchError::permanent("the upload's bytes are missing"),
+            _ => FetchError::passing(format!("reading the upload's bytes: {error}")),
+        })?;
+        let mut hasher = sha2::Sha256::new();
+        let mut done = 0u64;
+        while let Some(chunk) = bytes.next().await {
+            if cancel.is_cancelled() {
+                return Err(FetchError::passing("stopped"));
+            }
+            let chunk = chunk.map_err(|error| match error.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof => {
+                    FetchError::permanent(format!("the upload's bytes cannot be read: {error}"))
+                }
+                _ => FetchError::passing(format!("reading the upload's bytes: {error}")),
+            })?;
+            hasher.update(&chunk);
+            done += chunk.len() as u64;
+            progress.send_replace((done, Some(size)));
+        }
+        let sha256 = crate::domain::names::Sha256Hex::from_digest(&hasher.finalize());
+        if done != size || sha256.as_str() != recorded_sha256 {
+            return Err(FetchError::permanent(format!(
+                "the upload's bytes changed since they were received ({done} bytes, SHA-256 {})",
+                sha256.as_str()
+            )));
+        }
+        if let Some(expected) = spec.sha256.as_ref().filter(|expected| **expected != sha256) {
+            return Err(FetchError::permanent(format!(
+                "the upload's bytes have SHA-256 {}, not the {} asked for",
+                sha256.as_str(),
+                expected.as_str()
+            )));
+        }
+        let invalid = |error: crate::domain::names::InvalidValue| FetchError::permanent(error.to_string());
+        let filename = crate::domain::names::FileName::parse(&upload.filename).map_err(invalid)?;
+        let parse_type = |t: &Option<String>| t.as_deref().and_then(|t| crate::domain::names::MediaType::parse(t).ok());
+        let asset_type = spec
+            .asset_type
+            .clone()
+            .or_else(|| parse_type(&upload.mime_type))
+            .or_else(|| parse_type(&upload.content_type))
+            .unwrap_or_else(|| crate::domain::names::MediaType::guess_from_filename(&filename));
+        let asset = crate::domain::asset::AssetUploaded {
+            asset_uuid: upload_uuid,
+            id_session: crate::domain::names::SessionId::new(upload.id_session).map_err(invalid)?,
+            asset_name: spec.asset_name.clone(),
+            asset_original_filename: filename,
+            asset_type,
+            asset_file_size: size,
+            asset_sha256: sha256,
+            asset_datetime: spec.asset_datetime.or_else(|| crate::domain::names::storable(Utc::now())),
+            directory: spec.directory.clone(),
+            tags: spec.tags.clone(),
+            metadata: spec.metadata.clone(),
+            asset_creator: upload.creator,
+            asset_source: crate::domain::asset::AssetSource::SignedUpload,
+            blob: Some(location),
+        };
+        let imported = AssetImported { asset, job_uuid, source_url: None, upload_uuid: Some(upload_uuid) };
+        Ok(Outcome::Imported(Box::new(imported), None))
+    }
+
     /// Fetches the import's source into a sealed temporary blob (complete, hashed,
     /// durable, under no id yet), checks it, and describes the asset it is to become.
     async fn import(
@@ -426,7 +553,7 @@ impl Worker {
         loaded: &LoadedJob,
         progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
         cancel: &CancellationToken,
-    ) -> Result<(AssetImported, SealedBlob), FetchError> {
+    ) -> Result<Outcome, FetchError> {
         let queued = loaded.job.queued.as_ref().ok_or_else(|| FetchError::permanent("the job has no request"))?;
         let spec = queued.import.as_ref().ok_or_else(|| FetchError::permanent("the job is not an import"))?;
         let url =
@@ -445,8 +572,16 @@ impl Worker {
         let imported = loaded
             .imported_asset(&stored, fetched.file_name.as_deref(), fetched.content_type.as_deref())
             .map_err(FetchError::permanent)?;
-        Ok((imported, stored))
+        Ok(Outcome::Imported(Box::new(imported), Some(stored)))
     }
+}
+
+/// What an attempt's work made.
+enum Outcome {
+    /// An import's asset, and its bytes to place (none for an upload's: they stay).
+    Imported(Box<AssetImported>, Option<SealedBlob>),
+    /// An expiry: how many uploads expired.
+    Expired(u64),
 }
 
 /// Why a running attempt was stopped before its work ended.

@@ -8,6 +8,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::ProjectionError;
 use crate::domain::job::JobEvent;
+use crate::domain::names::SessionId;
 use crate::eventstore::RecordedEvent;
 
 /// A `jobs` row (columns in table order).
@@ -15,7 +16,7 @@ use crate::eventstore::RecordedEvent;
 pub(super) struct JobRow {
     pub job_uuid: uuid::Uuid,
     kind: String,
-    id_session: i64,
+    id_session: Option<i64>,
     status: &'static str,
     attempts: i32,
     max_attempts: i32,
@@ -46,7 +47,7 @@ impl JobRow {
             (_, JobEvent::JobQueued(q)) => JobRow {
                 job_uuid: q.job_uuid,
                 kind: q.kind.as_str().to_owned(),
-                id_session: q.id_session.get(),
+                id_session: q.id_session.map(SessionId::get),
                 status: "queued",
                 attempts: 0,
                 max_attempts: i32::try_from(q.max_attempts).unwrap_or(i32::MAX),
@@ -56,7 +57,7 @@ impl JobRow {
                 error: None,
                 requested_by_kind: q.requested_by.kind.as_str().to_owned(),
                 requested_by_uuid: q.requested_by.uuid,
-                source_url: q.import.as_ref().map(|i| i.source_url.clone()),
+                source_url: q.import.as_ref().and_then(|i| i.source_url.clone()),
                 lease_until: None,
                 next_attempt_at: None,
                 created_at: recorded.recorded_at,
@@ -85,8 +86,8 @@ impl JobRow {
                         row.status = "succeeded";
                         row.error = None;
                         // Done is done, even when it finished before its first report.
-                        row.progress_done = signed(s.result.asset_file_size);
-                        row.progress_total = Some(signed(s.result.asset_file_size));
+                        row.progress_done = signed(s.result.done());
+                        row.progress_total = Some(signed(s.result.done()));
                         row.result = serde_json::to_value(&s.result).ok();
                         row.lease_until = None;
                     }

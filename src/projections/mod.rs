@@ -1,4 +1,4 @@
-//! Read models (`sessions`, `assets`, `jobs`) derived from events. `apply` runs inside the
+//! Read models (`sessions`, `assets`, `jobs`, `uploads`) derived from events. `apply` runs inside the
 //! append's transaction so every read sees its own writes; `replay` rebuilds the tables
 //! from the global log alone. Everything written here comes from the event (payload,
 //! version, `recorded_at`), never from the clock, so a replay reproduces the tables
@@ -14,12 +14,14 @@ use tokio_postgres::types::{ToSql, Type};
 
 mod jobs;
 pub mod read;
+mod uploads;
 
 use crate::domain::asset::Asset;
 use crate::domain::asset::{AssetEvent, AssetUploaded};
 use crate::domain::job::{Job, JobEvent};
 use crate::domain::session::Session;
 use crate::domain::session::{SessionDetails, SessionEvent};
+use crate::domain::upload::{Upload, UploadEvent};
 use crate::domain::Aggregate;
 use crate::domain::DomainEvent;
 use crate::eventstore::{self, EventStoreError, RecordedEvent};
@@ -63,6 +65,11 @@ pub async fn apply(client: &impl GenericClient, event: &RecordedEvent) -> Result
         Job::CATEGORY => {
             if let Some(job_event) = decode::<JobEvent>(event)? {
                 jobs::apply(client, event, &job_event).await?;
+            }
+        }
+        Upload::CATEGORY => {
+            if let Some(upload_event) = decode::<UploadEvent>(event)? {
+                uploads::apply(client, event, &upload_event).await?;
             }
         }
         _ => {}
@@ -278,9 +285,10 @@ async fn apply_asset(
     asset_event: &AssetEvent,
 ) -> Result<(), ProjectionError> {
     match asset_event {
-        AssetEvent::AssetUploaded(_) | AssetEvent::AssetImported(_) => {
+        AssetEvent::AssetUploaded(_) | AssetEvent::AssetImported(_) | AssetEvent::AssetCommitted(_) => {
             let a = match asset_event {
                 AssetEvent::AssetImported(imported) => &imported.asset,
+                AssetEvent::AssetCommitted(committed) => &committed.asset,
                 AssetEvent::AssetUploaded(uploaded) => uploaded,
                 _ => unreachable!("matched above"),
             };
@@ -319,6 +327,7 @@ struct Rebuilt {
     sessions: HashMap<i64, SessionRow>,
     assets: HashMap<uuid::Uuid, AssetRow>,
     jobs: HashMap<uuid::Uuid, jobs::JobRow>,
+    uploads: HashMap<uuid::Uuid, uploads::UploadRow>,
 }
 
 impl Rebuilt {
@@ -350,6 +359,9 @@ impl Rebuilt {
                 Some(AssetEvent::AssetImported(imported)) => {
                     self.assets.insert(imported.asset.asset_uuid, AssetRow::uploaded(&imported.asset, event));
                 }
+                Some(AssetEvent::AssetCommitted(committed)) => {
+                    self.assets.insert(committed.asset.asset_uuid, AssetRow::uploaded(&committed.asset, event));
+                }
                 Some(AssetEvent::AssetRenamed(renamed)) => {
                     if let Some(row) = self.assets.get_mut(&renamed.asset_uuid) {
                         row.asset_original_filename = renamed.asset_original_filename.as_str().to_owned();
@@ -373,6 +385,15 @@ impl Rebuilt {
                     };
                 }
             }
+            Upload::CATEGORY => {
+                if let Some(upload_event) = decode::<UploadEvent>(event)? {
+                    let uuid = uploads::upload_uuid(&upload_event);
+                    match uploads::UploadRow::apply(self.uploads.remove(&uuid), event, &upload_event) {
+                        Some(row) => self.uploads.insert(uuid, row),
+                        None => None,
+                    };
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -390,7 +411,9 @@ impl Rebuilt {
         .await?;
         copy_in(tx, "assets", AssetRow::COLUMNS, &AssetRow::TYPES, self.assets.values().map(AssetRow::values)).await?;
         copy_in(tx, "jobs", jobs::JobRow::COLUMNS, &jobs::JobRow::TYPES, self.jobs.values().map(jobs::JobRow::values))
-            .await
+            .await?;
+        let upload_rows = self.uploads.values().map(uploads::UploadRow::values);
+        copy_in(tx, "uploads", uploads::UploadRow::COLUMNS, &uploads::UploadRow::TYPES, upload_rows).await
     }
 }
 
@@ -424,8 +447,8 @@ async fn copy_in<'a, const N: usize>(
 /// one statement per event would make a replay as slow as a million round trips.
 pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, ProjectionError> {
     let tx = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
-    tx.batch_execute("LOCK TABLE sessions, assets, jobs IN ACCESS EXCLUSIVE MODE").await?;
-    tx.batch_execute("TRUNCATE sessions, assets, jobs").await?;
+    tx.batch_execute("LOCK TABLE sessions, assets, jobs, uploads IN ACCESS EXCLUSIVE MODE").await?;
+    tx.batch_execute("TRUNCATE sessions, assets, jobs, uploads").await?;
     let mut rebuilt = Rebuilt::default();
     let mut applied = 0;
     let events = eventstore::stream_all_in_snapshot(&tx).await?;
@@ -444,6 +467,7 @@ pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, Proje
         sessions = rebuilt.sessions.len(),
         assets = rebuilt.assets.len(),
         jobs = rebuilt.jobs.len(),
+        uploads = rebuilt.uploads.len(),
         read_seconds = read.as_secs_f64(),
         write_seconds = (written - read).as_secs_f64(),
         commit_seconds = (started.elapsed() - written).as_secs_f64(),

@@ -300,7 +300,8 @@ pub struct JobInfo {
     pub result: Option<serde_json::Value>,
     /// The last attempt's error (a job being retried keeps it until it succeeds).
     pub error: Option<String>,
-    pub id_session: i64,
+    /// The session it works on; null for a job on the whole deployment.
+    pub id_session: Option<i64>,
     /// An import's source, without credentials or query secrets.
     pub source_url: Option<String>,
     /// When a job waiting to be retried runs next.
@@ -403,4 +404,103 @@ pub async fn unfinished_session_jobs(
         )
         .await?;
     Ok(client.query(&statement, &[&id_session.get()]).await?.iter().map(|row| row.get(0)).collect())
+}
+
+/// A two-phase upload as the `uploads` table holds it (`GET /uploads/{upload_uuid}`).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UploadInfo {
+    pub upload_uuid: Uuid,
+    pub id_session: i64,
+    pub filename: String,
+    /// The type declared when it was asked for.
+    pub mime_type: Option<String>,
+    /// The size and SHA-256 declared when it was asked for (the bytes must match).
+    pub expected_size: Option<i64>,
+    pub expected_sha256: Option<String>,
+    /// `pending` (no bytes yet), `received`, `importing`, `committed`, `failed` or
+    /// `expired` (also a pending or received upload whose time is over).
+    #[schema(value_type = String, example = "received")]
+    pub status: String,
+    /// Of the bytes received; null until then.
+    pub size: Option<i64>,
+    pub sha256: Option<String>,
+    /// Until then, the upload URL works and the upload can be committed or imported.
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The asset it became (the upload's uuid), once committed.
+    pub asset_uuid: Option<Uuid>,
+    /// The import job that imports (or imported, or failed to import) it.
+    pub job_uuid: Option<Uuid>,
+    /// Why its import failed.
+    pub error: Option<String>,
+    #[serde(skip)]
+    pub content_type: Option<String>,
+    #[serde(skip)]
+    pub blob: Option<BlobLocation>,
+    #[serde(skip)]
+    pub creator: Actor,
+    #[serde(skip)]
+    pub requested_by: Actor,
+    #[serde(skip)]
+    pub created_position: i64,
+}
+
+const UPLOAD_COLUMNS: &str = "upload_uuid, id_session, filename, mime_type, expected_size, expected_sha256, status, \
+    size, sha256, expires_at, created_at, updated_at, asset_uuid, job_uuid, error, content_type, blob_backend, \
+    blob_key, creator_kind, creator_uuid, requested_by_kind, requested_by_uuid, created_position";
+
+fn upload_from_row(row: &tokio_postgres::Row) -> Result<UploadInfo, tokio_postgres::Error> {
+    let backend: Option<String> = row.try_get(16)?;
+    let key: Option<String> = row.try_get(17)?;
+    let actor = |kind: usize, uuid: usize| -> Result<Actor, tokio_postgres::Error> {
+        let kind: String = row.try_get(kind)?;
+        Ok(Actor { kind: PrincipalKind::parse(&kind).unwrap_or(PrincipalKind::Service), uuid: row.try_get(uuid)? })
+    };
+    Ok(UploadInfo {
+        upload_uuid: row.try_get(0)?,
+        id_session: row.try_get(1)?,
+        filename: row.try_get(2)?,
+        mime_type: row.try_get(3)?,
+        expected_size: row.try_get(4)?,
+        expected_sha256: row.try_get(5)?,
+        status: row.try_get(6)?,
+        size: row.try_get(7)?,
+        sha256: row.try_get(8)?,
+        expires_at: row.try_get(9)?,
+        created_at: row.try_get(10)?,
+        updated_at: row.try_get(11)?,
+        asset_uuid: row.try_get(12)?,
+        job_uuid: row.try_get(13)?,
+        error: row.try_get(14)?,
+        content_type: row.try_get(15)?,
+        blob: match (backend.as_deref().and_then(BackendKind::parse), key) {
+            (Some(backend), Some(key)) => Some(BlobLocation { backend, key }),
+            _ => None,
+        },
+        creator: actor(18, 19)?,
+        requested_by: actor(20, 21)?,
+        created_position: row.try_get(22)?,
+    })
+}
+
+pub async fn upload(client: &impl GenericClient, uuid: Uuid) -> Result<Option<UploadInfo>, tokio_postgres::Error> {
+    let statement =
+        client.prepare_cached(&format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE upload_uuid = $1")).await?;
+    client.query_opt(&statement, &[&uuid]).await?.as_ref().map(upload_from_row).transpose()
+}
+
+/// Pending or received uploads whose time was over before `now`, oldest first.
+pub async fn expiring_uploads(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(
+            "SELECT upload_uuid FROM uploads WHERE status IN ('pending', 'received') AND expires_at <= $1
+             ORDER BY expires_at LIMIT $2",
+        )
+        .await?;
+    Ok(client.query(&statement, &[&now, &limit]).await?.iter().map(|row| row.get(0)).collect())
 }

@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 pub const JWT_SECRET: &str = "test-jwt-secret-0123456789abcdef";
+/// The key test servers sign URLs with (`ASSETD_URL_SIGNING_KEY`).
+pub const URL_SIGNING_KEY: &str = "test-url-signing-key";
 
 /// The RabbitMQ the AMQP tests use (each on names of its own).
 pub fn amqp_url() -> String {
@@ -267,6 +269,10 @@ pub struct TestOptions {
     pub s3_endpoint: Option<String>,
     /// On S3: `ASSETD_S3_PRESIGNED_SECONDS`.
     pub s3_presigned_seconds: u64,
+    /// `ASSETD_UPLOAD_TTL`: how long a two-phase upload lives (a day by default).
+    pub upload_ttl_seconds: Option<u64>,
+    /// `ASSETD_URL_SIGNING_KEY_PREVIOUS`: a key URLs may still be signed with.
+    pub url_signing_key_previous: Option<String>,
 }
 
 /// The blob backends the asset suite runs on (see [`on_both_backends!`]).
@@ -307,7 +313,11 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         data_dir: data_dir.to_owned(),
         max_upload_size: options.max_upload_size.unwrap_or(10 * 1024 * 1024 * 1024),
         jwt_secret: JWT_SECRET.into(),
-        url_signing_key: "test-url-signing-key".into(),
+        url_signing_key: URL_SIGNING_KEY.into(),
+        url_signing_key_previous: options.url_signing_key_previous.clone(),
+        signed_url_seconds: 900,
+        signed_url_max_seconds: 7 * 24 * 3600,
+        upload_ttl_seconds: options.upload_ttl_seconds.unwrap_or(24 * 3600),
         accel_redirect_prefix: options.accel_redirect_prefix.clone(),
         token_limits: Default::default(),
         asset_token_ttl: 3600,
@@ -492,6 +502,71 @@ impl TestApp {
             .unwrap()
     }
 
+    /// A POST with an empty body (the request is in the path and query).
+    pub async fn post_empty(&self, token: &str, path: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("Authorization", format!("Bearer {token}"))
+            .body("")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /api/uploads`: asks for a two-phase upload.
+    pub async fn create_upload(&self, token: &str, body: &Value) -> reqwest::Response {
+        self.post_json(token, "/api/uploads", body).await
+    }
+
+    /// Asks for a two-phase upload and returns the answer's JSON, asserting a 201.
+    pub async fn create_upload_ok(&self, token: &str, body: &Value) -> Value {
+        let response = self.create_upload(token, body).await;
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 201, "creating an upload failed: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// `PUT` of raw bytes to a signed upload URL, with no Authorization header.
+    pub async fn put_signed(&self, url: &str, bytes: Vec<u8>) -> reqwest::Response {
+        self.client.put(url).body(bytes).send().await.unwrap()
+    }
+
+    /// `GET /api/uploads/{uuid}`: the upload's status as JSON, asserting a 200.
+    pub async fn upload_status(&self, token: &str, uuid: &str) -> Value {
+        let response = self.get(token, &format!("/api/uploads/{uuid}")).await;
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 200, "reading upload {uuid} failed: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// `POST /api/uploads/{uuid}/commit`.
+    pub async fn commit_upload(&self, token: &str, uuid: &str, body: &Value) -> reqwest::Response {
+        self.post_json(token, &format!("/api/uploads/{uuid}/commit"), body).await
+    }
+
+    /// `POST /api/assets/{uuid}/download-url`: `{download_url, expires_at}`, asserting a 200.
+    pub async fn download_url(&self, token: &str, uuid: &str) -> Value {
+        let response = self.post_empty(token, &format!("/api/assets/{uuid}/download-url")).await;
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 200, "asking for a download URL of {uuid} failed: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// The event types of `stream`, in order.
+    pub async fn events_of(&self, stream: &str) -> Vec<String> {
+        let client = self.ctx.app.pool.get().await.unwrap();
+        client
+            .query("SELECT type FROM events WHERE stream = $1 ORDER BY version", &[&stream])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
     pub async fn scalar(&self, sql: &str) -> i64 {
         let client = self.ctx.app.pool.get().await.unwrap();
         client.query_one(sql, &[]).await.unwrap().get(0)
@@ -643,7 +718,7 @@ pub fn serve_command(app: &TestApp, data_dir: &Path) -> (tokio::process::Command
         .arg("serve")
         .env("ASSETD_DATABASE_URL", &app.db.url)
         .env("ASSETD_JWT_SECRET", JWT_SECRET)
-        .env("ASSETD_URL_SIGNING_KEY", "test-url-signing-key")
+        .env("ASSETD_URL_SIGNING_KEY", URL_SIGNING_KEY)
         .env("ASSETD_LISTEN", addr.to_string())
         .env("ASSETD_DATA_DIR", data_dir)
         .env("ASSETD_AMQP_URL", amqp_url())

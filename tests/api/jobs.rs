@@ -230,14 +230,14 @@ impl RawSource {
 }
 
 /// A `TestApp` with its relay, command consumer, workers and scheduler running.
-struct Jobs {
-    app: TestApp,
-    config: assetd::config::ServeConfig,
-    shutdown: assetd::shutdown::Shutdown,
-    service: String,
+pub(crate) struct Jobs {
+    pub(crate) app: TestApp,
+    pub(crate) config: assetd::config::ServeConfig,
+    pub(crate) shutdown: assetd::shutdown::Shutdown,
+    pub(crate) service: String,
 }
 
-fn quick_jobs(allowlist: &str) -> JobsConfig {
+pub(crate) fn quick_jobs(allowlist: &str) -> JobsConfig {
     JobsConfig {
         import_allowlist: allowlist.into(),
         import_max_attempts: 3,
@@ -249,11 +249,16 @@ fn quick_jobs(allowlist: &str) -> JobsConfig {
 }
 
 impl Jobs {
-    async fn start(jobs: JobsConfig) -> Self {
+    pub(crate) async fn start(jobs: JobsConfig) -> Self {
         Self::start_with(jobs, TestOptions::default(), true, None).await
     }
 
-    async fn start_with(jobs: JobsConfig, options: TestOptions, workers: bool, amqp: Option<String>) -> Self {
+    pub(crate) async fn start_with(
+        jobs: JobsConfig,
+        options: TestOptions,
+        workers: bool,
+        amqp: Option<String>,
+    ) -> Self {
         let options = TestOptions { jobs: Some(JobsConfig { workers, ..jobs }), ..options };
         let app = TestApp::spawn_with(options.clone()).await;
         let mut config = serve_config(&app.db.url, app.data_dir.path(), &options);
@@ -269,7 +274,7 @@ impl Jobs {
         Self { app, config, shutdown, service }
     }
 
-    async fn import(&self, body: Value) -> Value {
+    pub(crate) async fn import(&self, body: Value) -> Value {
         let response = self.app.post_json(&self.service, "/api/imports", &body).await;
         assert_eq!(response.status(), 202, "{:?}", response.text().await);
         response.json().await.unwrap()
@@ -279,12 +284,12 @@ impl Jobs {
         json!({"id_session": 1, "url": url, "asset_name": "imported", "id_user": Uuid::new_v4()})
     }
 
-    async fn job(&self, uuid: &str) -> Value {
+    pub(crate) async fn job(&self, uuid: &str) -> Value {
         self.app.get(&self.service, &format!("/api/jobs/{uuid}")).await.json().await.unwrap()
     }
 
     /// Polls the job until `status`, for at most `seconds`.
-    async fn until(&self, uuid: &str, status: &str, seconds: u64) -> Value {
+    pub(crate) async fn until(&self, uuid: &str, status: &str, seconds: u64) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
         loop {
             let job = self.job(uuid).await;
@@ -296,7 +301,7 @@ impl Jobs {
         }
     }
 
-    async fn events_of(&self, stream: &str) -> Vec<String> {
+    pub(crate) async fn events_of(&self, stream: &str) -> Vec<String> {
         let client = self.app.ctx.app.pool.get().await.unwrap();
         client
             .query("SELECT type FROM events WHERE stream = $1 ORDER BY version", &[&stream])
@@ -314,7 +319,7 @@ impl Jobs {
         assert_eq!(TestApp::files_under(&self.app.tmp_dir()), 0, "no temporary file");
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.finish(Duration::from_secs(10)).await;
         delete_queues(&self.config.amqp_prefix).await;
     }
@@ -944,7 +949,7 @@ async fn a_worker_killed_mid_import_is_replaced_and_the_job_finishes_once() {
 }
 
 /// What a worker's commands carry: the system as actor.
-fn system_ctx(job: Uuid) -> assetd::app::CommandContext {
+pub(crate) fn system_ctx(job: Uuid) -> assetd::app::CommandContext {
     assetd::app::CommandContext {
         actor: assetd::domain::principal::Actor {
             kind: assetd::domain::principal::PrincipalKind::Service,
@@ -994,7 +999,7 @@ async fn an_import_on_s3_becomes_one_object_and_a_stale_attempt_cannot_replace_i
     let stale = sealed(app, job_uuid, &vec![9u8; 6 << 20]).await;
     assert_eq!(bucket.pending_multipart_uploads().await.len(), 1, "the stale attempt's parts are up");
     let imported = loaded.imported_asset(&stale, None, None).unwrap();
-    assert!(is_conflict(&app.import_succeeded(&system_ctx(job_uuid), job_uuid, 1, imported, stale).await));
+    assert!(is_conflict(&app.import_succeeded(&system_ctx(job_uuid), job_uuid, 1, imported, Some(stale)).await));
     let download = jobs.app.get(&jobs.service, &download_path).await;
     assert_eq!(sha256_hex(&download.bytes().await.unwrap()), expected, "the asset keeps the import's bytes");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -1036,12 +1041,12 @@ async fn a_stale_attempt_never_touches_the_asset_and_leftovers_go_with_jobs_that
     let loaded = app.load_job(job).await.unwrap();
     let fresh = sealed(app, job, b"attempt 2's bytes").await;
     let imported = loaded.imported_asset(&fresh, Some("fresh.bin"), None).unwrap();
-    app.import_succeeded(&ctx, job, 2, imported, fresh).await.unwrap();
+    app.import_succeeded(&ctx, job, 2, imported, Some(fresh)).await.unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"attempt 2's bytes", "the leftover was replaced");
     // The stale attempt ends later, with other bytes: refused, and the asset keeps its own.
     let stale = sealed(app, job, b"attempt 1's late bytes").await;
     let imported = loaded.imported_asset(&stale, None, None).unwrap();
-    assert!(is_conflict(&app.import_succeeded(&ctx, job, 1, imported, stale).await));
+    assert!(is_conflict(&app.import_succeeded(&ctx, job, 1, imported, Some(stale)).await));
     app.discard_import_bytes(job).await;
     let asset = asset_uuid_of(job);
     let download = jobs.app.get(&jobs.service, &format!("/api/assets?asset_uuid={asset}")).await;
@@ -1082,7 +1087,7 @@ async fn deleting_a_session_while_its_imports_finish_never_fails_and_leaves_no_a
         let imported = loaded.imported_asset(&bytes, None, None).unwrap();
         let session_path = format!("/api/sessions/{id}");
         let (finished, deleted) = tokio::join!(
-            app.import_succeeded(&ctx, job, 1, imported, bytes),
+            app.import_succeeded(&ctx, job, 1, imported, Some(bytes)),
             jobs.app.delete(&jobs.service, &session_path),
         );
         assert_eq!(deleted.status(), 200, "{:?}", deleted.text().await);

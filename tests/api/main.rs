@@ -22,3 +22,4 @@ mod relay;
 mod replay;
 mod s3;
 mod sessions;
+mod signed;

@@ -50,6 +50,9 @@ async fn ready_is_503_when_postgres_is_unreachable() {
         body_idle_timeout: Duration::from_secs(5),
         public_url: None,
         import_policy: assetd::app::jobs::JobPolicy { max_attempts: 3 },
+        signer: assetd::auth::UrlSigner::new("key".into(), None),
+        signed_url_seconds: 900,
+        signed_url_max_seconds: 3600,
     };
     let ctx = Context { app, settings: Arc::new(settings) };
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -65,7 +65,7 @@ MIB = 1024 * 1024
 # "import" comes first: its assetd runs the outbox relay, which starts from the
 # beginning of the log, and the log is nearly empty then (after the other rows it
 # would have hundreds of thousands of events to publish before the first job).
-STEPS = ["import", "upload", "download", "range", "s3", "small", "pgbench", "memory", "aborted", "replay"]
+STEPS = ["import", "upload", "download", "range", "signed", "s3", "small", "pgbench", "memory", "aborted", "replay"]
 
 # The import row: imports from the baseline nginx, run by the `jobs` assetd.
 # Imports one worker runs at once (ASSETD_IMPORT_CONCURRENCY; assetd's default is 4).
@@ -437,6 +437,71 @@ class Bench:
         ]:
             self.alternate(name, lambda port=port: self.download(f"http://127.0.0.1:{port}{path}"), baseline, "MiB/s", True)
         self.download_asset = asset_uuid
+
+    def api(self, method, path, body=None, port=NGINX_ACCEL_PORT):
+        """A JSON API call as the user; returns the parsed answer (raises unless 2xx)."""
+        headers = {"Authorization": f"OpenTera {self.user_token}", "Content-Type": "application/json"}
+        data = None if body is None else json.dumps(body).encode()
+        status, text = self.request(method, f"http://127.0.0.1:{port}/file{path}", headers, data)
+        if not 200 <= status < 300:
+            raise RuntimeError(f"{method} {path} answered {status}: {text[:300]}")
+        return json.loads(text)
+
+    def bench_signed(self):
+        """Two-phase uploads (issue 14): the raw PUT to a signed upload URL through nginx,
+        against nginx writing the same body to a file; then a signed download URL's GET
+        (X-Accel-Redirect) against nginx serving the file statically."""
+        log("signed PUTs of the large file through nginx vs nginx writing the body to a file")
+        sha256 = self.large_sha256()
+
+        def target():
+            created = self.api("POST", "/api/uploads", {
+                "id_session": SESSION, "filename": "large.bin", "size": self.large_size, "sha256": sha256})
+            url = created["upload_url"]
+            status, _, seconds = self.curl(["-o", "/dev/null", "-T", self.large_file,
+                                            "-H", "Content-Type: application/octet-stream", url])
+            if status != 200:
+                raise RuntimeError(f"signed PUT answered {status}")
+            asset = self.api("POST", f"/api/uploads/{created['upload_uuid']}/commit", {"asset_name": "large.bin"})
+            self.delete_asset(asset["asset_uuid"])
+            return seconds
+
+        def baseline():
+            out = os.path.join(self.work, "files", "answer.json")
+            status, _, seconds = self.curl(["-o", out, "-T", self.large_file,
+                                            f"http://127.0.0.1:{NGINX_BASELINE_PORT}/upload-to-file"])
+            if status != 200:
+                raise RuntimeError(f"baseline PUT answered {status}")
+            bodies = os.path.join(self.work, "bodies")
+            shutil.rmtree(bodies)
+            os.makedirs(bodies)
+            os.chmod(bodies, 0o777)
+            return seconds
+
+        self.alternate(f"signed PUT {self.size_label} through nginx", target, baseline, "MiB/s", True)
+
+        log("signed download URLs vs nginx serving the same file statically")
+        _, asset_uuid = self.upload_large(ASSETD_ACCEL_PORT)
+        hexid = asset_uuid.replace("-", "")
+        static = f"http://127.0.0.1:{NGINX_BASELINE_PORT}/static/{hexid[0:2]}/{hexid[2:4]}/{asset_uuid}"
+        self.download(static, with_auth=False)
+
+        def signed_download():
+            link = self.api("POST", f"/api/assets/{asset_uuid}/download-url")
+            return self.download(link["download_url"], with_auth=False)
+
+        self.alternate(f"signed download {self.size_label} via X-Accel-Redirect", signed_download,
+                       lambda: self.download(static, with_auth=False), "MiB/s", True)
+        self.delete_asset(asset_uuid)
+
+    def large_sha256(self):
+        if not getattr(self, "_large_sha256", None):
+            digest = hashlib.sha256()
+            with open(self.large_file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            self._large_sha256 = digest.hexdigest()
+        return self._large_sha256
 
     def bench_ranges(self):
         """1 MiB slices of the large file at concurrency 4: assetd through nginx (which
@@ -1327,6 +1392,7 @@ def main():
             ("upload", bench.bench_large_upload),
             ("download", bench.bench_large_download),
             ("range", bench.bench_ranges),
+            ("signed", bench.bench_signed),
             ("s3", bench.bench_s3),
             ("small", bench.bench_small_uploads),
             ("pgbench", bench.bench_pgbench),

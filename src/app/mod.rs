@@ -453,8 +453,8 @@ impl App {
         session
     }
 
-    /// Deletes a session and every live asset of it (and cancels its unfinished jobs), in
-    /// one transaction; then removes
+    /// Deletes a session and every live asset of it (and cancels its unfinished jobs, and
+    /// expires its uploads not yet committed), in one transaction; then removes
     /// their bytes (a failure there leaves orphans for the cleanup job, never a visible
     /// asset without bytes).
     pub async fn delete_session(
@@ -466,7 +466,7 @@ impl App {
         if !principal.is_service() {
             return Err(AppError::Forbidden("only services may delete sessions".into()));
         }
-        let (deleted, cancelled_jobs) = in_transaction!(self, |tx| {
+        let (deleted, cancelled_jobs, upload_bytes) = in_transaction!(self, |tx| {
             receive_once(&tx, ctx, &id.stream()).await?;
             stage::<Session>(&tx, ctx, &id.stream(), SessionCommand::Delete).await?;
             let assets = read::live_asset_uuids(&tx, id).await?;
@@ -480,10 +480,19 @@ impl App {
                 let cancel = crate::domain::job::JobCommand::Cancel(principal.actor());
                 let (state, _) =
                     stage_unlocked::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(*job), cancel).await?;
-                // An upload being imported is given back (and expires in its time).
+                // An upload being imported is given back, to go with the others below.
                 jobs::upload_follows_job(&tx, ctx, *job, &state).await?;
             }
-            Ok((assets, jobs))
+            // Its uploads not yet committed go too (a signed URL can no longer fill them).
+            let mut upload_bytes = Vec::new();
+            for upload in read::open_session_uploads(&tx, id).await? {
+                let discard = crate::domain::upload::UploadCommand::Discard;
+                let stream = uploads::upload_stream(upload);
+                let (state, events) =
+                    stage_unlocked::<crate::domain::upload::Upload>(&tx, ctx, &stream, discard).await?;
+                upload_bytes.extend(state.received.filter(|_| !events.is_empty()).map(|received| received.blob));
+            }
+            Ok((assets, jobs, upload_bytes))
         })?;
         self.upload_sessions.invalidate(&id.get());
         self.read_cache.forget_session(id.get());
@@ -495,6 +504,9 @@ impl App {
         }
         for job in cancelled_jobs {
             self.discard_import_bytes(job).await;
+        }
+        for location in &upload_bytes {
+            self.remove_upload_bytes(location).await;
         }
         Ok(deleted.into_iter().map(|(uuid, _)| uuid).collect())
     }

@@ -148,10 +148,10 @@ impl App {
         Ok(read::upload(&client, uuid).await?.ok_or(DomainError::NotFound("upload"))?)
     }
 
-    /// Records the bytes of a pending upload, written by `blob` and already checked
-    /// against what was declared: they become durable under the upload's key (never
-    /// replacing bytes there: a concurrent PUT loses with a conflict), then
-    /// `UploadReceived` is appended. If that is refused, the bytes are removed.
+    /// Records the bytes of a pending upload, written by `blob` (under a key of its own:
+    /// see the signed PUT): they become durable and are checked against what was
+    /// declared, then `UploadReceived` names them. If that is refused (a concurrent PUT
+    /// was recorded first: conflict), these bytes are removed, and only these.
     pub async fn receive_upload(
         &self,
         ctx: &CommandContext,
@@ -159,12 +159,7 @@ impl App {
         blob: TempBlob,
         content_type: Option<MediaType>,
     ) -> Result<UploadInfo, AppError> {
-        let stored = blob.persist().await.map_err(|error| match error.kind() {
-            std::io::ErrorKind::AlreadyExists => {
-                AppError::Domain(DomainError::Conflict("the upload has already received its bytes".into()))
-            }
-            _ => AppError::Storage(error),
-        })?;
+        let stored = blob.persist().await?;
         let location = stored.location.clone();
         // Checked before anything is recorded; the size was already held to the
         // declared one while receiving, so this is the last guard.
@@ -244,8 +239,14 @@ impl App {
     /// Expires every pending or received upload whose time is over at `now`
     /// (`UploadExpired`), and removes the bytes of those that had them. Returns how
     /// many expired. Each upload is its own transaction: one that is committed or
-    /// imported meanwhile is left alone.
-    pub async fn expire_uploads(&self, ctx: &CommandContext, now: DateTime<Utc>) -> Result<u64, AppError> {
+    /// imported meanwhile is left alone. Stops between two uploads once `stop` is
+    /// cancelled (a job cancelled, a worker stopping): what is left, the next run does.
+    pub async fn expire_uploads(
+        &self,
+        ctx: &CommandContext,
+        now: DateTime<Utc>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<u64, AppError> {
         let mut expired = 0;
         loop {
             let due = {
@@ -257,6 +258,9 @@ impl App {
             }
             let mut progressed = false;
             for uuid in due {
+                if stop.is_cancelled() {
+                    return Ok(expired);
+                }
                 let bytes = in_transaction!(self, |tx| {
                     let (state, events) =
                         stage::<Upload>(&tx, ctx, &upload_stream(uuid), UploadCommand::Expire { now }).await?;

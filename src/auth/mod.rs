@@ -107,6 +107,8 @@ struct AssetAccessClaims {
 pub struct AssetGrant {
     pub asset_uuids: Vec<Uuid>,
     pub requester: Principal,
+    /// When the token expires (Unix seconds): what it opens, it opens until then only.
+    pub expires_at: i64,
 }
 
 impl AssetGrant {
@@ -236,7 +238,7 @@ impl Authenticator {
             name: String::new(),
             superadmin: claims.requester_superadmin && claims.requester_kind == PrincipalKind::User,
         };
-        Ok(AssetGrant { asset_uuids: claims.asset_uuids, requester })
+        Ok(AssetGrant { asset_uuids: claims.asset_uuids, requester, expires_at: claims.exp })
     }
 }
 

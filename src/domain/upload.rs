@@ -100,6 +100,20 @@ pub struct UploadExpired {
     pub id_session: SessionId,
     /// Whether bytes had been received (and are removed).
     pub had_bytes: bool,
+    /// Why: its time was over, or its session was deleted.
+    #[serde(default)]
+    pub reason: ExpiryReason,
+}
+
+/// Why an upload expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpiryReason {
+    /// Not committed or imported before `expires_at`.
+    #[default]
+    Expired,
+    /// Its session was deleted (with the session's assets).
+    SessionDeleted,
 }
 
 domain_events!(UploadEvent {
@@ -180,6 +194,8 @@ pub enum UploadCommand {
     Expire {
         now: DateTime<Utc>,
     },
+    /// Its session is deleted: a pending or received upload goes with it.
+    Discard,
 }
 
 impl Upload {
@@ -194,6 +210,7 @@ impl Upload {
             UploadCommand::ImportFailed { job_uuid, error } => self.handle_import_ended(job_uuid, Some(Some(error))),
             UploadCommand::ImportCancelled { job_uuid } => self.handle_import_ended(job_uuid, Some(None)),
             UploadCommand::Expire { now } => self.handle_expire(now),
+            UploadCommand::Discard => self.handle_discard(),
         }
     }
 
@@ -342,11 +359,25 @@ impl Upload {
         if !matches!(self.status, UploadStatus::Pending | UploadStatus::Received) || started.expires_at > now {
             return Ok(vec![]);
         }
-        Ok(vec![UploadEvent::UploadExpired(UploadExpired {
+        Ok(vec![self.expired(started, ExpiryReason::Expired)])
+    }
+
+    /// Expires a pending or received upload whose session is deleted, whatever its time.
+    pub fn handle_discard(&self) -> Result<Vec<UploadEvent>, DomainError> {
+        let started = self.started()?;
+        if !matches!(self.status, UploadStatus::Pending | UploadStatus::Received) {
+            return Ok(vec![]);
+        }
+        Ok(vec![self.expired(started, ExpiryReason::SessionDeleted)])
+    }
+
+    fn expired(&self, started: &UploadStarted, reason: ExpiryReason) -> UploadEvent {
+        UploadEvent::UploadExpired(UploadExpired {
             upload_uuid: started.upload_uuid,
             id_session: started.id_session,
             had_bytes: self.received.is_some(),
-        })])
+            reason,
+        })
     }
 }
 
@@ -445,6 +476,9 @@ mod tests {
         let expired = after(&upload, upload.handle_expire(now).unwrap());
         assert_eq!(expired.status, UploadStatus::Expired);
         assert_eq!(expired.handle_expire(now).unwrap(), vec![]);
+        let discarded = after(&upload, upload.handle_discard().unwrap());
+        assert_eq!(discarded.status, UploadStatus::Expired);
+        assert_eq!(discarded.handle_discard().unwrap(), vec![]);
         let early = after(
             &Upload::default(),
             vec![UploadEvent::UploadStarted(started(None, now + chrono::Duration::seconds(5)))],

@@ -142,11 +142,23 @@ pub(super) async fn download_link(
         })?,
     }
     .min(ctx.settings.signed_url_max_seconds);
-    let asset = ctx.app.asset_for(principal, uuid, query.get("access_token").map(String::as_str)).await?;
+    let mut expires_in = i64::try_from(expires_in).unwrap_or(i64::MAX / 2);
+    let token = query.get("access_token").map(String::as_str).filter(|token| !token.is_empty());
+    let asset = match ctx.app.asset_for(principal, uuid, None).await {
+        Err(AppError::Forbidden(_)) if token.is_some() => {
+            // Let in by the access token alone: the URL lives no longer than the token.
+            let asset = ctx.app.asset_for(principal, uuid, token).await?;
+            if let Some(grant) = token.and_then(|token| ctx.app.auth.asset_grant(token).ok()) {
+                expires_in = expires_in.min(grant.expires_at - Utc::now().timestamp()).max(1);
+            }
+            asset
+        }
+        found => found?,
+    };
     if !asset.is_available() {
         return Err(ApiError::not_found("asset"));
     }
-    let expires_at = Utc::now() + chrono::Duration::seconds(i64::try_from(expires_in).unwrap_or(i64::MAX / 2));
+    let expires_at = Utc::now() + chrono::Duration::seconds(expires_in);
     // Whole seconds: what the URL says is what the answer says.
     let expires_at = DateTime::from_timestamp(expires_at.timestamp(), 0).unwrap_or(expires_at);
     Ok(SignedUrl { download_url: signed_url(ctx, headers, "GET", "assets", uuid, expires_at), expires_at })
@@ -156,7 +168,7 @@ pub(super) async fn download_link(
 #[utoipa::path(post, path = "/api/assets/{asset_uuid}/download-url", tag = "signed",
     params(
         ("asset_uuid" = fields::UuidText, Path, description = "the asset"),
-        ("expires_in" = Option<u64>, Query, description = "seconds the URL is valid (default 900; longer asks are cut to the configured maximum, a week by default)"),
+        ("expires_in" = Option<u64>, Query, description = "seconds the URL is valid (default 900; longer asks are cut to the configured maximum, a week by default, and to the access_token's own lifetime when only that token lets the caller in)"),
         ("access_token" = Option<String>, Query, description = "asset access token, when the caller has no session access"),
     ),
     responses(
@@ -233,6 +245,7 @@ const HAND_OVER_WHEN_IDLE: std::time::Duration = std::time::Duration::from_milli
         (status = 404, description = "unknown upload", body = ErrorBody),
         (status = 408, description = "the client stopped sending the body", body = ErrorBody),
         (status = 409, description = "the upload already has its bytes (or was committed, imported, expired)", body = ErrorBody),
+        (status = 410, description = "the upload expired while its bytes were arriving", body = ErrorBody),
         (status = 413, description = "larger than the upload limit", body = ErrorBody),
         (status = 422, description = "size_mismatch or sha256_mismatch with what was declared; nothing is kept", body = ErrorBody),
         (status = 507, description = "no space left to store the upload", body = ErrorBody),
@@ -283,7 +296,11 @@ async fn signed_upload(
         .and_then(|v| v.to_str().ok())
         .filter(|t| !t.trim().to_ascii_lowercase().starts_with("application/octet-stream"))
         .and_then(|t| fields::check_media_type(t.trim()).ok().and_then(|()| MediaType::parse(t.trim()).ok()));
-    let mut blob = ctx.app.blobs.create_temp(uuid);
+    // Each PUT writes a blob of its own (UploadReceived records which): two PUTs racing
+    // for one upload can then never replace each other's bytes, and the one whose
+    // record is refused removes only its own (an S3 completion, unlike a local rename,
+    // cannot refuse to replace an object).
+    let mut blob = ctx.app.blobs.create_temp(Uuid::new_v4());
     let storage = |e| ApiError::from(AppError::Storage(e));
     let mut received = 0u64;
     loop {

@@ -260,7 +260,14 @@ async fn upload_status(
 ) -> Result<impl warp::Reply, ApiError> {
     let uuid = super::parse_uuid("upload_uuid", Some(&uuid))?;
     let upload = ctx.app.upload_for(&principal, uuid).await?;
-    Ok(warp::reply::json(&UploadView::new(upload, &headers, &ctx, Some(&principal))))
+    // A token for the asset only to who may reach it now (the upload's requester may
+    // have lost the session since).
+    let reaches_asset = match upload.asset_uuid {
+        Some(asset) => ctx.app.asset_for(&principal, asset, None).await.is_ok_and(|asset| asset.is_available()),
+        None => false,
+    };
+    let reader = reaches_asset.then_some(&principal);
+    Ok(warp::reply::json(&UploadView::new(upload, &headers, &ctx, reader)))
 }
 
 /// Commit a received upload as an asset (its uuid is the upload's); the answer is that

@@ -440,7 +440,7 @@ impl Worker {
         match queued.kind {
             JobKind::ExpireUploads => {
                 let ctx = worker_context(queued.job_uuid, loaded);
-                let expired = self.app.expire_uploads(&ctx, Utc::now()).await;
+                let expired = self.app.expire_uploads(&ctx, Utc::now(), cancel).await;
                 expired.map(Outcome::Expired).map_err(|error| FetchError::passing(format!("expiring uploads: {error}")))
             }
             JobKind::Import => {

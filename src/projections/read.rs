@@ -504,3 +504,14 @@ pub async fn expiring_uploads(
         .await?;
     Ok(client.query(&statement, &[&now, &limit]).await?.iter().map(|row| row.get(0)).collect())
 }
+
+/// A session's uploads still waiting for bytes or a commit (expired with the session).
+pub async fn open_session_uploads(
+    client: &impl GenericClient,
+    id_session: SessionId,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached("SELECT upload_uuid FROM uploads WHERE id_session = $1 AND status IN ('pending', 'received')")
+        .await?;
+    Ok(client.query(&statement, &[&id_session.get()]).await?.iter().map(|row| row.get(0)).collect())
+}

@@ -1601,3 +1601,131 @@ async fn a_signed_download_through_nginx_is_sent_by_nginx_with_x_accel_redirect(
     let forged = with_param(&url, "signature", &"0".repeat(64));
     assert_error(reqwest::Client::new().get(forged.as_str()).send().await.unwrap(), 403, "invalid_signature").await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Races and what goes with a session (from review)
+
+on_both_backends!(two_puts_racing_for_one_upload_leave_exactly_the_recorded_bytes);
+
+/// Two PUTs of different bytes to one upload URL at once (a client retrying while its
+/// first PUT still runs): one is recorded, the other refused, and the bytes the upload
+/// names are the recorded ones, intact, whichever finished first. (On S3 an object's
+/// completion cannot refuse to replace another: each PUT writes a blob of its own.)
+async fn two_puts_racing_for_one_upload_leave_exactly_the_recorded_bytes(backend: Backend) {
+    let app = TestApp::on(backend).await;
+    let (_, token) = app.session_with_user(1).await;
+    for round in 0..3u64 {
+        let created = app.create_upload_ok(&token, &json!({"id_session": 1, "filename": "raced.bin"})).await;
+        let (uuid, url) = (text(&created, "upload_uuid"), text(&created, "upload_url"));
+        let first = pseudo_random_bytes(100 + 2 * round, (6 << 20) + 5);
+        let second = pseudo_random_bytes(101 + 2 * round, (6 << 20) + 5);
+        let (a, b) = tokio::join!(
+            app.client.put(url.as_str()).body(chunked(&first, 256 * 1024)).send(),
+            app.client.put(url.as_str()).body(chunked(&second, 256 * 1024)).send(),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let statuses = (a.status().as_u16(), b.status().as_u16());
+        let winner = match statuses {
+            (200, 409) => &first,
+            (409, 200) => &second,
+            other => panic!("one PUT is recorded, the other refused with 409, not {other:?}"),
+        };
+        let upload = app.upload_status(&token, &uuid).await;
+        assert_eq!(upload["sha256"], sha256_hex(winner), "round {round}");
+        let committed = app.commit_upload(&token, &uuid, &json!({"asset_name": "raced"})).await;
+        assert_eq!(committed.status(), 200);
+        let bytes = app.get(&token, &format!("/api/assets?asset_uuid={uuid}")).await.bytes().await.unwrap();
+        assert_eq!(sha256_hex(&bytes), sha256_hex(winner), "round {round}: the asset has the recorded bytes");
+    }
+    // Only the committed assets' blobs are left: the losers removed theirs.
+    assert_eq!(app.blob_count().await, 3);
+    assert_eq!(TestApp::files_under(&app.tmp_dir()), 0);
+}
+
+#[tokio::test]
+async fn deleting_a_session_expires_its_open_uploads_and_removes_their_bytes() {
+    let app = TestApp::spawn().await;
+    let service = app.service_token();
+    let (_, token) = app.session_with_user(1).await;
+    let pending = app.create_upload_ok(&token, &json!({"id_session": 1, "filename": "p.bin"})).await;
+    let received = app.create_upload_ok(&token, &json!({"id_session": 1, "filename": "r.bin"})).await;
+    let put = app.put_signed(&text(&received, "upload_url"), pseudo_random_bytes(41, 50_000)).await;
+    assert_eq!(put.status(), 200);
+    let committed = app.create_upload_ok(&token, &json!({"id_session": 1, "filename": "c.bin"})).await;
+    let put = app.put_signed(&text(&committed, "upload_url"), pseudo_random_bytes(43, 50_000)).await;
+    assert_eq!(put.status(), 200);
+    let commit = app.commit_upload(&token, &text(&committed, "upload_uuid"), &json!({"asset_name": "c"})).await;
+    assert_eq!(commit.status(), 200);
+    assert_eq!(app.blob_count().await, 2);
+
+    let deleted = app.delete(&service, "/api/sessions/1").await;
+    assert_eq!(deleted.status(), 200);
+    for upload in [&pending, &received] {
+        let uuid = text(upload, "upload_uuid");
+        let status = app.upload_status(&service, &uuid).await;
+        assert_eq!(status["status"], "expired", "{status}");
+        let reason = app
+            .scalar_json(&format!(
+                "SELECT data->'reason' FROM events WHERE stream = 'upload-{uuid}' AND type = 'UploadExpired'"
+            ))
+            .await;
+        assert_eq!(reason, json!("session_deleted"));
+    }
+    assert_eq!(app.upload_status(&service, &text(&committed, "upload_uuid")).await["status"], "committed");
+    // The received upload's bytes and the committed asset's are gone; a PUT to the
+    // pending one's URL is refused.
+    assert_eq!(app.blob_count().await, 0);
+    let late = app.put_signed(&text(&pending, "upload_url"), b"too late".to_vec()).await;
+    assert_refused(late, 409, "conflict", "a PUT to an upload of a deleted session").await;
+    assert_eq!(app.blob_count().await, 0);
+}
+
+#[tokio::test]
+async fn a_download_url_won_by_an_access_token_lives_no_longer_than_the_token() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let asset = app.upload_ok(&token, 1, "shared.bin", b"shared bytes").await;
+    let (uuid, access_token) = (text(&asset, "asset_uuid"), text(&asset, "access_token"));
+    // A stranger with only the asset's access token (valid an hour in tests).
+    let stranger = app.user_token(Uuid::new_v4());
+    let asked = app
+        .post_empty(&stranger, &format!("/api/assets/{uuid}/download-url?expires_in=86400&access_token={access_token}"))
+        .await;
+    assert_eq!(asked.status(), 200);
+    let link: Value = asked.json().await.unwrap();
+    let expires = unix_seconds(&link["expires_at"]);
+    assert!(expires <= now() + 3600 + 5, "cut to the token's hour: {link}");
+    assert!(expires >= now() + 3600 - 60, "{link}");
+    let bytes = app.client.get(text(&link, "download_url")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(&bytes[..], b"shared bytes");
+    // A member gets the day asked for.
+    let member: Value = app
+        .post_empty(&token, &format!("/api/assets/{uuid}/download-url?expires_in=86400"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(unix_seconds(&member["expires_at"]) >= now() + 86400 - 60, "{member}");
+    // Without access or token: 403.
+    let refused = app.post_empty(&stranger, &format!("/api/assets/{uuid}/download-url")).await;
+    assert_eq!(refused.status(), 403);
+}
+
+#[tokio::test]
+async fn a_requester_who_lost_the_session_gets_no_token_for_the_committed_asset() {
+    let app = TestApp::spawn().await;
+    let service = app.service_token();
+    let (_, token) = app.session_with_user(1).await;
+    let created = app.create_upload_ok(&token, &json!({"id_session": 1, "filename": "mine.bin"})).await;
+    let uuid = text(&created, "upload_uuid");
+    assert_eq!(app.put_signed(&text(&created, "upload_url"), b"mine".to_vec()).await.status(), 200);
+    assert_eq!(app.commit_upload(&token, &uuid, &json!({"asset_name": "mine"})).await.status(), 200);
+    let status = app.upload_status(&token, &uuid).await;
+    assert!(status["access_token"].is_string(), "a member gets a token: {status}");
+    // The user is taken off the session.
+    let updated = app.put_session(&service, 1, &json!({"session_name": "first", "session_users": []})).await;
+    assert_eq!(updated.status(), 200);
+    let status = app.upload_status(&token, &uuid).await;
+    assert_eq!(status["status"], "committed");
+    assert!(status.get("access_token").is_none(), "no token for who lost access: {status}");
+}

@@ -67,7 +67,7 @@ pub struct ImportBody {
 
 /// An integer, also when written as a number with a zero fraction (`12.0`): JSON Schema's
 /// `integer`, which the documents promise.
-fn integral<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+pub(crate) fn integral<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
     let number = serde_json::Number::deserialize(deserializer)?;
     if let Some(integer) = number.as_i64() {
         return Ok(integer);
@@ -118,12 +118,30 @@ pub struct UploadImportBody {
 }
 
 /// Either body of `POST /imports` (and of `import.request`): a URL, or a received upload.
-#[derive(Debug, Clone, utoipa::ToSchema, schemars::JsonSchema)]
+#[derive(Debug, Clone, schemars::JsonSchema)]
 #[schemars(untagged)]
 #[allow(clippy::large_enum_variant)]
 pub enum AnyImportBody {
     Url(ImportBody),
     Upload(UploadImportBody),
+}
+
+impl utoipa::PartialSchema for AnyImportBody {
+    /// One of the two bodies, as they are (not wrapped in a variant's name).
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::OneOfBuilder::new()
+            .item(utoipa::openapi::Ref::from_schema_name("ImportBody"))
+            .item(utoipa::openapi::Ref::from_schema_name("UploadImportBody"))
+            .description(Some("A URL to fetch (`url`), or a received two-phase upload to import (`upload_uuid`)"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for AnyImportBody {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        schemas.push(("ImportBody".into(), <ImportBody as utoipa::PartialSchema>::schema()));
+        schemas.push(("UploadImportBody".into(), <UploadImportBody as utoipa::PartialSchema>::schema()));
+    }
 }
 
 impl<'de> Deserialize<'de> for AnyImportBody {

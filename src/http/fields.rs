@@ -429,6 +429,17 @@ field_schema!(
         .description(Some("page size, 1 to 1000 (100 when absent)"))
 );
 field_schema!(
+    /// How long a signed URL is to be valid, in seconds.
+    ExpiresIn,
+    "ExpiresIn",
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+        .minimum(Some(1))
+        .maximum(Some(i64::MAX))
+        .description(Some("seconds, 1 or more; cut to the configured maximum (ASSETD_SIGNED_URL_MAX_SECONDS)"))
+);
+field_schema!(
     /// A member list of a session.
     Members,
     "Members",

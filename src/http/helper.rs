@@ -45,7 +45,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     params(
         ("asset_uuid" = fields::UuidText, Query, description = "the asset"),
         ("access_token" = Option<String>, Query, description = "asset access token, when the caller has no session access"),
-        ("expires_in" = Option<u64>, Query, description = "seconds the URL is valid (default 900)"),
+        ("expires_in" = Option<fields::ExpiresIn>, Query, description = "seconds the URL is valid (default 900)"),
     ),
     responses(
         (status = 302, description = "Location: the signed download URL (also in the body)", body = SignedUrl),

@@ -54,7 +54,7 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         ErrorBody, ErrorDetail, SessionInfo, AssetInfo, Actor, PrincipalKind,
         crate::app::sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, crate::app::sessions::SessionDeletedReply,
         upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
-        fields::PageSize, fields::ListingCursor, fields::JobCursor, fields::ImportUrl, fields::IdempotencyKey, fields::UuidText,
+        fields::PageSize, fields::ExpiresIn, fields::ListingCursor, fields::JobCursor, fields::ImportUrl, fields::IdempotencyKey, fields::UuidText,
         crate::app::jobs::ImportBody, crate::app::jobs::UploadImportBody, crate::app::jobs::AnyImportBody, jobs::ImportAccepted, jobs::JobPage,
         uploads::NewUpload, uploads::UploadCreated, uploads::CommitUpload, uploads::UploadView, crate::projections::read::UploadInfo,
         signed::SignedUrl, helper::HelperUploadForm,
@@ -98,7 +98,7 @@ impl Modify for CommonResponses {
             )
             .build();
         for (path, item) in openapi.paths.paths.iter_mut() {
-            if !path.starts_with("/api/") {
+            if !path.starts_with("/api/") && !path.starts_with("/helper/") {
                 continue;
             }
             for operation in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete].into_iter().flatten() {

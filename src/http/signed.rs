@@ -136,13 +136,13 @@ pub(super) async fn download_link(
     uuid: Uuid,
 ) -> Result<SignedUrl, ApiError> {
     let expires_in = match query.get("expires_in") {
-        None => ctx.settings.signed_url_seconds,
-        Some(text) => text.parse::<u64>().ok().filter(|seconds| *seconds > 0).ok_or_else(|| {
+        None => i64::try_from(ctx.settings.signed_url_seconds).unwrap_or(i64::MAX),
+        Some(text) => text.parse::<i64>().ok().filter(|seconds| *seconds > 0).ok_or_else(|| {
             ApiError::bad_request("invalid_parameter", "expires_in must be a positive whole number of seconds")
         })?,
-    }
-    .min(ctx.settings.signed_url_max_seconds);
-    let mut expires_in = i64::try_from(expires_in).unwrap_or(i64::MAX / 2);
+    };
+    let max = i64::try_from(ctx.settings.signed_url_max_seconds).unwrap_or(i64::MAX);
+    let mut expires_in = expires_in.min(max);
     let token = query.get("access_token").map(String::as_str).filter(|token| !token.is_empty());
     let asset = match ctx.app.asset_for(principal, uuid, None).await {
         Err(AppError::Forbidden(_)) if token.is_some() => {
@@ -168,7 +168,7 @@ pub(super) async fn download_link(
 #[utoipa::path(post, path = "/api/assets/{asset_uuid}/download-url", tag = "signed",
     params(
         ("asset_uuid" = fields::UuidText, Path, description = "the asset"),
-        ("expires_in" = Option<u64>, Query, description = "seconds the URL is valid (default 900; longer asks are cut to the configured maximum, a week by default, and to the access_token's own lifetime when only that token lets the caller in)"),
+        ("expires_in" = Option<fields::ExpiresIn>, Query, description = "seconds the URL is valid (default 900; longer asks are cut to the configured maximum, a week by default, and to the access_token's own lifetime when only that token lets the caller in)"),
         ("access_token" = Option<String>, Query, description = "asset access token, when the caller has no session access"),
     ),
     responses(
@@ -241,6 +241,7 @@ const HAND_OVER_WHEN_IDLE: std::time::Duration = std::time::Duration::from_milli
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes"),
     responses(
         (status = 200, description = "received: the upload's status, with ETag \"sha256:<hex>\"", body = UploadView),
+        (status = 400, description = "a query parameter given twice, a Content-Range (partial PUTs are not supported), or a body that could not be read", body = ErrorBody),
         (status = 403, description = "invalid_signature or url_expired", body = ErrorBody),
         (status = 404, description = "unknown upload", body = ErrorBody),
         (status = 408, description = "the client stopped sending the body", body = ErrorBody),
@@ -269,6 +270,13 @@ async fn signed_upload(
     let mut body = body.expecting_continue(expects_continue);
     check_signature(&ctx, "PUT", path, &query)?;
     let uuid = super::parse_uuid("upload_uuid", Some(&uuid))?;
+    // One PUT is the whole file: a part of one (RFC 9110 §14.5) must not be taken for it.
+    if headers.contains_key("content-range") {
+        return Err(ApiError::bad_request(
+            "invalid_header",
+            "Content-Range is not accepted: the PUT sends the whole file (a PUT of a part is not supported)",
+        ));
+    }
     let upload = ctx.app.upload_by_url(uuid).await?;
     if upload.status != "pending" {
         return Err(ApiError::new(

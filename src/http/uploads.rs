@@ -29,6 +29,7 @@ use crate::projections::read::UploadInfo;
 #[serde(deny_unknown_fields)]
 pub struct NewUpload {
     #[schema(value_type = fields::SessionId)]
+    #[serde(deserialize_with = "crate::app::jobs::integral")]
     pub id_session: i64,
     /// The file's name (the asset's `asset_original_filename`).
     #[schema(value_type = fields::FileName)]
@@ -36,8 +37,10 @@ pub struct NewUpload {
     /// The file's type; else the PUT's Content-Type, else guessed from the name.
     #[schema(value_type = Option<fields::MediaType>)]
     pub mime_type: Option<String>,
-    /// When given, the PUT must send exactly this many bytes.
-    #[schema(minimum = 0)]
+    /// When given, the PUT must send exactly this many bytes; at most
+    /// `ASSETD_MAX_UPLOAD_SIZE` (10 GiB by default, the maximum shown: more is 413).
+    #[schema(minimum = 0, maximum = 10737418240_u64)]
+    #[serde(default, deserialize_with = "whole_bytes")]
     pub size: Option<u64>,
     /// When given, the PUT's bytes must have this SHA-256 (hex).
     #[schema(value_type = Option<String>, pattern = "^[0-9a-fA-F]{64}$")]
@@ -51,6 +54,19 @@ pub struct NewUpload {
     pub id_device: Option<Uuid>,
     #[schema(value_type = Option<fields::UuidText>)]
     pub id_service: Option<Uuid>,
+}
+
+/// A byte count, also when written as a number with a zero fraction (`12.0`): JSON
+/// Schema's `integer`.
+fn whole_bytes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else { return Ok(None) };
+    if let Some(bytes) = number.as_u64() {
+        return Ok(Some(bytes));
+    }
+    match number.as_f64() {
+        Some(float) if float.fract() == 0.0 && (0.0..u64::MAX as f64).contains(&float) => Ok(Some(float as u64)),
+        _ => Err(serde::de::Error::custom(format!("{number} is not a whole number of bytes"))),
+    }
 }
 
 /// The answer to `POST /uploads`.
@@ -180,9 +196,8 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "no access to the session", body = ErrorBody),
         (status = 404, description = "unknown session", body = ErrorBody),
-        (status = 413, description = "the declared size is over the upload limit", body = ErrorBody),
         (status = 415, description = "body not application/json", body = ErrorBody),
-        (status = 422, description = "invalid field (filename, mime_type, sha256, creator…)", body = ErrorBody),
+        (status = 422, description = "invalid field (filename, mime_type, size over the upload limit, sha256, creator…)", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn create_upload(
@@ -193,10 +208,11 @@ async fn create_upload(
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let body: NewUpload = body.parse().await?;
-    if body.size.is_some_and(|size| size > ctx.settings.max_upload_size) {
-        return Err(ApiError::too_large(ctx.settings.max_upload_size));
-    }
+    let max = ctx.settings.max_upload_size;
     let request = (|| -> Result<UploadRequest, InvalidValue> {
+        if body.size.is_some_and(|size| size > max) {
+            return Err(InvalidValue::new("size", format!("at most {max} bytes (the upload limit)")));
+        }
         // Services that name no creator are it (two-phase uploads are new: no client
         // relies on OpenTera's rule here).
         let named = [body.id_user, body.id_participant, body.id_device, body.id_service];
@@ -279,7 +295,7 @@ async fn upload_status(
         (status = 200, description = "the asset", body = UploadedAsset),
         (status = 400, description = "not JSON, or upload_uuid not a uuid", body = ErrorBody),
         (status = 401, description = "no or bad token", body = ErrorBody),
-        (status = 403, description = "not who asked for the upload, or no longer admitted to the session", body = ErrorBody),
+        (status = 403, description = "neither who asked for the upload nor a service or superadmin, or no longer admitted to the session", body = ErrorBody),
         (status = 404, description = "unknown upload (or its session is gone)", body = ErrorBody),
         (status = 409, description = "no bytes yet, already committed, being imported, or failed", body = ErrorBody),
         (status = 410, description = "the upload expired", body = ErrorBody),

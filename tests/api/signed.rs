@@ -697,8 +697,11 @@ async fn uploads_are_created_only_where_their_creator_may_upload() {
     assert_error(app.create_upload(&stranger, &good).await, 403, "forbidden").await;
     let anonymous = app.client.post(app.url("/api/uploads")).json(&good).send().await.unwrap();
     assert_eq!(anonymous.status(), 401);
+    // A declared size over the limit is an invalid field (the request itself is small);
+    // a size written as a whole float is a size (below).
     let too_big = json!({"id_session": 1, "filename": "big.bin", "size": 1001});
-    assert_error(app.create_upload(&creator_token, &too_big).await, 413, "payload_too_large").await;
+    let refused = assert_error(app.create_upload(&creator_token, &too_big).await, 422, "invalid_field").await;
+    assert!(refused["error"]["message"].as_str().unwrap().contains("size"), "{refused}");
     for (case, body) in [
         ("a sha256 that is not one", json!({"id_session": 1, "filename": "x.bin", "sha256": "xyz"})),
         ("an empty filename", json!({"id_session": 1, "filename": ""})),
@@ -707,6 +710,8 @@ async fn uploads_are_created_only_where_their_creator_may_upload() {
         assert_eq!(app.create_upload(&creator_token, &body).await.status(), 422, "{case}");
     }
     assert_nothing_kept(&app, before, "refused creations").await;
+    let whole = json!({"id_session": 1, "filename": "whole.bin", "size": 1000.0});
+    assert_eq!(app.create_upload(&creator_token, &whole).await.status(), 201);
 
     // Who may read its status: its creator, the session's members, services.
     let created = app.create_upload_ok(&creator_token, &good).await;
@@ -1728,4 +1733,39 @@ async fn a_requester_who_lost_the_session_gets_no_token_for_the_committed_asset(
     let status = app.upload_status(&token, &uuid).await;
     assert_eq!(status["status"], "committed");
     assert!(status.get("access_token").is_none(), "no token for who lost access: {status}");
+}
+
+/// From an outside try: a part of a file is not taken for the file, and a JSON body
+/// cannot drop a declared checksum by naming it twice, nor be an array read by position.
+#[tokio::test]
+async fn partial_puts_duplicate_keys_and_array_bodies_are_refused() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.session_with_user(1).await;
+    let created = app.create_upload_ok(&token, &json!({"id_session": 1, "filename": "part.bin"})).await;
+    let (uuid, url) = (text(&created, "upload_uuid"), text(&created, "upload_url"));
+    let before = app.footprint().await;
+    let part =
+        app.client.put(url.as_str()).header("content-range", "bytes 0-0/10").body(vec![1u8]).send().await.unwrap();
+    assert_refused(part, 400, "invalid_header", "a PUT of a part").await;
+    assert_nothing_kept(&app, before, "a PUT of a part").await;
+    assert_eq!(app.upload_status(&token, &uuid).await["status"], "pending");
+
+    let raw = |body: &'static str| {
+        app.client
+            .post(app.url("/api/uploads"))
+            .bearer_auth(token.as_str())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let twice = raw(
+        r#"{"id_session": 1, "filename": "a", "sha256": "0000000000000000000000000000000000000000000000000000000000000000", "sha256": null}"#,
+    );
+    let refused = assert_error(twice.await.unwrap(), 400, "invalid_json").await;
+    assert!(refused["error"]["message"].as_str().unwrap().contains("sha256"), "{refused}");
+    let nested = raw(r#"{"id_session": 1, "filename": "a", "x": {"k": 1, "k": 2}}"#);
+    assert_error(nested.await.unwrap(), 400, "invalid_json").await;
+    let array = raw(r#"[1, "arr.bin", null, null, null, null, null, null, null]"#);
+    assert_error(array.await.unwrap(), 422, "invalid_field").await;
+    assert_nothing_kept(&app, before, "refused bodies").await;
 }

@@ -65,7 +65,7 @@ MIB = 1024 * 1024
 # "import" comes first: its assetd runs the outbox relay, which starts from the
 # beginning of the log, and the log is nearly empty then (after the other rows it
 # would have hundreds of thousands of events to publish before the first job).
-STEPS = ["import", "upload", "download", "range", "signed", "s3", "small", "pgbench", "memory", "aborted", "replay"]
+STEPS = ["import", "archive", "upload", "download", "range", "signed", "s3", "small", "pgbench", "memory", "aborted", "replay"]
 
 # The import row: imports from the baseline nginx, run by the `jobs` assetd.
 # Imports one worker runs at once (ASSETD_IMPORT_CONCURRENCY; assetd's default is 4).
@@ -861,6 +861,94 @@ class Bench:
             self.stop_one("assetd", self.assetd_jobs)
         self.check_imports_recorded()
 
+    def bench_archive(self):
+        """Archives (issue 15), built by a third assetd (`jobs`, as for imports) from a
+        session of its own holding the large file (random bytes: deflated, as a type that
+        is not already compressed) and a text file: from the POST to `completed`
+        (polled), against `zip` (Info-ZIP, deflate level 1, the level assetd uses)
+        zipping the same two files into the data directory, alternately. Both read the
+        files warm from the page cache; neither is fsynced by its tool (assetd's zip is
+        fsynced before `completed`). The `jobs` assetd's peak RSS over the archives is
+        reported beside."""
+        archive_session = SESSION + 1
+        status, body = self.request(
+            "PUT",
+            f"http://127.0.0.1:{ASSETD_ACCEL_PORT}/file/api/sessions/{archive_session}",
+            {"Authorization": f"Bearer {self.service_token}", "Content-Type": "application/json"},
+            json.dumps({"session_name": "archive bench"}).encode(),
+        )
+        if status != 200:
+            raise RuntimeError(f"registering the archive session: {status} {body}")
+        text_file = os.path.join(self.work, "files", "notes.txt")
+        with open(text_file, "w") as f:
+            for line in range(200_000):
+                f.write(f"line {line}: the quick brown fox jumps over the lazy dog\n")
+        for path, media_type in [(self.large_file, "application/octet-stream"), (text_file, "text/plain")]:
+            out = os.path.join(self.work, "files", "answer.json")
+            name = os.path.basename(path)
+            status, _, _ = self.curl([
+                "-o", out, *self.auth(),
+                "-F", f'file_asset={{"id_session": {archive_session}, "asset_name": "{name}"}};type=application/json',
+                "-F", f"file=@{path};type={media_type}",
+                f"http://127.0.0.1:{ASSETD_ACCEL_PORT}/file/api/assets",
+            ])
+            if status != 200:
+                raise RuntimeError(f"uploading {name} for the archive row answered {status}")
+        total_mib = (self.large_size + os.path.getsize(text_file)) / MIB
+        self.assetd_jobs = self.start_assetd(
+            "jobs", ASSETD_JOBS_PORT, accel=False, ASSETD_RELAY="true", ASSETD_WORKERS="true")
+        pid = self.assetd_jobs.pid
+        archives = []
+        try:
+            def target():
+                started = time.monotonic()
+                accepted = self.api("POST", "/api/archives", {"id_session": archive_session}, port=ASSETD_JOBS_PORT)
+                while True:
+                    time.sleep(IMPORT_POLL_SECONDS)
+                    info = self.api("GET", f"/api/archives/infos?archive_uuid={accepted['archive_uuid']}",
+                                    port=ASSETD_JOBS_PORT)
+                    if info["archive_status"] == "completed":
+                        archives.append(info)
+                        seconds = time.monotonic() - started
+                        self.api("DELETE", f"/api/archives?uuid={accepted['archive_uuid']}", port=ASSETD_JOBS_PORT)
+                        return seconds
+                    if info["archive_status"] not in ("pending", "in_progress"):
+                        raise RuntimeError(f"archive {accepted['archive_uuid']}: {info}")
+                    if time.monotonic() - started > IMPORT_TIMEOUT_SECONDS:
+                        raise RuntimeError(f"archive still {info['archive_status']} after {IMPORT_TIMEOUT_SECONDS} s")
+
+            def baseline():
+                target_zip = os.path.join(self.work, "data", "baseline.zip")
+                started = time.monotonic()
+                run(["zip", "-q", "-1", "-j", target_zip, self.large_file, text_file], 1800)
+                seconds = time.monotonic() - started
+                os.remove(target_zip)
+                return seconds
+
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
+            targets, baselines = [], []
+            for round_number in range(self.rounds):
+                os.sync()
+                targets.append(target())
+                os.sync()
+                baselines.append(baseline())
+                log(f"archive round {round_number + 1}/{self.rounds}: assetd {targets[-1]:.3f} s, zip {baselines[-1]:.3f} s")
+            with open(f"/proc/{pid}/status") as f:
+                peak = int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) / 1024
+            t = [total_mib / v for v in targets]
+            b = [total_mib / v for v in baselines]
+            self.results[f"archive of {self.size_label} + 12 MiB of text (job, to completed) vs zip -1"] = {
+                "unit": "MiB/s", "assetd": summary(t), "nginx": summary(b),
+                "ratio": statistics.median(t) / statistics.median(b),
+            }
+            self.results["peak RSS of the jobs assetd over the archives"] = {"unit": "MiB", "value": peak, "target": 64}
+            sizes = sorted({a["archive_file_size"] for a in archives})
+            log(f"archive sizes: {sizes}")
+        finally:
+            self.processes.remove(("assetd", self.assetd_jobs))
+            self.stop_one("assetd", self.assetd_jobs)
+
     def import_request(self, client, name, path, sha256=None):
         body = {
             "id_session": SESSION,
@@ -1389,6 +1477,7 @@ def main():
         bench.setup()
         steps = [
             ("import", bench.bench_import),
+            ("archive", bench.bench_archive),
             ("upload", bench.bench_large_upload),
             ("download", bench.bench_large_download),
             ("range", bench.bench_ranges),

@@ -287,6 +287,8 @@ pub fn start_background(
             lease: config.jobs.lease(),
             backoff: config.jobs.backoff(),
             fetcher,
+            archive_ttl: config.jobs.archive_ttl(),
+            cleanup: config.jobs.cleanup_policy(),
         };
         shutdown.spawn("the job workers", crate::jobs::run(app.clone(), worker, shutdown.stop_token()));
         let scheduler = crate::jobs::SchedulerConfig {
@@ -295,6 +297,8 @@ pub fn start_background(
             database_url: config.database.database_url.clone(),
             backoff: config.jobs.backoff(),
             sweep_every: Duration::from_secs(1),
+            cleanup_every: config.jobs.cleanup_every(),
+            job_policy: config.jobs.import_policy(),
         };
         shutdown.spawn_subscriber(
             "the job scheduler",

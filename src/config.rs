@@ -179,6 +179,21 @@ pub struct JobsConfig {
     /// (internal sources with a private CA).
     #[arg(long, env = "ASSETD_IMPORT_CA_FILE")]
     pub import_ca_file: Option<std::path::PathBuf>,
+    /// Seconds a completed archive is kept before it expires (7 days).
+    #[arg(long, env = "ASSETD_ARCHIVE_TTL", default_value_t = 7 * 86_400)]
+    pub archive_ttl_seconds: u64,
+    /// Seconds between two cleanups (expiries, orphan blobs, temporary files, old
+    /// receipts); 0 turns the scheduled cleanup off.
+    #[arg(long, env = "ASSETD_CLEANUP_INTERVAL", default_value_t = 3_600)]
+    pub cleanup_interval_seconds: u64,
+    /// Seconds a blob nothing refers to is left alone before the cleanup removes it
+    /// (bytes being recorded right now are younger).
+    #[arg(long, env = "ASSETD_ORPHAN_GRACE", default_value_t = 3_600)]
+    pub orphan_grace_seconds: u64,
+    /// Seconds the receipts of AMQP commands are kept (a message redelivered later than
+    /// this would run again): 30 days.
+    #[arg(long, env = "ASSETD_RECEIPT_MAX_AGE", default_value_t = 30 * 86_400)]
+    pub receipt_max_age_seconds: u64,
 }
 
 impl Default for JobsConfig {
@@ -196,6 +211,10 @@ impl Default for JobsConfig {
             import_read_timeout: 30,
             import_timeout: 3_600,
             import_ca_file: None,
+            archive_ttl_seconds: 7 * 86_400,
+            cleanup_interval_seconds: 3_600,
+            orphan_grace_seconds: 3_600,
+            receipt_max_age_seconds: 30 * 86_400,
         }
     }
 }
@@ -215,6 +234,26 @@ impl JobsConfig {
     /// notices a lost lease before another attempt can have gone far.
     pub fn lease(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.lease_seconds.clamp(MIN_LEASE_SECONDS, MAX_LEASE_SECONDS))
+    }
+
+    pub fn cleanup_policy(&self) -> crate::app::cleanup::CleanupPolicy {
+        use std::time::Duration;
+        crate::app::cleanup::CleanupPolicy {
+            orphan_grace: Duration::from_secs(self.orphan_grace_seconds),
+            receipt_max_age: Duration::from_secs(self.receipt_max_age_seconds),
+            ..Default::default()
+        }
+    }
+
+    /// How long a completed archive is kept (at most a century: the time must stay
+    /// representable).
+    pub fn archive_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.archive_ttl_seconds.clamp(1, 100 * 365 * 86_400))
+    }
+
+    /// How often the scheduler queues a cleanup; none when turned off.
+    pub fn cleanup_every(&self) -> Option<std::time::Duration> {
+        (self.cleanup_interval_seconds > 0).then(|| std::time::Duration::from_secs(self.cleanup_interval_seconds))
     }
 
     pub fn import_policy(&self) -> crate::app::jobs::JobPolicy {

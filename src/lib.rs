@@ -7,6 +7,7 @@
 //! `main.rs` only parses the command line and calls `cli::run`.
 
 pub mod app;
+pub mod archive_zip;
 pub mod auth;
 pub mod blobs;
 pub mod broker;

@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (7, "blob_locations", include_str!("migrations/0007_blob_locations.sql")),
     (8, "read_model_notifications", include_str!("migrations/0008_read_model_notifications.sql")),
     (9, "uploads", include_str!("migrations/0009_uploads.sql")),
+    (10, "archives", include_str!("migrations/0010_archives.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

@@ -409,6 +409,7 @@ impl App {
                 requested_by: principal.actor(),
                 max_attempts: policy.max_attempts.max(1),
                 import: Some(request.spec.clone()),
+                archive_uuid: None,
             };
             stage::<Job>(&tx, ctx, &job_stream(job_uuid), JobCommand::Queue(Box::new(queued))).await?;
             if let Some(url) = &request.url {
@@ -468,6 +469,7 @@ impl App {
         let (job, upload_bytes) = in_transaction!(self, |tx| {
             let (state, _) = stage::<Job>(&tx, ctx, &job_stream(uuid), JobCommand::Cancel(actor)).await?;
             let upload_bytes = upload_follows_job(&tx, ctx, uuid, &state).await?;
+            super::archives::archive_follows_job(&tx, ctx, uuid, &state, false).await?;
             Ok((read::job(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("job")))?, upload_bytes))
         })?;
         self.discard_import_bytes(uuid).await;
@@ -532,9 +534,11 @@ impl App {
     /// Runs `command` on the job's stream. A job that ends without success loses
     /// whatever bytes an attempt left under its asset's id.
     async fn on_job(&self, ctx: &CommandContext, uuid: Uuid, command: JobCommand) -> Result<Job, AppError> {
+        let started = matches!(command, JobCommand::Start { .. });
         let (job, upload_bytes) = in_transaction!(self, |tx| {
             let (job, _) = stage::<Job>(&tx, ctx, &job_stream(uuid), command.clone()).await?;
             let upload_bytes = upload_follows_job(&tx, ctx, uuid, &job).await?;
+            super::archives::archive_follows_job(&tx, ctx, uuid, &job, started).await?;
             Ok((job, upload_bytes))
         })?;
         if matches!(job.status, JobStatus::Failed | JobStatus::Cancelled) {
@@ -739,6 +743,7 @@ impl App {
             requested_by: ctx.actor,
             max_attempts: policy.max_attempts.max(1),
             import: None,
+            archive_uuid: None,
         };
         in_transaction!(self, |tx| {
             stage::<Job>(&tx, ctx, &job_stream(job_uuid), JobCommand::Queue(Box::new(queued.clone()))).await?;
@@ -747,15 +752,15 @@ impl App {
         Ok(job_uuid)
     }
 
-    /// A worker's expiry attempt is done: records its success.
-    pub async fn expiry_succeeded(
+    /// A worker's attempt whose work is done once it ran (expiry, cleanup, purge):
+    /// records its success.
+    pub async fn job_succeeded(
         &self,
         ctx: &CommandContext,
         uuid: Uuid,
         attempt: u32,
-        uploads_expired: u64,
+        result: JobResult,
     ) -> Result<(), AppError> {
-        let result = JobResult::ExpireUploads(crate::domain::job::ExpiryResult { uploads_expired });
         self.on_job(ctx, uuid, JobCommand::Succeed { attempt, result }).await.map(|_| ())
     }
 }

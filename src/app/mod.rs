@@ -287,6 +287,8 @@ macro_rules! in_transaction {
     }};
 }
 
+pub mod archives;
+pub mod cleanup;
 mod faults;
 pub mod jobs;
 mod read_cache;
@@ -453,28 +455,27 @@ impl App {
         session
     }
 
-    /// Deletes a session and every live asset of it (and cancels its unfinished jobs, and
-    /// expires its uploads not yet committed), in one transaction; then removes
-    /// their bytes (a failure there leaves orphans for the cleanup job, never a visible
-    /// asset without bytes).
+    /// Deletes a session: in one transaction, `SessionDeleted`, its unfinished jobs
+    /// cancelled, its uploads not yet committed expired, and a job (`purge_session`)
+    /// queued that deletes its assets in batches (see [`App::purge_session`]). Returns
+    /// that job. From this moment the session's assets are out of reach of its members
+    /// (the session is gone); the job takes them out of listings and removes their bytes.
     pub async fn delete_session(
         &self,
         principal: &Principal,
         ctx: &CommandContext,
         id: SessionId,
-    ) -> Result<Vec<Uuid>, AppError> {
+        policy: jobs::JobPolicy,
+    ) -> Result<Uuid, AppError> {
         if !principal.is_service() {
             return Err(AppError::Forbidden("only services may delete sessions".into()));
         }
-        let (deleted, cancelled_jobs, upload_bytes) = in_transaction!(self, |tx| {
+        let purge_job = Uuid::new_v4();
+        let (cancelled_jobs, upload_bytes) = in_transaction!(self, |tx| {
             receive_once(&tx, ctx, &id.stream()).await?;
             stage::<Session>(&tx, ctx, &id.stream(), SessionCommand::Delete).await?;
-            let assets = read::live_asset_uuids(&tx, id).await?;
-            for (uuid, _) in &assets {
-                let delete = AssetCommand::Delete(DeletionReason::SessionDeleted);
-                stage_unlocked::<Asset>(&tx, ctx, &asset_stream(*uuid), delete).await?;
-            }
-            // Its unfinished jobs go with it (a running import stops and leaves nothing).
+            // Its unfinished jobs go with it (a running import stops and leaves nothing;
+            // an earlier purge of the same id is taken over by this one).
             let jobs = read::unfinished_session_jobs(&tx, id).await?;
             for job in &jobs {
                 let cancel = crate::domain::job::JobCommand::Cancel(principal.actor());
@@ -482,6 +483,7 @@ impl App {
                     stage_unlocked::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(*job), cancel).await?;
                 // An upload being imported is given back, to go with the others below.
                 jobs::upload_follows_job(&tx, ctx, *job, &state).await?;
+                archives::archive_follows_job(&tx, ctx, *job, &state, false).await?;
             }
             // Its uploads not yet committed go too (a signed URL can no longer fill them).
             let mut upload_bytes = Vec::new();
@@ -492,23 +494,28 @@ impl App {
                     stage_unlocked::<crate::domain::upload::Upload>(&tx, ctx, &stream, discard).await?;
                 upload_bytes.extend(state.received.filter(|_| !events.is_empty()).map(|received| received.blob));
             }
-            Ok((assets, jobs, upload_bytes))
+            let queued = crate::domain::job::JobQueued {
+                job_uuid: purge_job,
+                kind: crate::domain::job::JobKind::PurgeSession,
+                id_session: Some(id),
+                requested_by: principal.actor(),
+                max_attempts: policy.max_attempts.max(1),
+                import: None,
+                archive_uuid: None,
+            };
+            let queue = crate::domain::job::JobCommand::Queue(Box::new(queued));
+            stage::<crate::domain::job::Job>(&tx, ctx, &jobs::job_stream(purge_job), queue).await?;
+            Ok((jobs, upload_bytes))
         })?;
         self.upload_sessions.invalidate(&id.get());
         self.read_cache.forget_session(id.get());
-        for (uuid, _) in &deleted {
-            self.read_cache.forget_asset(*uuid);
-        }
-        for (_, location) in &deleted {
-            self.remove_blob(location).await;
-        }
         for job in cancelled_jobs {
             self.discard_import_bytes(job).await;
         }
         for location in &upload_bytes {
             self.remove_upload_bytes(location).await;
         }
-        Ok(deleted.into_iter().map(|(uuid, _)| uuid).collect())
+        Ok(purge_job)
     }
 
     /// The early check of an upload, before its bytes are received: is the session there
@@ -546,9 +553,9 @@ impl App {
         cursor: Option<ListingCursor>,
         limit: i64,
     ) -> Result<Vec<AssetInfo>, AppError> {
-        self.session_for(principal, id).await?;
+        let session = self.session_for(principal, id).await?;
         let client = self.pool.get().await?;
-        Ok(read::session_assets(&client, id, directory, cursor, limit).await?)
+        Ok(read::session_assets(&client, id, session.registered_position, directory, cursor, limit).await?)
     }
 
     // ----- assets -----

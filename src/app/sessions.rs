@@ -50,9 +50,11 @@ impl SessionBody {
     }
 }
 
+/// The answer to deleting a session: it is deleted; its assets are deleted in batches
+/// by this job (`purge_session`).
 #[derive(Debug, Serialize, utoipa::ToSchema, schemars::JsonSchema)]
 pub struct SessionDeletedReply {
     pub id_session: i64,
-    /// The assets deleted with the session.
-    pub deleted_assets: Vec<Uuid>,
+    /// The job that deletes the session's assets.
+    pub job_uuid: Uuid,
 }

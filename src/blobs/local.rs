@@ -16,7 +16,7 @@ use std::io::{self, IoSlice, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -316,17 +316,64 @@ impl BlobBackend for LocalBackend {
         }
     }
 
+    /// Atomically: the file is first renamed aside (whatever inode is at the key then),
+    /// and only then its time is read; one placed there a moment ago (an import's retry
+    /// replacing a crashed attempt's leftover) is put back, so a stat-then-remove race
+    /// can never remove fresh bytes.
+    async fn remove_if_older(&self, key: &str, cutoff: SystemTime) -> io::Result<bool> {
+        let path = self.path_of(key)?;
+        let aside = self.tmp.join(format!("{}.orphan", Uuid::new_v4()));
+        tokio::task::spawn_blocking(move || {
+            match std::fs::rename(&path, &aside) {
+                Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
+                other => other?,
+            }
+            if std::fs::metadata(&aside)?.modified()? <= cutoff {
+                std::fs::remove_file(&aside)?;
+                return Ok(true);
+            }
+            // Back, unless something newer took the key meanwhile (then that one stays).
+            match std::fs::hard_link(&aside, &path) {
+                Err(error) if error.kind() != io::ErrorKind::AlreadyExists => return Err(error),
+                _ => {}
+            }
+            std::fs::remove_file(&aside)?;
+            Ok(false)
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
     fn list(&self) -> BoxStream<'static, io::Result<BlobStat>> {
-        // Shard by shard, each read by the blocking pool: memory holds one shard's names.
+        // Top-level shard by top-level shard (only those that exist), each read by the
+        // blocking pool: memory holds one 256th of the names. Walking only what exists
+        // keeps a sparse store's listing quick (65,536 empty lookups took seconds).
         let blobs = self.blobs.clone();
-        futures::stream::iter(0..=u16::MAX)
-            .then(move |shard| {
-                let dir = blobs.join(format!("{:02x}/{:02x}", shard >> 8, shard & 0xff));
-                async move { tokio::task::spawn_blocking(move || list_shard(&dir)).await.map_err(io::Error::other)? }
+        let top = blobs.clone();
+        futures::stream::once(async move {
+            tokio::task::spawn_blocking(move || existing_shards(&top)).await.map_err(io::Error::other)?
+        })
+        .map_ok(move |shards| {
+            let blobs = blobs.clone();
+            futures::stream::iter(shards).then(move |shard| {
+                let dir = blobs.join(shard);
+                async move {
+                    tokio::task::spawn_blocking(move || -> io::Result<Vec<BlobStat>> {
+                        let mut stats = Vec::new();
+                        for sub in existing_shards(&dir)? {
+                            stats.extend(list_shard(&dir.join(sub))?);
+                        }
+                        Ok(stats)
+                    })
+                    .await
+                    .map_err(io::Error::other)?
+                }
             })
-            .map_ok(|stats| futures::stream::iter(stats.into_iter().map(Ok)))
-            .try_flatten()
-            .boxed()
+        })
+        .try_flatten()
+        .map_ok(|stats| futures::stream::iter(stats.into_iter().map(Ok)))
+        .try_flatten()
+        .boxed()
     }
 
     /// A file nginx can send, once it is known to be there. The `stat` is made here on
@@ -340,6 +387,25 @@ impl BlobBackend for LocalBackend {
             Err(error) => Err(error),
         }
     }
+}
+
+/// The shard directories (two lower-case hex digits) in `dir`, sorted; none when `dir`
+/// does not exist.
+fn existing_shards(dir: &Path) -> io::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(error),
+    };
+    let mut shards = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            shards.push(name);
+        }
+    }
+    shards.sort();
+    Ok(shards)
 }
 
 /// The blobs of one shard directory (none when it does not exist).

@@ -137,6 +137,15 @@ pub trait BlobBackend: Send + Sync + fmt::Debug {
     async fn remove(&self, key: &str) -> io::Result<()>;
     /// Every blob, for cleanup (order unspecified).
     fn list(&self) -> BoxStream<'static, io::Result<BlobStat>>;
+    /// Removes the blob `key` if it was last written at or before `cutoff` (an orphan
+    /// the cleanup found); returns whether it did. Bytes placed there since the cleanup
+    /// looked are newer, and stay.
+    async fn remove_if_older(&self, key: &str, cutoff: SystemTime) -> io::Result<bool> {
+        match self.stat(key).await? {
+            Some(stat) if stat.modified <= cutoff => self.remove(key).await.map(|()| true),
+            _ => Ok(false),
+        }
+    }
     /// How a whole download of `key` can best be delivered.
     async fn delivery_hint(&self, key: &str) -> io::Result<DeliveryHint>;
 }
@@ -205,6 +214,15 @@ impl BlobStore {
             s3.remove(key).await?;
         }
         Ok(())
+    }
+
+    /// Every configured backend (the local one first).
+    pub fn backends(&self) -> Vec<&dyn BlobBackend> {
+        let mut backends: Vec<&dyn BlobBackend> = vec![self.local.as_ref()];
+        if let Some(s3) = &self.s3 {
+            backends.push(s3.as_ref());
+        }
+        backends
     }
 
     /// The backend new blobs go to.

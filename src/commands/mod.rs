@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::app::archives::ArchiveBody;
 use crate::app::jobs::{AnyImportBody, JobPolicy};
 use crate::app::sessions::{SessionBody, SessionDeletedReply};
 use crate::app::{App, AppError, CommandContext, ComponentState, ReceivedMessage};
@@ -488,9 +489,10 @@ pub struct CommandSpec {
 }
 
 pub const IMPORT_REQUEST: &str = "import.request";
+pub const ARCHIVE_REQUEST: &str = "archive.request";
 
 /// Every command assetd takes.
-pub static COMMANDS: [CommandSpec; 3] = [
+pub static COMMANDS: [CommandSpec; 4] = [
     CommandSpec {
         name: SESSION_UPSERT,
         description:
@@ -502,7 +504,7 @@ pub static COMMANDS: [CommandSpec; 3] = [
     },
     CommandSpec {
         name: SESSION_DELETE,
-        description: "Delete a session and all its assets, as `DELETE /file/api/sessions/{id_session}`.",
+        description: "Delete a session, as `DELETE /file/api/sessions/{id_session}`: the reply names the job that deletes its assets.",
         schema: |generator| generator.root_schema_for::<SessionDelete>(),
         reply_schema: |generator| generator.root_schema_for::<CommandReply<SessionDeletedReply>>(),
         run: run_session_delete,
@@ -515,6 +517,14 @@ pub static COMMANDS: [CommandSpec; 3] = [
         reply_schema: |generator| generator.root_schema_for::<CommandReply<ImportQueued>>(),
         run: run_import_request,
         ran_before: import_request_ran_before,
+    },
+    CommandSpec {
+        name: ARCHIVE_REQUEST,
+        description: "Ask for a zip of a session's assets (`id_session`) or of a list of assets (`asset_uuids`), as `POST /file/api/archives`: the reply names the archive and its job; `archive.completed` says when it can be downloaded.",
+        schema: |generator| generator.root_schema_for::<ArchiveBody>(),
+        reply_schema: |generator| generator.root_schema_for::<CommandReply<ArchiveQueued>>(),
+        run: run_archive_request,
+        ran_before: archive_request_ran_before,
     },
 ];
 
@@ -543,16 +553,54 @@ fn session_upsert_ran_before<'a>(call: &'a Invocation<'a>, _message_id: &'a str)
 fn run_session_delete<'a>(call: &'a Invocation<'a>) -> Running<'a, Value> {
     Box::pin(async move {
         let id_session = body_of::<SessionDelete>(call.body)?.id_session;
-        let deleted_assets = call.app.delete_session(&call.principal, &call.ctx, id_session).await?;
-        Ok(to_value(SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
+        let policy = call.config.import_policy;
+        let job_uuid = call.app.delete_session(&call.principal, &call.ctx, id_session, policy).await?;
+        Ok(to_value(SessionDeletedReply { id_session: id_session.get(), job_uuid }))
     })
 }
 
 fn session_delete_ran_before<'a>(call: &'a Invocation<'a>, message_id: &'a str) -> Running<'a, Option<Value>> {
     Box::pin(async move {
         let id_session = body_of::<SessionDelete>(call.body)?.id_session;
-        let deleted_assets = caused_by(call.app, message_id, "AssetDeleted", "asset_uuid").await?;
-        Ok(Some(to_value(SessionDeletedReply { id_session: id_session.get(), deleted_assets })))
+        let Some(job_uuid) = caused_by(call.app, message_id, "JobQueued", "job_uuid").await?.into_iter().next() else {
+            return Ok(None);
+        };
+        Ok(Some(to_value(SessionDeletedReply { id_session: id_session.get(), job_uuid })))
+    })
+}
+
+/// The reply to `archive.request`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ArchiveQueued {
+    pub archive_uuid: Uuid,
+    pub job_uuid: Uuid,
+    /// `pending` when just asked for; the archive's status now when the message was sent again.
+    pub archive_status: String,
+}
+
+fn run_archive_request<'a>(call: &'a Invocation<'a>) -> Running<'a, Value> {
+    Box::pin(async move {
+        let scope = body_of::<ArchiveBody>(call.body)?.validate().map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let policy = call.config.import_policy;
+        let archive = call.app.request_archive(&call.principal, &call.ctx, scope, policy).await?;
+        Ok(to_value(ArchiveQueued {
+            archive_uuid: archive.archive_uuid,
+            job_uuid: archive.job_uuid,
+            archive_status: archive.archive_status,
+        }))
+    })
+}
+
+fn archive_request_ran_before<'a>(call: &'a Invocation<'a>, message_id: &'a str) -> Running<'a, Option<Value>> {
+    Box::pin(async move {
+        let requested = caused_by(call.app, message_id, "ArchiveRequested", "archive_uuid").await?;
+        let Some(archive_uuid) = requested.into_iter().next() else { return Ok(None) };
+        let archive = call.app.archive_for(&call.principal, archive_uuid).await?;
+        Ok(Some(to_value(ArchiveQueued {
+            archive_uuid,
+            job_uuid: archive.job_uuid,
+            archive_status: archive.status_at(chrono::Utc::now()).to_owned(),
+        })))
     })
 }
 

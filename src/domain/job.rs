@@ -21,6 +21,13 @@ pub enum JobKind {
     Import,
     /// Expire the two-phase uploads past their time (no session: the whole deployment).
     ExpireUploads,
+    /// Build an archive (a zip of assets) into the blob store.
+    Archive,
+    /// Keep storage clean (no session): expire archives and uploads past their time,
+    /// remove orphan blobs, stale temporary files and old command receipts.
+    Cleanup,
+    /// Delete the assets of a deleted session, in batches.
+    PurgeSession,
 }
 
 impl JobKind {
@@ -28,6 +35,9 @@ impl JobKind {
         match self {
             Self::Import => "import",
             Self::ExpireUploads => "expire_uploads",
+            Self::Archive => "archive",
+            Self::Cleanup => "cleanup",
+            Self::PurgeSession => "purge_session",
         }
     }
 }
@@ -70,6 +80,9 @@ pub struct JobQueued {
     /// For `kind: import`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub import: Option<ImportSpec>,
+    /// For `kind: archive`: the archive it builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_uuid: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -98,7 +111,12 @@ pub struct JobProgressed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum JobResult {
+    // Untagged: read back as the first variant whose fields match, so the variants with
+    // more fields come before those whose fields they include.
     Import(ImportResult),
+    Archive(ArchiveResult),
+    Cleanup(CleanupResult),
+    PurgeSession(PurgeResult),
     ExpireUploads(ExpiryResult),
 }
 
@@ -108,8 +126,48 @@ impl JobResult {
         match self {
             Self::Import(import) => import.asset_file_size,
             Self::ExpireUploads(expiry) => expiry.uploads_expired,
+            Self::Archive(archive) => archive.entries,
+            Self::Cleanup(cleanup) => cleanup.removed(),
+            Self::PurgeSession(purge) => purge.assets_deleted,
         }
     }
+}
+
+/// What an archive job made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ArchiveResult {
+    pub archive_uuid: Uuid,
+    pub archive_file_size: u64,
+    pub archive_sha256: Sha256Hex,
+    /// Files in the zip.
+    pub entries: u64,
+}
+
+/// What a cleanup did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CleanupResult {
+    pub archives_expired: u64,
+    pub uploads_expired: u64,
+    /// Blobs no asset, archive or upload referred to, older than the grace period.
+    pub orphan_blobs_removed: u64,
+    pub temp_files_removed: u64,
+    pub command_receipts_removed: u64,
+}
+
+impl CleanupResult {
+    pub fn removed(&self) -> u64 {
+        self.archives_expired
+            + self.uploads_expired
+            + self.orphan_blobs_removed
+            + self.temp_files_removed
+            + self.command_receipts_removed
+    }
+}
+
+/// What the purge of a deleted session's assets did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct PurgeResult {
+    pub assets_deleted: u64,
 }
 
 /// What an import made.
@@ -163,7 +221,7 @@ pub struct JobCancelled {
 }
 
 domain_events!(JobEvent {
-    JobQueued(JobQueued),
+    JobQueued(Box<JobQueued>),
     JobStarted(JobStarted),
     JobProgressed(JobProgressed),
     JobSucceeded(JobSucceeded),
@@ -282,7 +340,7 @@ impl Job {
     pub fn apply(&mut self, event: &JobEvent) {
         match event {
             JobEvent::JobQueued(queued) => {
-                self.queued = Some(queued.clone());
+                self.queued = Some((**queued).clone());
                 self.status = JobStatus::Queued;
             }
             JobEvent::JobStarted(started) => {
@@ -319,7 +377,7 @@ impl Job {
         if self.queued.is_some() {
             return Err(DomainError::Conflict(format!("job {} already exists", queued.job_uuid)));
         }
-        Ok(vec![JobEvent::JobQueued(queued)])
+        Ok(vec![JobEvent::JobQueued(Box::new(queued))])
     }
 
     /// What a worker handed this job should do at `now`.
@@ -458,14 +516,15 @@ mod tests {
     use crate::domain::DomainEvent;
 
     fn queued(max_attempts: u32) -> JobEvent {
-        JobEvent::JobQueued(JobQueued {
+        JobEvent::JobQueued(Box::new(JobQueued {
             job_uuid: Uuid::new_v4(),
             kind: JobKind::Import,
             id_session: Some(SessionId::new(1).unwrap()),
             requested_by: Actor { kind: PrincipalKind::Service, uuid: Uuid::nil() },
             max_attempts,
             import: None,
-        })
+            archive_uuid: None,
+        }))
     }
 
     fn given(events: &[JobEvent]) -> Job {

@@ -5,6 +5,7 @@
 //! folds its state from its own events (`apply`) and turns a command into new events
 //! (`handle_*`), so the rules are unit-tested with given-events / when / then-events.
 
+pub mod archive;
 pub mod asset;
 pub mod blob;
 pub mod job;
@@ -80,6 +81,7 @@ aggregate!(session::Session, session::SessionEvent, session::SessionCommand, "se
 aggregate!(asset::Asset, asset::AssetEvent, asset::AssetCommand, "asset", UUID_PATTERN);
 aggregate!(job::Job, job::JobEvent, job::JobCommand, "job", UUID_PATTERN);
 aggregate!(upload::Upload, upload::UploadEvent, upload::UploadCommand, "upload", UUID_PATTERN);
+aggregate!(archive::Archive, archive::ArchiveEvent, archive::ArchiveCommand, "archive", UUID_PATTERN);
 
 /// Visits every aggregate: what must cover them all (the contract's event schemas)
 /// takes them from here, so a new aggregate is one line here.
@@ -92,6 +94,7 @@ pub fn visit_aggregates(visitor: &mut impl AggregateVisitor) {
     visitor.visit::<asset::Asset>();
     visitor.visit::<job::Job>();
     visitor.visit::<upload::Upload>();
+    visitor.visit::<archive::Archive>();
 }
 
 /// Visits the payload type of each event type of an aggregate (for the JSON Schemas

@@ -3,6 +3,7 @@
 //! `app`, and shape the answer.
 
 mod allow;
+mod archives;
 mod assets;
 mod auth;
 mod body;
@@ -88,6 +89,8 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
             .or(assets::routes(ctx.clone()))
             .unify()
             .or(jobs::routes(ctx.clone()))
+            .unify()
+            .or(archives::routes(ctx.clone()))
             .unify()
             .or(uploads::routes(ctx.clone()))
             .unify()
@@ -217,7 +220,11 @@ where
             )
             .into_response();
         }
+        let (request, unread) = keep_small_body(request);
         let mut response = service.call(request).await.unwrap_or_else(|never| match never {});
+        if response.status().is_client_error() {
+            drain_small_body(unread).await;
+        }
         if response.status() == StatusCode::METHOD_NOT_ALLOWED {
             match routes_allow.for_path(&path) {
                 Some(allowed) => {
@@ -247,6 +254,47 @@ where
         )
     });
     Ok(response)
+}
+
+/// The largest request body read to its end after a refusal that did not read it.
+const DRAINED_BODY_LIMIT: u64 = 64 * 1024;
+
+/// A small request body's remainder, kept here while the handler reads it (if it does).
+type SharedBody = Arc<tokio::sync::Mutex<hyper::Body>>;
+
+/// For a request with a small body (a declared length up to [`DRAINED_BODY_LIMIT`]), the
+/// request with a body read through a handle kept here, so that what the handler left
+/// unread can be drained before its refusal is sent (see [`drain_small_body`]). Larger
+/// bodies (uploads) pass as they are.
+fn keep_small_body(request: hyper::Request<hyper::Body>) -> (hyper::Request<hyper::Body>, Option<SharedBody>) {
+    let length = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
+    if !length.is_some_and(|length| (1..=DRAINED_BODY_LIMIT).contains(&length)) {
+        return (request, None);
+    }
+    let (parts, body) = request.into_parts();
+    let shared: SharedBody = Arc::new(tokio::sync::Mutex::new(body));
+    let chunks = futures::stream::unfold(shared.clone(), |shared| async move {
+        let next = hyper::body::HttpBody::data(&mut *shared.lock().await).await;
+        next.map(|chunk| (chunk, shared))
+    });
+    (hyper::Request::from_parts(parts, hyper::Body::wrap_stream(chunks)), Some(shared))
+}
+
+/// Reads what is left of a small request body that a refusal (a 405, a 401, a 404 of
+/// the route) did not read. Answering and closing with the body still in the socket's
+/// receive buffer makes the kernel reset the connection, and a proxy (nginx) that had
+/// not read the answer yet reports 502 instead of the refusal.
+async fn drain_small_body(unread: Option<SharedBody>) {
+    let Some(shared) = unread else { return };
+    let drain = async {
+        let mut body = shared.lock().await;
+        while let Some(Ok(_)) = hyper::body::HttpBody::data(&mut *body).await {}
+    };
+    // A client that declared a body and sends none is not waited for long.
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// Converts a handler's result into a response.

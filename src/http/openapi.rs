@@ -12,7 +12,7 @@ use warp::http::Uri;
 use warp::{Filter, Reply};
 
 use super::error::{ErrorBody, ErrorDetail};
-use super::{assets, fields, helper, jobs, ops, sessions, signed, upload, uploads};
+use super::{archives, assets, fields, helper, jobs, ops, sessions, signed, upload, uploads};
 use crate::domain::principal::{Actor, PrincipalKind};
 use crate::projections::read::{AssetInfo, SessionInfo};
 
@@ -38,6 +38,10 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         jobs::get_job,
         jobs::cancel_job,
         jobs::list_jobs,
+        archives::request_archive,
+        archives::download_archive,
+        archives::archive_infos,
+        archives::delete_archive,
         uploads::create_upload,
         uploads::upload_status,
         uploads::commit_upload,
@@ -52,12 +56,13 @@ use crate::projections::read::{AssetInfo, SessionInfo};
     ),
     components(schemas(
         ErrorBody, ErrorDetail, SessionInfo, AssetInfo, Actor, PrincipalKind,
-        crate::app::sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset, crate::app::sessions::SessionDeletedReply,
+        crate::app::sessions::SessionBody, sessions::AssetPage, sessions::ListedAsset,
         upload::FileAsset, upload::UploadForm, upload::UploadedAsset,
         fields::PageSize, fields::ExpiresIn, fields::ListingCursor, fields::JobCursor, fields::ImportUrl, fields::IdempotencyKey, fields::UuidText,
         crate::app::jobs::ImportBody, crate::app::jobs::UploadImportBody, crate::app::jobs::AnyImportBody, jobs::ImportAccepted, jobs::JobPage,
         uploads::NewUpload, uploads::UploadCreated, uploads::CommitUpload, uploads::UploadView, crate::projections::read::UploadInfo,
         signed::SignedUrl, helper::HelperUploadForm,
+        crate::app::archives::ArchiveBody, archives::ArchiveAccepted, crate::projections::read::ArchiveInfo, sessions::SessionDeletionAccepted,
         crate::projections::read::JobInfo, crate::projections::read::JobProgress,
         assets::InfosRequest, assets::InfosBatch, assets::InfosRename, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
     )),
@@ -66,6 +71,7 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         (name = "sessions", description = "the registry of sessions"),
         (name = "assets", description = "files of sessions (OpenTera compatible)"),
         (name = "jobs", description = "imports from URLs and other long work, run by workers"),
+        (name = "archives", description = "zips of a session's assets, built by a job, kept until they expire"),
         (name = "uploads", description = "two-phase uploads: ask for an upload URL, PUT the bytes, commit or import"),
         (name = "signed", description = "signed URLs: downloads and uploads without an Authorization header"),
         (name = "helpers", description = "routes for devices that cannot build URLs"),

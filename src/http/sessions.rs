@@ -11,7 +11,7 @@ use super::auth::authenticated;
 use super::error::{ApiError, ErrorBody};
 use super::fields;
 use super::{get_or_head, json_body, query_map, respond, with_context, Context, JsonBody};
-use crate::app::sessions::{SessionBody, SessionDeletedReply};
+use crate::app::sessions::SessionBody;
 use crate::app::CommandContext;
 use crate::domain::names::{Directory, SessionId};
 use crate::domain::principal::Principal;
@@ -54,16 +54,16 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         .and(authenticated(ctx.clone()))
         .and(with_context(ctx.clone()))
         .then(|id, principal, ctx| async move { respond(get_session(id, principal, ctx).await) });
-    let delete =
-        session_id
-            .and(warp::path::end())
-            .and(warp::delete())
-            .and(authenticated(ctx.clone()))
-            .and(super::request_context())
-            .and(with_context(ctx.clone()))
-            .then(|id, principal, request_id, ctx| async move {
-                respond(delete_session(id, principal, request_id, ctx).await)
-            });
+    let delete = session_id
+        .and(warp::path::end())
+        .and(warp::delete())
+        .and(authenticated(ctx.clone()))
+        .and(super::request_context())
+        .and(warp::header::headers_cloned())
+        .and(with_context(ctx.clone()))
+        .then(|id, principal, request_id, headers, ctx| async move {
+            respond(delete_session(id, principal, request_id, headers, ctx).await)
+        });
     let list = session_id
         .and(warp::path!("assets"))
         .and(get_or_head())
@@ -135,11 +135,23 @@ async fn get_session(id: String, principal: Principal, ctx: Context) -> Result<i
     Ok(warp::reply::json(&session))
 }
 
-/// Delete a session and all its assets (services).
+/// The answer to `DELETE /sessions/{id_session}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SessionDeletionAccepted {
+    pub id_session: i64,
+    /// The job that deletes the session's assets, in batches.
+    pub job_uuid: uuid::Uuid,
+    /// Where to follow that job.
+    pub status_url: String,
+}
+
+/// Delete a session (services). It is gone at once (its members lose access to its
+/// assets, its unfinished jobs are cancelled, its uploads expire); its assets are
+/// deleted in batches by a job (`purge_session`), whose progress counts them.
 #[utoipa::path(delete, path = "/api/sessions/{id_session}", tag = "sessions",
     params(("id_session" = fields::SessionId, Path, description = "OpenTera session id")),
     responses(
-        (status = 200, description = "deleted, with the assets deleted with it", body = SessionDeletedReply),
+        (status = 202, description = "deleted; its assets are being deleted by the job", body = SessionDeletionAccepted),
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "not a service", body = ErrorBody),
         (status = 404, description = "unknown session", body = ErrorBody),
@@ -151,17 +163,23 @@ async fn delete_session(
     id: String,
     principal: Principal,
     request_id: String,
+    headers: warp::http::HeaderMap,
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
     let id_session = parse_session_id(&id)?;
     let app = ctx.app.clone();
-    let deleted_assets = ctx
+    let policy = ctx.settings.import_policy;
+    let job_uuid = ctx
         .app
         .run_to_completion(async move {
-            app.delete_session(&principal, &CommandContext::for_request(&principal, &request_id), id_session).await
+            let command = CommandContext::for_request(&principal, &request_id);
+            app.delete_session(&principal, &command, id_session, policy).await
         })
         .await?;
-    Ok(warp::reply::json(&SessionDeletedReply { id_session: id_session.get(), deleted_assets }))
+    let origin = super::origin(&ctx.settings, &headers);
+    let status_url = format!("{origin}{}/api/jobs/{job_uuid}", ctx.settings.base_path);
+    let accepted = SessionDeletionAccepted { id_session: id_session.get(), job_uuid, status_url };
+    Ok(warp::reply::with_status(warp::reply::json(&accepted), warp::http::StatusCode::ACCEPTED))
 }
 
 /// A session's assets, newest first, keyset-paginated.

@@ -15,6 +15,7 @@
 //! is created with expected version `NoStream`, so a crash and a redelivery cannot make
 //! a second asset.
 
+pub mod archive;
 pub mod fetch;
 pub mod topology;
 
@@ -37,11 +38,12 @@ use crate::app::{App, AppError, CommandContext, ComponentState};
 use crate::blobs::SealedBlob;
 use crate::broker::{Broker, BrokerChannel, BrokerError};
 use crate::domain::asset::AssetImported;
-use crate::domain::job::{JobKind, JobStatus, NextStep};
+use crate::domain::job::{ExpiryResult, JobKind, JobResult, JobStatus, NextStep, PurgeResult};
 use crate::domain::principal::{Actor, PrincipalKind};
 use crate::domain::DomainError;
 use crate::eventstore::RecordedEvent;
 use crate::subscriber::{self, LogHandler, PartlyHandled, SubscriberError, Subscription};
+use archive::ArchiveBuilt;
 use fetch::{FetchError, Fetcher};
 
 /// How failed attempts are retried: `base * 2^(attempt-1)`, capped, with jitter.
@@ -85,6 +87,10 @@ pub struct WorkerConfig {
     pub lease: Duration,
     pub backoff: Backoff,
     pub fetcher: Fetcher,
+    /// How long a completed archive is kept.
+    pub archive_ttl: Duration,
+    /// What the cleanup job keeps.
+    pub cleanup: crate::app::cleanup::CleanupPolicy,
 }
 
 /// This process's worker name: host and pid.
@@ -118,6 +124,11 @@ pub async fn run(app: App, config: WorkerConfig, stop: CancellationToken) {
         (JobKind::Import, Arc::new(tokio::sync::Semaphore::new(config.import_concurrency.max(1)))),
         // One expiry at a time per worker is plenty: it is a sweep of the whole deployment.
         (JobKind::ExpireUploads, Arc::new(tokio::sync::Semaphore::new(1))),
+        (JobKind::Cleanup, Arc::new(tokio::sync::Semaphore::new(1))),
+        // Deflating is CPU work: one archive at a time per worker leaves the other core
+        // to the API.
+        (JobKind::Archive, Arc::new(tokio::sync::Semaphore::new(1))),
+        (JobKind::PurgeSession, Arc::new(tokio::sync::Semaphore::new(1))),
     ]);
     let worker = Arc::new(Worker { app, config, limits, running: TaskTracker::new(), stop: stop.clone() });
     let mut backoff = Duration::from_millis(200);
@@ -161,7 +172,8 @@ impl Worker {
     /// As many messages as the kinds' limits together (not what is free now: a
     /// consumer that starts over while attempts still run keeps the same bound).
     fn prefetch(&self) -> u16 {
-        u16::try_from(self.config.import_concurrency.max(1) + 1).unwrap_or(u16::MAX)
+        // Imports, plus one of each other kind.
+        u16::try_from(self.config.import_concurrency.max(1) + self.limits.len() - 1).unwrap_or(u16::MAX)
     }
 
     async fn consume(self: Arc<Self>) -> Result<(), BrokerError> {
@@ -310,10 +322,27 @@ impl Worker {
             }
         };
         match (outcome, stopped) {
-            (Ok(Outcome::Expired(count)), None) => {
-                match self.app.expiry_succeeded(ctx, job_uuid, attempt, count).await {
+            (Ok(Outcome::Done(result)), None) => match self.app.job_succeeded(ctx, job_uuid, attempt, result).await {
+                Ok(()) => Ok("succeeded"),
+                Err(AppError::Domain(DomainError::Conflict(_))) => Ok("cancelled"),
+                Err(error) => Err(error),
+            },
+            (Ok(Outcome::Archived(built)), None) => {
+                let ArchiveBuilt { archive_uuid, entries, skipped, sealed } = *built;
+                let ttl = self.config.archive_ttl;
+                match self
+                    .app
+                    .archive_succeeded(ctx, job_uuid, attempt, archive_uuid, entries, skipped, ttl, sealed)
+                    .await
+                {
                     Ok(()) => Ok("succeeded"),
+                    // Deleted, cancelled or taken over meanwhile: its bytes went with the
+                    // sealed file.
                     Err(AppError::Domain(DomainError::Conflict(_))) => Ok("cancelled"),
+                    Err(AppError::Storage(error)) => {
+                        let reason = FetchError::passing(format!("storing the archive: {error}"));
+                        self.record_failure(ctx, job_uuid, attempt, &reason).await
+                    }
                     Err(error) => Err(error),
                 }
             }
@@ -441,7 +470,31 @@ impl Worker {
             JobKind::ExpireUploads => {
                 let ctx = worker_context(queued.job_uuid, loaded);
                 let expired = self.app.expire_uploads(&ctx, Utc::now(), cancel).await;
-                expired.map(Outcome::Expired).map_err(|error| FetchError::passing(format!("expiring uploads: {error}")))
+                expired
+                    .map(|uploads_expired| Outcome::Done(JobResult::ExpireUploads(ExpiryResult { uploads_expired })))
+                    .map_err(|error| FetchError::passing(format!("expiring uploads: {error}")))
+            }
+            JobKind::Cleanup => {
+                let ctx = worker_context(queued.job_uuid, loaded);
+                let cleaned = self.app.cleanup(&ctx, &self.config.cleanup, cancel).await;
+                cleaned
+                    .map(|result| Outcome::Done(JobResult::Cleanup(result)))
+                    .map_err(|error| FetchError::passing(format!("cleaning up: {error}")))
+            }
+            JobKind::PurgeSession => {
+                let ctx = worker_context(queued.job_uuid, loaded);
+                let id = queued.id_session.ok_or_else(|| FetchError::permanent("the job names no session"))?;
+                let purged = self.app.purge_session(&ctx, queued.job_uuid, id, progress, cancel).await;
+                purged
+                    .map(|assets_deleted| Outcome::Done(JobResult::PurgeSession(PurgeResult { assets_deleted })))
+                    .map_err(|error| FetchError::passing(format!("deleting the session's assets: {error}")))
+            }
+            JobKind::Archive => {
+                let archive_uuid =
+                    queued.archive_uuid.ok_or_else(|| FetchError::permanent("the job names no archive"))?;
+                archive::build(&self.app, archive_uuid, progress, cancel)
+                    .await
+                    .map(|built| Outcome::Archived(Box::new(built)))
             }
             JobKind::Import => {
                 let spec = queued.import.as_ref().ok_or_else(|| FetchError::permanent("the job is not an import"))?;
@@ -580,8 +633,10 @@ impl Worker {
 enum Outcome {
     /// An import's asset, and its bytes to place (none for an upload's: they stay).
     Imported(Box<AssetImported>, Option<SealedBlob>),
-    /// An expiry: how many uploads expired.
-    Expired(u64),
+    /// An archive's zip, to record and place.
+    Archived(Box<ArchiveBuilt>),
+    /// Work that is done once it ran (expiry, cleanup, purge): what it did.
+    Done(JobResult),
 }
 
 /// Why a running attempt was stopped before its work ended.
@@ -631,7 +686,8 @@ pub async fn run_scheduler(app: App, config: SchedulerConfig, flush: Cancellatio
         database_url: config.database_url.clone(),
         idle_poll: Duration::from_millis(200),
     };
-    let scheduler = Scheduler { app, config, channel: None, last_sweep: std::time::Instant::now() };
+    let scheduler =
+        Scheduler { app, config, channel: None, last_sweep: std::time::Instant::now(), leader_since: Utc::now() };
     subscriber::run(subscription, scheduler, flush).await
 }
 
@@ -643,6 +699,10 @@ pub struct SchedulerConfig {
     pub backoff: Backoff,
     /// How often leases are checked.
     pub sweep_every: Duration,
+    /// How often a cleanup is queued; none: never.
+    pub cleanup_every: Option<Duration>,
+    /// The attempts of the jobs the scheduler queues.
+    pub job_policy: JobPolicy,
 }
 
 struct Scheduler {
@@ -650,6 +710,8 @@ struct Scheduler {
     config: SchedulerConfig,
     channel: Option<crate::broker::PooledChannel>,
     last_sweep: std::time::Instant,
+    /// When this process became the leader (the first cleanup's reference).
+    leader_since: chrono::DateTime<Utc>,
 }
 
 fn broker_error(error: impl std::fmt::Display) -> SubscriberError {
@@ -660,6 +722,7 @@ fn broker_error(error: impl std::fmt::Display) -> SubscriberError {
 impl LogHandler for Scheduler {
     async fn begin_term(&mut self) -> Result<(), SubscriberError> {
         self.channel = None;
+        self.leader_since = Utc::now();
         let channel = self.config.broker.channel().await.map_err(broker_error)?;
         topology::declare(&channel, &self.config.prefix).await.map_err(broker_error)?;
         self.channel = Some(channel);
@@ -703,6 +766,29 @@ impl Scheduler {
         if self.last_sweep.elapsed() >= self.config.sweep_every {
             self.last_sweep = std::time::Instant::now();
             self.sweep_leases().await;
+            self.queue_cleanup_if_due().await;
+        }
+    }
+
+    /// Queues a cleanup when the last one is older than the interval and none is
+    /// unfinished (read from the jobs: a new leader keeps the rhythm).
+    async fn queue_cleanup_if_due(&self) {
+        let Some(every) = self.config.cleanup_every else { return };
+        match self.app.cleanup_due(every, self.leader_since).await {
+            Ok(false) => {}
+            Ok(true) => {
+                let ctx = CommandContext {
+                    actor: Actor { kind: PrincipalKind::Service, uuid: Uuid::nil() },
+                    request_id: format!("scheduler-{}", Uuid::new_v4()),
+                    correlation_id: format!("cleanup-{}", Uuid::new_v4()),
+                    message: None,
+                };
+                match self.app.request_cleanup(&ctx, self.config.job_policy).await {
+                    Ok(job_uuid) => tracing::info!(%job_uuid, "cleanup queued"),
+                    Err(error) => tracing::warn!(%error, "could not queue a cleanup"),
+                }
+            }
+            Err(error) => tracing::warn!(%error, "could not tell whether a cleanup is due"),
         }
     }
 

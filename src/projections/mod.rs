@@ -1,4 +1,4 @@
-//! Read models (`sessions`, `assets`, `jobs`, `uploads`) derived from events. `apply` runs inside the
+//! Read models (`sessions`, `assets`, `jobs`, `uploads`, `archives`) derived from events. `apply` runs inside the
 //! append's transaction so every read sees its own writes; `replay` rebuilds the tables
 //! from the global log alone. Everything written here comes from the event (payload,
 //! version, `recorded_at`), never from the clock, so a replay reproduces the tables
@@ -12,10 +12,12 @@ use futures::TryStreamExt;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
+mod archives;
 mod jobs;
 pub mod read;
 mod uploads;
 
+use crate::domain::archive::{Archive, ArchiveEvent};
 use crate::domain::asset::Asset;
 use crate::domain::asset::{AssetEvent, AssetUploaded};
 use crate::domain::job::{Job, JobEvent};
@@ -70,6 +72,11 @@ pub async fn apply(client: &impl GenericClient, event: &RecordedEvent) -> Result
         Upload::CATEGORY => {
             if let Some(upload_event) = decode::<UploadEvent>(event)? {
                 uploads::apply(client, event, &upload_event).await?;
+            }
+        }
+        Archive::CATEGORY => {
+            if let Some(archive_event) = decode::<ArchiveEvent>(event)? {
+                archives::apply(client, event, &archive_event).await?;
             }
         }
         _ => {}
@@ -328,6 +335,7 @@ struct Rebuilt {
     assets: HashMap<uuid::Uuid, AssetRow>,
     jobs: HashMap<uuid::Uuid, jobs::JobRow>,
     uploads: HashMap<uuid::Uuid, uploads::UploadRow>,
+    archives: HashMap<uuid::Uuid, archives::ArchiveRow>,
 }
 
 impl Rebuilt {
@@ -394,6 +402,15 @@ impl Rebuilt {
                     };
                 }
             }
+            Archive::CATEGORY => {
+                if let Some(archive_event) = decode::<ArchiveEvent>(event)? {
+                    let uuid = archives::archive_uuid(&archive_event);
+                    match archives::ArchiveRow::apply(self.archives.remove(&uuid), event, &archive_event) {
+                        Some(row) => self.archives.insert(uuid, row),
+                        None => None,
+                    };
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -413,7 +430,9 @@ impl Rebuilt {
         copy_in(tx, "jobs", jobs::JobRow::COLUMNS, &jobs::JobRow::TYPES, self.jobs.values().map(jobs::JobRow::values))
             .await?;
         let upload_rows = self.uploads.values().map(uploads::UploadRow::values);
-        copy_in(tx, "uploads", uploads::UploadRow::COLUMNS, &uploads::UploadRow::TYPES, upload_rows).await
+        copy_in(tx, "uploads", uploads::UploadRow::COLUMNS, &uploads::UploadRow::TYPES, upload_rows).await?;
+        let archive_rows = self.archives.values().map(archives::ArchiveRow::values);
+        copy_in(tx, "archives", archives::ArchiveRow::COLUMNS, &archives::ArchiveRow::TYPES, archive_rows).await
     }
 }
 
@@ -447,8 +466,8 @@ async fn copy_in<'a, const N: usize>(
 /// one statement per event would make a replay as slow as a million round trips.
 pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, ProjectionError> {
     let tx = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).start().await?;
-    tx.batch_execute("LOCK TABLE sessions, assets, jobs, uploads IN ACCESS EXCLUSIVE MODE").await?;
-    tx.batch_execute("TRUNCATE sessions, assets, jobs, uploads").await?;
+    tx.batch_execute("LOCK TABLE sessions, assets, jobs, uploads, archives IN ACCESS EXCLUSIVE MODE").await?;
+    tx.batch_execute("TRUNCATE sessions, assets, jobs, uploads, archives").await?;
     let mut rebuilt = Rebuilt::default();
     let mut applied = 0;
     let events = eventstore::stream_all_in_snapshot(&tx).await?;
@@ -468,6 +487,7 @@ pub async fn replay(client: &mut deadpool_postgres::Client) -> Result<u64, Proje
         assets = rebuilt.assets.len(),
         jobs = rebuilt.jobs.len(),
         uploads = rebuilt.uploads.len(),
+        archives = rebuilt.archives.len(),
         read_seconds = read.as_secs_f64(),
         write_seconds = (written - read).as_secs_f64(),
         commit_seconds = (started.elapsed() - written).as_secs_f64(),

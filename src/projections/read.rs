@@ -205,11 +205,13 @@ impl ListingCursor {
     const LAST_MICROS: i64 = 253_402_300_799_999_999;
 }
 
-/// Live assets of a session, newest first, at most `limit`, after `cursor`, optionally
-/// only those directly in `directory`.
+/// Live assets of a session's registration after `registered_position` (not those of an
+/// earlier registration of the id, deleted and not yet purged), newest first, at most
+/// `limit`, after `cursor`, optionally only those directly in `directory`.
 pub async fn session_assets(
     client: &impl GenericClient,
     id: SessionId,
+    registered_position: i64,
     directory: Option<&str>,
     cursor: Option<ListingCursor>,
     limit: i64,
@@ -220,6 +222,7 @@ pub async fn session_assets(
              WHERE id_session = $1 AND asset_status = 'available'
                AND ($2::text IS NULL OR directory = $2)
                AND ($3::timestamptz IS NULL OR (asset_created_at, asset_uuid) < ($3, $4))
+               AND created_position > $6
              ORDER BY asset_created_at DESC, asset_uuid DESC
              LIMIT $5"
         ))
@@ -227,25 +230,30 @@ pub async fn session_assets(
     let created_at = cursor.map(|c| c.created_at);
     let after_uuid = cursor.map_or(Uuid::nil(), |c| c.asset_uuid);
     client
-        .query(&statement, &[&id.get(), &directory, &created_at, &after_uuid, &limit])
+        .query(&statement, &[&id.get(), &directory, &created_at, &after_uuid, &limit, &registered_position])
         .await?
         .iter()
         .map(asset_from_row)
         .collect()
 }
 
-/// Uuids of a session's live assets (for deleting them with the session).
-pub async fn live_asset_uuids(
+/// Up to `limit` live assets of a session created before `before_position` (those of
+/// the registrations deleted by then), with their bytes' location: the next batch a
+/// purge deletes.
+pub async fn live_assets_before(
     client: &impl GenericClient,
     id: SessionId,
+    before_position: i64,
+    limit: i64,
 ) -> Result<Vec<(Uuid, BlobLocation)>, tokio_postgres::Error> {
     let statement = client
         .prepare_cached(
-            "SELECT asset_uuid, blob_backend, blob_key FROM assets WHERE id_session = $1 AND asset_status = 'available' \
-             ORDER BY asset_uuid",
+            "SELECT asset_uuid, blob_backend, blob_key FROM assets \
+             WHERE id_session = $1 AND asset_status = 'available' AND created_position < $2 \
+             ORDER BY asset_uuid LIMIT $3",
         )
         .await?;
-    let rows = client.query(&statement, &[&id.get()]).await?;
+    let rows = client.query(&statement, &[&id.get(), &before_position, &limit]).await?;
     rows.iter()
         .map(|row| {
             let uuid: Uuid = row.try_get(0)?;
@@ -514,4 +522,146 @@ pub async fn open_session_uploads(
         .prepare_cached("SELECT upload_uuid FROM uploads WHERE id_session = $1 AND status IN ('pending', 'received')")
         .await?;
     Ok(client.query(&statement, &[&id_session.get()]).await?.iter().map(|row| row.get(0)).collect())
+}
+
+/// An archive as the `archives` table holds it (`GET /archives/infos`), in the field
+/// names of API.md.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ArchiveInfo {
+    pub archive_uuid: Uuid,
+    /// `pending`, `in_progress`, `completed`, `failed`, `expired` (also a completed
+    /// archive whose time is over) or `deleted`.
+    #[schema(example = "completed")]
+    pub archive_status: String,
+    pub archive_original_filename: String,
+    /// Of the zip; null until completed.
+    pub archive_file_size: Option<i64>,
+    pub archive_sha256: Option<String>,
+    /// Files in the zip; null until completed.
+    pub archive_entries: Option<i64>,
+    /// Assets asked for that were deleted before the build read them (left out).
+    pub archive_skipped_assets: Vec<Uuid>,
+    pub archive_owner_uuid: Uuid,
+    /// The session it was asked for (null for a list of assets).
+    pub id_session: Option<i64>,
+    pub archive_created_at: DateTime<Utc>,
+    /// Null until completed.
+    pub archive_completed_at: Option<DateTime<Utc>>,
+    /// Null until completed.
+    pub archive_expires_at: Option<DateTime<Utc>>,
+    /// Why it failed.
+    pub archive_error: Option<String>,
+    pub job_uuid: Uuid,
+    #[serde(skip)]
+    pub owner: Actor,
+    #[serde(skip)]
+    pub blob: Option<BlobLocation>,
+}
+
+impl ArchiveInfo {
+    /// The status at `now`: a completed archive whose time is over is `expired` before
+    /// the cleanup gets to it.
+    pub fn status_at(&self, now: DateTime<Utc>) -> &str {
+        match self.archive_expires_at {
+            Some(at) if self.archive_status == "completed" && at <= now => "expired",
+            _ => &self.archive_status,
+        }
+    }
+}
+
+const ARCHIVE_COLUMNS: &str = "archive_uuid, status, filename, size, sha256, entries, skipped_assets, owner_kind, \
+    owner_uuid, id_session, created_at, expires_at, error, job_uuid, blob_backend, blob_key, completed_at";
+
+fn archive_from_row(row: &tokio_postgres::Row) -> Result<ArchiveInfo, tokio_postgres::Error> {
+    let owner_kind: &str = row.try_get(7)?;
+    let owner =
+        Actor { kind: PrincipalKind::parse(owner_kind).unwrap_or(PrincipalKind::Service), uuid: row.try_get(8)? };
+    Ok(ArchiveInfo {
+        archive_uuid: row.try_get(0)?,
+        archive_status: row.try_get(1)?,
+        archive_original_filename: row.try_get(2)?,
+        archive_file_size: row.try_get(3)?,
+        archive_sha256: row.try_get(4)?,
+        archive_entries: row.try_get(5)?,
+        archive_skipped_assets: row.try_get(6)?,
+        archive_owner_uuid: owner.uuid,
+        id_session: row.try_get(9)?,
+        archive_created_at: row.try_get(10)?,
+        archive_completed_at: row.try_get(16)?,
+        archive_expires_at: row.try_get(11)?,
+        archive_error: row.try_get(12)?,
+        job_uuid: row.try_get(13)?,
+        owner,
+        blob: match (
+            row.try_get::<_, Option<&str>>(14)?.and_then(BackendKind::parse),
+            row.try_get::<_, Option<String>>(15)?,
+        ) {
+            (Some(backend), Some(key)) => Some(BlobLocation { backend, key }),
+            _ => None,
+        },
+    })
+}
+
+pub async fn archive(client: &impl GenericClient, uuid: Uuid) -> Result<Option<ArchiveInfo>, tokio_postgres::Error> {
+    let statement =
+        client.prepare_cached(&format!("SELECT {ARCHIVE_COLUMNS} FROM archives WHERE archive_uuid = $1")).await?;
+    client.query_opt(&statement, &[&uuid]).await?.as_ref().map(archive_from_row).transpose()
+}
+
+/// Completed archives whose time was over before `now`, oldest first.
+pub async fn expiring_archives(
+    client: &impl GenericClient,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Uuid>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(
+            "SELECT archive_uuid FROM archives WHERE status = 'completed' AND expires_at <= $1
+             ORDER BY expires_at LIMIT $2",
+        )
+        .await?;
+    Ok(client.query(&statement, &[&now, &limit]).await?.iter().map(|row| row.get(0)).collect())
+}
+
+/// The live assets of a session's registration after `registered_position`, oldest
+/// first (what an archive of the session holds).
+pub async fn archive_session_assets(
+    client: &impl GenericClient,
+    id: SessionId,
+    registered_position: i64,
+) -> Result<Vec<AssetInfo>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {ASSET_COLUMNS} FROM assets
+             WHERE id_session = $1 AND asset_status = 'available' AND created_position > $2
+             ORDER BY asset_created_at, asset_uuid"
+        ))
+        .await?;
+    client.query(&statement, &[&id.get(), &registered_position]).await?.iter().map(asset_from_row).collect()
+}
+
+/// Of `keys`, those nothing visible refers to: no live asset, no archive being built or
+/// kept, no upload holding bytes. One statement: one snapshot, in which a blob passed
+/// from an upload to its asset (a commit) is always referred to by one of them.
+pub async fn unreferenced_blob_keys(
+    client: &impl GenericClient,
+    keys: &[String],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(
+            "SELECT k FROM unnest($1::text[]) AS k
+             WHERE NOT EXISTS (SELECT 1 FROM assets a WHERE a.blob_key = k AND a.asset_status = 'available')
+               -- Assets recorded before blob locations were: at their uuid's key.
+               AND NOT EXISTS (SELECT 1 FROM assets a WHERE a.blob_key IS NULL AND a.asset_status = 'available'
+                               AND a.asset_uuid::text = split_part(k, '/', 3))
+               AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.blob_key = k
+                               AND u.status IN ('pending', 'received', 'importing'))
+               AND NOT EXISTS (SELECT 1 FROM archives r WHERE r.blob_key = k
+                               AND r.status IN ('pending', 'in_progress', 'completed'))
+               -- Bytes an archive or import job is writing under its id: its job is not over.
+               AND NOT EXISTS (SELECT 1 FROM archives r WHERE r.archive_uuid::text = split_part(k, '/', 3)
+                               AND r.status IN ('pending', 'in_progress'))",
+        )
+        .await?;
+    Ok(client.query(&statement, &[&keys]).await?.iter().map(|row| row.get(0)).collect())
 }

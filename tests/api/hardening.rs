@@ -218,7 +218,7 @@ async fn a_session_registered_again_is_a_new_session() {
         .await
         .unwrap();
     let old_uuid = old["asset_uuid"].as_str().unwrap();
-    assert_eq!(app.delete(&service, "/api/sessions/7").await.status(), 200);
+    assert_eq!(app.delete(&service, "/api/sessions/7").await.status(), 202);
     assert_eq!(app.put_session(&service, 7, &register(vec![u3])).await.status(), 200);
 
     let newcomer = app.user_token(u3);

@@ -492,6 +492,31 @@ impl TestApp {
         self.client.delete(self.url(path)).header("Authorization", format!("Bearer {token}")).send().await.unwrap()
     }
 
+    /// `DELETE /api/sessions/{id}` as a service (asserting 202), then runs its purge job's
+    /// work here as a worker would (a `TestApp` runs no workers); returns how many assets
+    /// it deleted.
+    pub async fn delete_session_and_purge(&self, id: i64) -> u64 {
+        let response = self.delete(&self.service_token(), &format!("/api/sessions/{id}")).await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 202, "deleting session {id}: {body}");
+        let job: Uuid = body["job_uuid"].as_str().unwrap().parse().unwrap();
+        self.purge(id, job).await
+    }
+
+    /// Runs the purge job `job` of the deleted session `id`, as a worker would.
+    pub async fn purge(&self, id: i64, job: Uuid) -> u64 {
+        let ctx = assetd::app::CommandContext {
+            actor: assetd::domain::principal::Actor { kind: PrincipalKind::Service, uuid: Uuid::nil() },
+            request_id: job.to_string(),
+            correlation_id: job.to_string(),
+            message: None,
+        };
+        let (progress, _) = tokio::sync::watch::channel((0u64, None::<u64>));
+        let id = assetd::domain::names::SessionId::new(id).unwrap();
+        self.ctx.app.purge_session(&ctx, job, id, &progress, &never_stop()).await.unwrap()
+    }
+
     pub async fn post_json(&self, token: &str, path: &str, body: &Value) -> reqwest::Response {
         self.client
             .post(self.url(path))

@@ -612,7 +612,7 @@ async fn a_cancelled_import_stops_within_a_second_and_leaves_nothing_behind() {
     // Deleting a session cancels its unfinished jobs.
     let other = jobs.import(jobs.body(&source.url("/slow/100000000"))).await["job_uuid"].as_str().unwrap().to_owned();
     let deleted = jobs.app.delete(&jobs.service, "/api/sessions/1").await;
-    assert_eq!(deleted.status(), 200);
+    assert_eq!(deleted.status(), 202);
     let client = jobs.app.ctx.app.pool.get().await.unwrap();
     let status: String = client
         .query_one("SELECT status FROM jobs WHERE job_uuid = $1", &[&other.parse::<Uuid>().unwrap()])
@@ -1075,6 +1075,7 @@ async fn a_stale_attempt_never_touches_the_asset_and_leftovers_go_with_jobs_that
 async fn deleting_a_session_while_its_imports_finish_never_fails_and_leaves_no_asset() {
     let jobs = Jobs::start_with(quick_jobs("127.0.0.1"), TestOptions::default(), false, None).await;
     let app = &jobs.app.ctx.app;
+    let mut purges = Vec::new();
     for id in 100..116 {
         jobs.app.put_session(&jobs.service, id, &json!({"session_name": "doomed"})).await;
         let mut body = jobs.body("http://127.0.0.1:9/never-fetched");
@@ -1090,13 +1091,19 @@ async fn deleting_a_session_while_its_imports_finish_never_fails_and_leaves_no_a
             app.import_succeeded(&ctx, job, 1, imported, Some(bytes)),
             jobs.app.delete(&jobs.service, &session_path),
         );
-        assert_eq!(deleted.status(), 200, "{:?}", deleted.text().await);
+        let status = deleted.status();
+        let accepted: Value = deleted.json().await.unwrap();
+        assert_eq!(status, 202, "{accepted}");
+        purges.push((id, accepted["job_uuid"].as_str().unwrap().parse::<Uuid>().unwrap()));
         assert!(
             finished.is_ok()
                 || is_conflict(&finished)
                 || matches!(finished, Err(assetd::app::AppError::Domain(assetd::domain::DomainError::NotFound(_)))),
             "{finished:?}"
         );
+    }
+    for (id, purge) in purges {
+        jobs.app.purge(id, purge).await;
     }
     assert_eq!(jobs.app.scalar("SELECT count(*) FROM assets WHERE asset_status = 'available'").await, 0);
     assert_eq!(TestApp::files_under(&jobs.app.data_dir.path().join("blobs")), 0, "no bytes stay");

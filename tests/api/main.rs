@@ -5,6 +5,7 @@
 #[macro_use]
 mod helpers;
 
+mod archives;
 mod assets;
 mod auth;
 mod bad_input;

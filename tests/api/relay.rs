@@ -446,15 +446,22 @@ async fn every_event_type_is_published_as_its_schema_says() {
     let deleted = app.delete(&token, &format!("/api/assets?uuid={}", second["asset_uuid"].as_str().unwrap())).await;
     assert_eq!(deleted.status(), 200); // AssetDeleted (requested)
                                        // SessionDeleted, and AssetDeleted (session_deleted) for the asset left.
-    assert_eq!(app.delete(&service, "/api/sessions/3").await.status(), 200);
+    assert_eq!(app.delete_session_and_purge(3).await, 1);
 
     let types = |m: &[(String, String, Value)]| {
         m.iter().map(|(_, _, body)| body["event_type"].as_str().unwrap().to_owned()).collect::<HashSet<_>>()
     };
     let asset_deletions = |m: &[(String, String, Value)]| m.iter().filter(|(key, _, _)| key == "asset.deleted").count();
     let received = listener.receive_until(|m| types(m).contains("SessionDeleted") && asset_deletions(m) == 2).await;
-    let expected =
-        ["SessionRegistered", "SessionUpdated", "AssetUploaded", "AssetRenamed", "AssetDeleted", "SessionDeleted"];
+    let expected = [
+        "SessionRegistered",
+        "SessionUpdated",
+        "AssetUploaded",
+        "AssetRenamed",
+        "AssetDeleted",
+        "SessionDeleted",
+        "JobQueued",
+    ];
     assert_eq!(types(&received), expected.iter().map(|t| t.to_string()).collect::<HashSet<_>>());
     let deletions: HashSet<(&str, &str, &str)> = received
         .iter()

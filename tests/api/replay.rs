@@ -44,7 +44,7 @@ async fn replay_rebuilds_identical_read_models_after_a_mixed_workload() {
         )
         .await;
     assert_eq!(updated.status(), 200);
-    assert_eq!(app.delete(&service, "/api/sessions/2").await.status(), 200);
+    assert_eq!(app.delete(&service, "/api/sessions/2").await.status(), 202);
     assert_eq!(app.put_session(&service, 2, &json!({"session_name": "session 2 again"})).await.status(), 200);
 
     let sessions_before = app.table_snapshot("sessions", "id_session").await;

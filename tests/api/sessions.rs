@@ -140,10 +140,7 @@ async fn deleting_a_session_deletes_its_assets_with_an_event_each() {
     let b = app.upload_ok(&token, 5, "b.txt", b"b").await;
     let kept = app.upload_ok(&other_token, 6, "c.txt", b"c").await;
 
-    let response = app.delete(&app.service_token(), "/api/sessions/5").await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["deleted_assets"].as_array().unwrap().len(), 2);
+    assert_eq!(app.delete_session_and_purge(5).await, 2);
 
     for asset in [&a, &b] {
         let uuid = asset["asset_uuid"].as_str().unwrap();
@@ -253,7 +250,7 @@ async fn an_upload_is_not_recorded_when_its_session_changes_meanwhile() {
     };
     let member = |uuid| Principal { kind: PrincipalKind::User, uuid, name: String::new(), superadmin: false };
 
-    assert_eq!(app.delete(&app.service_token(), "/api/sessions/8").await.status(), 200);
+    assert_eq!(app.delete(&app.service_token(), "/api/sessions/8").await.status(), 202);
     let before = app.footprint().await;
     let (result, uuid) = store(member(user), 8).await;
     assert!(matches!(result, Err(AppError::Domain(assetd::domain::DomainError::NotFound("session")))), "{result:?}");

@@ -1663,8 +1663,7 @@ async fn deleting_a_session_expires_its_open_uploads_and_removes_their_bytes() {
     assert_eq!(commit.status(), 200);
     assert_eq!(app.blob_count().await, 2);
 
-    let deleted = app.delete(&service, "/api/sessions/1").await;
-    assert_eq!(deleted.status(), 200);
+    assert_eq!(app.delete_session_and_purge(1).await, 1, "the committed asset");
     for upload in [&pending, &received] {
         let uuid = text(upload, "upload_uuid");
         let status = app.upload_status(&service, &uuid).await;

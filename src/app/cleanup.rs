@@ -1,0 +1,266 @@
+//! Keeping storage clean (EVENTS.md "Jobs"): the cleanup job, which the scheduler
+//! queues on an interval, and the purge of a deleted session's assets.
+//!
+//! The cleanup expires what is past its time (archives, two-phase uploads: events,
+//! then their bytes go), removes orphan blobs (bytes nothing visible refers to, older
+//! than a grace period: left by a crash between persisting and recording, or by a
+//! removal that failed after a delete), stale temporary files and old command receipts.
+//! Nothing a live asset, an archive being built or kept, or an upload holding bytes
+//! refers to is ever removed. Removals go in small batches with pauses: mass deletions
+//! slow ext4 file creation for minutes (BENCHMARKS.md), and uploads must not notice.
+
+use std::time::{Duration, SystemTime};
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::jobs::{job_stream, JobPolicy};
+use super::{stage, stage_unlocked, App, AppError, CommandContext};
+use crate::blobs::BlobBackend;
+use crate::domain::asset::{Asset, AssetCommand, DeletionReason};
+use crate::domain::job::{CleanupResult, Job, JobCommand, JobKind, JobQueued};
+use crate::domain::names::SessionId;
+use crate::projections::read;
+
+/// What the cleanup keeps and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct CleanupPolicy {
+    /// A blob nothing refers to is removed once it is older than this (bytes being
+    /// recorded right now are younger).
+    pub orphan_grace: Duration,
+    /// Receipts of AMQP commands older than this go (a message redelivered later would
+    /// run again).
+    pub receipt_max_age: Duration,
+    /// Removals per batch, and the pause after each.
+    pub batch: usize,
+    pub pause: Duration,
+}
+
+impl Default for CleanupPolicy {
+    fn default() -> Self {
+        Self {
+            orphan_grace: Duration::from_secs(3600),
+            receipt_max_age: Duration::from_secs(30 * 86400),
+            batch: 100,
+            pause: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Assets deleted per transaction by a purge.
+const PURGE_BATCH: i64 = 500;
+
+impl App {
+    /// Queues a cleanup (a job of kind `cleanup`, on no session).
+    pub async fn request_cleanup(&self, ctx: &CommandContext, policy: JobPolicy) -> Result<Uuid, AppError> {
+        let job_uuid = Uuid::new_v4();
+        let queued = JobQueued {
+            job_uuid,
+            kind: JobKind::Cleanup,
+            id_session: None,
+            requested_by: ctx.actor,
+            max_attempts: policy.max_attempts.max(1),
+            import: None,
+            archive_uuid: None,
+        };
+        in_transaction!(self, |tx| {
+            stage::<Job>(&tx, ctx, &job_stream(job_uuid), JobCommand::Queue(Box::new(queued.clone()))).await?;
+            Ok(())
+        })?;
+        Ok(job_uuid)
+    }
+
+    /// Whether a cleanup is due: none is unfinished and the last one was queued at
+    /// least `interval` ago (or, if there never was one, `since` is that old: the first
+    /// waits an interval after the scheduler started, not at every start). The
+    /// scheduler's leader asks; the answer comes from the jobs themselves, so a new
+    /// leader (another process) keeps the same rhythm.
+    pub async fn cleanup_due(&self, interval: Duration, since: chrono::DateTime<Utc>) -> Result<bool, AppError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status IN ('queued', 'running', 'retry_scheduled')),
+                        extract(epoch FROM now() - coalesce(max(created_at), $1))::float8
+                 FROM jobs WHERE kind = 'cleanup'",
+                &[&since],
+            )
+            .await?;
+        let (unfinished, age): (i64, f64) = (row.try_get(0)?, row.try_get(1)?);
+        Ok(unfinished == 0 && age >= interval.as_secs_f64())
+    }
+
+    /// One cleanup pass; stops between two removals once `stop` is cancelled (what is
+    /// left, the next pass does).
+    pub async fn cleanup(
+        &self,
+        ctx: &CommandContext,
+        policy: &CleanupPolicy,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<CleanupResult, AppError> {
+        let now = Utc::now();
+        let mut result = CleanupResult {
+            archives_expired: self.expire_archives(ctx, now, stop).await?,
+            uploads_expired: self.expire_uploads(ctx, now, stop).await?,
+            ..CleanupResult::default()
+        };
+        result.temp_files_removed = self.blobs.remove_orphan_temp_files().await? as u64;
+        result.orphan_blobs_removed = self.remove_orphan_blobs(policy, stop).await?;
+        result.command_receipts_removed = self.remove_old_receipts(policy, stop).await?;
+        tracing::info!(
+            archives_expired = result.archives_expired,
+            uploads_expired = result.uploads_expired,
+            temp_files_removed = result.temp_files_removed,
+            orphan_blobs_removed = result.orphan_blobs_removed,
+            command_receipts_removed = result.command_receipts_removed,
+            "cleanup done"
+        );
+        Ok(result)
+    }
+
+    /// Removes the blobs, on every configured backend, that nothing visible refers to
+    /// and that are older than the grace period. Returns how many went.
+    pub async fn remove_orphan_blobs(
+        &self,
+        policy: &CleanupPolicy,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<u64, AppError> {
+        use futures::StreamExt;
+        let cutoff = SystemTime::now().checked_sub(policy.orphan_grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let batch_size = policy.batch.max(1);
+        let mut removed = 0;
+        for backend in self.blobs.backends() {
+            let mut listing = backend.list();
+            let mut batch = Vec::with_capacity(batch_size);
+            loop {
+                if stop.is_cancelled() {
+                    return Ok(removed);
+                }
+                let next = listing.next().await.transpose()?;
+                if let Some(stat) = &next {
+                    if stat.modified <= cutoff {
+                        batch.push(stat.key.clone());
+                    }
+                }
+                if batch.len() >= batch_size || (next.is_none() && !batch.is_empty()) {
+                    removed += self.remove_unreferenced(backend, &std::mem::take(&mut batch), cutoff).await?;
+                    tokio::time::sleep(policy.pause).await;
+                }
+                if next.is_none() {
+                    break;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn remove_unreferenced(
+        &self,
+        backend: &dyn BlobBackend,
+        keys: &[String],
+        cutoff: SystemTime,
+    ) -> Result<u64, AppError> {
+        let orphans = {
+            let client = self.pool.get().await?;
+            read::unreferenced_blob_keys(&client, keys).await?
+        };
+        let mut removed = 0;
+        for key in orphans {
+            match backend.remove_if_older(&key, cutoff).await {
+                Ok(true) => {
+                    removed += 1;
+                    tracing::info!(key, backend = backend.kind().as_str(), "removed an orphan blob");
+                }
+                Ok(false) => {}
+                Err(error) => tracing::warn!(key, %error, "could not remove an orphan blob; the next cleanup will"),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes receipts of AMQP commands older than the policy's age, in batches.
+    async fn remove_old_receipts(
+        &self,
+        policy: &CleanupPolicy,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<u64, AppError> {
+        let age = chrono::Duration::from_std(policy.receipt_max_age).unwrap_or(chrono::Duration::MAX);
+        let Some(before) = Utc::now().checked_sub_signed(age) else { return Ok(0) };
+        let limit = i64::try_from(policy.batch.max(1) * 10).unwrap_or(1000);
+        let mut removed = 0;
+        while !stop.is_cancelled() {
+            let client = self.pool.get().await?;
+            let gone = client
+                .execute(
+                    "DELETE FROM command_receipts WHERE message_id IN
+                         (SELECT message_id FROM command_receipts WHERE received_at < $1 LIMIT $2)",
+                    &[&before, &limit],
+                )
+                .await?;
+            removed += gone;
+            if gone < limit as u64 {
+                break;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The purge job of a deleted session: deletes (`AssetDeleted`, reason
+    /// `session_deleted`) the live assets created before the job was queued, a batch per
+    /// transaction, removing each batch's bytes after its commit. Reports `(done, total)`
+    /// through `progress`. Returns how many it deleted. Stops between batches once `stop`
+    /// is cancelled; run again, it goes on where it stopped.
+    pub async fn purge_session(
+        &self,
+        ctx: &CommandContext,
+        job_uuid: Uuid,
+        id: SessionId,
+        progress: &tokio::sync::watch::Sender<(u64, Option<u64>)>,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<u64, AppError> {
+        let queued_at: i64 = {
+            let client = self.pool.get().await?;
+            client
+                .query_opt("SELECT created_position FROM jobs WHERE job_uuid = $1", &[&job_uuid])
+                .await?
+                .map(|row| row.try_get(0))
+                .transpose()?
+                .ok_or(crate::domain::DomainError::NotFound("job"))?
+        };
+        let total: i64 = {
+            let client = self.pool.get().await?;
+            client
+                .query_one(
+                    "SELECT count(*) FROM assets WHERE id_session = $1 AND asset_status = 'available'
+                     AND created_position < $2",
+                    &[&id.get(), &queued_at],
+                )
+                .await?
+                .try_get(0)?
+        };
+        let total = u64::try_from(total).unwrap_or_default();
+        let mut deleted = 0u64;
+        progress.send_replace((0, Some(total)));
+        while !stop.is_cancelled() {
+            let batch = in_transaction!(self, |tx| {
+                let batch = read::live_assets_before(&tx, id, queued_at, PURGE_BATCH).await?;
+                for (uuid, _) in &batch {
+                    let delete = AssetCommand::Delete(DeletionReason::SessionDeleted);
+                    stage_unlocked::<Asset>(&tx, ctx, &super::asset_stream(*uuid), delete).await?;
+                }
+                Ok(batch)
+            })?;
+            if batch.is_empty() {
+                break;
+            }
+            for (uuid, _) in &batch {
+                self.read_cache.forget_asset(*uuid);
+            }
+            for (_, location) in &batch {
+                self.remove_blob(location).await;
+            }
+            deleted += batch.len() as u64;
+            progress.send_replace((deleted, Some(total.max(deleted))));
+        }
+        Ok(deleted)
+    }
+}

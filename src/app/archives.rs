@@ -27,23 +27,72 @@ pub fn archive_stream(uuid: Uuid) -> String {
     <Archive as Aggregate>::stream(uuid)
 }
 
-/// The body of `POST /archives` and of the AMQP command `archive.request`: exactly one of
-/// the two fields.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ArchiveBody {
-    /// Every live asset of this session.
-    #[schema(value_type = Option<crate::http::fields::SessionId>)]
-    #[serde(default, deserialize_with = "optional_integral")]
-    pub id_session: Option<i64>,
-    /// These assets (1 to 10,000, each reachable by the requester).
-    #[schema(value_type = Option<Vec<crate::http::fields::UuidText>>, min_items = 1, max_items = 10000)]
-    #[schemars(length(min = 1, max = MAX_ARCHIVE_ASSETS))]
-    pub asset_uuids: Option<Vec<Uuid>>,
+/// The body of `POST /archives` and of the AMQP command `archive.request`: a session's
+/// live assets, or a list of assets.
+#[derive(Debug, Clone, schemars::JsonSchema)]
+#[schemars(untagged)]
+pub enum ArchiveBody {
+    Session(ArchiveOfSession),
+    Assets(ArchiveOfAssets),
 }
 
-fn optional_integral<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
-    super::jobs::integral(deserializer).map(Some)
+/// Every live asset of a session.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveOfSession {
+    #[schema(value_type = crate::http::fields::SessionId)]
+    #[serde(deserialize_with = "super::jobs::integral")]
+    pub id_session: i64,
+}
+
+/// These assets (1 to 10,000, each reachable by the requester; a uuid named twice
+/// counts once).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveOfAssets {
+    #[schema(value_type = Vec<crate::http::fields::UuidText>, min_items = 1, max_items = 10000)]
+    #[schemars(length(min = 1, max = MAX_ARCHIVE_ASSETS))]
+    pub asset_uuids: Vec<Uuid>,
+}
+
+impl utoipa::PartialSchema for ArchiveBody {
+    /// One of the two bodies, as they are (not wrapped in a variant's name).
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::schema::OneOfBuilder::new()
+            .item(utoipa::openapi::Ref::from_schema_name("ArchiveOfSession"))
+            .item(utoipa::openapi::Ref::from_schema_name("ArchiveOfAssets"))
+            .description(Some("A session's live assets (`id_session`), or a list of assets (`asset_uuids`)"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ArchiveBody {
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        schemas.push(("ArchiveOfSession".into(), <ArchiveOfSession as utoipa::PartialSchema>::schema()));
+        schemas.push(("ArchiveOfAssets".into(), <ArchiveOfAssets as utoipa::PartialSchema>::schema()));
+    }
+}
+
+impl<'de> Deserialize<'de> for ArchiveBody {
+    /// By which field is there, so that each shape's own errors are reported (an
+    /// untagged enum would only say that neither matched).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut value = serde_json::Value::deserialize(deserializer)?;
+        // A field sent as null is a field not sent (generated clients write them so).
+        if let serde_json::Value::Object(fields) = &mut value {
+            for name in ["id_session", "asset_uuids"] {
+                if fields.get(name).is_some_and(serde_json::Value::is_null) {
+                    fields.remove(name);
+                }
+            }
+        }
+        let result = match (value.get("id_session"), value.get("asset_uuids")) {
+            (Some(_), None) => serde_json::from_value(value).map(Self::Session),
+            (None, Some(_)) => serde_json::from_value(value).map(Self::Assets),
+            _ => return Err(serde::de::Error::custom("give exactly one of id_session and asset_uuids")),
+        };
+        result.map_err(serde::de::Error::custom)
+    }
 }
 
 /// What an archive is asked for, validated.
@@ -55,21 +104,16 @@ pub enum ArchiveScope {
 
 impl ArchiveBody {
     pub fn validate(self) -> Result<ArchiveScope, InvalidValue> {
-        match (self.id_session, self.asset_uuids) {
-            (Some(id), None) => Ok(ArchiveScope::Session(SessionId::new(id)?)),
-            (None, Some(uuids)) => {
-                let mut unique = Vec::with_capacity(uuids.len());
-                for uuid in uuids {
-                    if !unique.contains(&uuid) {
-                        unique.push(uuid);
-                    }
-                }
+        match self {
+            Self::Session(body) => Ok(ArchiveScope::Session(SessionId::new(body.id_session)?)),
+            Self::Assets(body) => {
+                let mut seen = std::collections::HashSet::with_capacity(body.asset_uuids.len());
+                let unique: Vec<Uuid> = body.asset_uuids.into_iter().filter(|uuid| seen.insert(*uuid)).collect();
                 if unique.is_empty() || unique.len() > MAX_ARCHIVE_ASSETS {
                     return Err(InvalidValue::new("asset_uuids", format!("1 to {MAX_ARCHIVE_ASSETS} asset uuids")));
                 }
                 Ok(ArchiveScope::Assets(unique))
             }
-            _ => Err(InvalidValue::new("id_session", "give exactly one of id_session and asset_uuids")),
         }
     }
 }
@@ -123,6 +167,7 @@ impl App {
                 ArchiveScope::Session(_) => None,
             },
             archive_owner: principal.actor(),
+            owner_reaches_all: principal.is_privileged(),
             archive_original_filename: crate::domain::names::FileName::parse(&filename)
                 .map(|name| name.as_str().to_owned())
                 .unwrap_or_else(|_| format!("archive_{archive_uuid}.zip")),
@@ -226,11 +271,37 @@ impl App {
                     found.into_iter().map(|asset| (asset.asset_uuid, asset)).collect();
                 let mut assets = Vec::new();
                 let mut skipped = Vec::new();
+                // The owner must still reach each one now (removed from its session, or
+                // the session deleted, since the request: left out).
+                let owner = Principal {
+                    kind: requested.archive_owner.kind,
+                    uuid: requested.archive_owner.uuid,
+                    name: String::new(),
+                    superadmin: false,
+                };
+                let mut sessions: std::collections::HashMap<i64, Option<read::SessionInfo>> = Default::default();
                 for uuid in uuids {
-                    match by_uuid.remove(uuid).filter(AssetInfo::is_available) {
-                        Some(asset) => assets.push(asset),
-                        None => skipped.push(*uuid),
+                    let Some(asset) = by_uuid.remove(uuid).filter(AssetInfo::is_available) else {
+                        skipped.push(*uuid);
+                        continue;
+                    };
+                    if !requested.owner_reaches_all {
+                        if let std::collections::hash_map::Entry::Vacant(vacant) = sessions.entry(asset.id_session) {
+                            let session = match SessionId::new(asset.id_session) {
+                                Ok(id) => read::session(&client, id).await?,
+                                Err(_) => None,
+                            };
+                            vacant.insert(session);
+                        }
+                        let reaches = sessions.get(&asset.id_session).and_then(Option::as_ref).is_some_and(|s| {
+                            s.owns(&asset) && s.details().is_some_and(|details| details.grants(&owner))
+                        });
+                        if !reaches {
+                            skipped.push(*uuid);
+                            continue;
+                        }
                     }
+                    assets.push(asset);
                 }
                 (assets, skipped)
             }

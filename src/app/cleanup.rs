@@ -47,8 +47,12 @@ impl Default for CleanupPolicy {
     }
 }
 
-/// Assets deleted per transaction by a purge.
+/// Assets deleted per transaction by a purge, and the pause after each batch.
 const PURGE_BATCH: i64 = 500;
+const PURGE_PAUSE: Duration = Duration::from_millis(20);
+
+/// Attempts of a purge queued again by the cleanup.
+pub const PURGE_ATTEMPTS: u32 = 10;
 
 impl App {
     /// Queues a cleanup (a job of kind `cleanup`, on no session).
@@ -98,14 +102,30 @@ impl App {
         stop: &tokio_util::sync::CancellationToken,
     ) -> Result<CleanupResult, AppError> {
         let now = Utc::now();
+        // Each step on its own: one that fails (a listing the bucket refuses, say) does
+        // not keep the others from running; the job then fails, and is retried.
+        let mut failed = None;
+        let mut step = |name: &str, outcome: Result<u64, AppError>| match outcome {
+            Ok(count) => count,
+            Err(error) => {
+                tracing::warn!(step = name, %error, "a cleanup step failed");
+                failed.get_or_insert(error);
+                0
+            }
+        };
         let mut result = CleanupResult {
-            archives_expired: self.expire_archives(ctx, now, stop).await?,
-            uploads_expired: self.expire_uploads(ctx, now, stop).await?,
+            archives_expired: step("archives", self.expire_archives(ctx, now, stop).await),
+            uploads_expired: step("uploads", self.expire_uploads(ctx, now, stop).await),
             ..CleanupResult::default()
         };
-        result.temp_files_removed = self.blobs.remove_orphan_temp_files().await? as u64;
-        result.orphan_blobs_removed = self.remove_orphan_blobs(policy, stop).await?;
-        result.command_receipts_removed = self.remove_old_receipts(policy, stop).await?;
+        step("purges", self.queue_missing_purges(ctx, stop).await);
+        let temp_files = self.blobs.remove_orphan_temp_files().await.map(|n| n as u64).map_err(AppError::from);
+        result.temp_files_removed = step("temp files", temp_files);
+        result.orphan_blobs_removed = step("orphan blobs", self.remove_orphan_blobs(policy, stop).await);
+        result.command_receipts_removed = step("receipts", self.remove_old_receipts(policy, stop).await);
+        if let Some(error) = failed {
+            return Err(error);
+        }
         tracing::info!(
             archives_expired = result.archives_expired,
             uploads_expired = result.uploads_expired,
@@ -159,12 +179,23 @@ impl App {
         keys: &[String],
         cutoff: SystemTime,
     ) -> Result<u64, AppError> {
-        let orphans = {
+        let (orphans, importing) = {
             let client = self.pool.get().await?;
-            read::unreferenced_blob_keys(&client, keys).await?
+            let orphans = read::unreferenced_blob_keys(&client, keys).await?;
+            // The keys unfinished imports write under (their asset's id derives from the
+            // job): a retried attempt may be about to place its bytes there.
+            let jobs = client
+                .query(
+                    "SELECT job_uuid FROM jobs WHERE kind = 'import' AND status IN ('queued', 'running', 'retry_scheduled')",
+                    &[],
+                )
+                .await?;
+            let importing: std::collections::HashSet<String> =
+                jobs.iter().map(|row| crate::blobs::key_for(crate::domain::job::asset_uuid_of(row.get(0)))).collect();
+            (orphans, importing)
         };
         let mut removed = 0;
-        for key in orphans {
+        for key in orphans.into_iter().filter(|key| !importing.contains(key)) {
             match backend.remove_if_older(&key, cutoff).await {
                 Ok(true) => {
                     removed += 1;
@@ -183,17 +214,19 @@ impl App {
         policy: &CleanupPolicy,
         stop: &tokio_util::sync::CancellationToken,
     ) -> Result<u64, AppError> {
-        let age = chrono::Duration::from_std(policy.receipt_max_age).unwrap_or(chrono::Duration::MAX);
-        let Some(before) = Utc::now().checked_sub_signed(age) else { return Ok(0) };
+        // At least an hour: a receipt must outlive any redelivery of its message.
+        let age_seconds = policy.receipt_max_age.as_secs().max(3600) as f64;
         let limit = i64::try_from(policy.batch.max(1) * 10).unwrap_or(1000);
         let mut removed = 0;
         while !stop.is_cancelled() {
             let client = self.pool.get().await?;
+            // The database's clock, which wrote `received_at`.
             let gone = client
                 .execute(
                     "DELETE FROM command_receipts WHERE message_id IN
-                         (SELECT message_id FROM command_receipts WHERE received_at < $1 LIMIT $2)",
-                    &[&before, &limit],
+                         (SELECT message_id FROM command_receipts
+                          WHERE received_at < now() - make_interval(secs => $1) LIMIT $2)",
+                    &[&age_seconds, &limit],
                 )
                 .await?;
             removed += gone;
@@ -260,7 +293,62 @@ impl App {
             }
             deleted += batch.len() as u64;
             progress.send_replace((deleted, Some(total.max(deleted))));
+            // A pause between batches: mass deletions slow ext4 file creation.
+            tokio::time::sleep(PURGE_PAUSE).await;
         }
         Ok(deleted)
+    }
+
+    /// Queues a purge for each session whose deleted registration still has live assets
+    /// and no unfinished purge (one that failed for good, or was cancelled): a deleted
+    /// session's assets always go in the end. Returns how many it queued.
+    async fn queue_missing_purges(
+        &self,
+        ctx: &CommandContext,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<u64, AppError> {
+        let sessions: Vec<i64> = {
+            let client = self.pool.get().await?;
+            client
+                .query(
+                    "SELECT DISTINCT a.id_session FROM assets a
+                     LEFT JOIN sessions s ON s.id_session = a.id_session
+                     WHERE a.asset_status = 'available'
+                       AND (s.id_session IS NULL OR a.created_position < s.registered_position)
+                       AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.kind = 'purge_session'
+                                       AND j.id_session = a.id_session
+                                       AND j.status IN ('queued', 'running', 'retry_scheduled'))
+                     LIMIT 100",
+                    &[],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect()
+        };
+        let mut queued = 0;
+        for id in sessions {
+            if stop.is_cancelled() {
+                break;
+            }
+            let Ok(id) = SessionId::new(id) else { continue };
+            let job_uuid = Uuid::new_v4();
+            let purge = JobQueued {
+                job_uuid,
+                kind: JobKind::PurgeSession,
+                id_session: Some(id),
+                requested_by: ctx.actor,
+                max_attempts: PURGE_ATTEMPTS,
+                import: None,
+                archive_uuid: None,
+            };
+            in_transaction!(self, |tx| {
+                stage::<Job>(&tx, ctx, &job_stream(job_uuid), JobCommand::Queue(Box::new(purge.clone()))).await?;
+                Ok(())
+            })?;
+            tracing::warn!(id_session = id.get(), %job_uuid, "a deleted session still had assets: purge queued again");
+            queued += 1;
+        }
+        Ok(queued)
     }
 }

@@ -443,6 +443,10 @@ impl App {
         if principal.is_privileged() || job.requested_by == principal.uuid {
             return Ok(job);
         }
+        if job.kind == "archive" {
+            // An archive is its owner's: so is its job.
+            return Err(AppError::Forbidden(format!("job {uuid} builds someone else's archive")));
+        }
         let session = match job.id_session.map(SessionId::new) {
             Some(Ok(id)) => read::session(&client, id).await?,
             _ => None,

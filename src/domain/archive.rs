@@ -37,6 +37,10 @@ pub struct ArchiveRequested {
     pub asset_uuids: Option<Vec<Uuid>>,
     /// Who asked: only they (and services, superadmins) reach it.
     pub archive_owner: Actor,
+    /// Whether the owner reaches every asset (a service, a superadmin); else what a list
+    /// names is held only while the owner still reaches it.
+    #[serde(default)]
+    pub owner_reaches_all: bool,
     /// The zip's file name for downloads.
     pub archive_original_filename: String,
 }
@@ -277,6 +281,7 @@ mod tests {
             id_session: Some(SessionId::new(3).unwrap()),
             asset_uuids: None,
             archive_owner: owner(),
+            owner_reaches_all: false,
             archive_original_filename: "3_visit.zip".into(),
         }
     }

@@ -222,7 +222,8 @@ where
         }
         let (request, unread) = keep_small_body(request);
         let mut response = service.call(request).await.unwrap_or_else(|never| match never {});
-        if response.status().is_client_error() {
+        let status = response.status();
+        if (status.is_client_error() && status != StatusCode::REQUEST_TIMEOUT) || status.is_server_error() {
             drain_small_body(unread).await;
         }
         if response.status() == StatusCode::METHOD_NOT_ALLOWED {
@@ -271,7 +272,13 @@ fn keep_small_body(request: hyper::Request<hyper::Body>) -> (hyper::Request<hype
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok());
-    if !length.is_some_and(|length| (1..=DRAINED_BODY_LIMIT).contains(&length)) {
+    // A client waiting for `100 Continue` has sent nothing: reading would invite the body
+    // it was about to be spared.
+    let expects_continue = request
+        .headers()
+        .get(hyper::header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue || !length.is_some_and(|length| (1..=DRAINED_BODY_LIMIT).contains(&length)) {
         return (request, None);
     }
     let (parts, body) = request.into_parts();

@@ -62,7 +62,7 @@ use crate::projections::read::{AssetInfo, SessionInfo};
         crate::app::jobs::ImportBody, crate::app::jobs::UploadImportBody, crate::app::jobs::AnyImportBody, jobs::ImportAccepted, jobs::JobPage,
         uploads::NewUpload, uploads::UploadCreated, uploads::CommitUpload, uploads::UploadView, crate::projections::read::UploadInfo,
         signed::SignedUrl, helper::HelperUploadForm,
-        crate::app::archives::ArchiveBody, archives::ArchiveAccepted, crate::projections::read::ArchiveInfo, sessions::SessionDeletionAccepted,
+        crate::app::archives::ArchiveBody, crate::app::archives::ArchiveOfSession, crate::app::archives::ArchiveOfAssets, archives::ArchiveAccepted, crate::projections::read::ArchiveInfo, sessions::SessionDeletionAccepted,
         crate::projections::read::JobInfo, crate::projections::read::JobProgress,
         assets::InfosRequest, assets::InfosBatch, assets::InfosRename, assets::AssetRef, assets::RenameRequest, assets::AssetEventRecord, assets::AssetDeletedReply,
     )),

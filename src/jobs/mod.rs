@@ -274,8 +274,12 @@ impl Worker {
             let lease_until = later(Utc::now(), self.config.lease);
             match self.app.start_job(&ctx, job_uuid, attempt, &self.config.worker_id, lease_until).await {
                 Ok(_) => {}
-                // Another worker got there first, or the job changed: look again.
-                Err(AppError::Domain(DomainError::Conflict(_))) => continue,
+                // Another worker got there first, or the job changed: look again (after a
+                // moment: a conflict that does not pass must not spin).
+                Err(AppError::Domain(DomainError::Conflict(_))) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 Err(error) if error.is_retryable_conflict() => continue,
                 Err(error) => return Err(error),
             }

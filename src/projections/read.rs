@@ -653,13 +653,14 @@ pub async fn unreferenced_blob_keys(
              WHERE NOT EXISTS (SELECT 1 FROM assets a WHERE a.blob_key = k AND a.asset_status = 'available')
                -- Assets recorded before blob locations were: at their uuid's key.
                AND NOT EXISTS (SELECT 1 FROM assets a WHERE a.blob_key IS NULL AND a.asset_status = 'available'
-                               AND a.asset_uuid::text = split_part(k, '/', 3))
+                               AND a.asset_uuid = split_part(k, '/', 3)::uuid)
                AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.blob_key = k
                                AND u.status IN ('pending', 'received', 'importing'))
                AND NOT EXISTS (SELECT 1 FROM archives r WHERE r.blob_key = k
                                AND r.status IN ('pending', 'in_progress', 'completed'))
-               -- Bytes an archive or import job is writing under its id: its job is not over.
-               AND NOT EXISTS (SELECT 1 FROM archives r WHERE r.archive_uuid::text = split_part(k, '/', 3)
+               -- Bytes an archive job is writing under its id: its job is not over. (Those of
+               -- unfinished imports are left out by the caller: their ids derive from the job.)
+               AND NOT EXISTS (SELECT 1 FROM archives r WHERE r.archive_uuid = split_part(k, '/', 3)::uuid
                                AND r.status IN ('pending', 'in_progress'))",
         )
         .await?;

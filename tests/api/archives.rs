@@ -1402,3 +1402,70 @@ async fn a_1_gib_archive_is_built_in_flat_memory() {
     let digests = zip_digests(&zip_path);
     assert_eq!(digests, [("1_session 1/big.bin".to_owned(), SIZE, sent_sha)], "{infos}");
 }
+
+/// An archive of a list holds only what its owner still reaches when it is built: a
+/// member removed from the session meanwhile gets the archive without that session's
+/// assets (named as skipped). And another member of the session may neither read nor
+/// cancel the archive's job: the archive, and its job, are the owner's.
+#[tokio::test]
+async fn an_archive_of_a_list_holds_only_what_its_owner_still_reaches() {
+    let jobs = Jobs::start_with(quick_jobs(""), TestOptions::default(), false, None).await;
+    let app = &jobs.app;
+    let (owner, member) = (Uuid::new_v4(), Uuid::new_v4());
+    register(app, 31, "kept", &[owner, member]).await;
+    register(app, 32, "left", &[owner, member]).await;
+    let owner_token = app.user_token(owner);
+    let kept = app.upload_ok(&owner_token, 31, "kept.txt", b"still reachable").await;
+    let left = app.upload_ok(&owner_token, 32, "left.txt", b"no longer the owner's to read").await;
+    let body = json!({"asset_uuids": [kept["asset_uuid"], left["asset_uuid"], kept["asset_uuid"]]});
+    let accepted = request_archive(app, &owner_token, &body).await;
+    let (uuid, job) = (text(&accepted, "archive_uuid"), text(&accepted, "job_uuid"));
+
+    let member_token = app.user_token(member);
+    assert_error(app.get(&member_token, &format!("/api/jobs/{job}")).await, 403, "forbidden").await;
+    assert_error(app.delete(&member_token, &format!("/api/jobs/{job}")).await, 403, "forbidden").await;
+    // The owner leaves session 32 before the build.
+    register(app, 32, "left", &[member]).await;
+
+    let workers = start_workers(&jobs);
+    let infos = archive_until(app, &owner_token, &uuid, &["completed"], WAIT).await;
+    assert_eq!(infos["archive_entries"], 1, "{infos}");
+    assert_eq!(infos["archive_skipped_assets"], json!([left["asset_uuid"]]), "{infos}");
+    let entries = zip_entries(&download_completed(app, &owner_token, &infos).await);
+    let names: Vec<&str> = entries.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names, ["31_kept/kept.txt"]);
+    workers.finish(Duration::from_secs(10)).await;
+    jobs.stop().await;
+}
+
+/// A deleted session whose purge was cancelled (or failed for good) still loses its
+/// assets: the cleanup queues its purge again.
+#[tokio::test]
+async fn the_cleanup_queues_again_the_purge_of_a_deleted_session() {
+    let config = JobsConfig { cleanup_interval_seconds: 1, ..quick_jobs("") };
+    let jobs = Jobs::start_with(config, TestOptions::default(), false, None).await;
+    let app = &jobs.app;
+    let (_, token) = app.session_with_user(33).await;
+    let asset = app.upload_ok(&token, 33, "orphaned.txt", b"must go").await;
+    let deleted = app.delete(&app.service_token(), "/api/sessions/33").await;
+    assert_eq!(deleted.status(), 202);
+    let purge = deleted.json::<Value>().await.unwrap()["job_uuid"].as_str().unwrap().to_owned();
+    assert_eq!(app.delete(&app.service_token(), &format!("/api/jobs/{purge}")).await.status(), 200);
+
+    let workers = start_workers(&jobs);
+    let uuid = asset["asset_uuid"].as_str().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(WAIT);
+    loop {
+        let infos: Value =
+            app.get(&app.service_token(), &format!("/api/assets/infos?asset_uuid={uuid}")).await.json().await.unwrap();
+        if infos["asset_status"] == "deleted" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the asset of the deleted session is still there: {infos}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let purges = app.scalar("SELECT count(*) FROM jobs WHERE kind = 'purge_session' AND status = 'succeeded'").await;
+    assert_eq!(purges, 1, "one purge queued again, and it ran");
+    workers.finish(Duration::from_secs(10)).await;
+    jobs.stop().await;
+}

@@ -865,8 +865,9 @@ class Bench:
         """Archives (issue 15), built by a third assetd (`jobs`, as for imports) from a
         session of its own holding the large file (random bytes: deflated, as a type that
         is not already compressed) and a text file: from the POST to `completed`
-        (polled), against `zip` (Info-ZIP, deflate level 1, the level assetd uses)
-        zipping the same two files into the data directory, alternately. Both read the
+        (polled), against `zip -1` (Info-ZIP at its fastest deflate level; assetd deflates
+        at zlib-rs's level 2) zipping the same two files into the data directory,
+        alternately. Both read the
         files warm from the page cache; neither is fsynced by its tool (assetd's zip is
         fsynced before `completed`). The `jobs` assetd's peak RSS over the archives is
         reported beside."""

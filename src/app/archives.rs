@@ -23,6 +23,11 @@ use crate::domain::principal::Principal;
 use crate::domain::{Aggregate, DomainError};
 use crate::projections::read::{self, ArchiveInfo, AssetInfo};
 
+/// Archives one user, participant or device may have pending or in progress at once
+/// (services and superadmins are not limited): one member cannot fill the queue ahead
+/// of everyone else.
+pub const MAX_UNFINISHED_ARCHIVES: i64 = 5;
+
 pub fn archive_stream(uuid: Uuid) -> String {
     <Archive as Aggregate>::stream(uuid)
 }
@@ -183,6 +188,28 @@ impl App {
         };
         in_transaction!(self, |tx| {
             receive_once(&tx, ctx, &archive_stream(archive_uuid)).await?;
+            if !principal.is_privileged() {
+                // One owner's requests one at a time, so the count below holds.
+                let owner_lock = format!("archive-owner-{}-{}", principal.kind.as_str(), principal.uuid);
+                crate::eventstore::lock_stream(&tx, &owner_lock).await?;
+                let unfinished: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM archives WHERE owner_kind = $1 AND owner_uuid = $2
+                         AND status IN ('pending', 'in_progress')",
+                        &[&principal.kind.as_str(), &principal.uuid],
+                    )
+                    .await?
+                    .try_get(0)?;
+                if unfinished >= MAX_UNFINISHED_ARCHIVES {
+                    return Err(AppError::TooMany(
+                        "too_many_archives",
+                        format!(
+                            "{unfinished} of your archives are still being built (at most \
+                             {MAX_UNFINISHED_ARCHIVES}); ask again once one is completed"
+                        ),
+                    ));
+                }
+            }
             if let Some(id) = id_session {
                 super::uploads::lock_session_admitting(&tx, id, None, principal).await?;
             }

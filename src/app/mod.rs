@@ -59,6 +59,9 @@ pub enum AppError {
     /// that do not match their declared size or SHA-256): 422 with this code.
     #[error("{1}")]
     Unprocessable(&'static str, String),
+    /// Too many of something at once (unfinished archives of one owner): 429 with this code.
+    #[error("{1}")]
+    TooMany(&'static str, String),
 }
 
 impl AppError {

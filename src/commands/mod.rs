@@ -143,6 +143,7 @@ impl From<AppError> for Refusal {
             AppError::Domain(DomainError::NotFound(what)) => Refusal::Invalid(format!("{what} not found")),
             AppError::Domain(other) => Refusal::Invalid(other.to_string()),
             AppError::Forbidden(message) => Refusal::Invalid(message),
+            AppError::TooMany(_, message) => Refusal::Invalid(message),
             AppError::EventStore(ref e) if e.is_conflict() => Refusal::Transient(error.to_string()),
             AppError::CorruptEvent(_) | AppError::Projection(_) | AppError::EventStore(EventStoreError::Corrupt(_)) => {
                 Refusal::Invalid(error.to_string())

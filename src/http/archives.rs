@@ -89,6 +89,7 @@ fn archive_uuid(query: &HashMap<String, String>) -> Result<Uuid, ApiError> {
         (status = 413, description = "body over 1 MiB", body = ErrorBody),
         (status = 415, description = "body not application/json", body = ErrorBody),
         (status = 422, description = "invalid field (neither or both of id_session and asset_uuids, a deleted asset…)", body = ErrorBody),
+        (status = 429, description = "5 archives of yours are still being built (too_many_archives)", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 async fn request_archive(

@@ -117,6 +117,7 @@ impl From<AppError> for ApiError {
             }
             AppError::Domain(DomainError::Expired(message)) => Self::new(StatusCode::GONE, "upload_expired", message),
             AppError::Unprocessable(code, message) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message),
+            AppError::TooMany(code, message) => Self::new(StatusCode::TOO_MANY_REQUESTS, code, message),
             AppError::Forbidden(message) => Self::new(StatusCode::FORBIDDEN, "forbidden", message),
             AppError::AccessTokenExpired(message) => Self::new(StatusCode::FORBIDDEN, "access_token_expired", message),
             AppError::EventStore(e) if e.is_conflict() => {

@@ -266,9 +266,16 @@ impl Worker {
             };
             let Some(kind) = loaded.job.queued.as_ref().map(|q| q.kind) else { return Ok(Handled::Ack) };
             let limit = self.limits.get(&kind).cloned().expect("every kind has a limit");
-            let _permit = tokio::select! {
-                permit = limit.acquire_owned() => permit.expect("never closed"),
-                _ = self.stop.cancelled() => return Ok(Handled::Requeue("the worker is stopping".into())),
+            // A kind at its limit does not hold this message (and its prefetch slot)
+            // while it waits: the job goes to wait a second in the retry queue, so jobs
+            // of other kinds behind it are not held up (a queue full of archives must not
+            // stall imports).
+            let Ok(_permit) = limit.try_acquire_owned() else {
+                let wait = Duration::from_secs(topology::RETRY_STEPS[0]);
+                return match publish_delayed(channel, &self.config.prefix, &delivery.data, wait).await {
+                    Ok(()) => Ok(Handled::Ack),
+                    Err(error) => Ok(Handled::Requeue(error.to_string())),
+                };
             };
             let ctx = worker_context(job_uuid, &loaded);
             let lease_until = later(Utc::now(), self.config.lease);

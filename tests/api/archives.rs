@@ -1469,3 +1469,34 @@ async fn the_cleanup_queues_again_the_purge_of_a_deleted_session() {
     workers.finish(Duration::from_secs(10)).await;
     jobs.stop().await;
 }
+
+/// One member cannot fill the queue ahead of everyone: at most 5 archives of one owner
+/// pending or in progress; the 6th is refused (429) until one is built. Services are
+/// not limited.
+#[tokio::test]
+async fn an_owner_has_at_most_five_archives_being_built() {
+    let jobs = Jobs::start_with(quick_jobs(""), TestOptions::default(), false, None).await;
+    let app = &jobs.app;
+    let owner = Uuid::new_v4();
+    register(app, 34, "busy", &[owner]).await;
+    let token = app.user_token(owner);
+    app.upload_ok(&token, 34, "a.txt", b"a").await;
+    for _ in 0..5 {
+        request_archive(app, &token, &json!({"id_session": 34})).await;
+    }
+    let refused = app.post_json(&token, "/api/archives", &json!({"id_session": 34})).await;
+    let body = assert_error(refused, 429, "too_many_archives").await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("at most 5"), "{body}");
+    assert_eq!(app.scalar("SELECT count(*) FROM archives").await, 5, "the refused request left nothing");
+    request_archive(app, &app.service_token(), &json!({"id_session": 34})).await;
+
+    let workers = start_workers(&jobs);
+    let deadline = Instant::now() + Duration::from_secs(WAIT);
+    while app.scalar("SELECT count(*) FROM archives WHERE status = 'completed'").await < 6 {
+        assert!(Instant::now() < deadline, "the six archives are not all built");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    request_archive(app, &token, &json!({"id_session": 34})).await;
+    workers.finish(Duration::from_secs(10)).await;
+    jobs.stop().await;
+}

@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "read_model_notifications", include_str!("migrations/0008_read_model_notifications.sql")),
     (9, "uploads", include_str!("migrations/0009_uploads.sql")),
     (10, "archives", include_str!("migrations/0010_archives.sql")),
+    (11, "orphan_candidates", include_str!("migrations/0011_orphan_candidates.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

@@ -148,6 +148,7 @@ impl App {
         let cutoff = SystemTime::now().checked_sub(policy.orphan_grace).unwrap_or(SystemTime::UNIX_EPOCH);
         let batch_size = policy.batch.max(1);
         let mut removed = 0;
+        let sweep_started = Utc::now();
         for backend in self.blobs.backends() {
             let mut listing = backend.list();
             let mut batch = Vec::with_capacity(batch_size);
@@ -162,13 +163,26 @@ impl App {
                     }
                 }
                 if batch.len() >= batch_size || (next.is_none() && !batch.is_empty()) {
-                    removed += self.remove_unreferenced(backend, &std::mem::take(&mut batch), cutoff).await?;
+                    let keys = std::mem::take(&mut batch);
+                    removed += self.remove_unreferenced(backend, &keys, cutoff, policy.orphan_grace).await?;
                     tokio::time::sleep(policy.pause).await;
                 }
                 if next.is_none() {
                     break;
                 }
             }
+        }
+        if !stop.is_cancelled() {
+            // Candidates this complete sweep neither removed nor saw again young: gone, or
+            // referred to since.
+            let client = self.pool.get().await?;
+            let grace = policy.orphan_grace.as_secs_f64();
+            client
+                .execute(
+                    "DELETE FROM orphan_candidates WHERE seen_at < $1::timestamptz - make_interval(secs => $2)",
+                    &[&sweep_started, &grace],
+                )
+                .await?;
         }
         Ok(removed)
     }
@@ -178,6 +192,7 @@ impl App {
         backend: &dyn BlobBackend,
         keys: &[String],
         cutoff: SystemTime,
+        grace: Duration,
     ) -> Result<u64, AppError> {
         let (orphans, importing) = {
             let client = self.pool.get().await?;
@@ -194,16 +209,52 @@ impl App {
                 jobs.iter().map(|row| crate::blobs::key_for(crate::domain::job::asset_uuid_of(row.get(0)))).collect();
             (orphans, importing)
         };
+        let orphans: Vec<String> = orphans.into_iter().filter(|key| !importing.contains(key)).collect();
+        // Two sightings, the grace apart: the first marks a candidate, a later one removes
+        // it (see the `orphan_candidates` table).
+        let confirmed: Vec<String> = {
+            let client = self.pool.get().await?;
+            let kind = backend.kind().as_str();
+            let grace = grace.as_secs_f64();
+            let confirmed = client
+                .query(
+                    "SELECT key FROM orphan_candidates WHERE backend = $1 AND key = ANY($2)
+                     AND seen_at <= now() - make_interval(secs => $3)",
+                    &[&kind, &orphans, &grace],
+                )
+                .await?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            client
+                .execute(
+                    "INSERT INTO orphan_candidates (backend, key) SELECT $1, unnest($2::text[])
+                     ON CONFLICT (backend, key) DO NOTHING",
+                    &[&kind, &orphans],
+                )
+                .await?;
+            confirmed
+        };
         let mut removed = 0;
-        for key in orphans.into_iter().filter(|key| !importing.contains(key)) {
+        for key in confirmed {
             match backend.remove_if_older(&key, cutoff).await {
                 Ok(true) => {
                     removed += 1;
                     tracing::info!(key, backend = backend.kind().as_str(), "removed an orphan blob");
                 }
                 Ok(false) => {}
-                Err(error) => tracing::warn!(key, %error, "could not remove an orphan blob; the next cleanup will"),
+                Err(error) => {
+                    tracing::warn!(key, %error, "could not remove an orphan blob; the next cleanup will");
+                    continue;
+                }
             }
+            let client = self.pool.get().await?;
+            client
+                .execute(
+                    "DELETE FROM orphan_candidates WHERE backend = $1 AND key = $2",
+                    &[&backend.kind().as_str(), &key],
+                )
+                .await?;
         }
         Ok(removed)
     }

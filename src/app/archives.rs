@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::jobs::{job_stream, JobPolicy};
 use super::{receive_once, stage, App, AppError, CommandContext};
-use crate::blobs::{BlobLocation, SealedBlob};
+use crate::blobs::BlobLocation;
 use crate::domain::archive::{
     download_path, Archive, ArchiveCommand, ArchiveCompleted, ArchiveRequested, MAX_ARCHIVE_ASSETS,
 };
@@ -362,18 +362,15 @@ impl App {
     /// recorded and, last, the bytes are placed under the archive's id (replacing what a
     /// crashed attempt may have left there). Refused (conflict) if the archive was
     /// deleted or the job cancelled meanwhile: the sealed bytes are then dropped.
-    #[allow(clippy::too_many_arguments)]
     pub async fn archive_succeeded(
         &self,
         ctx: &CommandContext,
         job_uuid: Uuid,
         attempt: u32,
-        archive_uuid: Uuid,
-        entries: u64,
-        skipped: Vec<Uuid>,
+        built: crate::jobs::archive::ArchiveBuilt,
         ttl: std::time::Duration,
-        sealed: SealedBlob,
     ) -> Result<(), AppError> {
+        let crate::jobs::archive::ArchiveBuilt { archive_uuid, entries, archived_bytes, skipped, sealed } = built;
         let client = self.pool.get().await?;
         let archive = read::archive(&client, archive_uuid).await?.ok_or(DomainError::NotFound("archive"))?;
         drop(client);
@@ -400,6 +397,7 @@ impl App {
             archive_file_size: sealed.size,
             archive_sha256: sealed.sha256.clone(),
             entries,
+            archived_bytes,
         });
         let mut sealed = Some(sealed);
         in_transaction!(self, |tx| {

@@ -126,7 +126,7 @@ impl JobResult {
         match self {
             Self::Import(import) => import.asset_file_size,
             Self::ExpireUploads(expiry) => expiry.uploads_expired,
-            Self::Archive(archive) => archive.entries,
+            Self::Archive(archive) => archive.archived_bytes,
             Self::Cleanup(cleanup) => cleanup.removed(),
             Self::PurgeSession(purge) => purge.assets_deleted,
         }
@@ -141,6 +141,9 @@ pub struct ArchiveResult {
     pub archive_sha256: Sha256Hex,
     /// Files in the zip.
     pub entries: u64,
+    /// Bytes of the assets read into it (what the job's progress counts).
+    #[serde(default)]
+    pub archived_bytes: u64,
 }
 
 /// What a cleanup did.

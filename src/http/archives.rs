@@ -69,9 +69,10 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
     request.or(download).unify().or(infos).unify().or(delete).unify().boxed()
 }
 
-/// The archive named by `archive_uuid` (or `uuid`).
-fn archive_uuid(query: &HashMap<String, String>) -> Result<Uuid, ApiError> {
-    parse_uuid("archive_uuid", query.get("archive_uuid").or(query.get("uuid")))
+/// The archive named by `archive_uuid` (or `uuid`); errors name the parameter the
+/// route documents (`primary`).
+fn archive_uuid(query: &HashMap<String, String>, primary: &'static str) -> Result<Uuid, ApiError> {
+    parse_uuid(primary, query.get("archive_uuid").or(query.get("uuid")))
 }
 
 /// A zip of a session's live assets (`id_session`) or of a list of assets
@@ -137,7 +138,7 @@ async fn archive_infos(
     query: HashMap<String, String>,
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
-    let archive = ctx.app.archive_for(&principal, archive_uuid(&query)?).await?;
+    let archive = ctx.app.archive_for(&principal, archive_uuid(&query, "archive_uuid")?).await?;
     Ok(warp::reply::json(&view(archive)))
 }
 
@@ -158,6 +159,9 @@ fn view(mut archive: ArchiveInfo) -> ArchiveInfo {
     responses(
         (status = 200, description = "the zip", content_type = "application/zip"),
         (status = 206, description = "the range asked for", content_type = "application/zip"),
+        (status = 304, description = "If-None-Match or If-Modified-Since: not modified"),
+        (status = 412, description = "If-Match or If-Unmodified-Since: the precondition failed", body = ErrorBody),
+        (status = 416, description = "the range is outside the archive", body = ErrorBody),
         (status = 400, description = "missing or malformed archive_uuid", body = ErrorBody),
         (status = 401, description = "no or bad token", body = ErrorBody),
         (status = 403, description = "not the archive's owner", body = ErrorBody),
@@ -173,7 +177,7 @@ async fn download_archive(
     headers: HeaderMap,
     ctx: Context,
 ) -> Result<warp::reply::Response, ApiError> {
-    let archive = view(ctx.app.archive_for(&principal, archive_uuid(&query)?).await?);
+    let archive = view(ctx.app.archive_for(&principal, archive_uuid(&query, "archive_uuid")?).await?);
     match archive.archive_status.as_str() {
         "completed" => {}
         "expired" => {
@@ -237,7 +241,7 @@ async fn delete_archive(
     query: HashMap<String, String>,
     ctx: Context,
 ) -> Result<impl warp::Reply, ApiError> {
-    let uuid = archive_uuid(&query)?;
+    let uuid = archive_uuid(&query, "uuid")?;
     let command = CommandContext::for_request(&principal, &request_id);
     let app = ctx.app.clone();
     let archive =

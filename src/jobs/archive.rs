@@ -21,6 +21,8 @@ use crate::blobs::SealedBlob;
 pub struct ArchiveBuilt {
     pub archive_uuid: Uuid,
     pub entries: u64,
+    /// Bytes of the assets read into it.
+    pub archived_bytes: u64,
     pub skipped: Vec<Uuid>,
     pub sealed: SealedBlob,
 }
@@ -86,5 +88,11 @@ pub async fn build(
         _ => FetchError::passing(format!("writing the archive: {error}")),
     })?;
     let sealed = blob.seal().await.map_err(|error| FetchError::passing(format!("storing the archive: {error}")))?;
-    Ok(ArchiveBuilt { archive_uuid, entries: written.entries, skipped: plan.skipped, sealed })
+    Ok(ArchiveBuilt {
+        archive_uuid,
+        entries: written.entries,
+        archived_bytes: written.bytes_in,
+        skipped: plan.skipped,
+        sealed,
+    })
 }

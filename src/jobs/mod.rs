@@ -339,13 +339,8 @@ impl Worker {
                 Err(error) => Err(error),
             },
             (Ok(Outcome::Archived(built)), None) => {
-                let ArchiveBuilt { archive_uuid, entries, skipped, sealed } = *built;
                 let ttl = self.config.archive_ttl;
-                match self
-                    .app
-                    .archive_succeeded(ctx, job_uuid, attempt, archive_uuid, entries, skipped, ttl, sealed)
-                    .await
-                {
+                match self.app.archive_succeeded(ctx, job_uuid, attempt, *built, ttl).await {
                     Ok(()) => Ok("succeeded"),
                     // Deleted, cancelled or taken over meanwhile: its bytes went with the
                     // sealed file.

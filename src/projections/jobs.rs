@@ -36,7 +36,7 @@ pub(super) struct JobRow {
 }
 
 /// A size as the table keeps it (bigint); no file comes near the end of it.
-fn signed(value: u64) -> i64 {
+pub(super) fn signed(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::types::{ToSql, Type};
 
+use super::jobs::signed;
 use super::ProjectionError;
 use crate::domain::upload::{UploadEvent, UploadStatus};
 use crate::eventstore::RecordedEvent;
@@ -37,11 +38,6 @@ pub(super) struct UploadRow {
     updated_at: DateTime<Utc>,
     version: i64,
     created_position: i64,
-}
-
-/// A size as the table keeps it (bigint).
-fn signed(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 impl UploadRow {

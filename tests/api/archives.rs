@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::helpers::{
-    amqp_url, assert_conforms, assert_error, assert_event_conforms, pseudo_random_bytes, sha256_hex, Backend, TestApp,
-    TestOptions,
+    amqp_url, assert_conforms, assert_error, assert_event_conforms, pseudo_random_bytes, sha256_hex, vm_rss_kib,
+    Backend, TestApp, TestOptions,
 };
 use crate::jobs::{quick_jobs, Jobs};
 
@@ -1280,13 +1280,6 @@ async fn the_amqp_archive_request_queues_an_archive() {
     assert_eq!(app.scalar("SELECT count(*) FROM events WHERE type = 'ArchiveRequested'").await, 1);
     let _ = connection.close(200, "done".into()).await;
     jobs.stop().await;
-}
-
-/// `VmRSS` of a process, in KiB.
-fn vm_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// A 1 GiB archive (random bytes: deflated, the costly path) is built by a separate

@@ -790,3 +790,10 @@ macro_rules! on_both_backends {
         )*
     };
 }
+
+/// `VmRSS` of a process, in KiB (for the tests that hold a transfer's memory flat).
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

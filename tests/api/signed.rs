@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::helpers::{
-    assert_error, pseudo_random_bytes, serve_process, sha256_hex, wait_until_serving, Backend, TestApp, TestOptions,
-    URL_SIGNING_KEY,
+    assert_error, pseudo_random_bytes, serve_process, sha256_hex, vm_rss_kib, wait_until_serving, Backend, TestApp,
+    TestOptions, URL_SIGNING_KEY,
 };
 use crate::jobs::{quick_jobs, system_ctx, Jobs};
 use crate::nginx::Nginx;
@@ -1291,13 +1291,6 @@ async fn a_browser_on_another_origin_downloads_and_uploads_with_signed_urls() {
 
 // ---------------------------------------------------------------------------------------
 // A 1 GiB PUT in flat memory
-
-/// The resident set of process `pid`, in KiB.
-fn vm_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_1_gib_signed_put_streams_in_flat_memory() {

@@ -43,6 +43,8 @@ package_present() {
         python3) have python3 ;;
         python3-venv) have python3 && python3 -c 'import ensurepip, venv' 2>/dev/null ;;
         wrk) have wrk ;;
+        redis-server) have redis-server ;;
+        redis-tools) have redis-cli ;;
         *) dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed' ;;
     esac
 }

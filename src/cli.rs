@@ -167,8 +167,13 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
     let mut app = App::new(pool, blobs, auth, config.asset_token_ttl);
     app.upload_ttl = Duration::from_secs(config.upload_ttl_seconds.clamp(1, MAX_UPLOAD_TTL_SECONDS));
     app.read_cache.spawn_listener(config.database.database_url.clone());
+    if config.opentera.opentera_redis.is_some() {
+        let opentera =
+            crate::opentera::OpenTera::connect(&config.opentera).await.context("connecting to OpenTera's Redis")?;
+        app.opentera = Some(opentera);
+    }
     let settings = HttpSettings {
-        base_path: config.base_path.clone(),
+        base_path: config.base_path(),
         max_upload_size: config.max_upload_size,
         accel_redirect_prefix: config.accel_redirect_prefix.clone().filter(|p| !p.is_empty()),
         body_idle_timeout: Duration::from_secs(config.body_idle_timeout_seconds.max(1)),
@@ -193,7 +198,7 @@ const BLOB_ABORTS_TIMEOUT: Duration = Duration::from_secs(10);
 async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let ctx = build_context(&config).await?;
     let listener = std::net::TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
-    tracing::info!(listen = %config.listen, base_path = %config.base_path, "assetd serving");
+    tracing::info!(listen = %config.listen, base_path = %config.base_path(), opentera = ctx.app.opentera.is_some(), "assetd serving");
     let shutdown = crate::shutdown::Shutdown::new();
     start_background(&ctx.app, &config, &shutdown, Role::Serve)?;
     // At the signal: consumers and workers stop taking work. Once the requests have

@@ -53,9 +53,13 @@ pub struct ServeConfig {
     /// Address to listen on (OpenTera's port for this service by default).
     #[arg(long, env = "ASSETD_LISTEN", default_value = "127.0.0.1:4042")]
     pub listen: SocketAddr,
-    /// Path prefix of every route, as seen through nginx too.
-    #[arg(long, env = "ASSETD_BASE_PATH", default_value = "/file", value_parser = parse_base_path)]
-    pub base_path: String,
+    /// Path prefix of every route, as seen through nginx too: `/file` by default; the
+    /// root in OpenTera mode, whose nginx strips `/file` (`/` names the root).
+    #[arg(long, env = "ASSETD_BASE_PATH", value_parser = parse_base_path)]
+    pub base_path: Option<String>,
+    /// OpenTera mode (off unless `ASSETD_OPENTERA_REDIS` is set).
+    #[command(flatten)]
+    pub opentera: crate::opentera::OpenTeraConfig,
     /// Directory for blobs and temporary files.
     #[arg(long, env = "ASSETD_DATA_DIR", default_value = "./var/data")]
     pub data_dir: PathBuf,
@@ -196,6 +200,17 @@ pub struct JobsConfig {
     pub receipt_max_age_seconds: u64,
 }
 
+impl ServeConfig {
+    /// The base path in effect: as set, else `/file`, or the root in OpenTera mode.
+    pub fn base_path(&self) -> String {
+        match &self.base_path {
+            Some(path) => path.clone(),
+            None if self.opentera.opentera_redis.is_some() => String::new(),
+            None => "/file".into(),
+        }
+    }
+}
+
 impl Default for JobsConfig {
     /// As the command line's defaults.
     fn default() -> Self {
@@ -280,6 +295,9 @@ impl JobsConfig {
 
 fn parse_base_path(value: &str) -> Result<String, String> {
     let trimmed = value.trim_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
     if trimmed.split('/').any(|s| s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))) {
         return Err("a path like /file (letters, digits, '-', '_', '.')".into());
     }
@@ -320,7 +338,8 @@ mod tests {
     fn base_paths_are_normalised() {
         assert_eq!(super::parse_base_path("file").unwrap(), "/file");
         assert_eq!(super::parse_base_path("/api/file/").unwrap(), "/api/file");
-        assert!(super::parse_base_path("/").is_err());
+        // The root (OpenTera mode's default): routes start at /api.
+        assert_eq!(super::parse_base_path("/").unwrap(), "");
         assert!(super::parse_base_path("/a b").is_err());
         assert_eq!(super::parse_public_url("https://files.example.org/").unwrap(), "https://files.example.org");
         assert!(super::parse_public_url("files.example.org").is_err());

@@ -21,6 +21,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod migrations;
+pub mod opentera;
 pub mod projections;
 pub mod relay;
 pub mod shutdown;

@@ -339,6 +339,7 @@ impl LoadedJob {
                 asset_creator: spec.asset_creator,
                 asset_source: AssetSource::Import,
                 blob: Some(bytes.location.clone()),
+                id_asset: None,
             },
             job_uuid: queued.job_uuid,
             source_url: spec.source_url.clone(),

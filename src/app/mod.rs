@@ -322,6 +322,8 @@ pub struct App {
     pub metrics: crate::metrics::Metrics,
     /// How long a two-phase upload waits for its bytes and its commit before it expires.
     pub upload_ttl: std::time::Duration,
+    /// OpenTera mode: its Redis and TeraServer (see `crate::opentera`); none otherwise.
+    pub opentera: Option<crate::opentera::OpenTera>,
 }
 
 /// The broker connection and what uses it, as `/ready` shows them.
@@ -420,6 +422,7 @@ impl App {
                 .build(),
             read_cache: read_cache::ReadCache::default(),
             upload_ttl: std::time::Duration::from_secs(24 * 3600),
+            opentera: None,
         }
     }
 

@@ -67,6 +67,7 @@ pub fn asset_of_upload(started: &UploadStarted, received: &UploadReceived, field
         asset_creator: started.upload_creator,
         asset_source: AssetSource::SignedUpload,
         blob: Some(received.blob.clone()),
+        id_asset: None,
     }
 }
 

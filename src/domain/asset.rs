@@ -50,6 +50,10 @@ pub struct AssetUploaded {
     /// were recorded: those are on the local backend at `key_for(asset_uuid)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blob: Option<BlobLocation>,
+    /// TeraServer's `id_asset`, when TeraServer made the asset (OpenTera mode: its
+    /// `asset_uuid` is then TeraServer's too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_asset: Option<i64>,
 }
 
 impl AssetUploaded {
@@ -252,6 +256,7 @@ mod tests {
             asset_creator: Actor { kind: PrincipalKind::User, uuid: Uuid::new_v4() },
             asset_source: AssetSource::Upload,
             blob: None,
+            id_asset: None,
         }
     }
 

@@ -220,6 +220,7 @@ fn as_download(archive: &ArchiveInfo) -> AssetInfo {
         asset_version: 0,
         created_position: 0,
         blob: archive.blob.clone(),
+        id_asset: None,
     }
 }
 

@@ -15,6 +15,7 @@ pub(crate) mod fields;
 mod helper;
 mod jobs;
 pub mod openapi;
+mod opentera;
 mod ops;
 pub mod request_id;
 pub mod sessions;
@@ -82,8 +83,15 @@ fn base_path(base: &str) -> BoxedFilter<()> {
 
 /// Every route of the service under the base path, with errors turned into JSON.
 pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
+    // OpenTera mode: FTS's asset routes first, in place of the native ones.
+    let opentera_assets = match ctx.app.opentera {
+        Some(_) => opentera::routes(ctx.clone()),
+        None => warp::any().and_then(|| async { Err::<warp::reply::Response, _>(warp::reject::not_found()) }).boxed(),
+    };
     let api = warp::path("api").and(
-        sessions::routes(ctx.clone())
+        opentera_assets
+            .or(sessions::routes(ctx.clone()))
+            .unify()
             .or(upload::route(ctx.clone()))
             .unify()
             .or(assets::routes(ctx.clone()))
@@ -98,7 +106,7 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
             .unify()
             .boxed(),
     );
-    base_path(&ctx.settings.base_path)
+    let routes = base_path(&ctx.settings.base_path)
         .and(
             api.or(helper::routes(ctx.clone()))
                 .unify()
@@ -109,6 +117,31 @@ pub fn routes(ctx: Context) -> BoxedFilter<(warp::reply::Response,)> {
         )
         .recover(error::recover)
         .unify()
+        .boxed();
+    match ctx.app.opentera {
+        None => routes,
+        Some(_) => opentera_shape(routes),
+    }
+}
+
+/// OpenTera mode's answers, as FTS gives them: CORS open to all (its `after_request`),
+/// OPTIONS answered on every route, and 403 for every authentication failure.
+fn opentera_shape(routes: BoxedFilter<(warp::reply::Response,)>) -> BoxedFilter<(warp::reply::Response,)> {
+    let options = warp::options().map(|| warp::reply::with_status(warp::reply(), StatusCode::OK).into_response());
+    options
+        .or(routes)
+        .unify()
+        .map(|mut response: warp::reply::Response| {
+            if response.status() == StatusCode::UNAUTHORIZED {
+                *response.status_mut() = StatusCode::FORBIDDEN;
+            }
+            let headers = response.headers_mut();
+            for name in ["access-control-allow-origin", "access-control-allow-headers", "access-control-allow-methods"]
+            {
+                headers.insert(name, warp::http::HeaderValue::from_static("*"));
+            }
+            response
+        })
         .boxed()
 }
 

@@ -153,22 +153,22 @@ pub(super) fn uploaded_answer(
 }
 
 /// What a validated `file_asset` says, with the session checked.
-struct UploadPlan {
-    id_session: SessionId,
-    asset_name: AssetName,
-    asset_type: Option<MediaType>,
-    asset_datetime: Option<DateTime<Utc>>,
-    directory: Directory,
-    tags: Tags,
-    metadata: serde_json::Map<String, serde_json::Value>,
-    creator: Actor,
+pub(super) struct UploadPlan {
+    pub id_session: SessionId,
+    pub asset_name: AssetName,
+    pub asset_type: Option<MediaType>,
+    pub asset_datetime: Option<DateTime<Utc>>,
+    pub directory: Directory,
+    pub tags: Tags,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub creator: Actor,
 }
 
 /// The file part once fully received.
-struct ReceivedFile {
-    blob: TempBlob,
-    filename: FileName,
-    part_type: Option<MediaType>,
+pub(super) struct ReceivedFile {
+    pub blob: TempBlob,
+    pub filename: FileName,
+    pub part_type: Option<MediaType>,
 }
 
 /// Upload a file to a session (OpenTera compatible).
@@ -196,37 +196,16 @@ pub(super) async fn upload(
     ctx: Context,
     json_field: &'static str,
 ) -> Result<impl warp::Reply, ApiError> {
-    // Guard the body before anything can fail: an early answer then drains what the
-    // client is still sending instead of resetting the connection under it.
-    let expects_continue = headers.get("expect").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    // Counted as the bytes arrive, a refused upload's drained rest included: what
-    // clients sent us, whatever became of it.
-    let metrics = ctx.app.metrics.clone();
-    let body = futures::TryStreamExt::inspect_ok(body, move |chunk| metrics.upload_received(chunk.remaining() as u64));
-    let (body, meter) = GuardedBody::new(body, ctx.settings.body_idle_timeout, MAX_OUTSIDE_FIELDS);
-    let body = body.expecting_continue(expects_continue);
-    let principal = authenticate(&headers, &ctx.app.auth)?;
-    let max = ctx.settings.max_upload_size;
-    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !content_type.trim_start().to_ascii_lowercase().starts_with("multipart/form-data") {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!("uploads must be multipart/form-data with the fields {json_field} and file"),
-        ));
-    }
-    let boundary =
-        multer::parse_boundary(content_type).ok().filter(|b| !b.is_empty() && b.len() <= 70).ok_or_else(|| {
-            ApiError::bad_request("invalid_multipart", "the multipart Content-Type has no valid boundary")
-        })?;
-    let declared_length =
-        headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared_length.is_some_and(|length| length > max + MULTIPART_OVERHEAD) {
-        return Err(ApiError::too_large(max));
-    }
+    let (body, meter) = guard_body(&headers, body, &ctx);
+    let principal = authenticate(&headers, "", &ctx).await?;
+    let boundary = form_boundary(&headers, ctx.settings.max_upload_size, json_field)?;
 
     let asset_uuid = Uuid::new_v4();
-    let (plan, file) = receive_form(body, meter, boundary, &principal, &ctx, asset_uuid, json_field).await?;
+    let check = |text: String| {
+        let (principal, ctx) = (&principal, &ctx);
+        async move { check_file_asset(&text, principal, ctx).await }
+    };
+    let (plan, file) = receive_form(body, meter, boundary, &ctx, asset_uuid, json_field, check).await?;
 
     let asset_type =
         plan.asset_type.or(file.part_type).unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
@@ -252,6 +231,7 @@ pub(super) async fn upload(
                 asset_creator: plan.creator,
                 asset_source: AssetSource::Upload,
                 blob: Some(stored.location),
+                id_asset: None,
             })
             .await
         })
@@ -259,17 +239,76 @@ pub(super) async fn upload(
     Ok(warp::reply::json(&uploaded_answer(info, &requester, &headers, &ctx)))
 }
 
-/// Reads the multipart form as it arrives: `file_asset` is checked as soon as it is
-/// seen, the file streams into a temporary blob, unknown fields are skipped.
-async fn receive_form<B: Buf + Send + 'static>(
+/// Guards an upload's body before anything can fail: an early answer then drains what
+/// the client is still sending instead of resetting the connection under it.
+pub(super) fn guard_body<B: Buf + Send + 'static>(
+    headers: &HeaderMap,
+    body: impl Stream<Item = Result<B, warp::Error>> + Send + 'static,
+    ctx: &Context,
+) -> (GuardedBody<B, warp::Error>, BodyMeter) {
+    let expects_continue = headers.get("expect").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    // Counted as the bytes arrive, a refused upload's drained rest included: what
+    // clients sent us, whatever became of it.
+    let metrics = ctx.app.metrics.clone();
+    let body = futures::TryStreamExt::inspect_ok(body, move |chunk| metrics.upload_received(chunk.remaining() as u64));
+    let (body, meter) = GuardedBody::new(body, ctx.settings.body_idle_timeout, MAX_OUTSIDE_FIELDS);
+    (body.expecting_continue(expects_continue), meter)
+}
+
+/// The multipart boundary of an upload, once its type and declared length are checked.
+pub(super) fn form_boundary(headers: &HeaderMap, max: u64, json_field: &str) -> Result<String, ApiError> {
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.trim_start().to_ascii_lowercase().starts_with("multipart/form-data") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("uploads must be multipart/form-data with the fields {json_field} and file"),
+        ));
+    }
+    let boundary =
+        multer::parse_boundary(content_type).ok().filter(|b| !b.is_empty() && b.len() <= 70).ok_or_else(|| {
+            ApiError::bad_request("invalid_multipart", "the multipart Content-Type has no valid boundary")
+        })?;
+    let declared_length =
+        headers.get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > max + MULTIPART_OVERHEAD) {
+        return Err(ApiError::too_large(max));
+    }
+    Ok(boundary)
+}
+
+/// What the JSON field of an upload form became once checked.
+pub(super) trait FormPlan {
+    /// The file name to use when the file part has none (none: the part must have one).
+    fn stand_in_filename(&self) -> Option<&str>;
+}
+
+impl FormPlan for UploadPlan {
+    fn stand_in_filename(&self) -> Option<&str> {
+        // OpenTera clients always send a filename; without one, the asset's name stands in.
+        Some(self.asset_name.as_str())
+    }
+}
+
+/// Reads the multipart form as it arrives: the JSON field is checked by `check` as soon
+/// as it is seen, the file streams into a temporary blob under `blob_key`, unknown
+/// fields are skipped.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn receive_form<B, P, F, Fut>(
     body: GuardedBody<B, warp::Error>,
     meter: BodyMeter,
     boundary: String,
-    principal: &Principal,
     ctx: &Context,
-    asset_uuid: Uuid,
+    blob_key: Uuid,
     json_field: &'static str,
-) -> Result<(UploadPlan, ReceivedFile), ApiError> {
+    mut check: F,
+) -> Result<(P, ReceivedFile), ApiError>
+where
+    B: Buf + Send + 'static,
+    P: FormPlan,
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<P, ApiError>>,
+{
     let max = ctx.settings.max_upload_size;
     let limits = multer::SizeLimit::new()
         .whole_stream(max + MULTIPART_OVERHEAD)
@@ -278,7 +317,7 @@ async fn receive_form<B: Buf + Send + 'static>(
     let mut multipart =
         multer::Multipart::with_constraints(body, boundary, multer::Constraints::new().size_limit(limits));
 
-    let mut plan: Option<UploadPlan> = None;
+    let mut plan: Option<P> = None;
     let mut file: Option<ReceivedFile> = None;
     while let Some(mut field) = {
         meter.between_fields(MAX_OUTSIDE_FIELDS);
@@ -291,14 +330,13 @@ async fn receive_form<B: Buf + Send + 'static>(
                 let text = std::str::from_utf8(&bytes).map_err(|_| {
                     ApiError::bad_request("invalid_file_asset", format!("{json_field} must be UTF-8 JSON"))
                 })?;
-                plan = Some(check_file_asset(text, principal, ctx).await?);
+                plan = Some(check(text.to_owned()).await?);
             }
             Some("file") if file.is_none() => {
                 let filename = match part_filename(&field)? {
                     Some(name) => FileName::parse(&name).map_err(ApiError::invalid_field)?,
-                    None => match &plan {
-                        // OpenTera clients always send a filename; without one, the asset's name stands in.
-                        Some(plan) => FileName::parse(plan.asset_name.as_str()).map_err(ApiError::invalid_field)?,
+                    None => match plan.as_ref().and_then(|plan| plan.stand_in_filename()) {
+                        Some(name) => FileName::parse(name).map_err(ApiError::invalid_field)?,
                         None => {
                             return Err(ApiError::bad_request("missing_filename", "the file part needs a filename"))
                         }
@@ -308,7 +346,7 @@ async fn receive_form<B: Buf + Send + 'static>(
                     .content_type()
                     .filter(|m| m.essence_str() != "application/octet-stream")
                     .and_then(|m| MediaType::parse(m.as_ref()).ok());
-                let mut blob = ctx.app.blobs.create_temp(asset_uuid);
+                let mut blob = ctx.app.blobs.create_temp(blob_key);
                 let storage = |e| ApiError::from(AppError::Storage(e));
                 loop {
                     let next = field.chunk();
@@ -356,6 +394,16 @@ async fn check_file_asset(text: &str, principal: &Principal, ctx: &Context) -> R
 
 /// Parses and checks `file_asset` on its own (pure: no session look-up).
 fn parse_file_asset(text: &str, principal: &Principal) -> Result<UploadPlan, ApiError> {
+    parse_file_asset_by(text, principal, None)
+}
+
+/// As [`parse_file_asset`]; with `creator`, that is the creator whatever the caller
+/// (OpenTera mode, where the creator fields are TeraServer's integer ids).
+pub(super) fn parse_file_asset_by(
+    text: &str,
+    principal: &Principal,
+    creator: Option<Actor>,
+) -> Result<UploadPlan, ApiError> {
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| ApiError::bad_request("invalid_file_asset", format!("file_asset must be a JSON object: {e}")))?;
     if !value.is_object() {
@@ -380,7 +428,9 @@ fn parse_file_asset(text: &str, principal: &Principal) -> Result<UploadPlan, Api
     };
     let tags = Tags::parse(form.tags.unwrap_or_default()).map_err(ApiError::invalid_field)?;
     let creator =
-        if principal.is_service() {
+        if let Some(creator) = creator {
+            creator
+        } else if principal.is_service() {
             let named: Vec<Actor> = [
                 (PrincipalKind::User, form.id_user),
                 (PrincipalKind::Participant, form.id_participant),
@@ -545,6 +595,7 @@ mod tests {
                     asset_creator: plan.creator,
                     asset_source: AssetSource::Upload,
                     blob: None,
+                    id_asset: None,
                 });
                 // Through text, as the event store keeps it.
                 let stored: serde_json::Value = serde_json::from_str(&event.to_data().to_string()).unwrap();

@@ -600,6 +600,7 @@ impl Worker {
             asset_creator: upload.creator,
             asset_source: crate::domain::asset::AssetSource::SignedUpload,
             blob: Some(location),
+            id_asset: None,
         };
         let imported = AssetImported { asset, job_uuid, source_url: None, upload_uuid: Some(upload_uuid) };
         Ok(Outcome::Imported(Box::new(imported), None))

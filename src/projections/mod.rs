@@ -177,6 +177,7 @@ struct AssetRow {
     /// (read as local, at the uuid's key), so that replay reproduces the rows exactly.
     blob_backend: Option<&'static str>,
     blob_key: Option<String>,
+    opentera_id_asset: Option<i64>,
 }
 
 impl AssetRow {
@@ -202,13 +203,15 @@ impl AssetRow {
             created_position: event.position,
             blob_backend: a.blob.as_ref().map(|blob| blob.backend.as_str()),
             blob_key: a.blob.as_ref().map(|blob| blob.key.clone()),
+            opentera_id_asset: a.id_asset,
         }
     }
 
     const COLUMNS: &'static str = "asset_uuid, id_session, asset_name, asset_original_filename, asset_type, \
         asset_file_size, asset_sha256, asset_datetime, directory, tags, metadata, asset_status, asset_created_at, \
-        creator_kind, creator_uuid, asset_source, asset_version, created_position, blob_backend, blob_key";
-    const TYPES: [Type; 20] = [
+        creator_kind, creator_uuid, asset_source, asset_version, created_position, blob_backend, blob_key, \
+        opentera_id_asset";
+    const TYPES: [Type; 21] = [
         Type::UUID,
         Type::INT8,
         Type::TEXT,
@@ -229,9 +232,10 @@ impl AssetRow {
         Type::INT8,
         Type::TEXT,
         Type::TEXT,
+        Type::INT8,
     ];
 
-    fn values(&self) -> [&(dyn ToSql + Sync); 20] {
+    fn values(&self) -> [&(dyn ToSql + Sync); 21] {
         [
             &self.asset_uuid,
             &self.id_session,
@@ -253,6 +257,7 @@ impl AssetRow {
             &self.created_position,
             &self.blob_backend,
             &self.blob_key,
+            &self.opentera_id_asset,
         ]
     }
 }
@@ -301,7 +306,7 @@ async fn apply_asset(
             };
             let statement = client
                 .prepare_cached(&format!(
-                    "INSERT INTO assets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+                    "INSERT INTO assets ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
                     AssetRow::COLUMNS
                 ))
                 .await?;

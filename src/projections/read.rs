@@ -83,6 +83,9 @@ pub struct AssetInfo {
     /// Where the bytes are (internal: never in answers).
     #[serde(skip)]
     pub blob: Option<BlobLocation>,
+    /// TeraServer's `id_asset` (OpenTera mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_asset: Option<i64>,
 }
 
 impl AssetInfo {
@@ -118,7 +121,7 @@ fn session_from_row(row: &tokio_postgres::Row) -> Result<SessionInfo, tokio_post
 
 const ASSET_COLUMNS: &str = "asset_uuid, id_session, asset_name, asset_original_filename, asset_type, asset_file_size, \
     asset_sha256, asset_datetime, directory, tags, metadata, asset_status, asset_created_at, creator_kind, creator_uuid, \
-    asset_source, asset_version, created_position, blob_backend, blob_key";
+    asset_source, asset_version, created_position, blob_backend, blob_key, opentera_id_asset";
 
 fn asset_from_row(row: &tokio_postgres::Row) -> Result<AssetInfo, tokio_postgres::Error> {
     let tags: serde_json::Value = row.try_get(9)?;
@@ -155,6 +158,7 @@ fn asset_from_row(row: &tokio_postgres::Row) -> Result<AssetInfo, tokio_postgres
             (Some(backend), Some(key)) => Some(BlobLocation { backend, key }),
             _ => None,
         },
+        id_asset: row.try_get(20)?,
     })
 }
 

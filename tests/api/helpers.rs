@@ -309,7 +309,8 @@ pub fn serve_config(database_url: &str, data_dir: &Path, options: &TestOptions) 
         },
         database: DatabaseConfig { database_url: database_url.to_owned(), database_pool_size: 16 },
         listen: "127.0.0.1:0".parse().unwrap(),
-        base_path: "/file".into(),
+        base_path: Some("/file".into()),
+        opentera: Default::default(),
         data_dir: data_dir.to_owned(),
         max_upload_size: options.max_upload_size.unwrap_or(10 * 1024 * 1024 * 1024),
         jwt_secret: JWT_SECRET.into(),
@@ -721,6 +722,7 @@ pub async fn store_upload_via(
         asset_creator: Actor { kind: principal.kind, uuid: principal.uuid },
         asset_source: AssetSource::Upload,
         blob: Some(stored.location),
+        id_asset: None,
     })
     .await
 }

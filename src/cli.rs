@@ -168,8 +168,9 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
     app.upload_ttl = Duration::from_secs(config.upload_ttl_seconds.clamp(1, MAX_UPLOAD_TTL_SECONDS));
     app.read_cache.spawn_listener(config.database.database_url.clone());
     if config.opentera.opentera_redis.is_some() {
-        let opentera =
+        let mut opentera =
             crate::opentera::OpenTera::connect(&config.opentera).await.context("connecting to OpenTera's Redis")?;
+        opentera.archive_ttl = config.jobs.archive_ttl();
         app.opentera = Some(opentera);
     }
     let settings = HttpSettings {

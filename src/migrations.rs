@@ -15,7 +15,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (9, "uploads", include_str!("migrations/0009_uploads.sql")),
     (10, "archives", include_str!("migrations/0010_archives.sql")),
     (11, "orphan_candidates", include_str!("migrations/0011_orphan_candidates.sql")),
-    (12, "opentera_asset_ids", include_str!("migrations/0012_opentera_asset_ids.sql")),
+    (12, "opentera", include_str!("migrations/0012_opentera.sql")),
 ];
 
 /// An arbitrary constant naming the migration lock.

@@ -176,6 +176,7 @@ impl App {
             archive_original_filename: crate::domain::names::FileName::parse(&filename)
                 .map(|name| name.as_str().to_owned())
                 .unwrap_or_else(|_| format!("archive_{archive_uuid}.zip")),
+            uploaded: false,
         };
         let queued = JobQueued {
             job_uuid,
@@ -245,7 +246,8 @@ impl App {
                 stage::<Archive>(&tx, ctx, &archive_stream(uuid), ArchiveCommand::Delete(actor)).await?;
             let job = stage::<Job>(&tx, ctx, &job_stream(archive.job_uuid), JobCommand::Cancel(actor)).await;
             match job {
-                Ok(_) | Err(AppError::Domain(DomainError::Conflict(_))) => {}
+                // An uploaded archive (OpenTera mode) has no job.
+                Ok(_) | Err(AppError::Domain(DomainError::Conflict(_) | DomainError::NotFound(_))) => {}
                 Err(error) => return Err(error),
             }
             // The bytes it had, as `ArchiveDeleted` says (none unless it was built).
@@ -263,6 +265,105 @@ impl App {
             self.remove_archive_bytes(&location).await;
         }
         Ok(info)
+    }
+
+    // ----- archives built outside assetd and uploaded (OpenTera mode) -----
+
+    /// Records an archive that OpenTera's AssetsArchiveWorker will build and upload for
+    /// `owner` (FTS's `POST /api/archives/infos` with id 0). Pending until uploaded.
+    pub async fn create_uploaded_archive(
+        &self,
+        ctx: &CommandContext,
+        owner: crate::domain::principal::Actor,
+        filename: crate::domain::names::FileName,
+    ) -> Result<ArchiveInfo, AppError> {
+        let archive_uuid = Uuid::new_v4();
+        let requested = ArchiveRequested {
+            archive_uuid,
+            job_uuid: archive_uuid,
+            id_session: None,
+            asset_uuids: None,
+            archive_owner: owner,
+            owner_reaches_all: false,
+            archive_original_filename: filename.as_str().to_owned(),
+            uploaded: true,
+        };
+        in_transaction!(self, |tx| {
+            stage::<Archive>(&tx, ctx, &archive_stream(archive_uuid), ArchiveCommand::Request(requested.clone()))
+                .await?;
+            read::archive(&tx, archive_uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("archive")))
+        })
+    }
+
+    /// FTS's status change of an uploaded archive: 1 (in progress: its worker started),
+    /// 3 (cancelled: failed), 4 (deleted). 0 and 2 are not changes one can ask for.
+    pub async fn set_uploaded_archive_status(
+        &self,
+        principal: &Principal,
+        ctx: &CommandContext,
+        archive: &ArchiveInfo,
+        status: i64,
+    ) -> Result<ArchiveInfo, AppError> {
+        let uuid = archive.archive_uuid;
+        let command = match status {
+            1 => ArchiveCommand::Start { job_uuid: archive.job_uuid, attempt: 1 },
+            3 => ArchiveCommand::Fail { job_uuid: archive.job_uuid, error: "cancelled".into() },
+            4 => return self.delete_archive(principal, ctx, uuid).await,
+            _ => return Err(DomainError::Invalid(format!("archive_status {status} cannot be set here")).into()),
+        };
+        in_transaction!(self, |tx| {
+            stage::<Archive>(&tx, ctx, &archive_stream(uuid), command.clone()).await?;
+            read::archive(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("archive")))
+        })
+    }
+
+    /// The zip of an uploaded archive, received: made durable, then `ArchiveCompleted`
+    /// (with its uploader) recorded; the bytes are removed again if that is refused.
+    /// It expires `ttl` after it was asked for (FTS: 7 days after creation).
+    pub async fn complete_uploaded_archive(
+        &self,
+        principal: &Principal,
+        ctx: &CommandContext,
+        archive: &ArchiveInfo,
+        blob: crate::blobs::TempBlob,
+        ttl: std::time::Duration,
+    ) -> Result<ArchiveInfo, AppError> {
+        let stored = blob.persist().await?;
+        let expires_at = crate::domain::names::storable(
+            archive.archive_created_at + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::days(7)),
+        )
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let uuid = archive.archive_uuid;
+        let completed = ArchiveCompleted {
+            archive_uuid: uuid,
+            job_uuid: archive.job_uuid,
+            id_session: None,
+            archive_owner: archive.owner,
+            archive_original_filename: archive.archive_original_filename.clone(),
+            size: stored.size,
+            sha256: stored.sha256.clone(),
+            entries: 0,
+            skipped_assets: vec![],
+            blob: stored.location.clone(),
+            expires_at,
+            download_path: download_path(uuid),
+            archive_uploader: Some(principal.actor()),
+        };
+        let recorded = in_transaction!(self, |tx| {
+            stage::<Archive>(&tx, ctx, &archive_stream(uuid), ArchiveCommand::Complete(Box::new(completed.clone())))
+                .await?;
+            read::archive(&tx, uuid).await?.ok_or(AppError::Domain(DomainError::NotFound("archive")))
+        });
+        if recorded.is_err() {
+            self.remove_archive_bytes(&stored.location).await;
+        }
+        recorded
+    }
+
+    /// The archive whose FTS id is `id` (OpenTera mode).
+    pub async fn archive_by_id(&self, id: i64) -> Result<ArchiveInfo, AppError> {
+        let client = self.pool.get().await?;
+        Ok(read::archive_by_position(&client, id).await?.ok_or(DomainError::NotFound("archive"))?)
     }
 
     /// What the archive of `archive_uuid` holds now: the live assets of its session (the
@@ -391,6 +492,7 @@ impl App {
             blob: sealed.location.clone(),
             expires_at,
             download_path: download_path(archive_uuid),
+            archive_uploader: None,
         };
         let result = JobResult::Archive(ArchiveResult {
             archive_uuid,

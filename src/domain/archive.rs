@@ -43,6 +43,10 @@ pub struct ArchiveRequested {
     pub owner_reaches_all: bool,
     /// The zip's file name for downloads.
     pub archive_original_filename: String,
+    /// Built outside assetd and uploaded (OpenTera mode: OpenTera's
+    /// AssetsArchiveWorker); `job_uuid` is then the archive's own uuid, no job's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uploaded: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -77,6 +81,9 @@ pub struct ArchiveCompleted {
     /// Its download, below the API root (`/file/api` behind nginx):
     /// `archives?archive_uuid=<uuid>`, with the owner's (or a service's) token.
     pub download_path: String,
+    /// Who uploaded it, for an archive built outside assetd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_uploader: Option<Actor>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -283,6 +290,7 @@ mod tests {
             archive_owner: owner(),
             owner_reaches_all: false,
             archive_original_filename: "3_visit.zip".into(),
+            uploaded: false,
         }
     }
 
@@ -300,6 +308,7 @@ mod tests {
             blob: BlobLocation::new(BackendKind::Local, Uuid::from_u128(1)),
             expires_at,
             download_path: download_path(Uuid::from_u128(1)),
+            archive_uploader: None,
         }
     }
 

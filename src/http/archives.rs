@@ -200,7 +200,7 @@ async fn download_archive(
 
 /// A completed archive as the download path knows files: an asset-shaped record of its
 /// zip (name, size, SHA-256, location).
-fn as_download(archive: &ArchiveInfo) -> AssetInfo {
+pub(super) fn as_download(archive: &ArchiveInfo) -> AssetInfo {
     AssetInfo {
         asset_uuid: archive.archive_uuid,
         id_session: archive.id_session.unwrap_or_default(),

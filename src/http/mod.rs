@@ -16,6 +16,7 @@ mod helper;
 mod jobs;
 pub mod openapi;
 mod opentera;
+mod opentera_archives;
 mod ops;
 pub mod request_id;
 pub mod sessions;

@@ -8,7 +8,6 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::server::Server;
 use utoipa::{Modify, OpenApi};
 use warp::filters::BoxedFilter;
-use warp::http::Uri;
 use warp::{Filter, Reply};
 
 use super::error::{ErrorBody, ErrorDetail};
@@ -139,15 +138,34 @@ pub fn document(base_path: &str) -> utoipa::openapi::OpenApi {
 }
 
 /// `<base>/doc` (redirects to `<base>/doc/`), `<base>/doc/openapi.json`, and the UI files.
+///
+/// Served at the root (OpenTera mode), the page is reached through a proxy that strips
+/// a prefix (OpenTera's nginx: `/file`): its links are then relative, and the document
+/// names the prefix the proxy declares in `X-Script-Name` as its server.
 pub fn routes(base_path: &str) -> BoxedFilter<(warp::reply::Response,)> {
     let spec = Arc::new(document(base_path));
-    let spec_url = format!("{base_path}/doc/openapi.json");
+    let at_root = base_path.is_empty();
+    let spec_url = if at_root { "openapi.json".to_owned() } else { format!("{base_path}/doc/openapi.json") };
     let config = Arc::new(utoipa_swagger_ui::Config::from(spec_url).try_it_out_enabled(true));
-    let doc_root: Uri = format!("{base_path}/doc/").parse().expect("the base path is a valid URI path");
+    // Relative at the root, so that it stays under the proxy's prefix.
+    let doc_root = if at_root { "doc/".to_owned() } else { format!("{base_path}/doc/") };
 
     let json = warp::path!("doc" / "openapi.json")
         .and(super::get_or_head())
-        .map(move || warp::reply::json(&*spec).into_response());
+        .and(warp::header::optional::<String>("x-script-name"))
+        .map(move |script_name: Option<String>| {
+            let prefix = script_name.filter(|p| {
+                at_root && p.starts_with('/') && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"/-_.".contains(&b))
+            });
+            match prefix {
+                Some(prefix) => {
+                    let mut document = (*spec).clone();
+                    document.servers = Some(vec![Server::new(prefix.trim_end_matches('/'))]);
+                    warp::reply::json(&document).into_response()
+                }
+                None => warp::reply::json(&*spec).into_response(),
+            }
+        });
     let redirect = warp::path!("doc").and(super::get_or_head()).and(warp::path::full()).and_then(
         move |full: warp::path::FullPath| {
             let doc_root = doc_root.clone();
@@ -156,7 +174,11 @@ pub fn routes(base_path: &str) -> BoxedFilter<(warp::reply::Response,)> {
                 if full.as_str().ends_with('/') {
                     Err(warp::reject::not_found())
                 } else {
-                    Ok(warp::redirect::found(doc_root).into_response())
+                    Ok(warp::http::Response::builder()
+                        .status(warp::http::StatusCode::FOUND)
+                        .header("location", doc_root)
+                        .body(warp::hyper::Body::empty())
+                        .unwrap_or_default())
                 }
             }
         },

@@ -34,20 +34,20 @@ use crate::projections::read::AssetInfo;
 
 /// An FTS-shaped error answer.
 #[derive(Debug)]
-pub struct Fts {
-    status: StatusCode,
+pub(super) struct Fts {
+    pub(super) status: StatusCode,
     body: Value,
     headers: Vec<(&'static str, String)>,
 }
 
 impl Fts {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, body: Value::String(message.into()), headers: vec![] }
     }
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(super) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
-    fn forbidden(message: impl Into<String>) -> Self {
+    pub(super) fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, message)
     }
     /// flask-restx's answer to a required argument that is missing.
@@ -98,7 +98,7 @@ impl From<OpenTeraError> for Fts {
     }
 }
 
-fn respond(result: Result<Response, Fts>) -> Response {
+pub(super) fn respond(result: Result<Response, Fts>) -> Response {
     result.unwrap_or_else(Fts::into_response)
 }
 
@@ -141,18 +141,29 @@ pub fn routes(ctx: Context) -> BoxedFilter<(Response,)> {
         .and(warp::header::headers_cloned())
         .and(query)
         .and(json_body(ctx.settings.body_idle_timeout))
-        .and(with_context(ctx))
+        .and(with_context(ctx.clone()))
         .then(|request_id, headers, query, body, ctx| async move {
             respond(post_infos(request_id, headers, query, body, ctx).await)
         });
-    download.or(upload).unify().or(delete).unify().or(infos).unify().or(post_infos).unify().boxed()
+    download
+        .or(upload)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(infos)
+        .unify()
+        .or(post_infos)
+        .unify()
+        .or(super::opentera_archives::routes(ctx))
+        .unify()
+        .boxed()
 }
 
-fn opentera(ctx: &Context) -> &OpenTera {
+pub(super) fn opentera(ctx: &Context) -> &OpenTera {
     ctx.app.opentera.as_ref().expect("OpenTera routes are mounted in OpenTera mode only")
 }
 
-fn arguments(query: &str) -> HashMap<String, String> {
+pub(super) fn arguments(query: &str) -> HashMap<String, String> {
     // flask-restx: the first value of a repeated argument.
     let mut map = HashMap::new();
     for (name, value) in serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default() {
@@ -162,7 +173,7 @@ fn arguments(query: &str) -> HashMap<String, String> {
 }
 
 /// FTS's authentication: the caller, or 403 "Forbidden".
-async fn caller(
+pub(super) async fn caller(
     ctx: &Context,
     headers: &HeaderMap,
     args: &HashMap<String, String>,
@@ -172,7 +183,7 @@ async fn caller(
     opentera(ctx).authenticate(headers, token, rule).await?.ok_or_else(|| Fts::forbidden("Forbidden"))
 }
 
-fn required<'a>(args: &'a HashMap<String, String>, name: &str, help: &str) -> Result<&'a str, Fts> {
+pub(super) fn required<'a>(args: &'a HashMap<String, String>, name: &str, help: &str) -> Result<&'a str, Fts> {
     args.get(name).map(String::as_str).ok_or_else(|| Fts::missing(name, help))
 }
 
@@ -313,7 +324,7 @@ async fn delete(request_id: String, headers: HeaderMap, query: String, ctx: Cont
 
 /// In OpenTera mode the form's JSON is only kept while the body arrives: it is checked
 /// once the body is in, in FTS's order.
-struct RawFileAsset(String);
+pub(super) struct RawFileAsset(pub String);
 
 impl FormPlan for RawFileAsset {
     fn stand_in_filename(&self) -> Option<&str> {
@@ -541,7 +552,7 @@ async fn register_session(
 
 /// Where clients reach FTS, as OpenTera's nginx tells it (`X_ExternalServer`, with an
 /// underscore, and `X-ExternalPort`); else as the request came.
-fn external_address(headers: &HeaderMap, ctx: &Context) -> (String, String) {
+pub(super) fn external_address(headers: &HeaderMap, ctx: &Context) -> (String, String) {
     let get = |names: [&str; 2]| {
         names.iter().find_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()).map(str::trim).map(str::to_owned))
     };
@@ -558,5 +569,16 @@ fn external_address(headers: &HeaderMap, ctx: &Context) -> (String, String) {
             };
             (server.unwrap_or(host), port.unwrap_or(default_port))
         }
+    }
+}
+
+/// Who reads records whose access OpenTera's rules decide afterwards (the handler then
+/// checks owner or service itself, as FTS does).
+pub(super) fn privileged_reader() -> crate::domain::principal::Principal {
+    crate::domain::principal::Principal {
+        kind: crate::domain::principal::PrincipalKind::Service,
+        uuid: Uuid::nil(),
+        name: "opentera".into(),
+        superadmin: false,
     }
 }

@@ -112,6 +112,8 @@ pub struct OpenTera {
     /// Sessions registered in assetd as TeraServer last showed them (id → what was
     /// registered), so an upload registers again only when something changed.
     pub registered_sessions: moka::sync::Cache<i64, Arc<String>>,
+    /// How long an uploaded archive is kept after it was asked for (FTS: 7 days).
+    pub archive_ttl: Duration,
 }
 
 impl OpenTera {
@@ -135,6 +137,7 @@ impl OpenTera {
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            archive_ttl: Duration::from_secs(7 * 86_400),
         };
         let first = opentera.snapshot(true).await?;
         if first.keys.service.is_none() || first.record.is_none() {

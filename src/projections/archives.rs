@@ -34,6 +34,7 @@ pub(super) struct ArchiveRow {
     updated_at: DateTime<Utc>,
     version: i64,
     created_position: i64,
+    uploader_uuid: Option<uuid::Uuid>,
 }
 
 impl ArchiveRow {
@@ -61,6 +62,7 @@ impl ArchiveRow {
                 updated_at: recorded.recorded_at,
                 version: recorded.version,
                 created_position: recorded.position,
+                uploader_uuid: None,
             },
             (None, _) => return None,
             (Some(mut row), event) => {
@@ -76,6 +78,7 @@ impl ArchiveRow {
                         row.blob_key = Some(c.blob.key.clone());
                         row.expires_at = Some(c.expires_at);
                         row.completed_at = Some(recorded.recorded_at);
+                        row.uploader_uuid = c.archive_uploader.map(|a| a.uuid);
                     }
                     ArchiveEvent::ArchiveFailed(f) => row.error = Some(f.error.clone()),
                     ArchiveEvent::ArchiveExpired(_) | ArchiveEvent::ArchiveDeleted(_) => {}
@@ -93,8 +96,8 @@ impl ArchiveRow {
 
     pub const COLUMNS: &'static str = "archive_uuid, job_uuid, id_session, owner_kind, owner_uuid, status, \
         filename, size, sha256, entries, skipped_assets, blob_backend, blob_key, error, completed_at, expires_at, \
-        created_at, updated_at, version, created_position";
-    pub const TYPES: [Type; 20] = [
+        created_at, updated_at, version, created_position, uploader_uuid";
+    pub const TYPES: [Type; 21] = [
         Type::UUID,
         Type::UUID,
         Type::INT8,
@@ -115,9 +118,10 @@ impl ArchiveRow {
         Type::TIMESTAMPTZ,
         Type::INT8,
         Type::INT8,
+        Type::UUID,
     ];
 
-    pub fn values(&self) -> [&(dyn ToSql + Sync); 20] {
+    pub fn values(&self) -> [&(dyn ToSql + Sync); 21] {
         [
             &self.archive_uuid,
             &self.job_uuid,
@@ -139,6 +143,7 @@ impl ArchiveRow {
             &self.updated_at,
             &self.version,
             &self.created_position,
+            &self.uploader_uuid,
         ]
     }
 
@@ -164,6 +169,7 @@ impl ArchiveRow {
             updated_at: row.try_get(17)?,
             version: row.try_get(18)?,
             created_position: row.try_get(19)?,
+            uploader_uuid: row.try_get(20)?,
         })
     }
 }
@@ -184,10 +190,10 @@ pub(super) async fn apply(
     let upsert = client
         .prepare_cached(&format!(
             "INSERT INTO archives ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                 $17, $18, $19, $20)
+                 $17, $18, $19, $20, $21)
              ON CONFLICT (archive_uuid) DO UPDATE SET status = $6, size = $8, sha256 = $9, entries = $10,
                  skipped_assets = $11, blob_backend = $12, blob_key = $13, error = $14, completed_at = $15,
-                 expires_at = $16, updated_at = $18, version = $19",
+                 expires_at = $16, updated_at = $18, version = $19, uploader_uuid = $21",
             ArchiveRow::COLUMNS
         ))
         .await?;

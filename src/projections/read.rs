@@ -560,6 +560,12 @@ pub struct ArchiveInfo {
     pub owner: Actor,
     #[serde(skip)]
     pub blob: Option<BlobLocation>,
+    /// Who uploaded it (an archive built outside assetd, OpenTera mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_uploader_uuid: Option<Uuid>,
+    /// FTS's integer id of the archive (OpenTera mode): its first event's position.
+    #[serde(skip)]
+    pub created_position: i64,
 }
 
 impl ArchiveInfo {
@@ -574,7 +580,8 @@ impl ArchiveInfo {
 }
 
 const ARCHIVE_COLUMNS: &str = "archive_uuid, status, filename, size, sha256, entries, skipped_assets, owner_kind, \
-    owner_uuid, id_session, created_at, expires_at, error, job_uuid, blob_backend, blob_key, completed_at";
+    owner_uuid, id_session, created_at, expires_at, error, job_uuid, blob_backend, blob_key, completed_at, \
+    uploader_uuid, created_position";
 
 fn archive_from_row(row: &tokio_postgres::Row) -> Result<ArchiveInfo, tokio_postgres::Error> {
     let owner_kind: &str = row.try_get(7)?;
@@ -603,7 +610,19 @@ fn archive_from_row(row: &tokio_postgres::Row) -> Result<ArchiveInfo, tokio_post
             (Some(backend), Some(key)) => Some(BlobLocation { backend, key }),
             _ => None,
         },
+        archive_uploader_uuid: row.try_get(17)?,
+        created_position: row.try_get(18)?,
     })
+}
+
+/// The archive whose FTS id (`id_archive_file_data`) is `id` (OpenTera mode).
+pub async fn archive_by_position(
+    client: &impl GenericClient,
+    id: i64,
+) -> Result<Option<ArchiveInfo>, tokio_postgres::Error> {
+    let statement =
+        client.prepare_cached(&format!("SELECT {ARCHIVE_COLUMNS} FROM archives WHERE created_position = $1")).await?;
+    client.query_opt(&statement, &[&id]).await?.as_ref().map(archive_from_row).transpose()
 }
 
 pub async fn archive(client: &impl GenericClient, uuid: Uuid) -> Result<Option<ArchiveInfo>, tokio_postgres::Error> {

@@ -171,7 +171,8 @@ pub async fn build_context(config: &ServeConfig) -> anyhow::Result<Context> {
         let mut opentera =
             crate::opentera::OpenTera::connect(&config.opentera).await.context("connecting to OpenTera's Redis")?;
         opentera.archive_ttl = config.jobs.archive_ttl();
-        app.opentera = Some(opentera);
+        app.opentera = Some(opentera.clone());
+        opentera.follow_asset_deletions(app.clone());
     }
     let settings = HttpSettings {
         base_path: config.base_path(),

@@ -73,6 +73,48 @@ impl ArchiveEvent {
     }
 }
 
+/// `opentera.protobuf.DatabaseEvent.EventType`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, prost::Enumeration)]
+#[repr(i32)]
+pub enum DatabaseEventType {
+    DbUnknown = 0,
+    DbCreate = 1,
+    DbUpdate = 2,
+    DbDelete = 3,
+}
+
+/// `opentera.protobuf.DatabaseEvent`: TeraServer's news of a change in its database.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DatabaseEvent {
+    #[prost(enumeration = "DatabaseEventType", tag = "1")]
+    pub r#type: i32,
+    #[prost(string, tag = "2")]
+    pub object_type: String,
+    /// The object, as JSON.
+    #[prost(string, tag = "3")]
+    pub object_value: String,
+}
+
+/// The channel TeraServer publishes its asset changes on.
+pub const ASSET_EVENTS_CHANNEL: &str = "module.TeraServer.DatabaseModule.events.asset";
+
+/// The assets a `TeraEvent` says TeraServer deleted (FTS's `asset_event_received`:
+/// `DB_DELETE` of an `asset`).
+pub fn deleted_assets(message: &[u8]) -> Vec<uuid::Uuid> {
+    let Ok(event) = TeraEvent::decode(message) else { return vec![] };
+    event
+        .events
+        .iter()
+        .filter(|any| any.type_url.ends_with("opentera.protobuf.DatabaseEvent"))
+        .filter_map(|any| DatabaseEvent::decode(&any.value[..]).ok())
+        .filter(|e| e.object_type == "asset" && e.r#type == DatabaseEventType::DbDelete as i32)
+        .filter_map(|e| {
+            let value: serde_json::Value = serde_json::from_str(&e.object_value).ok()?;
+            value.get("asset_uuid")?.as_str()?.parse().ok()
+        })
+        .collect()
+}
+
 const ARCHIVE_EVENT_TYPE_URL: &str = "type.googleapis.com/opentera.protobuf.ArchiveEvent";
 
 /// The bytes published on `topic`: a `TeraEvent` holding the archive event.
@@ -88,6 +130,31 @@ pub fn encode_archive_event(event: &ArchiveEvent, topic: &str, now: chrono::Date
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deleted_assets_are_read_from_teraservers_database_events() {
+        let asset = uuid::Uuid::new_v4();
+        let event = |kind: DatabaseEventType, object_type: &str| Any {
+            type_url: "type.googleapis.com/opentera.protobuf.DatabaseEvent".into(),
+            value: DatabaseEvent {
+                r#type: kind as i32,
+                object_type: object_type.into(),
+                object_value: format!(r#"{{"asset_uuid": "{asset}", "id_asset": 3}}"#),
+            }
+            .encode_to_vec(),
+        };
+        let message = TeraEvent {
+            header: Some(Header { version: 1, time: 1.0, topic: ASSET_EVENTS_CHANNEL.into() }),
+            events: vec![
+                event(DatabaseEventType::DbUpdate, "asset"),
+                event(DatabaseEventType::DbDelete, "session"),
+                event(DatabaseEventType::DbDelete, "asset"),
+            ],
+        }
+        .encode_to_vec();
+        assert_eq!(deleted_assets(&message), vec![asset]);
+        assert!(deleted_assets(b"not protobuf").is_empty());
+    }
 
     /// Bytes made by OpenTera's own generated Python classes (protobuf 4) for
     /// TeraEvent{header{1, 1.5, "service.FileTransferService.events"},

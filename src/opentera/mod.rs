@@ -103,6 +103,7 @@ pub struct SessionRefused;
 
 #[derive(Clone)]
 pub struct OpenTera {
+    client: redis::Client,
     redis: redis::aio::ConnectionManager,
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
     pub teraserver: TeraServer,
@@ -122,9 +123,10 @@ impl OpenTera {
         let url =
             config.opentera_redis.as_deref().ok_or_else(|| anyhow::anyhow!("ASSETD_OPENTERA_REDIS is not set"))?;
         let client = redis::Client::open(url)?;
-        let redis = redis::aio::ConnectionManager::new(client).await?;
+        let redis = redis::aio::ConnectionManager::new(client.clone()).await?;
         let empty = Snapshot { keys: TokenKeys::default(), record: None, read_at: Instant::now() - KEYS_MAX_AGE * 2 };
         let opentera = Self {
+            client,
             redis,
             snapshot: Arc::new(RwLock::new(Arc::new(empty))),
             teraserver: TeraServer::new(&config.opentera_server, config.opentera_verify_tls)?,
@@ -286,6 +288,54 @@ impl OpenTera {
         let bytes = events::encode_archive_event(event, &channel, chrono::Utc::now());
         let mut redis = self.redis.clone();
         redis.publish::<_, _, ()>(channel, bytes).await?;
+        Ok(())
+    }
+}
+
+impl OpenTera {
+    /// Follows TeraServer's asset deletions (its database events on Redis), as FTS does:
+    /// an asset TeraServer deleted by any path loses its bytes here too. Runs until the
+    /// process ends, subscribing again after any Redis failure.
+    pub fn follow_asset_deletions(&self, app: crate::app::App) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = Self::asset_deletions(&client, &app).await {
+                    tracing::warn!(%error, "OpenTera's asset events: subscription lost; subscribing again");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    async fn asset_deletions(client: &redis::Client, app: &crate::app::App) -> Result<(), redis::RedisError> {
+        use futures::StreamExt;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(events::ASSET_EVENTS_CHANNEL).await?;
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            for asset_uuid in events::deleted_assets(message.get_payload_bytes()) {
+                let Some(opentera) = &app.opentera else { continue };
+                let Ok((record, _)) = opentera.service().await else { continue };
+                let service = service_principal(&record);
+                let vouched = Principal { superadmin: true, ..service.clone() };
+                let ctx = crate::app::CommandContext::for_request(&service, &format!("teraserver-delete-{asset_uuid}"));
+                let app = app.clone();
+                let deleted = app
+                    .clone()
+                    .run_to_completion(async move { app.delete_asset(&vouched, &ctx, asset_uuid, None).await })
+                    .await;
+                match deleted {
+                    Ok(()) => tracing::info!(%asset_uuid, "asset deleted in TeraServer: deleted here too"),
+                    Err(crate::app::AppError::Domain(
+                        crate::domain::DomainError::NotFound(_) | crate::domain::DomainError::Conflict(_),
+                    )) => {}
+                    Err(error) => {
+                        tracing::warn!(%asset_uuid, %error, "asset deleted in TeraServer could not be deleted here")
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ mod eventstore;
 mod hardening;
 mod jobs;
 mod nginx;
+mod opentera;
 mod ops;
 mod relay;
 mod replay;

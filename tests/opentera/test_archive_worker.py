@@ -9,6 +9,20 @@ builds the worker's job information as that resource does, stores it in Redis an
 worker with TeraServer's command line. The worker then marks the archive in progress, downloads
 every asset from FTS, zips them and uploads the zip, all over HTTP to assetd.
 
+Who goes through nginx, as in OpenTera:
+- the user's requests (uploads, the archive's infos, download and delete): `/api/file/...` of the
+  tests' app, which the harness sends to the run's nginx (`/file/api/...`), as a client reaches
+  FTS through OpenTera's nginx;
+- the user's request to TeraServer (`GET /api/user/assets/archive`, played here) came through
+  nginx too: the job's `server_name` and `port` are what nginx announced in X_ExternalServer and
+  X-ExternalPort, so the run's nginx (127.0.0.1 and its port; 40075 when run directly);
+- not TeraServer's requests to FTS nor the worker's: UserQueryAssetsArchive builds
+  `http://<service_hostname>:<service_port>/api/archives[/infos]` from FTS's service record, and the
+  worker fetches `http://<service_hostname>:<service_port>/api/assets` from the `assets_map` (its
+  nginx URL, `'https://' + server_name + ':' + port + service_endpoint + '/api/assets'`, is
+  commented out in the worker). Those go to FTS itself, without nginx and without its headers,
+  and so do they here.
+
 Where this run differs from a deployment, on purpose and only there:
 - FTS's service record says 127.0.0.1:4042 (OpenTera's test data); FTS is assetd, at
   127.0.0.1:$ASSETD_PORT, and that is where TeraServer's URLs and `assets_map` point;
@@ -203,6 +217,9 @@ class AssetsArchiveWorkerTest(BaseFileTransferServiceAPITest):
                 files={'file': (io.BytesIO(data), filename), 'file_asset': json.dumps(file_asset)})
             self.assertEqual(200, response.status_code, f'upload of {filename}: {response.data[:500]!r}')
             asset_uuid = response.json['asset_uuid']
+            # FTS's answer names where clients reach it, from nginx's headers: the run's nginx.
+            self.assertEqual(f'https://{settings.EXTERNAL_SERVER}:{settings.external_port()}/file/api/assets',
+                             response.json.get('asset_url'))
             self.uploaded[asset_uuid] = (asset_name, data)
             uuids.append(asset_uuid)
         return uuids
@@ -241,9 +258,10 @@ class AssetsArchiveWorkerTest(BaseFileTransferServiceAPITest):
                                                               'service_endpoint': service.service_clientendpoint,
                                                               'service_token': service.get_token(service_key)}
 
-            # The user's request came through nginx, which names itself in these headers.
+            # The user's request came through nginx, which names itself in these headers
+            # (X_ExternalServer, X-ExternalPort): the run's nginx.
             server_name = settings.EXTERNAL_SERVER
-            port = str(settings.EXTERNAL_PORT)
+            port = str(settings.external_port())
 
             def add_asset_to_list(asset: TeraAsset, path: str = ''):
                 value = asset.to_json(minimal=False)

@@ -1,4 +1,6 @@
-"""Requests to assetd as OpenTera's nginx would send them (location /file/ of config/opentera.conf)."""
+"""Requests to assetd through the run's nginx (tests/opentera/nginx.conf: OpenTera's location /file/
+of config/opentera.conf), or, with OPENTERA_TESTS_DIRECT=1, straight to assetd with the headers that
+nginx would add."""
 import requests
 from requests.structures import CaseInsensitiveDict
 

@@ -2,8 +2,9 @@
 
 FakeFileTransferService mounts FTS's API on its own Flask app at `/api/file/...` and the tests
 call it with Flask's test client. Here that namespace holds a single catch-all resource that
-sends the request over real HTTP to assetd (`/api/<path>`, as nginx strips `/file`) and hands
-back assetd's answer unchanged: status, headers and raw body.
+sends the request over real HTTP to the run's nginx (`/file/api/<path>`; nginx strips `/file`,
+so assetd gets `/api/<path>`), or to assetd itself when direct, and hands back the answer
+unchanged: status, headers and raw body.
 """
 import json
 import urllib.parse

@@ -9,9 +9,10 @@ import os
 import redis
 
 # What OpenTera's nginx announces to the services behind it (config/nginx.conf: `listen 40075`,
-# `server_name 127.0.0.1`). The fake TeraServer module of the tests uses the same pair
-# (FakeFlaskModule sets server_config to 127.0.0.1:40075), so the URLs assetd builds from the
-# headers and the ones the double builds from its config agree, as they do in a deployment.
+# `server_name 127.0.0.1`): X_ExternalServer is its server_name, X-ExternalPort the port it
+# listens on. The fake TeraServer module of the tests uses the same pair (FakeFlaskModule sets
+# server_config to 127.0.0.1:40075). Run directly, the proxy announces that pair itself; through
+# the run's nginx (tests/opentera/nginx.conf, same server_name), the port is nginx's own.
 EXTERNAL_SERVER = '127.0.0.1'
 EXTERNAL_PORT = 40075
 
@@ -36,16 +37,27 @@ def redis_port() -> int:
 
 
 def via_nginx() -> bool:
-    """OPENTERA_TESTS_VIA_NGINX=1: send the FTS requests to nginx's /file/ location (NGINX_PORT)
-    instead of assetd itself, so nginx strips the prefix and adds its headers as in a deployment."""
+    """OPENTERA_TESTS_VIA_NGINX=1 (scripts/opentera-tests sets it unless OPENTERA_TESTS_DIRECT=1):
+    send the FTS requests to nginx's /file/ location (NGINX_PORT) instead of assetd itself, so
+    nginx strips the prefix and adds its headers as in a deployment."""
     return os.environ.get('OPENTERA_TESTS_VIA_NGINX', '') == '1'
+
+
+def nginx_port() -> int:
+    return _port('NGINX_PORT')
+
+
+def external_port() -> int:
+    """The port nginx announces in X-ExternalPort ($server_port): the run's nginx when there is
+    one, else OpenTera's 40075, which the proxy announces in its place."""
+    return nginx_port() if via_nginx() else EXTERNAL_PORT
 
 
 def fts_base_url() -> str:
     """Where `/api/file/<path>` of the tests goes: `<base>/api/<path>`. assetd in OpenTera mode
     serves at the root, as FTS does behind nginx (which strips `/file`)."""
     if via_nginx():
-        return f'http://127.0.0.1:{_port("NGINX_PORT")}/file'
+        return f'http://127.0.0.1:{nginx_port()}/file'
     return f'http://127.0.0.1:{assetd_port()}'
 
 

@@ -440,7 +440,10 @@ async fn upload(
             .await;
     let info = match stored {
         Ok(info) => info,
-        Err(error) => {
+        // The commit's outcome is unknown: the asset may be recorded, so TeraServer's stays
+        // (the client's retry, or the cleanup of unreferenced bytes, settles it).
+        Err(Recording::MayHaveCommitted(error)) => return Err(error),
+        Err(Recording::Failed(error)) => {
             // No asset without bytes: TeraServer's asset goes again.
             if let Err(undo) = opentera.teraserver.delete_asset(asset_uuid, &service_token).await {
                 tracing::error!(%asset_uuid, %undo, "an upload failed and TeraServer's asset could not be deleted");
@@ -462,6 +465,13 @@ async fn upload(
     Ok(warp::reply::json(&answer).into_response())
 }
 
+/// Why an asset TeraServer made was not recorded.
+enum Recording {
+    Failed(Fts),
+    /// The database did not say whether the commit happened.
+    MayHaveCommitted(Fts),
+}
+
 /// Registers TeraServer's session in assetd (its members as TeraServer lists them) and
 /// records the asset with the received bytes.
 #[allow(clippy::too_many_arguments)]
@@ -476,9 +486,9 @@ async fn record_upload(
     asset_type: MediaType,
     asset_uuid: Uuid,
     id_asset: i64,
-) -> Result<AssetInfo, Fts> {
+) -> Result<AssetInfo, Recording> {
     let command = CommandContext::for_request(&caller.principal, request_id);
-    register_session(ctx, &command, record, plan.id_session, session).await?;
+    register_session(ctx, &command, record, plan.id_session, session).await.map_err(Recording::Failed)?;
     let principal = vouched(caller);
     let app = ctx.app.clone();
     let info = ctx
@@ -503,7 +513,11 @@ async fn record_upload(
             })
             .await
         })
-        .await?;
+        .await
+        .map_err(|error| match error {
+            AppError::CommitOutcomeUnknown(_) => Recording::MayHaveCommitted(error.into()),
+            other => Recording::Failed(other.into()),
+        })?;
     Ok(info)
 }
 

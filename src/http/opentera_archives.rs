@@ -230,8 +230,15 @@ async fn post_infos(
             Err(AppError::Domain(DomainError::NotFound(_))) => return Err(no_archive()),
             Err(error) => return Err(error.into()),
         };
+        // Deleted or expired: FTS has no record of it any more.
+        if fts_status(&archive) == ArchiveStatus::Deleted {
+            return Err(no_archive());
+        }
         let Some(status) = info.get("archive_status") else { return Err(Fts::bad_request("Missing archive status")) };
         let status = status.as_i64().ok_or_else(parsing)?;
+        if fts_status(&archive) == ArchiveStatus::Completed && status != ArchiveStatus::Deleted as i64 {
+            return Err(Fts::bad_request("Error parsing archive information: the archive is already uploaded"));
+        }
         let principal = vouched(&caller);
         let changed = match ctx.app.set_uploaded_archive_status(&principal, &command, &archive, status).await {
             Ok(changed) => changed,

@@ -19,6 +19,7 @@ mod hardening;
 mod jobs;
 mod nginx;
 mod opentera;
+mod opentera_archives;
 mod ops;
 mod relay;
 mod replay;

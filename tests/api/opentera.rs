@@ -407,6 +407,11 @@ pub struct OtApp {
 /// assetd in OpenTera mode on its own database, data directory, Redis and TeraServer
 /// double, served over HTTP on a free port (no relay, commands or workers).
 pub async fn start_opentera_app() -> OtApp {
+    start_opentera_app_with(TestOptions::default()).await
+}
+
+/// [`start_opentera_app`] with these options (jobs settings: e.g. the archive TTL).
+pub async fn start_opentera_app_with(options: TestOptions) -> OtApp {
     let redis = RedisServer::start().await;
     let keys = OtKeys::random();
     keys.write(&redis).await;
@@ -417,7 +422,7 @@ pub async fn start_opentera_app() -> OtApp {
     let tera = TeraDouble::start(&redis).await;
     let db = TestDatabase::create().await;
     let data_dir = tempfile::tempdir().unwrap();
-    let mut config = serve_config(&db.url, data_dir.path(), &TestOptions::default());
+    let mut config = serve_config(&db.url, data_dir.path(), &options);
     config.base_path = None;
     config.opentera.opentera_redis = Some(redis.url());
     config.opentera.opentera_server = tera.url();

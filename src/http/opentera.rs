@@ -299,8 +299,8 @@ async fn delete(request_id: String, headers: HeaderMap, query: String, ctx: Cont
     let opentera = opentera(&ctx);
     let uuid = Uuid::try_parse(asset_uuid).map_err(|_| Fts::new(StatusCode::NOT_FOUND, "No asset found"))?;
     // TeraServer first (its refusal is passed on, as FTS does); then the bytes.
-    let token = opentera.service_token().await?;
-    match opentera.teraserver.delete_asset(uuid, &token).await {
+    let teraserver = &opentera.teraserver;
+    match opentera.as_service(|token| async move { teraserver.delete_asset(uuid, &token).await }).await? {
         Ok(()) => {}
         Err(crate::opentera::teraserver::TeraServerError::Refused { status, body }) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -399,6 +399,10 @@ async fn upload(
             file_asset.insert("id_service".into(), json!(id_service));
         }
     } else {
+        // Users, participants and devices upload as themselves: creators they name go.
+        for creator in ["id_user", "id_participant", "id_device", "id_service"] {
+            file_asset.remove(creator);
+        }
         let field = match caller.principal.kind {
             crate::domain::principal::PrincipalKind::User => "id_user",
             crate::domain::principal::PrincipalKind::Participant => "id_participant",
@@ -421,8 +425,13 @@ async fn upload(
         .or_insert_with(|| json!(chrono::Utc::now().naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string()));
 
     // TeraServer makes the asset (its uuid and id), then assetd records it with the bytes.
-    let service_token = tokens::mint_service_token(&service_key, record.service_uuid, 3600);
-    let created = match opentera.teraserver.create_asset(Value::Object(asset), &service_token).await {
+    let teraserver = &opentera.teraserver;
+    let asset = Value::Object(asset);
+    let create = |token: String| {
+        let asset = asset.clone();
+        async move { teraserver.create_asset(asset, &token).await }
+    };
+    let created = match opentera.as_service(create).await? {
         Ok(created) => created,
         Err(crate::opentera::teraserver::TeraServerError::Refused { status, body }) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -445,7 +454,8 @@ async fn upload(
         Err(Recording::MayHaveCommitted(error)) => return Err(error),
         Err(Recording::Failed(error)) => {
             // No asset without bytes: TeraServer's asset goes again.
-            if let Err(undo) = opentera.teraserver.delete_asset(asset_uuid, &service_token).await {
+            let undo = |token: String| async move { teraserver.delete_asset(asset_uuid, &token).await };
+            if let Err(undo) = opentera.as_service(undo).await.and_then(|answer| Ok(answer?)) {
                 tracing::error!(%asset_uuid, %undo, "an upload failed and TeraServer's asset could not be deleted");
             }
             return Err(error);
@@ -530,27 +540,23 @@ async fn register_session(
     id_session: SessionId,
     session: &Value,
 ) -> Result<(), Fts> {
-    let uuids = |list: &str, field: &str| -> Vec<Uuid> {
-        session
-            .get(list)
-            .and_then(Value::as_array)
-            .map(|members| members.iter().filter_map(|m| m.get(field)?.as_str()?.parse().ok()).collect::<Vec<Uuid>>())
-            .unwrap_or_default()
-    };
     let name = session
         .get("session_name")
         .and_then(Value::as_str)
         .map(str::trim)
         .filter(|n| !n.is_empty() && n.chars().count() <= 255 && !n.chars().any(char::is_control))
         .map_or_else(|| format!("Session {}", id_session.get()), str::to_owned);
+    // Registered without members: in OpenTera mode TeraServer decides who reaches a
+    // session, at each request, so assetd's registry must grant nobody anything (its
+    // other routes then serve services, superadmins and access tokens' holders only).
     let upsert = UpsertSession {
         id_session,
         session_name: name,
         session_uuid: session.get("session_uuid").and_then(Value::as_str).and_then(|u| u.parse().ok()),
         id_creator_uuid: None,
-        session_users: uuids("session_users", "user_uuid"),
-        session_participants: uuids("session_participants", "participant_uuid"),
-        session_devices: uuids("session_devices", "device_uuid"),
+        session_users: vec![],
+        session_participants: vec![],
+        session_devices: vec![],
     };
     let fingerprint = format!("{upsert:?}");
     let opentera = opentera(ctx);
@@ -570,8 +576,11 @@ pub(super) fn external_address(headers: &HeaderMap, ctx: &Context) -> (String, S
     let get = |names: [&str; 2]| {
         names.iter().find_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()).map(str::trim).map(str::to_owned))
     };
-    let server = get(["x_externalserver", "x-externalserver"]);
-    let port = get(["x_externalport", "x-externalport"]);
+    // Host and port characters only: these headers end up in URLs clients follow.
+    let host_like = |v: &String| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    let server = get(["x_externalserver", "x-externalserver"]).filter(host_like);
+    let port =
+        get(["x_externalport", "x-externalport"]).filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     match (server, port) {
         (Some(server), Some(port)) => (server, port),
         (server, port) => {

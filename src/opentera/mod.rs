@@ -52,7 +52,17 @@ pub struct OpenTeraConfig {
 /// most this often) when a token fails to verify: TeraServer makes new keys at every
 /// start.
 const KEYS_MAX_AGE: Duration = Duration::from_secs(1);
-const KEYS_MIN_AGE_FOR_RETRY: Duration = Duration::from_millis(100);
+
+/// The longest one Redis call may take before the request gets its 503.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Runs a Redis call within [`REDIS_TIMEOUT`].
+async fn bounded<T>(call: impl std::future::Future<Output = redis::RedisResult<T>>) -> Result<T, OpenTeraError> {
+    match tokio::time::timeout(REDIS_TIMEOUT, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(OpenTeraError::RedisTimeout),
+    }
+}
 
 /// Lifetime of the access tokens assetd hands out in OpenTera mode (FTS: 1,800 s).
 pub const ACCESS_TOKEN_SECONDS: i64 = 1800;
@@ -90,6 +100,8 @@ pub struct Snapshot {
 pub enum OpenTeraError {
     #[error("OpenTera's Redis is unreachable: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("OpenTera's Redis did not answer in time")]
+    RedisTimeout,
     #[error(transparent)]
     TeraServer(#[from] TeraServerError),
     /// TeraServer has not published what assetd needs (keys, the service record).
@@ -123,7 +135,14 @@ impl OpenTera {
         let url =
             config.opentera_redis.as_deref().ok_or_else(|| anyhow::anyhow!("ASSETD_OPENTERA_REDIS is not set"))?;
         let client = redis::Client::open(url)?;
-        let redis = redis::aio::ConnectionManager::new(client.clone()).await?;
+        // Bounded everywhere: with Redis down, requests get their 503 at once rather than
+        // waiting for the reconnection's backoff.
+        let settings = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_max_delay(500)
+            .set_connection_timeout(REDIS_TIMEOUT)
+            .set_response_timeout(REDIS_TIMEOUT);
+        let redis = redis::aio::ConnectionManager::new_with_config(client.clone(), settings).await?;
         let empty = Snapshot { keys: TokenKeys::default(), record: None, read_at: Instant::now() - KEYS_MAX_AGE * 2 };
         let opentera = Self {
             client,
@@ -150,12 +169,11 @@ impl OpenTera {
         Ok(opentera)
     }
 
-    /// The keys and record, read again when older than [`KEYS_MAX_AGE`] (or, with
-    /// `fresh`, than [`KEYS_MIN_AGE_FOR_RETRY`]).
+    /// The keys and record, read again when older than [`KEYS_MAX_AGE`], or always
+    /// with `fresh` (a token failed: it may be signed with keys renewed a moment ago).
     pub async fn snapshot(&self, fresh: bool) -> Result<Arc<Snapshot>, OpenTeraError> {
         let current = self.snapshot.read().expect("not poisoned").clone();
-        let max_age = if fresh { KEYS_MIN_AGE_FOR_RETRY } else { KEYS_MAX_AGE };
-        if current.read_at.elapsed() < max_age {
+        if !fresh && current.read_at.elapsed() < KEYS_MAX_AGE {
             return Ok(current);
         }
         let names = [
@@ -202,14 +220,14 @@ impl OpenTera {
         let revoked = |set: &'static str, token: String| {
             let mut redis = redis.clone();
             // A Redis that fails here fails closed: the token counts as revoked.
-            async move { redis.sismember::<_, _, bool>(set, token).await.unwrap_or(true) }
+            async move { bounded(redis.sismember::<_, _, bool>(set, token)).await.unwrap_or(true) }
         };
         let snapshot = self.snapshot(false).await?;
         if let Some(caller) = tokens::verify(&snapshot.keys, &found, rule, revoked).await {
             return Ok(Some(caller));
         }
         let again = self.snapshot(true).await?;
-        if Arc::ptr_eq(&again, &snapshot) {
+        if again.keys == snapshot.keys {
             return Ok(None);
         }
         Ok(tokens::verify(&again.keys, &found, rule, revoked).await)
@@ -229,6 +247,29 @@ impl OpenTera {
         Ok(tokens::mint_service_token(&key, record.service_uuid, 3600))
     }
 
+    /// Whether Redis holds other keys or another record than those last read (TeraServer
+    /// restarted): then a token assetd signed a moment ago may be refused by TeraServer.
+    async fn renewed(&self) -> Result<bool, OpenTeraError> {
+        let before = self.snapshot(false).await?;
+        let now = self.snapshot(true).await?;
+        Ok(now.keys.service != before.keys.service || now.record != before.record)
+    }
+
+    /// Calls TeraServer as this service. If TeraServer refuses the token (401 or 403)
+    /// because it has just renewed its keys, once more with a token signed by the new ones.
+    /// The outer error is Redis's; the inner result is TeraServer's answer.
+    pub async fn as_service<T, F, Fut>(&self, call: F) -> Result<Result<T, TeraServerError>, OpenTeraError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, TeraServerError>>,
+    {
+        let answer = call(self.service_token().await?).await;
+        if matches!(answer, Err(TeraServerError::Refused { status: 401 | 403, .. })) && self.renewed().await? {
+            return Ok(call(self.service_token().await?).await);
+        }
+        Ok(answer)
+    }
+
     /// Does TeraServer let `caller` put files in this session? FTS's rule: TeraServer
     /// must show the session (to the caller when it is a service, else to FTS); then
     /// superadmins, the project's admins, and the session's members and creator pass.
@@ -238,14 +279,10 @@ impl OpenTera {
         caller: &Caller,
         id_session: i64,
     ) -> Result<Result<Value, SessionRefused>, OpenTeraError> {
-        let token = match caller.principal.kind {
-            PrincipalKind::Service => caller.token.clone(),
-            _ => self.service_token().await?,
-        };
         let cache_key = (id_session, if caller.principal.is_service() { caller.token.clone() } else { String::new() });
         let session = match self.sessions.get(&cache_key) {
             Some(session) => session,
-            None => match self.teraserver.session(id_session, &token).await? {
+            None => match self.ask_session(caller, id_session).await? {
                 Some(session) => {
                     self.sessions.insert(cache_key, session.clone());
                     session
@@ -268,6 +305,19 @@ impl OpenTera {
         Ok(if allowed { Ok(session) } else { Err(SessionRefused) })
     }
 
+    /// TeraServer's session, asked with the caller's token when it is a service, with
+    /// this service's own otherwise (again with renewed keys if TeraServer just renewed).
+    async fn ask_session(&self, caller: &Caller, id_session: i64) -> Result<Option<Value>, OpenTeraError> {
+        if caller.principal.is_service() {
+            return Ok(self.teraserver.session(id_session, &caller.token).await?);
+        }
+        let found = self.teraserver.session(id_session, &self.service_token().await?).await?;
+        if found.is_none() && self.renewed().await? {
+            return Ok(self.teraserver.session(id_session, &self.service_token().await?).await?);
+        }
+        Ok(found)
+    }
+
     async fn is_project_admin(&self, session: &Value, caller: &Caller) -> Result<bool, OpenTeraError> {
         let Some(id_project) = session
             .get("session_participants")
@@ -287,7 +337,7 @@ impl OpenTera {
         let channel = format!("service.{}.events", self.service_key);
         let bytes = events::encode_archive_event(event, &channel, chrono::Utc::now());
         let mut redis = self.redis.clone();
-        redis.publish::<_, _, ()>(channel, bytes).await?;
+        bounded(redis.publish::<_, _, ()>(channel, bytes)).await?;
         Ok(())
     }
 }

@@ -110,7 +110,12 @@ fn validation() -> Validation {
 
 fn claims(token: &str, key: Option<&[u8]>) -> Option<Map<String, Value>> {
     let key = key?;
-    decode::<Map<String, Value>>(token, &DecodingKey::from_secret(key), &validation()).ok().map(|data| data.claims)
+    let claims = decode::<Map<String, Value>>(token, &DecodingKey::from_secret(key), &validation())
+        .ok()
+        .map(|data| data.claims)?;
+    // PyJWT refuses a time claim that is not a number; the validation above would skip it.
+    let times_are_numbers = ["exp", "nbf", "iat"].iter().all(|name| claims.get(*name).is_none_or(Value::is_number));
+    times_are_numbers.then_some(claims)
 }
 
 fn uuid_claim(claims: &Map<String, Value>, name: &str) -> Option<Uuid> {
@@ -288,6 +293,10 @@ mod tests {
         assert!(check(FoundToken::Header(participant), TokenRule::StaticAllowed).await.is_some());
         let expired = sign("user", serde_json::json!({"user_uuid": uuid, "id_user": 3, "exp": exp - 120}));
         assert!(check(FoundToken::Header(expired), TokenRule::DynamicOnly).await.is_none());
+        for odd in [serde_json::json!((exp - 120).to_string()), serde_json::json!("garbage"), Value::Null] {
+            let token = sign("user", serde_json::json!({"user_uuid": uuid, "id_user": 3, "exp": odd}));
+            assert!(check(FoundToken::Header(token), TokenRule::DynamicOnly).await.is_none(), "exp {odd}");
+        }
         let revoked = verify(&keys(), &FoundToken::Header(user), TokenRule::DynamicOnly, |_, _| async { true }).await;
         assert!(revoked.is_none());
     }

@@ -26,13 +26,20 @@ pub fn health() -> warp::reply::Response {
 /// connecting or disabled) but does not make this 503: requests succeed without it,
 /// and events wait in Postgres for the relay.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
-    (status = 200, description = "the database (and the S3 bucket) answer"),
-    (status = 503, description = "the database or the S3 bucket is down"),
+    (status = 200, description = "the database (and the S3 bucket, and OpenTera's Redis in OpenTera mode) answer"),
+    (status = 503, description = "the database, the S3 bucket or OpenTera's Redis is down"),
 ))]
 pub async fn ready(ctx: Context) -> warp::reply::Response {
-    let (database_ok, blobs) = tokio::join!(ctx.app.database_ready(), ctx.app.blobs.ready());
+    let opentera = async {
+        match &ctx.app.opentera {
+            None => None,
+            Some(opentera) => Some(opentera.ready().await),
+        }
+    };
+    let (database_ok, blobs, opentera) = tokio::join!(ctx.app.database_ready(), ctx.app.blobs.ready(), opentera);
     let blobs_ok = blobs != Some(false);
-    let ready = database_ok && blobs_ok;
+    let opentera_ok = opentera != Some(false);
+    let ready = database_ok && blobs_ok && opentera_ok;
     let body = json!({
         "status": if ready { "ready" } else { "unavailable" },
         "checks": {
@@ -42,6 +49,7 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
             "relay": ctx.app.messaging.relay().as_str(),
             "commands": ctx.app.messaging.commands().as_str(),
             "workers": ctx.app.messaging.workers().as_str(),
+            "opentera_redis": match opentera { None => "disabled", Some(true) => "ok", Some(false) => "unreachable" },
         },
     });
     if ready {
@@ -52,7 +60,13 @@ pub async fn ready(ctx: Context) -> warp::reply::Response {
     let mut body = body;
     body["error"] = json!({
         "code": "unavailable",
-        "message": if database_ok { "the blob store is unreachable" } else { "the database is unreachable" },
+        "message": if !database_ok {
+            "the database is unreachable"
+        } else if !blobs_ok {
+            "the blob store is unreachable"
+        } else {
+            "OpenTera's Redis is unreachable"
+        },
         "request_id": super::request_id::current(),
     });
     let mut response =

@@ -204,6 +204,12 @@ impl OpenTera {
         Ok(snapshot)
     }
 
+    /// Does OpenTera's Redis answer (for `/ready`)?
+    pub async fn ready(&self) -> bool {
+        let mut redis = self.redis.clone();
+        bounded(redis::cmd("PING").query_async::<String>(&mut redis)).await.is_ok()
+    }
+
     /// The request's caller, or None (refused: 403). Keys are read again once when a
     /// token fails, so tokens signed with keys TeraServer just renewed pass at once.
     pub async fn authenticate(

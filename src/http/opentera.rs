@@ -389,7 +389,7 @@ async fn upload(
         Ok(session) => session,
         Err(_) => return Err(Fts::forbidden("Session access is forbidden")),
     };
-    let (record, service_key) = opentera.service().await?;
+    let (record, _) = opentera.service().await?;
     // The creator: the caller; a service names one, and is recorded as the maker too.
     if caller.principal.is_service() {
         if !["id_device", "id_participant", "id_user", "id_service"].iter().any(|k| file_asset.contains_key(*k)) {
@@ -470,6 +470,8 @@ async fn upload(
     let base = format!("https://{server}:{port}{}", record.clientendpoint);
     answer.insert("asset_infos_url".into(), json!(format!("{base}/api/assets/infos")));
     answer.insert("asset_url".into(), json!(format!("{base}/api/assets")));
+    // Signed with the key in force now (TeraServer may have renewed it during the upload).
+    let (_, service_key) = opentera.service().await?;
     let token = tokens::mint_access_token(&service_key, &[asset_uuid], caller.principal.uuid, ACCESS_TOKEN_SECONDS);
     answer.insert("access_token".into(), json!(token));
     Ok(warp::reply::json(&answer).into_response())

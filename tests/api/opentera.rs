@@ -1091,3 +1091,155 @@ async fn the_teraserver_double_refuses_tokens_teraserver_would_refuse() {
     assert_eq!(ask(format!("OpenTera {}", app.keys.user(Uuid::new_v4(), 1, true))).await, 401, "a user token");
     assert_eq!(app.tera.calls("unauthorized"), 3);
 }
+
+// ---------------------------------------------------------------------------------------
+// The fixes after the outside try.
+
+#[tokio::test]
+async fn redis_stopped_answers_503_within_seconds_not_after_a_hang() {
+    let mut app = start_opentera_app().await;
+    let user_token = app.keys.user(Uuid::new_v4(), 1, false);
+    assert_eq!(app.probe(&user_token).await, 400);
+    let _ = app.redis.child.kill();
+    let _ = app.redis.child.wait();
+
+    // A token signed with an unknown key makes assetd read the keys again: Redis fails.
+    let unknown = OtKeys::random().user(Uuid::new_v4(), 1, false);
+    for attempt in 1..=2 {
+        let started = Instant::now();
+        let answer = app.get(&unknown, "/api/assets").await;
+        let elapsed = started.elapsed();
+        assert_eq!(answer.status, 503, "attempt {attempt}, unknown key: {}", answer.text());
+        let _: Value = answer.json();
+        assert!(elapsed < Duration::from_secs(5), "attempt {attempt}, unknown key: answered after {elapsed:?}");
+    }
+    // A good user token: its revocation check fails closed, then the keys cannot be read
+    // again: 503 too (never a 400).
+    let started = Instant::now();
+    let answer = app.get(&user_token, "/api/assets").await;
+    assert_eq!(answer.status, 503, "good user token: {}", answer.text());
+    let _: Value = answer.json();
+    assert!(started.elapsed() < Duration::from_secs(5), "good user token: answered after {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_token_signed_with_keys_renewed_a_moment_ago_passes_at_once() {
+    let app = start_opentera_app().await;
+    let user = Uuid::new_v4();
+    assert_eq!(app.probe(&app.keys.user(user, 1, false)).await, 400);
+    // A failing token: the keys were read just now.
+    assert_eq!(app.probe("not-a-token").await, 403);
+    for round in 1..=2 {
+        // No sleep: renewed, then used at once (previously refused for 100 ms).
+        let new = OtKeys::random();
+        new.write(&app.redis).await;
+        assert_eq!(app.probe(&new.user(user, 1, false)).await, 400, "round {round}: the new user key");
+        assert_eq!(app.probe(&new.participant(Uuid::new_v4(), 2)).await, 400, "round {round}: the new participant key");
+    }
+}
+
+#[tokio::test]
+async fn an_upload_right_after_teraserver_renews_its_service_key_succeeds() {
+    let app = start_opentera_app().await;
+    let user = Uuid::new_v4();
+    let token = app.keys.user(user, 1, false);
+    app.tera.set_session(session_json(120, &[user], &[], &[]));
+    // The session is now cached (2 s), so the next upload's first TeraServer call is the
+    // asset creation.
+    app.upload_ok(&token, 120, b"before").await;
+    assert_eq!(app.probe("not-a-token").await, 403, "the keys were read just now");
+    let renewed_at = Instant::now();
+    let new_service_key = format!("service-{}", Uuid::new_v4().simple());
+    app.redis.run(&["SET", "ServiceTokenAPIKey", &new_service_key]).await;
+    app.upload_ok(&token, 120, b"after").await;
+    let elapsed = renewed_at.elapsed();
+    assert_eq!(app.tera.with(|s| s.created.len()), 2, "both assets created");
+    if elapsed < Duration::from_millis(900) {
+        // The keys assetd held were the old ones: refused once, then retried.
+        assert_eq!(app.tera.calls("unauthorized"), 1, "one refusal, then the retry");
+        assert_eq!(app.tera.calls("create_asset"), 3, "first upload, refused call, retry");
+    }
+}
+
+#[tokio::test]
+async fn a_participant_cannot_name_other_creators() {
+    let app = start_opentera_app().await;
+    let participant = Uuid::new_v4();
+    app.tera.set_session(session_json(130, &[], &[participant], &[]));
+    let file_asset = json!({"id_session": 130, "asset_name": "a", "id_user": 1, "id_device": 2, "id_service": 3});
+    let answer = app.upload(&app.keys.participant(participant, 44), &file_asset, "a.bin", b"x").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let created = app.tera.with(|s| s.created.clone());
+    assert_eq!(created.len(), 1);
+    let asset = created[0].as_object().unwrap();
+    let creators: Vec<(&String, &Value)> = asset
+        .iter()
+        .filter(|(k, _)| ["id_user", "id_participant", "id_device", "id_service"].contains(&k.as_str()))
+        .collect();
+    assert_eq!(creators, vec![(&"id_participant".to_owned(), &json!(44))], "{}", created[0]);
+}
+
+#[tokio::test]
+async fn native_routes_grant_nothing_through_the_registry_in_opentera_mode() {
+    let app = start_opentera_app().await;
+    let participant = Uuid::new_v4();
+    let token = app.keys.participant(participant, 5);
+    app.tera.set_session(session_json(140, &[], &[participant], &[]));
+    let uploaded = app.upload_ok(&token, 140, b"by a member").await;
+    let asset_uuid = uploaded["asset_uuid"].as_str().unwrap();
+
+    let listing = app.get(&token, "/api/sessions/140/assets").await;
+    assert_eq!(listing.status, 403, "the listing: {}", listing.text());
+    let events = app.get(&token, &format!("/api/assets/{asset_uuid}/events")).await;
+    assert_eq!(events.status, 403, "the events: {}", events.text());
+    let signed = Answer::of(
+        app.client
+            .post(app.url(&format!("/api/assets/{asset_uuid}/download-url")))
+            .header("Authorization", format!("OpenTera {token}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(signed.status, 403, "a download URL: {}", signed.text());
+
+    let admin = app.get(&app.keys.user(Uuid::new_v4(), 1, true), "/api/sessions/140/assets").await;
+    assert_eq!(admin.status, 200, "a superadmin lists: {}", admin.text());
+}
+
+#[tokio::test]
+async fn external_address_headers_that_are_not_a_host_and_port_are_ignored() {
+    let app = start_opentera_app().await;
+    let user = Uuid::new_v4();
+    app.tera.set_session(session_json(150, &[user], &[], &[]));
+    let headers = [("X_ExternalServer", "evil.com/\"<x>"), ("X-ExternalPort", "abc")];
+    let file_asset = json!({"id_session": 150, "asset_name": "a"});
+    let answer = app.upload_with(&app.keys.user(user, 1, false), &file_asset, "a.bin", b"x", &headers).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let url = answer.json()["asset_url"].as_str().unwrap().to_owned();
+    assert!(!url.contains("evil") && !url.contains("abc") && !url.contains('<'), "{url}");
+    let host = app.base.trim_start_matches("http://");
+    assert!(url.contains(host), "falls back to the request's Host ({host}): {url}");
+}
+
+/// Found while writing the test above: the upload reads the service key before calling
+/// TeraServer and signs the access token with it, so after the retry with the renewed key
+/// the access token handed out is signed with the old one and stops working once assetd
+/// reads the keys again.
+#[tokio::test]
+async fn the_access_token_of_an_upload_retried_after_a_renewal_is_signed_with_the_new_key() {
+    let app = start_opentera_app().await;
+    let user = Uuid::new_v4();
+    let token = app.keys.user(user, 1, false);
+    app.tera.set_session(session_json(121, &[user], &[], &[]));
+    app.upload_ok(&token, 121, b"before").await;
+    assert_eq!(app.probe("not-a-token").await, 403, "the keys were read just now");
+    let new_service_key = format!("service-{}", Uuid::new_v4().simple());
+    app.redis.run(&["SET", "ServiceTokenAPIKey", &new_service_key]).await;
+    let uploaded = app.upload_ok(&token, 121, b"after").await;
+    let access = uploaded["access_token"].as_str().unwrap();
+    assert!(verified(access, &new_service_key).is_some(), "access token signed with the new service key");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let download = app.download(&token, uploaded["asset_uuid"].as_str().unwrap(), access).await;
+    assert_eq!(download.status, 200, "{}", download.text());
+}

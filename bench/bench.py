@@ -14,7 +14,11 @@ What it starts, all under a work directory it owns (default /var/tmp/assetd-benc
   - one baseline nginx (bench/nginx-baseline.conf): static files, bodies written to a
     file, multipart POSTs answered with 200, and the source files of imports;
   - for the import row only, a third assetd (`jobs`) that runs the relay and the job
-    workers, on a RabbitMQ prefix of the bench's own; the other two run neither.
+    workers, on a RabbitMQ prefix of the bench's own; the other two run neither;
+  - for the opentera row only, an assetd in OpenTera mode on a database of its own
+    (`<database>_ot`), a private redis-server holding OpenTera's keys, a TeraServer
+    stand-in (bench/teraserver_standin.py) and an nginx configured as OpenTera's
+    (bench/nginx-opentera.conf); all stopped after the row.
 
 Each comparison alternates target and baseline (A B A B ...), `--rounds` times, and
 reports medians with min-max and the ratio of the medians (assetd / nginx, higher is
@@ -22,9 +26,11 @@ better for throughput).
 """
 
 import argparse
+import base64
 import datetime
 import glob
 import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -54,6 +60,9 @@ NGINX_PLAIN_PORT = 4181
 NGINX_BASELINE_PORT = 4190
 ASSETD_JOBS_PORT = 4144
 ASSETD_S3_PORT = 4145
+# The opentera row: assetd in OpenTera mode, and nginx configured as OpenTera's in front.
+ASSETD_OT_PORT = 4146
+NGINX_OT_PORT = 4182
 # The S3 row's bucket, in the moto server scripts/bench starts (ASSETD_BENCH_S3_ENDPOINT).
 S3_BUCKET = "assetd-bench"
 # moto checks no signature, but takes a request without Authorization as anonymous.
@@ -65,7 +74,8 @@ MIB = 1024 * 1024
 # "import" comes first: its assetd runs the outbox relay, which starts from the
 # beginning of the log, and the log is nearly empty then (after the other rows it
 # would have hundreds of thousands of events to publish before the first job).
-STEPS = ["import", "archive", "upload", "download", "range", "signed", "s3", "small", "pgbench", "memory", "aborted", "replay"]
+STEPS = ["import", "archive", "upload", "download", "range", "signed", "s3", "small", "opentera", "pgbench", "memory", "aborted",
+         "replay"]
 
 # The import row: imports from the baseline nginx, run by the `jobs` assetd.
 # Imports one worker runs at once (ASSETD_IMPORT_CONCURRENCY; assetd's default is 4).
@@ -202,7 +212,7 @@ class Bench:
     def token(self, *args):
         return run([self.binary, "token", "--lifetime", "86400", *args], 30, env=self.env).stdout.strip()
 
-    def start_assetd(self, name, port, accel, **settings):
+    def start_assetd(self, name, port, accel, health_path="/file/health", **settings):
         env = dict(self.env, ASSETD_LISTEN=f"127.0.0.1:{port}", **settings)
         if accel:
             env["ASSETD_ACCEL_REDIRECT_PREFIX"] = "/_assetd_blobs/"
@@ -211,7 +221,7 @@ class Bench:
         out = open(os.path.join(self.work, "logs", f"assetd-{name}.log"), "ab")
         process = subprocess.Popen([self.binary, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
         self.processes.append(("assetd", process))
-        self.wait_until(f"http://127.0.0.1:{port}/file/health", f"assetd {name}", process)
+        self.wait_until(f"http://127.0.0.1:{port}{health_path}", f"assetd {name}", process)
         return process
 
     def render(self, template, replacements, prefix):
@@ -685,8 +695,288 @@ class Bench:
                 f"{uploaded} uploaded + {imported} imported - {deleted} deleted, {live} live assets, {blobs} blobs"
             )
 
-    def psql(self, sql, timeout=600):
-        return run(["psql", "-qtAw", self.database_url, "-c", sql], timeout).stdout.strip()
+    # ----- OpenTera mode -----
+
+    def bench_opentera(self):
+        """assetd in OpenTera mode (README, "Replacing OpenTera's FileTransferService"),
+        started for this row only: its own database (`<database>_ot`) and data directory,
+        OpenTera's token keys and service record in a private redis-server (no
+        persistence), TeraServer's two upload calls answered by a stand-in
+        (bench/teraserver_standin.py, one Python process), and an nginx configured as
+        OpenTera's in front (bench/nginx-opentera.conf: OpenTera's `location /file/`
+        with nginx/assetd.conf's buffering and upstream keep-alive). Each upload there
+        costs a Redis SISMEMBER (revoked tokens), a `POST /api/service/assets` to
+        TeraServer and, every 2 s, a `GET /api/service/sessions` (cached).
+
+        1. The large file uploaded through that nginx, then deleted (through TeraServer),
+           against the native upload through nginx and the same nginx baseline as the
+           upload row, alternately (the order of the three moves on each round).
+        2. 4 KiB uploads at concurrency 32 (as the small row) through that nginx, against
+           the native ones through nginx and nginx's /answer-200, alternately; with the
+           CPU time per upload of assetd (each mode), of the stand-in and of Redis, and
+           how busy the machine was.
+        3. Peak RSS of the OpenTera-mode assetd over each part, and at rest."""
+        ot_dir = os.path.join(self.work, "opentera")
+        for sub in ["data/blobs", "data/tmp", "redis"]:
+            os.makedirs(os.path.join(ot_dir, sub), exist_ok=True)
+        database = f"{DATABASE}_ot"
+        database_url = f"{self.server_url}/{database}"
+        run(["psql", "-qw", f"{self.server_url}/postgres", "-c", f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"], 60)
+        run(["psql", "-qw", f"{self.server_url}/postgres", "-c", f"CREATE DATABASE {database}"], 60)
+        started = []  # (kind, what), stopped at the end of the row, last first
+        try:
+            # OpenTera's Redis: the keys TeraServer writes at its start, and the service record.
+            redis_port = free_port()
+            redis = subprocess.Popen(
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", os.path.join(ot_dir, "redis"), "--logfile", os.path.join(self.work, "logs", "redis-opentera.log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            started.append(("redis", redis))
+            self.wait_for_redis(redis_port, redis)
+            keys = {name: secrets.token_hex(32) for name in [
+                "UserTokenAPIKey", "ParticipantTokenAPIKey", "ParticipantStaticTokenAPIKey", "DeviceTokenAPIKey",
+                "DeviceStaticTokenAPIKey", "ServiceTokenAPIKey"]}
+            record = {"service_uuid": str(uuid.uuid4()), "id_service": 3, "service_clientendpoint": "/file",
+                      "service_key": "FileTransferService"}
+            redis_command(redis_port, "MSET", *[x for kv in keys.items() for x in kv],
+                          "service.FileTransferService", json.dumps(record))
+            user_uuid = str(uuid.uuid4())
+            token = hs256(keys["UserTokenAPIKey"], {
+                "user_uuid": user_uuid, "id_user": 1, "user_fullname": "bench user", "user_superadmin": True,
+                "iat": int(time.time()), "exp": int(time.time()) + 12 * 3600, "iss": "TeraServer"})
+
+            standin_port = free_port()
+            standin = subprocess.Popen(
+                [sys.executable, os.path.join(BENCH_DIR, "teraserver_standin.py"), "--port", str(standin_port),
+                 "--user-uuid", user_uuid],
+                stdout=open(os.path.join(self.work, "logs", "teraserver-standin.log"), "ab"), stderr=subprocess.STDOUT,
+            )
+            started.append(("teraserver stand-in", standin))
+            stats_url = f"http://127.0.0.1:{standin_port}/_standin/stats"
+            self.wait_until(stats_url, "the TeraServer stand-in", standin)
+
+            run([self.binary, "migrate"], 60, env=dict(self.env, ASSETD_DATABASE_URL=database_url))
+            assetd = self.start_assetd(
+                "opentera", ASSETD_OT_PORT, accel=False, health_path="/health",
+                ASSETD_DATABASE_URL=database_url,
+                ASSETD_DATA_DIR=os.path.join(ot_dir, "data"),
+                ASSETD_AMQP_PREFIX=database,
+                ASSETD_OPENTERA_REDIS=f"redis://127.0.0.1:{redis_port}/0",
+                ASSETD_OPENTERA_SERVER=f"http://127.0.0.1:{standin_port}",
+            )
+            # start_assetd keeps it for the bench's final stop; this row stops it itself.
+            self.processes.remove(("assetd", assetd))
+            started.append(("assetd", assetd))
+            prefix = os.path.join(self.work, "nginx-opentera")
+            conf = self.render(
+                os.path.join(BENCH_DIR, "nginx-opentera.conf"),
+                {"listen": f"127.0.0.1:{NGINX_OT_PORT}", "upstream": f"127.0.0.1:{ASSETD_OT_PORT}"},
+                prefix,
+            )
+            self.start_nginx(prefix, conf, f"http://127.0.0.1:{NGINX_OT_PORT}/file/health")
+            started.append(self.processes.pop())
+            self.measure_opentera(assetd, redis, standin, token, stats_url, database_url, ot_dir)
+        finally:
+            for kind, what in reversed(started):
+                self.stop_one(kind, what)
+
+    def wait_for_redis(self, port, process):
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited ({process.returncode}); see {self.work}/logs/redis-opentera.log")
+            try:
+                if redis_command(port, "PING") == "PONG":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"redis-server did not answer on 127.0.0.1:{port}")
+
+    def measure_opentera(self, assetd, redis, standin, token, stats_url, database_url, ot_dir):
+        ot_url = f"http://127.0.0.1:{NGINX_OT_PORT}/file/api/assets"
+        pid = assetd.pid
+        at_rest = self.rss(pid)
+
+        def stats():
+            with urllib.request.urlopen(stats_url, timeout=10) as answer:
+                return json.load(answer)
+
+        def ot_uploaded():
+            return int(self.psql("SELECT count(*) FROM events WHERE type = 'AssetUploaded'", database_url=database_url))
+
+        # 1. Large uploads: OpenTera mode, native, nginx alone, alternately.
+        log(f"OpenTera mode: {self.size_label} uploads through nginx (OpenTera's, as configured here), "
+            "native through nginx, nginx writing the body to a file")
+
+        def ot_large():
+            out = os.path.join(self.work, "files", "answer-opentera.json")
+            status, _, seconds = self.curl([
+                "-o", out, "-H", f"Authorization: OpenTera {token}",
+                "-F", f'file_asset={{"id_session": {SESSION}, "asset_name": "large.bin"}};type=application/json',
+                "-F", f"file=@{self.large_file};type=application/octet-stream",
+                ot_url,
+            ])
+            answer = open(out).read()
+            if status != 200:
+                raise RuntimeError(f"OpenTera-mode large upload answered {status}: {answer[:300]}")
+            answer = json.loads(answer)
+            if answer.get("asset_file_size") != self.large_size or not answer.get("id_asset"):
+                raise RuntimeError(f"OpenTera-mode large upload answered {answer}")
+            query = f"uuid={answer['asset_uuid']}&access_token={answer['access_token']}"
+            status, body = self.request("DELETE", f"{ot_url}?{query}", {"Authorization": f"OpenTera {token}"})
+            if status != 200:
+                raise RuntimeError(f"OpenTera-mode delete answered {status}: {body[:300]}")
+            return seconds
+
+        def native_large():
+            seconds, asset_uuid = self.upload_large(NGINX_ACCEL_PORT)
+            self.delete_asset(asset_uuid)
+            return seconds
+
+        large = {"opentera": [], "native": [], "nginx": []}
+
+        def large_rounds():
+            for round_number in range(self.rounds):
+                for name, transfer in rotated([("opentera", ot_large), ("native", native_large),
+                                               ("nginx", self.upload_large_baseline)], round_number):
+                    os.sync()
+                    large[name].append(self.large_size / MIB / transfer())
+                log(f"opentera large round {round_number + 1}/{self.rounds}: OpenTera mode {large['opentera'][-1]:.0f}, "
+                    f"native {large['native'][-1]:.0f}, nginx {large['nginx'][-1]:.0f} MiB/s")
+
+        peak_large = self.peak_rss(pid, large_rounds)
+        label = f"upload {self.size_label} through nginx"
+        for name, mode in [("opentera", "OpenTera mode"), ("native", "native, same rounds")]:
+            self.results[f"{label}, {mode}"] = {
+                "unit": "MiB/s", "assetd": summary(large[name]), "nginx": summary(large["nginx"]),
+                "ratio": statistics.median(large[name]) / statistics.median(large["nginx"]),
+            }
+        self.results[f"{label}: OpenTera mode ÷ native"] = {
+            "unit": "×", "value": statistics.median(large["opentera"]) / statistics.median(large["native"])}
+
+        # 2. Small uploads: OpenTera mode, native, nginx's /answer-200, alternately.
+        log(f"OpenTera mode: 4 KiB uploads, concurrency 32, {self.small_seconds} s per run "
+            "(OpenTera mode, native, nginx alone)")
+        small = {"opentera": [], "native": [], "nginx": []}
+        seconds = self.small_seconds
+
+        def one_run(url, user_token, recorded_count, assetd_pid):
+            """One wrk run, with the CPU seconds assetd, the stand-in and Redis used, the
+            machine's idle share, and the uploads recorded checked against the 200s."""
+            before = (recorded_count() if recorded_count else 0, cpu_seconds(assetd_pid) if assetd_pid else 0,
+                      cpu_seconds(standin.pid), cpu_seconds(redis.pid), machine_cpu(), stats())
+            env = dict(os.environ, BENCH_TOKEN=user_token, BENCH_SESSION=str(SESSION), BENCH_FILE_SIZE="4096")
+            result = self.run_wrk("upload.lua", 32, url, seconds, env)
+            after = (cpu_seconds(assetd_pid) if assetd_pid else 0, cpu_seconds(standin.pid), cpu_seconds(redis.pid),
+                     machine_cpu())
+            time.sleep(1)  # requests wrk stopped waiting for finish on their own
+            answered = result["requests"]
+            if not answered:
+                raise RuntimeError(f"wrk got no answer from {url} in {seconds} s")
+            if recorded_count:
+                recorded = recorded_count() - before[0]
+                if not answered <= recorded <= answered + 32:
+                    raise RuntimeError(f"wrk got {answered} answers from {url} but {recorded} uploads were recorded")
+            calls = {k: v - before[5][k] for k, v in stats().items()}
+            idle, total = after[3][0] - before[4][0], after[3][1] - before[4][1]
+            result.update(
+                assetd_cpu_us=(after[0] - before[1]) / answered * 1e6,
+                standin_cpu_us=(after[1] - before[2]) / answered * 1e6,
+                standin_core_share=(after[1] - before[2]) / seconds,
+                redis_cpu_us=(after[2] - before[3]) / answered * 1e6,
+                machine_busy=1 - idle / total if total else 0,
+                teraserver_calls=calls,
+            )
+            return result
+
+        runs = {
+            "opentera": lambda: one_run(ot_url, token, ot_uploaded, pid),
+            "native": lambda: one_run(f"http://127.0.0.1:{NGINX_ACCEL_PORT}/file/api/assets", self.user_token,
+                                      self.uploaded_events, self.assetd_accel.pid),
+            "nginx": lambda: one_run(f"http://127.0.0.1:{NGINX_BASELINE_PORT}/answer-200", token, None, None),
+        }
+
+        def small_rounds():
+            for round_number in range(self.rounds):
+                for name in rotated(["opentera", "native", "nginx"], round_number):
+                    os.sync()
+                    small[name].append(runs[name]())
+                calls = small["opentera"][-1]["teraserver_calls"]
+                if calls["assets_created"] < small["opentera"][-1]["requests"]:
+                    raise RuntimeError(f"{small['opentera'][-1]['requests']} uploads answered, but TeraServer "
+                                       f"created {calls['assets_created']} assets")
+                o, n = small["opentera"][-1], small["native"][-1]
+                log(f"opentera small round {round_number + 1}/{self.rounds}: OpenTera mode {o['rate']:.0f}/s "
+                    f"p50 {o['p50_ms']:.1f} p99 {o['p99_ms']:.1f} ms (assetd {o['assetd_cpu_us']:.0f} µs CPU/upload, "
+                    f"stand-in {o['standin_cpu_us']:.0f}, Redis {o['redis_cpu_us']:.0f}; machine busy "
+                    f"{o['machine_busy']:.0%}; TeraServer calls {o['teraserver_calls']}); native {n['rate']:.0f}/s "
+                    f"p50 {n['p50_ms']:.1f} p99 {n['p99_ms']:.1f} ms (assetd {n['assetd_cpu_us']:.0f} µs; busy "
+                    f"{n['machine_busy']:.0%}); nginx {small['nginx'][-1]['rate']:.0f}/s")
+
+        peak_small = self.peak_rss(pid, small_rounds)
+        nginx_rates = [r["rate"] for r in small["nginx"]]
+        for name, mode in [("opentera", "OpenTera mode"), ("native", "native, same rounds")]:
+            runs = small[name]
+            rates = [r["rate"] for r in runs]
+            self.results[f"4 KiB uploads through nginx, {mode}"] = {
+                "unit": "uploads/s",
+                "assetd": summary(rates),
+                "nginx": summary(nginx_rates),
+                "ratio": statistics.median(rates) / statistics.median(nginx_rates),
+                "assetd_p50_ms": summary([r["p50_ms"] for r in runs]),
+                "assetd_p99_ms": summary([r["p99_ms"] for r in runs]),
+                "assetd_cpu_us_per_upload": summary([r["assetd_cpu_us"] for r in runs]),
+                "machine_busy": summary([r["machine_busy"] for r in runs]),
+            }
+        ot_runs = small["opentera"]
+        ot_rate = statistics.median([r["rate"] for r in ot_runs])
+        self.results["4 KiB uploads through nginx: OpenTera mode ÷ native"] = {
+            "unit": "×", "value": ot_rate / statistics.median([r["rate"] for r in small["native"]])}
+        if "4 KiB uploads through nginx" in self.results:  # the small row ran before, in this invocation
+            self.results["4 KiB uploads through nginx: OpenTera mode ÷ the small row's native"] = {
+                "unit": "×", "value": ot_rate / self.results["4 KiB uploads through nginx"]["assetd"]["median"]}
+        for label, key in [("assetd", "assetd_cpu_us"), ("TeraServer stand-in", "standin_cpu_us"),
+                           ("Redis", "redis_cpu_us")]:
+            self.results[f"CPU per 4 KiB upload in OpenTera mode: {label}"] = {
+                "unit": "µs", "value": statistics.median([r[key] for r in ot_runs]),
+                "values": [r[key] for r in ot_runs]}
+        self.results["CPU per 4 KiB upload, native: assetd"] = {
+            "unit": "µs", "value": statistics.median([r["assetd_cpu_us"] for r in small["native"]]),
+            "values": [r["assetd_cpu_us"] for r in small["native"]]}
+        self.results["TeraServer stand-in's share of a core during the OpenTera 4 KiB runs"] = {
+            "unit": "%", "value": 100 * statistics.median([r["standin_core_share"] for r in ot_runs]),
+            "values": [r["standin_core_share"] for r in ot_runs]}
+        for name, mode in [("opentera", "OpenTera"), ("native", "native"), ("nginx", "nginx alone")]:
+            self.results[f"machine busy (both cores) during the {mode} 4 KiB runs"] = {
+                "unit": "%", "value": 100 * statistics.median([r["machine_busy"] for r in small[name]])}
+        self.results["TeraServer calls during the OpenTera 4 KiB runs"] = {
+            "per_run": [r["teraserver_calls"] for r in ot_runs],
+            "uploads_answered": [r["requests"] for r in ot_runs],
+        }
+
+        # 3. Memory, and the store agreeing with itself.
+        self.results["RSS at rest, OpenTera-mode assetd"] = {"unit": "MiB", "value": at_rest}
+        self.results[f"peak RSS, OpenTera-mode assetd, {self.size_label} uploads one at a time"] = {
+            "unit": "MiB", "value": peak_large}
+        self.results["peak RSS, OpenTera-mode assetd, 4 KiB uploads at concurrency 32"] = {
+            "unit": "MiB", "value": peak_small}
+        uploaded = ot_uploaded()
+        deleted = int(self.psql("SELECT count(*) FROM events WHERE type = 'AssetDeleted'", database_url=database_url))
+        live = int(self.psql("SELECT count(*) FROM assets WHERE asset_status = 'available'", database_url=database_url))
+        with_id = int(self.psql("SELECT count(*) FROM assets WHERE asset_status = 'available' "
+                                "AND opentera_id_asset IS NOT NULL", database_url=database_url))
+        blobs = sum(len(files) for _, _, files in os.walk(os.path.join(ot_dir, "data/blobs")))
+        self.results["OpenTera-mode uploads recorded"] = {
+            "uploaded": uploaded, "deleted": deleted, "live_assets": live, "with_id_asset": with_id, "blobs": blobs}
+        if not uploaded - deleted == live == blobs == with_id:
+            raise RuntimeError(f"OpenTera mode: {uploaded} uploaded - {deleted} deleted, {live} live assets "
+                               f"({with_id} with TeraServer's id_asset), {blobs} blobs")
+
+
+    def psql(self, sql, timeout=600, database_url=None):
+        return run(["psql", "-qtAw", database_url or self.database_url, "-c", sql], timeout).stdout.strip()
 
     def bench_pgbench(self):
         log("pgbench: single-row inserts at concurrency 32 (the database's ceiling)")
@@ -1272,6 +1562,8 @@ class Bench:
             elif "value" in r and "target" in r:
                 verdict = "met" if r["value"] <= r["target"] else "**missed**"
                 lines.append(f"| {name} | {r['value']:.1f} {r['unit']} (target ≤ {r['target']} {r['unit']}: {verdict}) | | |")
+            elif "value" in r and r.get("unit") == "×":
+                lines.append(f"| {name} | {r['value']:.2f}× | | |")
             elif "value" in r:
                 lines.append(f"| {name} | {r['value']:.1f} {r['unit']} | | |")
             else:
@@ -1382,12 +1674,72 @@ def git_commit():
         return "unknown"
 
 
+def rotated(items, round_number):
+    """The items, in an order that moves on by one each round: each goes first, second and
+    so on in turn (the opentera row's three transfers), so none always follows the same one."""
+    shift = round_number % len(items)
+    return items[shift:] + items[:shift]
+
+
+def free_port():
+    """A loopback port nobody listens on now (for the opentera row's Redis and stand-in)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def redis_command(port, *args):
+    """One Redis command over RESP; the answer's first line (`+OK`, `+PONG` without the
+    sign). Enough for PING and MSET."""
+    request = f"*{len(args)}\r\n".encode()
+    for arg in args:
+        data = str(arg).encode()
+        request += f"${len(data)}\r\n".encode() + data + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(request)
+        answer = b""
+        while not answer.endswith(b"\r\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    line = answer.decode().strip()
+    if not line.startswith("+"):
+        raise RuntimeError(f"redis {args[0]}: {line}")
+    return line[1:]
+
+
+def hs256(key, claims):
+    """A JWT signed as OpenTera signs its tokens (HS256, the key's text as secret)."""
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing_input = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + b64(json.dumps(claims).encode())
+    signature = hmac.new(key.encode(), signing_input, hashlib.sha256).digest()
+    return (signing_input + b"." + b64(signature)).decode()
+
+
+def cpu_seconds(pid):
+    """User and system CPU time of a process, all its threads, so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu():
+    """(idle, total) jiffies of all cores since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return values[3] + values[4], sum(values[:8])
+
+
 def ports_free():
     """Refuses to start when one of our ports is taken (a killed run's leftovers, say):
     a health check would otherwise be answered by the wrong process."""
     import socket
 
-    for port in [ASSETD_ACCEL_PORT, ASSETD_PLAIN_PORT, ASSETD_JOBS_PORT, NGINX_ACCEL_PORT, NGINX_PLAIN_PORT, NGINX_BASELINE_PORT]:
+    for port in [ASSETD_ACCEL_PORT, ASSETD_PLAIN_PORT, ASSETD_JOBS_PORT, ASSETD_S3_PORT, ASSETD_OT_PORT, NGINX_ACCEL_PORT,
+                 NGINX_PLAIN_PORT, NGINX_OT_PORT, NGINX_BASELINE_PORT]:
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 sys.exit(
@@ -1416,7 +1768,8 @@ def fmt(s):
 
 
 def main():
-    global ASSETD_ACCEL_PORT, ASSETD_PLAIN_PORT, ASSETD_JOBS_PORT, NGINX_ACCEL_PORT, NGINX_PLAIN_PORT, NGINX_BASELINE_PORT
+    global ASSETD_ACCEL_PORT, ASSETD_PLAIN_PORT, ASSETD_JOBS_PORT, ASSETD_S3_PORT, ASSETD_OT_PORT
+    global NGINX_ACCEL_PORT, NGINX_PLAIN_PORT, NGINX_OT_PORT, NGINX_BASELINE_PORT
     global DATABASE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", required=True, help="the release assetd binary (scripts/bench passes it)")
@@ -1434,7 +1787,8 @@ def main():
         "--port-offset",
         type=int,
         default=0,
-        help="added to each port the bench listens on (4142, 4143, 4144, 4180, 4181, 4190), "
+        help="added to each port the bench listens on (4142-4146, 4180-4182, 4190; the opentera row's Redis and "
+        "TeraServer stand-in take free ports), "
         "to run beside another bench (use another --work-dir and --database too)",
     )
     parser.add_argument(
@@ -1454,6 +1808,9 @@ def main():
     ASSETD_ACCEL_PORT += args.port_offset
     ASSETD_PLAIN_PORT += args.port_offset
     ASSETD_JOBS_PORT += args.port_offset
+    ASSETD_S3_PORT += args.port_offset
+    ASSETD_OT_PORT += args.port_offset
+    NGINX_OT_PORT += args.port_offset
     NGINX_ACCEL_PORT += args.port_offset
     NGINX_PLAIN_PORT += args.port_offset
     NGINX_BASELINE_PORT += args.port_offset
@@ -1485,6 +1842,7 @@ def main():
             ("signed", bench.bench_signed),
             ("s3", bench.bench_s3),
             ("small", bench.bench_small_uploads),
+            ("opentera", bench.bench_opentera),
             ("pgbench", bench.bench_pgbench),
             ("memory", bench.bench_memory),
             ("aborted", bench.bench_aborted_uploads),

@@ -24,7 +24,6 @@ use super::error::ApiError;
 use super::upload::{form_boundary, guard_body, parse_file_asset_by, receive_form, FormPlan};
 use super::{get_or_head, json_body, request_context, with_context, Context, JsonBody};
 use crate::app::{AppError, CommandContext};
-use crate::domain::asset::{AssetSource, AssetUploaded};
 use crate::domain::names::{FileName, MediaType, SessionId};
 use crate::domain::session::UpsertSession;
 use crate::domain::DomainError;
@@ -506,22 +505,9 @@ async fn record_upload(
     let info = ctx
         .app
         .run_to_completion(async move {
-            app.store_upload(&principal, &command, file.blob, |stored| AssetUploaded {
-                asset_uuid,
-                id_session: plan.id_session,
-                asset_name: plan.asset_name,
-                asset_original_filename: file.filename,
-                asset_type,
-                asset_file_size: stored.size,
-                asset_sha256: stored.sha256,
-                asset_datetime: plan.asset_datetime.or_else(|| crate::domain::names::storable(chrono::Utc::now())),
-                directory: plan.directory,
-                tags: plan.tags,
-                metadata: plan.metadata,
-                asset_creator: plan.creator,
-                asset_source: AssetSource::Upload,
-                blob: Some(stored.location),
-                id_asset: Some(id_asset),
+            let (blob, filename) = (file.blob, file.filename);
+            app.store_upload(&principal, &command, blob, |stored| {
+                plan.into_asset(asset_uuid, filename, asset_type, stored, Some(id_asset))
             })
             .await
         })

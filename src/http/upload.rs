@@ -208,30 +208,16 @@ pub(super) async fn upload(
     let (plan, file) = receive_form(body, meter, boundary, &ctx, asset_uuid, json_field, check).await?;
 
     let asset_type =
-        plan.asset_type.or(file.part_type).unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
+        plan.asset_type.clone().or(file.part_type).unwrap_or_else(|| MediaType::guess_from_filename(&file.filename));
     let command = CommandContext::for_request(&principal, &request_id);
     let requester = principal.clone();
     let app = ctx.app.clone();
     let info = ctx
         .app
         .run_to_completion(async move {
-            app.store_upload(&principal, &command, file.blob, |stored| AssetUploaded {
-                asset_uuid,
-                id_session: plan.id_session,
-                asset_name: plan.asset_name,
-                asset_original_filename: file.filename,
-                asset_type,
-                asset_file_size: stored.size,
-                asset_sha256: stored.sha256,
-                // Recorded when not given, so that the event says what the read model shows.
-                asset_datetime: plan.asset_datetime.or_else(|| crate::domain::names::storable(chrono::Utc::now())),
-                directory: plan.directory,
-                tags: plan.tags,
-                metadata: plan.metadata,
-                asset_creator: plan.creator,
-                asset_source: AssetSource::Upload,
-                blob: Some(stored.location),
-                id_asset: None,
+            let (blob, filename) = (file.blob, file.filename);
+            app.store_upload(&principal, &command, blob, |stored| {
+                plan.into_asset(asset_uuid, filename, asset_type, stored, None)
             })
             .await
         })
@@ -281,6 +267,37 @@ pub(super) fn form_boundary(headers: &HeaderMap, max: u64, json_field: &str) -> 
 pub(super) trait FormPlan {
     /// The file name to use when the file part has none (none: the part must have one).
     fn stand_in_filename(&self) -> Option<&str>;
+}
+
+impl UploadPlan {
+    /// The `AssetUploaded` of this upload, once its bytes are stored.
+    pub(super) fn into_asset(
+        self,
+        asset_uuid: Uuid,
+        filename: FileName,
+        asset_type: MediaType,
+        stored: crate::blobs::StoredBlob,
+        id_asset: Option<i64>,
+    ) -> AssetUploaded {
+        AssetUploaded {
+            asset_uuid,
+            id_session: self.id_session,
+            asset_name: self.asset_name,
+            asset_original_filename: filename,
+            asset_type,
+            asset_file_size: stored.size,
+            asset_sha256: stored.sha256,
+            // Recorded when not given, so that the event says what the read model shows.
+            asset_datetime: self.asset_datetime.or_else(|| crate::domain::names::storable(chrono::Utc::now())),
+            directory: self.directory,
+            tags: self.tags,
+            metadata: self.metadata,
+            asset_creator: self.creator,
+            asset_source: AssetSource::Upload,
+            blob: Some(stored.location),
+            id_asset,
+        }
+    }
 }
 
 impl FormPlan for UploadPlan {
